@@ -1,0 +1,611 @@
+//! Configuration: TOML with `deny_unknown_fields`, humantime durations, validated
+//! into its final form before any port is bound.
+//!
+//! [`DEFAULT_TOML`] is the documented default file that `tether print-config`
+//! prints; a unit test keeps it identical to [`Config::default`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors found while loading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type.
+    #[error("invalid config {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value parsed but is out of its allowed range.
+    #[error("invalid config value `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This gateway's node id, unique in a cluster.
+    pub node_id: String,
+    pub listen: ListenConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub session: SessionConfig,
+    pub limits: LimitsConfig,
+    pub upstream: UpstreamConfig,
+    pub metrics: MetricsConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Plain TCP listeners.
+    pub tcp: Vec<SocketAddr>,
+    /// TLS 1.3 listeners.
+    pub tls: Vec<SocketAddr>,
+    /// Listen backlog.
+    pub backlog: u32,
+    /// SO_RCVBUF for client sockets in bytes; 0 keeps the kernel's autotuning.
+    pub recv_buffer: u32,
+    /// SO_SNDBUF for client sockets in bytes; 0 keeps the kernel's autotuning.
+    pub send_buffer: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain; when empty a development certificate is generated.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Where the development certificate is generated and kept.
+    pub dev_cert_dir: PathBuf,
+    /// Most TLS handshakes in progress at once; more wait their turn.
+    pub max_handshakes: u32,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    EdDSA,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret. The default is for development only and logs a warning.
+    pub secret: String,
+    /// RS256/EdDSA: PEM public key file used to verify tokens.
+    pub public_key: Option<PathBuf>,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("algorithm", &self.algorithm)
+            .field("secret", &"<hidden>")
+            .field("public_key", &self.public_key)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .finish()
+    }
+}
+
+/// What happens when a session's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Drop the new push for that session and count it.
+    Drop,
+    /// Close the session with `CODE_SLOW_CONSUMER`.
+    Disconnect,
+}
+
+/// Who may join rooms from the client side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientJoin {
+    /// Clients cannot join or leave; only the upstream manages rooms.
+    Off,
+    /// Clients may join the rooms listed in their token's `rooms` claim.
+    Token,
+    /// Clients may join any room.
+    Any,
+}
+
+/// How logins of one user coexist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiLogin {
+    /// One session per device id; a new login of a device replaces its old session.
+    PerDevice,
+    /// One session per user; a new login replaces every other session of the user.
+    Single,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// A connection that has not logged in by then is closed.
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
+    /// Told to clients at login: how often to ping.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A logged-in session that sends nothing for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Outbound pushes queued per session before the slow-consumer policy applies.
+    pub queue_capacity: u32,
+    pub slow_consumer: SlowConsumerPolicy,
+    pub client_join: ClientJoin,
+    pub multi_login: MultiLogin,
+    /// Rooms one session may be in.
+    pub max_rooms: u32,
+    /// Granularity of the shared timer wheel.
+    #[serde(with = "humantime_serde")]
+    pub timer_tick: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest frame accepted from a client, in bytes (the length prefix excluded).
+    pub max_frame: u32,
+    /// Open connections per remote IP; 0 = unlimited.
+    pub max_connections_per_ip: u32,
+    /// Open client connections in this process; 0 = unlimited.
+    pub max_connections: u32,
+    /// Logins per second accepted by this node (token bucket); 0 = unlimited.
+    pub login_rate: u32,
+    /// Burst size of the login bucket.
+    pub login_burst: u32,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Loopback TCP listener for upstream services; empty = none.
+    pub tcp: Option<SocketAddr>,
+    /// Unix socket path for upstream services; empty = none.
+    pub unix: Option<PathBuf>,
+    /// Allow `tcp` to be a non-loopback address.
+    pub allow_public: bool,
+    /// Shared secret upstream services present in Hello.
+    pub secret: String,
+    /// Events queued per upstream connection before new ones are dropped.
+    pub event_queue: u32,
+    /// Largest frame accepted from an upstream.
+    pub max_frame: u32,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("tcp", &self.tcp)
+            .field("unix", &self.unix)
+            .field("allow_public", &self.allow_public)
+            .field("secret", &"<hidden>")
+            .field("event_queue", &self.event_queue)
+            .field("max_frame", &self.max_frame)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus scrape endpoint; empty = off.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long sessions get to flush before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Sent in the draining Close frame: wait this long before reconnecting
+    /// (clients should add jitter).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_after: Duration,
+    /// Sent in the draining Close frame: where to reconnect; empty = same address.
+    pub reconnect_to: String,
+}
+
+/// The development HS256 secret; using it logs a warning.
+pub const DEV_SECRET: &str = "tether-dev-secret-change-me";
+/// The development upstream secret; using it logs a warning.
+pub const DEV_UPSTREAM_SECRET: &str = "tether-dev-upstream-secret";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: "node-1".into(),
+            listen: ListenConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            session: SessionConfig::default(),
+            limits: LimitsConfig::default(),
+            upstream: UpstreamConfig::default(),
+            metrics: MetricsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            tcp: vec![SocketAddr::from(([0, 0, 0, 0], 7400))],
+            tls: vec![SocketAddr::from(([0, 0, 0, 0], 7443))],
+            backlog: 4096,
+            recv_buffer: 0,
+            send_buffer: 0,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            dev_cert_dir: PathBuf::from("certs"),
+            max_handshakes: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: JwtAlgorithm::HS256,
+            secret: DEV_SECRET.into(),
+            public_key: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            login_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(45),
+            idle_timeout: Duration::from_secs(135),
+            queue_capacity: 128,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            client_join: ClientJoin::Token,
+            multi_login: MultiLogin::PerDevice,
+            max_rooms: 64,
+            timer_tick: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame: 64 * 1024,
+            max_connections_per_ip: 0,
+            max_connections: 0,
+            login_rate: 20_000,
+            login_burst: 5_000,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            tcp: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            unix: None,
+            allow_public: false,
+            secret: DEV_UPSTREAM_SECRET.into(),
+            event_queue: 65_536,
+            max_frame: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9400))),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(10),
+            reconnect_after: Duration::from_secs(2),
+            reconnect_to: String::new(),
+        }
+    }
+}
+
+/// The documented default configuration, printed by `tether print-config`.
+pub const DEFAULT_TOML: &str = r#"# Tether gateway configuration. Every key is optional; these are the defaults.
+# Durations are humantime strings ("250ms", "45s", "2m"). Unknown keys are errors.
+
+# This gateway's id, unique within a cluster. Sent to clients in LoginOk.
+node_id = "node-1"
+
+[listen]
+# Plain TCP listeners for clients.
+tcp = ["0.0.0.0:7400"]
+# TLS 1.3 listeners for clients.
+tls = ["0.0.0.0:7443"]
+backlog = 4096
+# SO_RCVBUF / SO_SNDBUF of client sockets in bytes; 0 keeps the kernel's autotuning,
+# which allocates buffer memory only while data is in flight.
+recv_buffer = 0
+send_buffer = 0
+
+[tls]
+# PEM certificate chain and key. When unset, a self-signed development
+# certificate is generated in dev_cert_dir at first start (see certs/README.md).
+# cert = "/etc/tether/cert.pem"
+# key = "/etc/tether/key.pem"
+dev_cert_dir = "certs"
+# TLS handshakes in progress at once; further connections wait (reconnect storms).
+max_handshakes = 256
+handshake_timeout = "10s"
+
+[auth]
+# HS256 (shared secret), RS256 or EdDSA (public key file).
+algorithm = "HS256"
+# HS256 secret. The default is for development only: the gateway warns at start.
+secret = "tether-dev-secret-change-me"
+# RS256 / EdDSA: PEM public key that verifies tokens.
+# public_key = "/etc/tether/jwt.pub.pem"
+# When set, tokens must carry this issuer / audience.
+# issuer = "chat-auth"
+# audience = "tether"
+# Clock skew tolerated on exp and nbf.
+leeway = "30s"
+
+[session]
+# A connection that has not logged in within this time is closed (slowloris).
+login_timeout = "10s"
+# Told to clients at login: send a Ping at least this often.
+heartbeat_interval = "45s"
+# A session that sends nothing for this long is closed (3 missed heartbeats).
+idle_timeout = "2m 15s"
+# Pushes queued per session before the slow-consumer policy applies.
+queue_capacity = 128
+# "drop" (drop the push, count it) or "disconnect" (close with CODE_SLOW_CONSUMER).
+slow_consumer = "disconnect"
+# Client-side Join/Leave: "off", "token" (rooms in the token's rooms claim), "any".
+client_join = "token"
+# "per_device": a new login of a device replaces its old session.
+# "single": a new login replaces every other session of the user.
+multi_login = "per_device"
+# Rooms one session may be in.
+max_rooms = 64
+# Granularity of the shared timer wheel for login and idle timeouts.
+timer_tick = "250ms"
+
+[limits]
+# Largest frame accepted from a client, in bytes, checked before allocation.
+max_frame = 65536
+# Open connections per remote IP (0 = unlimited; mobile carriers NAT many users).
+max_connections_per_ip = 0
+# Open client connections in this process (0 = unlimited).
+max_connections = 0
+# Logins per second on this node, JWT checks included (0 = unlimited).
+login_rate = 20000
+login_burst = 5000
+
+[upstream]
+# The internal socket for upstream services. Loopback only unless allow_public.
+tcp = "127.0.0.1:7401"
+# unix = "/run/tether/upstream.sock"
+allow_public = false
+# Shared secret upstream services present in Hello. Change it in production.
+secret = "tether-dev-upstream-secret"
+# Events queued per upstream connection before new events are dropped.
+event_queue = 65536
+max_frame = 4194304
+
+[metrics]
+# Prometheus scrape endpoint (GET /metrics).
+listen = "127.0.0.1:9400"
+
+[shutdown]
+# On SIGTERM/SIGINT: stop accepting, send Close(SERVER_DRAINING), flush, and
+# exit after at most this long.
+drain_timeout = "10s"
+# Sent in the draining Close: wait this long (plus jitter) before reconnecting,
+reconnect_after = "2s"
+# and reconnect here (empty: the same address).
+reconnect_to = ""
+"#;
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, key and reason.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] or [`ConfigError::Invalid`].
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and cross-field rules.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            })
+        }
+        let s = &self.session;
+        if self.node_id.is_empty() || self.node_id.len() > 64 {
+            return bad("node_id", "must be 1..=64 bytes");
+        }
+        if self.listen.tcp.is_empty() && self.listen.tls.is_empty() {
+            return bad(
+                "listen",
+                "at least one of listen.tcp or listen.tls is needed",
+            );
+        }
+        if !(16..=16 * 1024 * 1024).contains(&self.limits.max_frame) {
+            return bad("limits.max_frame", "must be 16..=16777216 bytes");
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.upstream.max_frame) {
+            return bad("upstream.max_frame", "must be 1024..=67108864 bytes");
+        }
+        if s.login_timeout.is_zero() {
+            return bad("session.login_timeout", "must be greater than zero");
+        }
+        if s.heartbeat_interval < Duration::from_secs(1) {
+            return bad("session.heartbeat_interval", "must be at least 1s");
+        }
+        if s.idle_timeout <= s.heartbeat_interval {
+            return bad(
+                "session.idle_timeout",
+                "must be longer than session.heartbeat_interval",
+            );
+        }
+        if !(1..=65_536).contains(&s.queue_capacity) {
+            return bad("session.queue_capacity", "must be 1..=65536");
+        }
+        if s.timer_tick < Duration::from_millis(10) || s.timer_tick > Duration::from_secs(5) {
+            return bad("session.timer_tick", "must be 10ms..=5s");
+        }
+        if s.timer_tick > s.login_timeout {
+            return bad(
+                "session.timer_tick",
+                "must not exceed session.login_timeout",
+            );
+        }
+        if s.max_rooms > 100_000 {
+            return bad("session.max_rooms", "must be at most 100000");
+        }
+        if self.limits.login_rate > 0 && self.limits.login_burst == 0 {
+            return bad(
+                "limits.login_burst",
+                "must be at least 1 when login_rate is set",
+            );
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert", "tls.cert and tls.key must be set together");
+        }
+        if self.tls.max_handshakes == 0 {
+            return bad("tls.max_handshakes", "must be at least 1");
+        }
+        match self.auth.algorithm {
+            JwtAlgorithm::HS256 if self.auth.secret.len() < 16 => {
+                return bad("auth.secret", "must be at least 16 bytes for HS256");
+            }
+            JwtAlgorithm::RS256 | JwtAlgorithm::EdDSA if self.auth.public_key.is_none() => {
+                return bad("auth.public_key", "is required for RS256 and EdDSA");
+            }
+            _ => {}
+        }
+        if self.upstream.tcp.is_none() && self.upstream.unix.is_none() {
+            return bad(
+                "upstream",
+                "at least one of upstream.tcp or upstream.unix is needed",
+            );
+        }
+        if let Some(a) = self.upstream.tcp {
+            if !a.ip().is_loopback() && !self.upstream.allow_public {
+                return bad(
+                    "upstream.tcp",
+                    format!("{a} is not a loopback address; set upstream.allow_public = true to allow it"),
+                );
+            }
+        }
+        if self.upstream.secret.len() < 16 {
+            return bad("upstream.secret", "must be at least 16 bytes");
+        }
+        if self.upstream.event_queue == 0 {
+            return bad("upstream.event_queue", "must be at least 1");
+        }
+        if self.shutdown.drain_timeout.is_zero() {
+            return bad("shutdown.drain_timeout", "must be greater than zero");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_is_the_default() {
+        let parsed = Config::parse(DEFAULT_TOML, "DEFAULT_TOML").unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[session]\nheartbeat = \"5s\"\n", "t.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("heartbeat"), "{msg}");
+        assert!(msg.contains("t.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let e = Config::parse("[session]\nqueue_capacity = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("session.queue_capacity"), "{e}");
+        let e = Config::parse("[session]\nlogin_timeout = \"soon\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("login_timeout"), "{e}");
+        let e = Config::parse("[upstream]\ntcp = \"0.0.0.0:7401\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.tcp"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_hidden_in_debug() {
+        let dbg = format!("{:?}", Config::default());
+        assert!(!dbg.contains(DEV_SECRET));
+        assert!(!dbg.contains(DEV_UPSTREAM_SECRET));
+    }
+}

@@ -1,0 +1,658 @@
+//! Wiring: the shared [`Gateway`] state, the [`SessionEnv`] that connects a
+//! session to it, and the [`Server`] that binds listeners, accepts, and drains.
+//!
+//! [`Server::bind`] takes a validated config and binds every port (port 0 is
+//! fine, tests use it); [`Server::run`] accepts until its shutdown token fires,
+//! then drains: stop accepting, send every session `CODE_SERVER_DRAINING` with
+//! a reconnect hint, flush, and return once all connections closed or the
+//! drain timeout passed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, Verifier};
+use crate::bus::{Bus, LocalBus};
+use crate::config::Config;
+use crate::ids::{NodeId, RoomId, SessionId, TransportKind};
+use crate::metrics as m;
+use crate::registry::Registry;
+use crate::router::Router;
+use crate::session::{CloseCmd, LoginGrant, SessionEnv, SessionHandle, SessionInfo, SessionParams};
+use crate::timer::TimerWheel;
+use crate::transport::{ConnGuard, Connection};
+use crate::wire::{frame_bytes, pb, Code, LoginRequest, SendRequest};
+
+/// Connection and login limits of one node.
+pub struct Limits {
+    per_ip_max: u32,
+    per_ip: DashMap<IpAddr, u32>,
+    max_conns: usize,
+    conns: AtomicUsize,
+    bucket: Option<Mutex<Bucket>>,
+}
+
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Limits {
+    fn new(cfg: &Config, now: Instant) -> Self {
+        let l = &cfg.limits;
+        Self {
+            per_ip_max: l.max_connections_per_ip,
+            per_ip: DashMap::new(),
+            max_conns: l.max_connections as usize,
+            conns: AtomicUsize::new(0),
+            bucket: (l.login_rate > 0).then(|| {
+                Mutex::new(Bucket {
+                    rate: f64::from(l.login_rate),
+                    burst: f64::from(l.login_burst),
+                    tokens: f64::from(l.login_burst),
+                    last: now,
+                })
+            }),
+        }
+    }
+
+    /// Counts a new connection. Returns the IP to release later when per-IP
+    /// accounting is on.
+    ///
+    /// # Errors
+    /// `CODE_TOO_MANY_CONNECTIONS` when a cap is reached.
+    pub fn acquire_conn(&self, ip: IpAddr) -> Result<Option<IpAddr>, Code> {
+        let n = self.conns.fetch_add(1, Ordering::Relaxed);
+        if self.max_conns > 0 && n >= self.max_conns {
+            self.conns.fetch_sub(1, Ordering::Relaxed);
+            return Err(Code::TooManyConnections);
+        }
+        if self.per_ip_max == 0 {
+            return Ok(None);
+        }
+        let mut e = self.per_ip.entry(ip).or_insert(0);
+        if *e >= self.per_ip_max {
+            drop(e);
+            self.conns.fetch_sub(1, Ordering::Relaxed);
+            return Err(Code::TooManyConnections);
+        }
+        *e += 1;
+        Ok(Some(ip))
+    }
+
+    pub fn release_conn(&self, ip: Option<IpAddr>) {
+        self.conns.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = ip {
+            self.per_ip.remove_if_mut(&ip, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::Relaxed)
+    }
+
+    /// Takes one login token from the bucket.
+    pub fn try_login(&self, now: Instant) -> bool {
+        let Some(b) = &self.bucket else {
+            return true;
+        };
+        let mut b = b.lock();
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.last = now.max(b.last);
+        b.tokens = (b.tokens + dt * b.rate).min(b.burst);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The state shared by every connection of one node.
+pub struct Gateway {
+    cfg: Arc<Config>,
+    params: Arc<SessionParams>,
+    node: NodeId,
+    registry: Arc<Registry>,
+    router: Arc<Router>,
+    bus: Arc<dyn Bus>,
+    local_bus: Arc<LocalBus>,
+    verifier: Verifier,
+    wheel: TimerWheel,
+    limits: Limits,
+    draining: AtomicBool,
+    next_session: AtomicU64,
+    next_msg: AtomicU64,
+    msg_prefix: String,
+}
+
+impl Gateway {
+    /// Builds the gateway state from a validated config.
+    ///
+    /// # Errors
+    /// When the auth key file cannot be read or parsed.
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        cfg.validate()?;
+        let verifier = Verifier::new(&cfg.auth)?;
+        let node = NodeId::new(&cfg.node_id);
+        let registry = Arc::new(Registry::new());
+        let router = Arc::new(Router::new(
+            node.clone(),
+            registry.clone(),
+            cfg.session.queue_capacity as usize,
+            cfg.session.slow_consumer,
+            cfg.session.max_rooms as usize,
+        ));
+        let local_bus = Arc::new(LocalBus::new(node.clone(), router.clone()));
+        let now = tokio::time::Instant::now().into_std();
+        // Session ids start at a random point so ids of a restarted node differ.
+        let seed: u64 = rand::random::<u64>() >> 16;
+        Ok(Arc::new(Self {
+            params: Arc::new(SessionParams::from_config(&cfg)),
+            wheel: TimerWheel::new(cfg.session.timer_tick, now),
+            limits: Limits::new(&cfg, now),
+            msg_prefix: format!("{}-{:x}", cfg.node_id, rand::random::<u32>()),
+            cfg: Arc::new(cfg),
+            node,
+            registry,
+            router,
+            bus: local_bus.clone(),
+            local_bus,
+            verifier,
+            draining: AtomicBool::new(false),
+            next_session: AtomicU64::new(seed.max(1)),
+            next_msg: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn params(&self) -> &Arc<SessionParams> {
+        &self.params
+    }
+    pub fn node_id(&self) -> &NodeId {
+        &self.node
+    }
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+    pub fn local_bus(&self) -> &Arc<LocalBus> {
+        &self.local_bus
+    }
+    pub fn wheel(&self) -> &TimerWheel {
+        &self.wheel
+    }
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The session core's clock: tokio's, so paused-time tests control it.
+    pub fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    pub fn next_session_id(&self) -> SessionId {
+        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A server message id, unique per node run.
+    pub fn next_msg_id(&self) -> u64 {
+        self.next_msg.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A push message id, unique across nodes and restarts.
+    pub fn new_message_id(&self) -> String {
+        format!("{}-{:x}", self.msg_prefix, self.next_msg_id())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// The Close sent to every session when the node drains.
+    pub fn drain_close(&self) -> CloseCmd {
+        let s = &self.cfg.shutdown;
+        CloseCmd {
+            code: Code::ServerDraining,
+            reason: "server is shutting down".into(),
+            reconnect_to: s.reconnect_to.clone(),
+            reconnect_after_ms: s.reconnect_after.as_millis().min(u32::MAX as u128) as u32,
+        }
+    }
+
+    /// Starts draining: refuse new logins, ask every session to close.
+    pub fn start_drain(&self) -> usize {
+        self.draining.store(true, Ordering::Release);
+        self.router.close_all(&self.drain_close())
+    }
+
+    /// Spawns the timer wheel's ticker; it stops with `stop`.
+    pub fn spawn_ticker(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let gw = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(gw.wheel.tick());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => { gw.wheel.advance(gw.now()); }
+                }
+            }
+        })
+    }
+
+    /// Runs a connection over an in-memory pipe, through the same session code
+    /// as TCP. Returns the client's end.
+    ///
+    /// # Errors
+    /// `CODE_TOO_MANY_CONNECTIONS` when a connection cap is reached.
+    pub fn connect_memory(self: &Arc<Self>, buf: usize) -> Result<tokio::io::DuplexStream, Code> {
+        let (client, server) = tokio::io::duplex(buf);
+        let remote = SocketAddr::from(([127, 0, 0, 1], 0));
+        let guard = ConnGuard::acquire(self, remote, TransportKind::Memory)?;
+        tokio::spawn(Connection::new(
+            self.clone(),
+            server,
+            remote,
+            TransportKind::Memory,
+            guard,
+        ));
+        Ok(client)
+    }
+
+    fn session_info(&self, h: &SessionHandle) -> Option<pb::SessionInfo> {
+        let i = h.info()?;
+        Some(pb::SessionInfo {
+            user_id: i.user.to_string(),
+            device_id: i.device.to_string(),
+            session_id: h.id().0,
+            node_id: self.node.to_string(),
+            platform: i.platform as i32,
+            transport: i.transport.as_str().into(),
+        })
+    }
+
+    /// A registered session ended: unregister and tell the upstream.
+    pub fn session_closed(&self, h: &SessionHandle, code: Code) {
+        self.registry.unregister(h);
+        metrics::gauge!(m::SESSIONS).decrement(1.0);
+        metrics::gauge!(m::ROOMS).set(self.registry.room_count() as f64);
+        let reason = match code {
+            Code::NormalClose => "closed".to_owned(),
+            c => c.as_str_name().to_owned(),
+        };
+        self.bus.emit(pb::Event {
+            kind: Some(pb::event::Kind::Closed(pb::SessionClosed {
+                session: self.session_info(h),
+                code: code as i32,
+                reason,
+            })),
+        });
+    }
+}
+
+/// The [`SessionEnv`] of a real connection.
+pub struct GatewayEnv<'a> {
+    pub gw: &'a Arc<Gateway>,
+    pub handle: &'a SessionHandle,
+    pub kind: TransportKind,
+    pub remote: SocketAddr,
+    pub registered: &'a mut bool,
+}
+
+impl SessionEnv for GatewayEnv<'_> {
+    fn login(&mut self, now: Instant, req: &LoginRequest) -> Result<LoginGrant, (Code, String)> {
+        let gw = self.gw;
+        let result = (|| {
+            if gw.is_draining() {
+                return Err((Code::ServerDraining, "server is shutting down".to_owned()));
+            }
+            if !gw.limits.try_login(now) {
+                return Err((
+                    Code::RateLimited,
+                    "login rate limit reached; retry with backoff".to_owned(),
+                ));
+            }
+            let identity = gw
+                .verifier
+                .verify(&req.token, &req.device)
+                .map_err(|e: AuthError| (e.code(), e.to_string()))?;
+            self.handle.set_info(SessionInfo {
+                user: identity.user.clone(),
+                device: identity.device.clone(),
+                platform: req.platform,
+                transport: self.kind,
+                since_ms: crate::unix_ms(),
+            });
+            let replaced = gw
+                .registry
+                .register(self.handle, gw.cfg.session.multi_login);
+            *self.registered = true;
+            for old in replaced {
+                old.request_close(CloseCmd::new(
+                    Code::Replaced,
+                    "this device logged in on another connection",
+                ));
+            }
+            Ok(identity)
+        })();
+        let label = match &result {
+            Ok(_) => "ok",
+            Err((c, _)) => c.as_str_name(),
+        };
+        metrics::counter!(m::LOGINS, "result" => label).increment(1);
+        let identity = result?;
+        metrics::gauge!(m::SESSIONS).increment(1.0);
+        gw.bus.emit(pb::Event {
+            kind: Some(pb::event::Kind::Opened(pb::SessionOpened {
+                session: gw.session_info(self.handle),
+                remote_addr: self.remote.to_string(),
+            })),
+        });
+        Ok(LoginGrant {
+            session_id: self.handle.id(),
+            identity,
+        })
+    }
+
+    fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<u64, Code> {
+        let id = self.gw.next_msg_id();
+        let ok = self.gw.bus.emit(pb::Event {
+            kind: Some(pb::event::Kind::Uplink(pb::Uplink {
+                session: self.gw.session_info(self.handle),
+                client_msg_id: req.client_msg_id,
+                server_msg_id: id,
+                route: req.route,
+                payload: req.payload,
+                received_ms: crate::unix_ms(),
+            })),
+        });
+        metrics::counter!(m::UPLINKS, "result" => if ok { "ok" } else { "unavailable" })
+            .increment(1);
+        if ok {
+            Ok(id)
+        } else {
+            Err(Code::UpstreamUnavailable)
+        }
+    }
+
+    fn join(&mut self, room: &RoomId) -> Result<(), Code> {
+        let r = self
+            .gw
+            .registry
+            .join(self.handle, room, self.gw.cfg.session.max_rooms as usize);
+        metrics::gauge!(m::ROOMS).set(self.gw.registry.room_count() as f64);
+        r
+    }
+
+    fn leave(&mut self, room: &RoomId) {
+        self.gw.registry.leave(self.handle, room);
+        metrics::gauge!(m::ROOMS).set(self.gw.registry.room_count() as f64);
+    }
+
+    fn ack(&mut self, _up_to_seq: u64) {
+        // v1 delivers at most once per connection; acknowledgements are accepted
+        // and ignored until reliable delivery keeps an unacked window.
+    }
+
+    fn wall_ms(&self) -> u64 {
+        crate::unix_ms()
+    }
+}
+
+/// Addresses the server actually bound (useful with port 0).
+#[derive(Debug, Clone, Default)]
+pub struct BoundAddrs {
+    pub tcp: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
+    pub upstream_tcp: Option<SocketAddr>,
+    pub upstream_unix: Option<PathBuf>,
+}
+
+/// A gateway with its listeners bound, ready to run.
+pub struct Server {
+    gw: Arc<Gateway>,
+    tcp: Vec<TcpListener>,
+    tls: Vec<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    upstream: crate::upstream::UpstreamListeners,
+    addrs: BoundAddrs,
+}
+
+fn bind_tcp(addr: SocketAddr, cfg: &Config) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if cfg.listen.recv_buffer > 0 {
+        sock.set_recv_buffer_size(cfg.listen.recv_buffer as usize)?;
+    }
+    if cfg.listen.send_buffer > 0 {
+        sock.set_send_buffer_size(cfg.listen.send_buffer as usize)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())
+        .with_context(|| format!("cannot bind {addr}"))?;
+    sock.listen(cfg.listen.backlog.min(i32::MAX as u32) as i32)?;
+    Ok(TcpListener::from_std(sock.into())?)
+}
+
+impl Server {
+    /// Validates the config, loads TLS material, and binds every listener.
+    ///
+    /// # Errors
+    /// Invalid config, unreadable certificate or key (named), or a port in use.
+    pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let tls_config = if cfg.listen.tls.is_empty() {
+            None
+        } else {
+            let (c, k) = crate::tls::resolve_paths(
+                cfg.tls.cert.as_deref(),
+                cfg.tls.key.as_deref(),
+                &cfg.tls.dev_cert_dir,
+            )?;
+            Some(crate::tls::server_config(&c, &k)?)
+        };
+        let gw = Gateway::new(cfg.clone())?;
+        let mut addrs = BoundAddrs::default();
+        let mut tcp = Vec::new();
+        for a in &cfg.listen.tcp {
+            let l = bind_tcp(*a, &cfg)?;
+            addrs.tcp.push(l.local_addr()?);
+            tcp.push(l);
+        }
+        let mut tls = Vec::new();
+        if let Some(tc) = tls_config {
+            for a in &cfg.listen.tls {
+                let l = bind_tcp(*a, &cfg)?;
+                addrs.tls.push(l.local_addr()?);
+                tls.push((l, tokio_rustls::TlsAcceptor::from(tc.clone())));
+            }
+        }
+        let upstream = crate::upstream::UpstreamListeners::bind(&cfg.upstream).await?;
+        addrs.upstream_tcp = upstream.tcp_addr();
+        addrs.upstream_unix = upstream.unix_path();
+        Ok(Self {
+            gw,
+            tcp,
+            tls,
+            upstream,
+            addrs,
+        })
+    }
+
+    pub fn addrs(&self) -> &BoundAddrs {
+        &self.addrs
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gw
+    }
+
+    /// Accepts until `shutdown` is cancelled, then drains.
+    ///
+    /// # Errors
+    /// Only for failures that stop the whole server.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let gw = self.gw.clone();
+        let stop_accept = CancellationToken::new();
+        let stop_ticker = CancellationToken::new();
+        let ticker = gw.spawn_ticker(stop_ticker.clone());
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(
+            gw.cfg.tls.max_handshakes as usize,
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.tcp {
+            tasks.spawn(accept_loop(
+                gw.clone(),
+                l,
+                None,
+                handshakes.clone(),
+                stop_accept.clone(),
+            ));
+        }
+        for (l, acc) in self.tls {
+            tasks.spawn(accept_loop(
+                gw.clone(),
+                l,
+                Some(acc),
+                handshakes.clone(),
+                stop_accept.clone(),
+            ));
+        }
+        let upstream_stop = CancellationToken::new();
+        tasks.spawn(self.upstream.run(gw.clone(), upstream_stop.clone()));
+        tracing::info!(node = %gw.node, addrs = ?self.addrs, "tether serving");
+
+        shutdown.cancelled().await;
+        tracing::info!("draining");
+        stop_accept.cancel();
+        let asked = gw.start_drain();
+        tracing::info!(sessions = asked, "sent SERVER_DRAINING to every session");
+        let deadline = tokio::time::Instant::now() + gw.cfg.shutdown.drain_timeout;
+        while gw.limits.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = gw.limits.connections();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "drain timeout reached; dropping the rest"
+            );
+        } else {
+            tracing::info!("all connections closed");
+        }
+        upstream_stop.cancel();
+        stop_ticker.cancel();
+        let _ = ticker.await;
+        tasks.abort_all();
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    stop: CancellationToken,
+) {
+    let kind = if tls.is_some() {
+        TransportKind::Tls
+    } else {
+        TransportKind::Tcp
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = match ConnGuard::acquire(&gw, remote, kind) {
+            Ok(g) => g,
+            Err(code) => {
+                metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => code.as_str_name())
+                    .increment(1);
+                tokio::spawn(refuse(stream, code));
+                continue;
+            }
+        };
+        match &tls {
+            None => {
+                tokio::spawn(Connection::new(gw.clone(), stream, remote, kind, guard));
+            }
+            Some(acc) => {
+                let (gw, acc, hs) = (gw.clone(), acc.clone(), handshakes.clone());
+                tokio::spawn(async move {
+                    let timeout = gw.cfg.tls.handshake_timeout;
+                    let tls_stream = {
+                        let Ok(_permit) = hs.acquire().await else {
+                            return;
+                        };
+                        match tokio::time::timeout(timeout, acc.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    };
+                    Connection::new(gw, tls_stream, remote, kind, guard).await;
+                });
+            }
+        }
+    }
+}
+
+/// Tells a refused connection why, best effort, then closes it.
+async fn refuse(mut stream: TcpStream, code: Code) {
+    use tokio::io::AsyncWriteExt;
+    let frame = frame_bytes(&pb::ServerFrame {
+        request_id: 0,
+        body: Some(pb::server_frame::Body::Close(pb::Close {
+            code: code as i32,
+            reason: "connection limit reached".into(),
+            reconnect_to: String::new(),
+            reconnect_after_ms: 5_000,
+        })),
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&frame).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,490 @@
+//! The `tether` binary: a thin CLI over the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use tether::config::Config;
+use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
+use tether::wire::pb;
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "A long-connection gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Serve {
+        /// TOML config file; defaults apply to every key it omits.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// This node's id (overrides node_id).
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Plain TCP listen address (overrides listen.tcp).
+        #[arg(long)]
+        tcp: Vec<std::net::SocketAddr>,
+        /// TLS listen address (overrides listen.tls).
+        #[arg(long)]
+        tls: Vec<std::net::SocketAddr>,
+        /// Upstream TCP address (overrides upstream.tcp).
+        #[arg(long)]
+        upstream: Option<std::net::SocketAddr>,
+        /// Metrics address (overrides metrics.listen).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+    },
+    /// Print the documented default configuration.
+    PrintConfig,
+    /// Validate a config file and exit.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Mint a development token (HS256, with the configured secret).
+    Token {
+        #[arg(long)]
+        user: String,
+        /// Bind the token to one device id.
+        #[arg(long)]
+        device: Option<String>,
+        /// Lifetime, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Rooms the user may join (repeatable; `prefix.*` allowed).
+        #[arg(long = "room")]
+        rooms: Vec<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Push a message from the command line, as an upstream service would.
+    Push {
+        #[command(flatten)]
+        up: UpstreamArgs,
+        #[arg(long, group = "target")]
+        user: Option<String>,
+        /// With --user: one device of that user.
+        #[arg(long, requires = "user")]
+        device: Option<String>,
+        /// Comma-separated user ids.
+        #[arg(long, group = "target", value_delimiter = ',')]
+        users: Option<Vec<String>>,
+        #[arg(long, group = "target")]
+        room: Option<String>,
+        /// Every session on every node.
+        #[arg(long, group = "target")]
+        all: bool,
+        /// The payload, as UTF-8 text.
+        #[arg(long)]
+        data: String,
+        #[arg(long, default_value = "cli")]
+        source: String,
+    },
+    /// Kick a user (every device) or one device.
+    Kick {
+        #[command(flatten)]
+        up: UpstreamArgs,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "")]
+        device: String,
+        #[arg(long, default_value = "kicked by an operator")]
+        reason: String,
+    },
+    /// Add users' live sessions to a room (or remove them).
+    Room {
+        #[command(flatten)]
+        up: UpstreamArgs,
+        #[arg(long)]
+        room: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        users: Vec<String>,
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Show which devices of users are online.
+    Presence {
+        #[command(flatten)]
+        up: UpstreamArgs,
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<String>,
+    },
+    /// Print every upstream event (uplinks, sessions, undelivered reports).
+    Events {
+        #[command(flatten)]
+        up: UpstreamArgs,
+        #[arg(long, default_value = "")]
+        group: String,
+    },
+    /// Connect as a device, log in, and print everything received.
+    Client {
+        /// host:port of a client listener.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        /// Use TLS, trusting the certificate(s) in this PEM file.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// Server name to verify with TLS.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// A token; minted with the dev secret for --user when omitted.
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long, default_value = "alice")]
+        user: String,
+        #[arg(long, default_value = "cli-device")]
+        device: String,
+        /// Rooms to join after login.
+        #[arg(long = "join")]
+        join: Vec<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct UpstreamArgs {
+    /// The gateway's upstream socket: host:port or unix:/path.
+    #[arg(long, default_value = "127.0.0.1:7401", env = "TETHER_UPSTREAM")]
+    upstream: String,
+    /// The upstream shared secret.
+    #[arg(long, env = "TETHER_UPSTREAM_SECRET", default_value = tether::config::DEV_UPSTREAM_SECRET, hide_default_value = true)]
+    secret: String,
+}
+
+impl UpstreamArgs {
+    async fn connect(
+        &self,
+        subscribe: bool,
+        group: &str,
+    ) -> anyhow::Result<(UpstreamClient, tether::upstream::EventStream)> {
+        let ep: Endpoint = self.upstream.parse()?;
+        UpstreamClient::connect(
+            &ep,
+            UpstreamOptions {
+                secret: self.secret.clone(),
+                subscribe,
+                group: group.into(),
+                name: "tether-cli".into(),
+            },
+        )
+        .await
+        .with_context(|| format!("cannot reach the upstream socket at {}", self.upstream))
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            node_id,
+            tcp,
+            tls,
+            upstream,
+            metrics,
+        } => {
+            let mut cfg = load_config(config.as_ref())?;
+            if let Some(n) = node_id {
+                cfg.node_id = n;
+            }
+            if !tcp.is_empty() {
+                cfg.listen.tcp = tcp;
+            }
+            if !tls.is_empty() {
+                cfg.listen.tls = tls;
+            }
+            if upstream.is_some() {
+                cfg.upstream.tcp = upstream;
+            }
+            if metrics.is_some() {
+                cfg.metrics.listen = metrics;
+            }
+            cfg.validate()?;
+            if cfg.auth.secret == tether::config::DEV_SECRET {
+                tracing::warn!(
+                    "auth.secret is the development default: set your own before production"
+                );
+            }
+            if cfg.upstream.secret == tether::config::DEV_UPSTREAM_SECRET {
+                tracing::warn!(
+                    "upstream.secret is the development default: set your own before production"
+                );
+            }
+            let server = tether::gateway::Server::bind(cfg.clone()).await?;
+            if let Some(addr) = cfg.metrics.listen {
+                tether::metrics::install_prometheus(addr)
+                    .with_context(|| format!("cannot start metrics on {addr}"))?;
+            }
+            let stop = CancellationToken::new();
+            let s2 = stop.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("signal received");
+                s2.cancel();
+            });
+            server.run(stop).await
+        }
+        Cmd::PrintConfig => {
+            print!("{}", tether::config::DEFAULT_TOML);
+            Ok(())
+        }
+        Cmd::CheckConfig { config } => {
+            Config::load(&config)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Cmd::Token {
+            user,
+            device,
+            ttl,
+            rooms,
+            config,
+        } => {
+            let cfg = load_config(config.as_ref())?;
+            anyhow::ensure!(
+                cfg.auth.algorithm == tether::config::JwtAlgorithm::HS256,
+                "tether token mints HS256 development tokens; with {:?}, mint tokens with your private key",
+                cfg.auth.algorithm
+            );
+            println!(
+                "{}",
+                tether::auth::mint_hs256(&cfg.auth.secret, &user, device.as_deref(), ttl, rooms)?
+            );
+            Ok(())
+        }
+        Cmd::Push {
+            up,
+            user,
+            device,
+            users,
+            room,
+            all,
+            data,
+            source,
+        } => {
+            use pb::push_request::Target;
+            let target = match (user, device, users, room, all) {
+                (Some(u), Some(d), ..) => Target::Device(pb::DeviceTarget {
+                    user_id: u,
+                    device_id: d,
+                }),
+                (Some(u), None, ..) => Target::UserId(u),
+                (_, _, Some(us), ..) => Target::Users(pb::UserList { user_ids: us }),
+                (_, _, _, Some(r), _) => Target::Room(r),
+                (.., true) => Target::Everyone(true),
+                _ => anyhow::bail!("give one target: --user, --users, --room or --all"),
+            };
+            let (c, _) = up.connect(false, "").await?;
+            let r = c
+                .push(pb::PushRequest {
+                    target: Some(target),
+                    payload: data.into_bytes().into(),
+                    source,
+                    message_id: String::new(),
+                    report_undelivered: true,
+                })
+                .await?;
+            println!(
+                "message {} queued for {} session(s), {} dropped",
+                r.message_id, r.sessions, r.dropped
+            );
+            Ok(())
+        }
+        Cmd::Kick {
+            up,
+            user,
+            device,
+            reason,
+        } => {
+            let (c, _) = up.connect(false, "").await?;
+            println!(
+                "kicked {} session(s)",
+                c.kick(&user, &device, &reason).await?
+            );
+            Ok(())
+        }
+        Cmd::Room {
+            up,
+            room,
+            users,
+            remove,
+        } => {
+            let (c, _) = up.connect(false, "").await?;
+            let us: Vec<&str> = users.iter().map(String::as_str).collect();
+            let n = c.room(&room, &us, remove).await?;
+            println!(
+                "{} {} session(s) {} {room}",
+                if remove { "removed" } else { "added" },
+                n,
+                if remove { "from" } else { "to" }
+            );
+            Ok(())
+        }
+        Cmd::Presence { up, users } => {
+            let (c, _) = up.connect(false, "").await?;
+            let us: Vec<&str> = users.iter().map(String::as_str).collect();
+            for u in c.presence(&us).await? {
+                if u.devices.is_empty() {
+                    println!("{}: offline", u.user_id);
+                }
+                for d in u.devices {
+                    println!(
+                        "{}: device {} session {:016x} on {} via {} since {}",
+                        u.user_id, d.device_id, d.session_id, d.node_id, d.transport, d.since_ms
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Events { up, group } => {
+            let (_c, mut events) = up.connect(true, &group).await?;
+            eprintln!("subscribed; waiting for events (Ctrl-C to stop)");
+            while let Some(ev) = events.recv().await {
+                println!("{ev:?}");
+            }
+            Ok(())
+        }
+        Cmd::Client {
+            addr,
+            tls_ca,
+            server_name,
+            token,
+            user,
+            device,
+            join,
+            config,
+        } => run_client(addr, tls_ca, server_name, token, user, device, join, config).await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_client(
+    addr: String,
+    tls_ca: Option<PathBuf>,
+    server_name: String,
+    token: Option<String>,
+    user: String,
+    device: String,
+    join: Vec<String>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use tether::client::Client;
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let cfg = load_config(config.as_ref())?;
+            tether::auth::mint_hs256(
+                &cfg.auth.secret,
+                &user,
+                Some(&device),
+                Duration::from_secs(3600),
+                join.clone(),
+            )?
+        }
+    };
+    let mut c = match &tls_ca {
+        Some(ca) => Client::connect_tls(&addr, &server_name, ca).await?,
+        None => Client::connect_tcp(&addr).await?,
+    };
+    let ok = c.login(&token, &device).await?;
+    println!(
+        "logged in as {} (session {:016x} on {}, heartbeat {} ms)",
+        ok.user_id, ok.session_id, ok.node_id, ok.heartbeat_interval_ms
+    );
+    for r in &join {
+        c.join(r).await?;
+    }
+    let beat = Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(1000)));
+    let mut ticker = tokio::time::interval(beat);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => { c.ping().await?; }
+            f = c.recv() => {
+                let Some(f) = f? else {
+                    println!("connection closed by the gateway");
+                    return Ok(());
+                };
+                use pb::server_frame::Body;
+                match f.body {
+                    Some(Body::Push(p)) => {
+                        println!("push seq={} id={} source={} room={} payload={}", p.seq, p.message_id, p.source, p.room, String::from_utf8_lossy(&p.payload));
+                        c.ack(p.seq).await?;
+                    }
+                    Some(Body::Pong(_)) => {}
+                    Some(Body::Close(cl)) => {
+                        println!("closed by the gateway: {:?} {}", pb::Code::try_from(cl.code).unwrap_or(pb::Code::Internal), cl.reason);
+                        return Ok(());
+                    }
+                    other => println!("{other:?}"),
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,93 @@
+//! Metric names, in one place, with their descriptions.
+//!
+//! Labels come from small fixed sets (transport, result, reason, policy), never
+//! from user ids. Recording is a no-op until a recorder is installed
+//! ([`install_prometheus`]), so library users and tests pay nothing.
+
+use std::net::SocketAddr;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const CONNECTIONS: &str = "tether_connections";
+pub const CONNECTIONS_ACCEPTED: &str = "tether_connections_accepted_total";
+pub const CONNECTIONS_REFUSED: &str = "tether_connections_refused_total";
+pub const SESSIONS: &str = "tether_sessions";
+pub const LOGINS: &str = "tether_logins_total";
+pub const CLOSES: &str = "tether_closes_total";
+pub const FRAMES_IN: &str = "tether_frames_in_total";
+pub const FRAMES_OUT: &str = "tether_frames_out_total";
+pub const BYTES_IN: &str = "tether_bytes_in_total";
+pub const BYTES_OUT: &str = "tether_bytes_out_total";
+pub const WRITES: &str = "tether_socket_writes_total";
+pub const PUSHES: &str = "tether_pushes_total";
+pub const DELIVERIES: &str = "tether_push_deliveries_total";
+pub const DROPS: &str = "tether_push_drops_total";
+pub const SLOW_CONSUMERS: &str = "tether_slow_consumers_total";
+pub const QUEUE_DEPTH: &str = "tether_queue_depth";
+pub const UPLINKS: &str = "tether_uplinks_total";
+pub const UPSTREAM_CONNECTIONS: &str = "tether_upstream_connections";
+pub const UPSTREAM_EVENTS_DROPPED: &str = "tether_upstream_events_dropped_total";
+pub const UNDELIVERED: &str = "tether_undelivered_total";
+pub const ROOMS: &str = "tether_rooms";
+
+/// Describes every metric (Prometheus HELP lines).
+pub fn describe() {
+    describe_gauge!(CONNECTIONS, "Open client connections, by transport.");
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        "Client connections accepted, by transport."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Client connections refused at accept, by reason."
+    );
+    describe_gauge!(SESSIONS, "Logged-in sessions.");
+    describe_counter!(LOGINS, "Login attempts, by result (ok or a code name).");
+    describe_counter!(
+        CLOSES,
+        "Connections closed by the gateway or peer, by reason."
+    );
+    describe_counter!(FRAMES_IN, "Frames received from clients, by transport.");
+    describe_counter!(FRAMES_OUT, "Frames sent to clients, by transport.");
+    describe_counter!(BYTES_IN, Unit::Bytes, "Bytes received from clients.");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes written to clients.");
+    describe_counter!(
+        WRITES,
+        "Socket write calls (frames are coalesced into few writes)."
+    );
+    describe_counter!(PUSHES, "Push requests from upstream, by target kind.");
+    describe_counter!(DELIVERIES, "Pushes queued into session queues.");
+    describe_counter!(
+        DROPS,
+        "Pushes dropped because a session queue was full, by policy."
+    );
+    describe_counter!(SLOW_CONSUMERS, "Sessions closed as slow consumers.");
+    describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");
+    describe_counter!(UPLINKS, "Uplink sends from clients, by result.");
+    describe_gauge!(UPSTREAM_CONNECTIONS, "Connected upstream services.");
+    describe_counter!(
+        UPSTREAM_EVENTS_DROPPED,
+        "Events dropped because an upstream queue was full."
+    );
+    describe_counter!(
+        UNDELIVERED,
+        "Undelivered reports (push found no live session)."
+    );
+    describe_gauge!(ROOMS, "Rooms with at least one member.");
+}
+
+/// Installs the Prometheus recorder and its HTTP scrape endpoint.
+///
+/// # Errors
+/// When the recorder is already installed or the address cannot be bound.
+pub fn install_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(QUEUE_DEPTH.to_owned()),
+            &[0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0],
+        )?
+        .install()?;
+    describe();
+    Ok(())
+}

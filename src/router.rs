@@ -1,0 +1,193 @@
+//! Fan-out on one node: executes bus commands against the local [`Registry`].
+//!
+//! A push is encoded once ([`SharedPush`]) and each recipient's queue gets a
+//! clone of the same `Bytes` handle. Enqueueing never blocks on a socket: a full
+//! queue applies the slow-consumer policy for that session only.
+
+use std::sync::Arc;
+
+use crate::bus::{Command, Outcome, PushOutcome, PushTarget};
+use crate::config::SlowConsumerPolicy;
+use crate::ids::{NodeId, UserId};
+use crate::metrics as m;
+use crate::registry::Registry;
+use crate::session::{CloseCmd, Enqueued, SessionHandle};
+use crate::wire::{pb, SharedPush};
+
+/// Executes commands addressed to this node.
+pub struct Router {
+    node: NodeId,
+    registry: Arc<Registry>,
+    capacity: usize,
+    policy: SlowConsumerPolicy,
+    max_rooms: usize,
+}
+
+#[derive(Default)]
+struct Tally {
+    sessions: u64,
+    dropped: u64,
+}
+
+impl Tally {
+    fn add(
+        &mut self,
+        h: &SessionHandle,
+        push: &SharedPush,
+        cap: usize,
+        policy: SlowConsumerPolicy,
+    ) {
+        match h.enqueue(push, cap, policy) {
+            Enqueued::Queued => self.sessions += 1,
+            Enqueued::Dropped => {
+                self.dropped += 1;
+                metrics::counter!(m::DROPS, "policy" => "drop").increment(1);
+            }
+            Enqueued::SlowConsumer => {
+                self.dropped += 1;
+                metrics::counter!(m::DROPS, "policy" => "disconnect").increment(1);
+                metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+            }
+            Enqueued::Closed => {}
+        }
+    }
+}
+
+impl Router {
+    pub fn new(
+        node: NodeId,
+        registry: Arc<Registry>,
+        capacity: usize,
+        policy: SlowConsumerPolicy,
+        max_rooms: usize,
+    ) -> Self {
+        Self {
+            node,
+            registry,
+            capacity,
+            policy,
+            max_rooms,
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Runs one command on this node.
+    pub fn execute(&self, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::Push { target, push } => Outcome::Push(self.push(target, push)),
+            Command::Kick {
+                user,
+                device,
+                close,
+            } => {
+                let mut n = 0;
+                self.registry.for_user(user.as_str(), |h| {
+                    let hit = match device {
+                        Some(d) => h.info().is_some_and(|i| &i.device == d),
+                        None => true,
+                    };
+                    if hit {
+                        h.request_close(close.clone());
+                        n += 1;
+                    }
+                });
+                Outcome::Count(n)
+            }
+            Command::Room {
+                room,
+                users,
+                remove,
+            } => {
+                let mut n = 0;
+                for u in users {
+                    for h in self.registry.user_sessions(u.as_str()) {
+                        let changed = if *remove {
+                            self.registry.leave(&h, room)
+                        } else {
+                            self.registry.join(&h, room, self.max_rooms).is_ok()
+                        };
+                        n += u64::from(changed);
+                    }
+                }
+                Outcome::Count(n)
+            }
+            Command::Presence { users } => Outcome::Presence(
+                users
+                    .iter()
+                    .map(|u| pb::UserPresence {
+                        user_id: u.to_string(),
+                        devices: self
+                            .registry
+                            .user_sessions(u.as_str())
+                            .iter()
+                            .filter_map(|h| h.presence(&self.node))
+                            .collect(),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Queues one push for every local session it targets.
+    pub fn push(&self, target: &PushTarget, push: &SharedPush) -> PushOutcome {
+        let (cap, policy) = (self.capacity, self.policy);
+        let mut t = Tally::default();
+        let mut missing: Vec<UserId> = Vec::new();
+        let kind = match target {
+            PushTarget::User(u) => {
+                if self
+                    .registry
+                    .for_user(u.as_str(), |h| t.add(h, push, cap, policy))
+                    == 0
+                {
+                    missing.push(u.clone());
+                }
+                "user"
+            }
+            PushTarget::Device(u, d) => {
+                match self.registry.device(u.as_str(), d) {
+                    Some(h) => t.add(&h, push, cap, policy),
+                    None => missing.push(u.clone()),
+                }
+                "device"
+            }
+            PushTarget::Users(us) => {
+                for u in us {
+                    if self
+                        .registry
+                        .for_user(u.as_str(), |h| t.add(h, push, cap, policy))
+                        == 0
+                    {
+                        missing.push(u.clone());
+                    }
+                }
+                "users"
+            }
+            PushTarget::Room(r) => {
+                if let Some(room) = self.registry.room(r) {
+                    room.for_each(|h| t.add(h, push, cap, policy));
+                }
+                "room"
+            }
+            PushTarget::Everyone => {
+                self.registry.for_each(|h| t.add(h, push, cap, policy));
+                "everyone"
+            }
+        };
+        metrics::counter!(m::PUSHES, "target" => kind).increment(1);
+        metrics::counter!(m::DELIVERIES).increment(t.sessions);
+        PushOutcome {
+            sessions: t.sessions,
+            dropped: t.dropped,
+            missing_users: missing,
+        }
+    }
+
+    /// Asks every session to close with `cmd` (drain).
+    pub fn close_all(&self, cmd: &CloseCmd) -> usize {
+        self.registry.for_each(|h| h.request_close(cmd.clone()))
+    }
+}

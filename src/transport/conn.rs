@@ -1,0 +1,521 @@
+//! The connection driver: one small task per connection.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::gateway::{Gateway, GatewayEnv};
+use crate::ids::TransportKind;
+use crate::metrics as m;
+use crate::session::{Session, SessionHandle};
+use crate::timer::Scheduled;
+use crate::wire::{encode_push_header, frame_len, pb, Code, FrameError, SharedPush, LEN_PREFIX};
+
+/// Bytes read per poll before yielding to other connections.
+const READ_BUDGET: usize = 64 * 1024;
+/// Bytes read per read call (a stack buffer; nothing is kept while idle).
+const READ_CHUNK: usize = 8 * 1024;
+/// Frames coalesced into one batch of writes.
+const BATCH_FRAMES: usize = 256;
+/// Bytes coalesced into one batch of writes (soft limit).
+const BATCH_BYTES: usize = 256 * 1024;
+/// Batches written per poll before yielding.
+const WRITE_BUDGET: usize = 8;
+/// Slices per writev call.
+const IOV: usize = 64;
+/// Bytes discarded while lingering on close, before giving up on EOF.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Releases per-connection accounting (gauges, per-IP count) when dropped.
+pub struct ConnGuard {
+    gw: Arc<Gateway>,
+    ip: Option<std::net::IpAddr>,
+    kind: TransportKind,
+}
+
+impl ConnGuard {
+    /// Accounts for a new connection; `None` when a connection cap refuses it.
+    pub fn acquire(
+        gw: &Arc<Gateway>,
+        remote: SocketAddr,
+        kind: TransportKind,
+    ) -> Result<Self, Code> {
+        let ip = gw.limits().acquire_conn(remote.ip())?;
+        metrics::gauge!(m::CONNECTIONS, "transport" => kind.as_str()).increment(1.0);
+        metrics::counter!(m::CONNECTIONS_ACCEPTED, "transport" => kind.as_str()).increment(1);
+        Ok(Self {
+            gw: gw.clone(),
+            ip,
+            kind,
+        })
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.gw.limits().release_conn(self.ip);
+        metrics::gauge!(m::CONNECTIONS, "transport" => self.kind.as_str()).decrement(1.0);
+    }
+}
+
+/// Frames waiting to be written, coalesced.
+struct WriteBatch {
+    chunks: Vec<Bytes>,
+    idx: usize,
+    frames: u64,
+}
+
+impl WriteBatch {
+    fn is_done(&self) -> bool {
+        self.idx >= self.chunks.len()
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.idx < self.chunks.len() {
+            let c = &mut self.chunks[self.idx];
+            if n >= c.len() {
+                n -= c.len();
+                self.idx += 1;
+            } else {
+                c.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+/// Builds a batch: either a list of shared chunks for `writev`, or one copied
+/// buffer for streams that encrypt (TLS), where many small slices cost records.
+struct BatchBuilder {
+    vectored: bool,
+    chunks: Vec<Bytes>,
+    hdr: BytesMut,
+    flat: BytesMut,
+    frames: u64,
+    bytes: usize,
+}
+
+impl BatchBuilder {
+    fn new(vectored: bool) -> Self {
+        Self {
+            vectored,
+            chunks: Vec::new(),
+            hdr: BytesMut::new(),
+            flat: BytesMut::new(),
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.frames as usize >= BATCH_FRAMES || self.bytes >= BATCH_BYTES
+    }
+
+    fn frame(&mut self, b: Bytes) {
+        self.frames += 1;
+        self.bytes += b.len();
+        if self.vectored {
+            self.chunks.push(b);
+        } else {
+            self.flat.extend_from_slice(&b);
+        }
+    }
+
+    fn push(&mut self, seq: u64, p: &SharedPush) {
+        self.frames += 1;
+        self.bytes += p.wire_len();
+        if self.vectored {
+            self.hdr.reserve(crate::wire::PUSH_HEADER_MAX);
+            encode_push_header(seq, p.body.len(), &mut self.hdr);
+            self.chunks.push(self.hdr.split().freeze());
+            self.chunks.push(p.body.clone());
+        } else {
+            encode_push_header(seq, p.body.len(), &mut self.flat);
+            self.flat.extend_from_slice(&p.body);
+        }
+    }
+
+    fn finish(mut self) -> Option<WriteBatch> {
+        if self.frames == 0 {
+            return None;
+        }
+        if !self.vectored {
+            self.chunks.push(self.flat.freeze());
+        }
+        Some(WriteBatch {
+            chunks: self.chunks,
+            idx: 0,
+            frames: self.frames,
+        })
+    }
+}
+
+/// Drives one session over `IO` until it closes. Spawn it.
+#[must_use = "a Connection does nothing unless spawned or awaited"]
+pub struct Connection<IO> {
+    io: IO,
+    session: Session,
+    handle: SessionHandle,
+    gw: Arc<Gateway>,
+    kind: TransportKind,
+    remote: SocketAddr,
+    /// A partial frame, only while one is in flight.
+    rbuf: Option<BytesMut>,
+    /// A batch, only while the socket refuses to take it all.
+    wbatch: Option<Box<WriteBatch>>,
+    /// The wheel tick at which this connection is registered to wake.
+    timer: Option<u64>,
+    registered: bool,
+    flush_on_close: bool,
+    close_written: bool,
+    shutdown_done: bool,
+    read_closed: bool,
+    lingered: usize,
+    finished: bool,
+    _guard: ConnGuard,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+    pub fn new(
+        gw: Arc<Gateway>,
+        io: IO,
+        remote: SocketAddr,
+        kind: TransportKind,
+        guard: ConnGuard,
+    ) -> Self {
+        let now = gw.now();
+        let handle = SessionHandle::new(gw.next_session_id());
+        Self {
+            io,
+            session: Session::new(now, gw.params().clone()),
+            handle,
+            gw,
+            kind,
+            remote,
+            rbuf: None,
+            wbatch: None,
+            timer: None,
+            registered: false,
+            flush_on_close: true,
+            close_written: false,
+            shutdown_done: false,
+            read_closed: false,
+            lingered: 0,
+            finished: false,
+            _guard: guard,
+        }
+    }
+
+    /// The session handle (tests and the in-memory transport use it).
+    pub fn handle(&self) -> &SessionHandle {
+        &self.handle
+    }
+
+    /// Feeds bytes from the socket into the session.
+    fn feed(&mut self, now: Instant, mut data: &[u8]) {
+        let max = self.gw.params().max_frame;
+        if let Some(buf) = self.rbuf.as_mut() {
+            buf.extend_from_slice(data);
+            let taken = std::mem::take(buf);
+            self.rbuf = None;
+            return self.feed_owned(now, taken);
+        }
+        while !data.is_empty() && !self.session.is_closing() {
+            match frame_len(data, max) {
+                Err(e) => return self.frame_error(now, e),
+                Ok(Some(total)) if data.len() >= total => {
+                    let (frame, rest) = data.split_at(total);
+                    self.on_frame(now, &frame[LEN_PREFIX..]);
+                    data = rest;
+                }
+                Ok(Some(total)) => {
+                    // The prefix was checked against the maximum above.
+                    let mut buf = BytesMut::with_capacity(total);
+                    buf.extend_from_slice(data);
+                    self.rbuf = Some(buf);
+                    return;
+                }
+                Ok(None) => {
+                    let mut buf = BytesMut::with_capacity(LEN_PREFIX);
+                    buf.extend_from_slice(data);
+                    self.rbuf = Some(buf);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn feed_owned(&mut self, now: Instant, mut buf: BytesMut) {
+        let max = self.gw.params().max_frame;
+        while !self.session.is_closing() {
+            match crate::wire::decode_frame(&mut buf, max) {
+                Err(e) => return self.frame_error(now, e),
+                Ok(Some(frame)) => self.on_frame(now, &frame),
+                Ok(None) => break,
+            }
+        }
+        if !buf.is_empty() && !self.session.is_closing() {
+            self.rbuf = Some(buf);
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, body: &[u8]) {
+        metrics::counter!(m::FRAMES_IN, "transport" => self.kind.as_str()).increment(1);
+        let mut env = GatewayEnv {
+            gw: &self.gw,
+            handle: &self.handle,
+            kind: self.kind,
+            remote: self.remote,
+            registered: &mut self.registered,
+        };
+        self.session.handle_frame(now, body, &mut env);
+    }
+
+    fn frame_error(&mut self, now: Instant, e: FrameError) {
+        tracing::debug!(remote = %self.remote, error = %e, "closing on frame error");
+        self.rbuf = None;
+        self.session.handle_frame_error(now, e);
+    }
+
+    /// Reads and feeds input. Returns true when the read budget ran out with
+    /// data possibly left (the task must be polled again).
+    fn poll_input(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        let mut budget = READ_BUDGET;
+        let mut stack = [0u8; READ_CHUNK];
+        loop {
+            let lingering = self.session.is_closing();
+            if self.read_closed || (!lingering && !self.session.wants_input()) {
+                return false;
+            }
+            if lingering && self.lingered >= LINGER_BYTES {
+                return false;
+            }
+            if budget == 0 {
+                return true;
+            }
+            let mut rb = ReadBuf::new(&mut stack);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(remote = %self.remote, error = %e, "read failed");
+                    self.read_closed = true;
+                    self.session.handle_peer_gone(Code::NormalClose);
+                    return false;
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.read_closed = true;
+                        if !lingering {
+                            self.session.handle_peer_gone(Code::NormalClose);
+                        }
+                        return false;
+                    }
+                    budget = budget.saturating_sub(n);
+                    metrics::counter!(m::BYTES_IN).increment(n as u64);
+                    if lingering {
+                        self.lingered += n;
+                    } else {
+                        self.feed(now, &stack[..n]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_batch(&mut self) -> Option<Box<WriteBatch>> {
+        let mut b = BatchBuilder::new(self.io_vectored());
+        while !b.full() {
+            match self.session.poll_transmit() {
+                Some(f) => b.frame(f),
+                None => break,
+            }
+        }
+        let pushes_flow =
+            self.session.is_active() || (self.session.is_closing() && self.flush_on_close);
+        let mut remaining = 0;
+        if pushes_flow && !b.full() && !self.close_written {
+            let mut items: Vec<(u64, SharedPush)> = Vec::new();
+            remaining = self
+                .handle
+                .drain_into(&mut items, BATCH_FRAMES - b.frames as usize);
+            if !items.is_empty() {
+                metrics::histogram!(m::QUEUE_DEPTH).record((items.len() + remaining) as f64);
+            }
+            for (seq, p) in &items {
+                b.push(*seq, p);
+            }
+        }
+        if self.session.is_closing() && remaining == 0 && !b.full() && !self.close_written {
+            if let Some(cf) = self.session.poll_close_frame() {
+                let dropped = self.handle.close_outbox();
+                if dropped > 0 {
+                    metrics::counter!(m::DROPS, "policy" => "closing").increment(dropped as u64);
+                }
+                b.frame(cf);
+                self.close_written = true;
+            }
+        }
+        b.finish().map(Box::new)
+    }
+
+    fn io_vectored(&self) -> bool {
+        self.kind != TransportKind::Tls && self.io.is_write_vectored()
+    }
+
+    /// Writes everything that is ready. `Ready(Ok(true))` when all is written,
+    /// `Ready(Ok(false))` when the budget ran out.
+    fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        for _ in 0..WRITE_BUDGET {
+            if self.wbatch.is_none() {
+                self.wbatch = self.next_batch();
+            }
+            let Some(batch) = self.wbatch.as_mut() else {
+                return Poll::Ready(Ok(true));
+            };
+            while !batch.is_done() {
+                let n = if batch.chunks.len() - batch.idx == 1 {
+                    ready!(Pin::new(&mut self.io).poll_write(cx, &batch.chunks[batch.idx]))?
+                } else {
+                    let mut iov = [IoSlice::new(&[]); IOV];
+                    let mut k = 0;
+                    for c in batch.chunks[batch.idx..].iter().take(IOV) {
+                        iov[k] = IoSlice::new(c);
+                        k += 1;
+                    }
+                    ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..k]))?
+                };
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                metrics::counter!(m::WRITES).increment(1);
+                metrics::counter!(m::BYTES_OUT).increment(n as u64);
+                batch.advance(n);
+            }
+            metrics::counter!(m::FRAMES_OUT, "transport" => self.kind.as_str())
+                .increment(batch.frames);
+            self.wbatch = None;
+        }
+        Poll::Ready(Ok(false))
+    }
+
+    fn arm_timer(&mut self, cx: &mut Context<'_>) {
+        let wheel = self.gw.wheel();
+        if self.timer.is_some_and(|t| wheel.cursor() > t) {
+            self.timer = None;
+        }
+        let Some(deadline) = self.session.poll_timeout() else {
+            return;
+        };
+        let want = wheel.tick_ceil(deadline);
+        if self.timer.is_none_or(|t| t > want) {
+            match wheel.schedule(deadline, &self.handle) {
+                Scheduled::At(t) => self.timer = Some(t),
+                Scheduled::Due => cx.waker().wake_by_ref(),
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.handle.close_outbox();
+        let code = self.session.close_code().unwrap_or(Code::NormalClose);
+        metrics::counter!(m::CLOSES, "reason" => code.as_str_name()).increment(1);
+        if self.registered {
+            self.gw.session_closed(&self.handle, code);
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let now = this.gw.now();
+        this.handle.register_waker(cx.waker());
+
+        if !this.session.is_closing() {
+            if let Some(cmd) = this.handle.take_close() {
+                this.flush_on_close = cmd.code != Code::SlowConsumer;
+                this.session.close(now, cmd);
+            } else if !this.registered && this.gw.is_draining() {
+                this.session.close(now, this.gw.drain_close());
+            }
+        }
+        this.session.handle_timeout(now);
+
+        let mut again = this.poll_input(cx, now);
+
+        if !this.session.is_closed() {
+            match this.poll_output(cx) {
+                Poll::Ready(Ok(true)) => {
+                    if this.close_written && !this.shutdown_done {
+                        match Pin::new(&mut this.io).poll_shutdown(cx) {
+                            Poll::Ready(_) => this.shutdown_done = true,
+                            Poll::Pending => {}
+                        }
+                    }
+                    if this.shutdown_done && (this.read_closed || this.lingered >= LINGER_BYTES) {
+                        this.session.handle_flushed_and_gone();
+                    }
+                }
+                Poll::Ready(Ok(false)) => again = true,
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(remote = %this.remote, error = %e, "write failed");
+                    this.session.handle_peer_gone(Code::NormalClose);
+                }
+                Poll::Pending => {}
+            }
+        }
+        // A closing session whose peer hung up while we still had frames: done.
+        if this.session.is_closing()
+            && this.read_closed
+            && this.wbatch.is_none()
+            && this.close_written
+        {
+            this.session.handle_flushed_and_gone();
+        }
+
+        if this.session.is_closed() {
+            this.finish();
+            return Poll::Ready(());
+        }
+        if again {
+            cx.waker().wake_by_ref();
+        }
+        this.arm_timer(cx);
+        Poll::Pending
+    }
+}
+
+impl<IO> Drop for Connection<IO> {
+    fn drop(&mut self) {
+        // Runs on normal completion (already finished) and when the runtime
+        // drops the task at shutdown: the registry must not keep a dead session.
+        if !self.finished {
+            self.finished = true;
+            self.handle.close_outbox();
+            if self.registered {
+                self.gw.session_closed(&self.handle, Code::ServerDraining);
+            }
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Connection<tokio::net::TcpStream>>();
+    let _ = pb::Code::Ok;
+}

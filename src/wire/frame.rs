@@ -1,0 +1,189 @@
+//! Framing: `u32` big-endian length + body. The length is checked against the
+//! maximum before a single byte is reserved for the body.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+/// Bytes in the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Errors of the framing layer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length prefix announces more than the configured maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// Splits one frame off the front of `buf`.
+///
+/// Returns `Ok(None)` when more bytes are needed; in that case, and only once the
+/// length prefix is known to be acceptable, `buf` has reserved room for the rest
+/// of the frame.
+///
+/// # Errors
+/// [`FrameError::TooLarge`] when the prefix exceeds `max`; nothing is reserved.
+pub fn decode_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameError> {
+    match frame_len(buf, max)? {
+        Some(total) if buf.len() >= total => {
+            buf.advance(LEN_PREFIX);
+            Ok(Some(buf.split_to(total - LEN_PREFIX).freeze()))
+        }
+        Some(total) => {
+            buf.reserve(total - buf.len());
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// The total length (prefix included) of the frame at the front of `data`, once
+/// its prefix is complete.
+///
+/// # Errors
+/// [`FrameError::TooLarge`] when the prefix exceeds `max`.
+pub fn frame_len(data: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(prefix) = data.get(..LEN_PREFIX) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(Some(LEN_PREFIX + len))
+}
+
+/// Appends `msg` as one frame to `dst`.
+pub fn encode_frame<M: Message>(msg: &M, dst: &mut BytesMut) {
+    let len = msg.encoded_len();
+    dst.reserve(LEN_PREFIX + len);
+    dst.put_u32(len as u32);
+    // Encoding into a BytesMut with enough reserved room cannot fail.
+    let _ = msg.encode(dst);
+}
+
+/// Encodes `msg` as one frame in its own buffer.
+pub fn frame_bytes<M: Message>(msg: &M) -> Bytes {
+    let mut b = BytesMut::with_capacity(LEN_PREFIX + msg.encoded_len());
+    encode_frame(msg, &mut b);
+    b.freeze()
+}
+
+/// The upper bound of [`encode_push_header`]'s output.
+pub const PUSH_HEADER_MAX: usize = LEN_PREFIX + 1 + 10 + 1 + 10;
+
+/// A push encoded once and shared by every recipient.
+///
+/// `body` holds the encoded `Push` fields 2.. (message id, payload, source, room).
+/// Each recipient's frame is a small header from [`encode_push_header`] (length
+/// prefix, `ServerFrame.push` tag and length, `Push.seq`) followed by these same
+/// bytes: protobuf allows fields in any order, so the result is one valid
+/// `ServerFrame`. Fan-out clones the `Bytes` handle, never the payload.
+#[derive(Clone, Debug)]
+pub struct SharedPush {
+    pub body: Bytes,
+}
+
+impl SharedPush {
+    /// Encodes the shared part of a push once.
+    pub fn new(message_id: &str, payload: &[u8], source: &str, room: &str) -> Self {
+        let push = super::pb::Push {
+            seq: 0, // omitted by proto3 encoding; each recipient's header carries it
+            message_id: message_id.to_owned(),
+            payload: Bytes::copy_from_slice(payload),
+            source: source.to_owned(),
+            room: room.to_owned(),
+        };
+        let mut b = BytesMut::with_capacity(push.encoded_len());
+        let _ = push.encode(&mut b);
+        Self { body: b.freeze() }
+    }
+
+    /// Bytes this push occupies on the wire for one recipient, at most.
+    pub fn wire_len(&self) -> usize {
+        PUSH_HEADER_MAX + self.body.len()
+    }
+}
+
+/// Writes the per-recipient header of a shared push: the frame length, the
+/// `ServerFrame.push` field tag and length, and `Push.seq`.
+pub fn encode_push_header(seq: u64, body_len: usize, dst: &mut impl BufMut) {
+    const PUSH_SEQ_TAG: u8 = 1 << 3; // field 1, varint
+    const FRAME_PUSH_TAG: u8 = (5 << 3) | 2; // ServerFrame field 5, length-delimited
+    let inner = 1 + prost::encoding::encoded_len_varint(seq) + body_len;
+    let frame = 1 + prost::encoding::encoded_len_varint(inner as u64) + inner;
+    dst.put_u32(frame as u32);
+    dst.put_u8(FRAME_PUSH_TAG);
+    prost::encoding::encode_varint(inner as u64, dst);
+    dst.put_u8(PUSH_SEQ_TAG);
+    prost::encoding::encode_varint(seq, dst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::pb;
+
+    #[test]
+    fn roundtrip_and_partial() {
+        let msg = pb::ClientFrame {
+            request_id: 7,
+            body: Some(pb::client_frame::Body::Ping(pb::Ping { client_time_ms: 9 })),
+        };
+        let mut all = BytesMut::new();
+        encode_frame(&msg, &mut all);
+        encode_frame(&msg, &mut all);
+        let bytes = all.freeze();
+        // Feed one byte at a time: every prefix short of a frame yields None.
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in bytes.iter() {
+            buf.put_u8(*b);
+            while let Some(f) = decode_frame(&mut buf, 1024).unwrap() {
+                got.push(pb::ClientFrame::decode(f).unwrap());
+            }
+        }
+        assert_eq!(got, vec![msg.clone(), msg]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversized_is_refused_before_reserving() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(u32::MAX);
+        let cap = buf.capacity();
+        assert_eq!(
+            decode_frame(&mut buf, 65536),
+            Err(FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: 65536
+            })
+        );
+        assert_eq!(buf.capacity(), cap);
+    }
+
+    #[test]
+    fn shared_push_decodes_as_server_frame() {
+        let shared = SharedPush::new("m-1", b"hello", "chat", "lobby");
+        for seq in [1u64, 127, 128, 300, u64::MAX] {
+            let mut b = BytesMut::new();
+            encode_push_header(seq, shared.body.len(), &mut b);
+            assert!(b.len() <= PUSH_HEADER_MAX);
+            b.extend_from_slice(&shared.body);
+            let f = decode_frame(&mut b, 1 << 20).unwrap().unwrap();
+            assert!(b.is_empty());
+            let frame = pb::ServerFrame::decode(f).unwrap();
+            let expected = pb::ServerFrame {
+                request_id: 0,
+                body: Some(pb::server_frame::Body::Push(pb::Push {
+                    seq,
+                    message_id: "m-1".into(),
+                    payload: Bytes::from_static(b"hello"),
+                    source: "chat".into(),
+                    room: "lobby".into(),
+                })),
+            };
+            assert_eq!(frame, expected);
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Validated client requests: the protobuf envelope converted with `TryFrom`,
+//! so the session core only ever sees well-formed values.
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::pb::{self, client_frame::Body, Code, Platform};
+use crate::ids::{DeviceId, RoomId};
+
+/// Longest device id, in bytes.
+pub const MAX_DEVICE_ID: usize = 128;
+/// Longest client message id, in bytes.
+pub const MAX_CLIENT_MSG_ID: usize = 64;
+/// Longest uplink route, in bytes.
+pub const MAX_ROUTE: usize = 128;
+/// Longest room name, in bytes.
+pub const MAX_ROOM: usize = 128;
+/// Longest token, in bytes.
+pub const MAX_TOKEN: usize = 8192;
+
+/// A refused request: the code to answer with and the request id it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    pub request_id: u64,
+    pub code: Code,
+    pub message: String,
+}
+
+/// One validated client frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientMsg {
+    pub request_id: u64,
+    pub request: ClientRequest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientRequest {
+    Login(LoginRequest),
+    Ping { client_time_ms: u64 },
+    Send(SendRequest),
+    Ack { up_to_seq: u64 },
+    Join(RoomId),
+    Leave(RoomId),
+    Close { code: Code, reason: String },
+}
+
+#[derive(Clone, PartialEq)]
+pub struct LoginRequest {
+    pub token: String,
+    pub device: DeviceId,
+    pub platform: Platform,
+    pub protocol_version: u32,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    // The token is a credential: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("device", &self.device)
+            .field("platform", &self.platform)
+            .field("protocol_version", &self.protocol_version)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendRequest {
+    pub client_msg_id: String,
+    pub route: String,
+    pub payload: Bytes,
+}
+
+impl ClientMsg {
+    /// Decodes and validates one frame body.
+    ///
+    /// # Errors
+    /// A [`RequestError`] with `CODE_BAD_FRAME` when the bytes are not a
+    /// `ClientFrame` or carry no body, `CODE_BAD_REQUEST` when a field is out of
+    /// range. The request id is echoed whenever it could be read.
+    pub fn decode(body: &[u8]) -> Result<Self, RequestError> {
+        let frame = pb::ClientFrame::decode(body).map_err(|e| RequestError {
+            request_id: 0,
+            code: Code::BadFrame,
+            message: format!("undecodable ClientFrame: {e}"),
+        })?;
+        Self::try_from(frame)
+    }
+}
+
+impl TryFrom<pb::ClientFrame> for ClientMsg {
+    type Error = RequestError;
+
+    fn try_from(frame: pb::ClientFrame) -> Result<Self, RequestError> {
+        let request_id = frame.request_id;
+        let bad = |message: String| RequestError {
+            request_id,
+            code: Code::BadRequest,
+            message,
+        };
+        let request = match frame.body {
+            None => {
+                return Err(RequestError {
+                    request_id,
+                    code: Code::BadFrame,
+                    message: "ClientFrame has no body".into(),
+                })
+            }
+            Some(Body::Login(l)) => {
+                check_len("device_id", &l.device_id, 1, MAX_DEVICE_ID).map_err(bad)?;
+                check_len("token", &l.token, 1, MAX_TOKEN).map_err(bad)?;
+                ClientRequest::Login(LoginRequest {
+                    platform: Platform::try_from(l.platform).unwrap_or(Platform::Unspecified),
+                    device: DeviceId::new(&l.device_id),
+                    token: l.token,
+                    protocol_version: l.protocol_version,
+                })
+            }
+            Some(Body::Ping(p)) => ClientRequest::Ping {
+                client_time_ms: p.client_time_ms,
+            },
+            Some(Body::Send(s)) => {
+                check_len("client_msg_id", &s.client_msg_id, 1, MAX_CLIENT_MSG_ID).map_err(bad)?;
+                check_len("route", &s.route, 0, MAX_ROUTE).map_err(bad)?;
+                ClientRequest::Send(SendRequest {
+                    client_msg_id: s.client_msg_id,
+                    route: s.route,
+                    payload: s.payload,
+                })
+            }
+            Some(Body::Ack(a)) => ClientRequest::Ack {
+                up_to_seq: a.up_to_seq,
+            },
+            Some(Body::Join(j)) => ClientRequest::Join(room(&j.room).map_err(bad)?),
+            Some(Body::Leave(l)) => ClientRequest::Leave(room(&l.room).map_err(bad)?),
+            Some(Body::Close(c)) => ClientRequest::Close {
+                code: Code::try_from(c.code).unwrap_or(Code::NormalClose),
+                reason: truncate(c.reason, 256),
+            },
+        };
+        Ok(ClientMsg {
+            request_id,
+            request,
+        })
+    }
+}
+
+/// Validates a room name: 1..=128 bytes, no control characters.
+///
+/// # Errors
+/// A message naming the rule that was broken.
+pub fn room(name: &str) -> Result<RoomId, String> {
+    check_len("room", name, 1, MAX_ROOM)?;
+    Ok(RoomId::new(name))
+}
+
+/// Validates a device id: 1..=128 bytes, no control characters.
+///
+/// # Errors
+/// A message naming the rule that was broken.
+pub fn device(id: &str) -> Result<DeviceId, String> {
+    check_len("device_id", id, 1, MAX_DEVICE_ID)?;
+    Ok(DeviceId::new(id))
+}
+
+fn check_len(field: &str, v: &str, min: usize, max: usize) -> Result<(), String> {
+    if v.len() < min || v.len() > max {
+        return Err(format!(
+            "{field} must be {min}..={max} bytes, got {}",
+            v.len()
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!("{field} must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_body_is_bad_frame_with_request_id() {
+        let f = pb::ClientFrame {
+            request_id: 42,
+            body: None,
+        };
+        let e = ClientMsg::decode(&f.encode_to_vec()).unwrap_err();
+        assert_eq!((e.request_id, e.code), (42, Code::BadFrame));
+    }
+
+    #[test]
+    fn device_id_range_is_enforced() {
+        let f = pb::ClientFrame {
+            request_id: 3,
+            body: Some(Body::Login(pb::Login {
+                token: "t".into(),
+                device_id: "x".repeat(MAX_DEVICE_ID + 1),
+                platform: 1,
+                protocol_version: 1,
+                resume: None,
+            })),
+        };
+        let e = ClientMsg::decode(&f.encode_to_vec()).unwrap_err();
+        assert_eq!((e.request_id, e.code), (3, Code::BadRequest));
+    }
+
+    #[test]
+    fn garbage_is_bad_frame() {
+        let e = ClientMsg::decode(&[0xff, 0xff, 0xff]).unwrap_err();
+        assert_eq!(e.code, Code::BadFrame);
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("ééé".into(), 3), "é");
+    }
+}
