@@ -25,7 +25,7 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
-    /// Rooms the user may join from the client (`*` = any; `prefix.*` = any below prefix).
+    /// Rooms the user may join from the client (`*` = any; `prefix*` = any room starting with `prefix`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rooms: Vec<String>,
 }
@@ -70,14 +70,20 @@ pub struct Identity {
 impl Identity {
     /// Whether the `rooms` claim lets this user join `room`.
     pub fn may_join(&self, room: &RoomId) -> bool {
-        self.rooms.iter().any(|p| {
-            let p: &str = p;
-            p == "*"
-                || p == room.as_str()
-                || p.strip_suffix('*')
-                    .is_some_and(|prefix| room.as_str().starts_with(prefix))
-        })
+        room_allowed(&self.rooms, room)
     }
+}
+
+/// Whether any of the `rooms` claim patterns admits `room`: `*` admits every
+/// room, `prefix*` every room that starts with `prefix`, anything else itself.
+pub fn room_allowed(patterns: &[Box<str>], room: &RoomId) -> bool {
+    patterns.iter().any(|p| {
+        let p: &str = p;
+        p == "*"
+            || p == room.as_str()
+            || p.strip_suffix('*')
+                .is_some_and(|prefix| room.as_str().starts_with(prefix))
+    })
 }
 
 /// Errors building a verifier from config.
@@ -129,15 +135,20 @@ impl Verifier {
         };
         let mut validation = Validation::new(alg);
         validation.leeway = cfg.leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
         validation.validate_nbf = true;
         if let Some(iss) = &cfg.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
         match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         Ok(Self { key, validation })
     }
 

@@ -135,6 +135,8 @@ pub struct Gateway {
     verifier: Verifier,
     wheel: TimerWheel,
     limits: Limits,
+    /// Connections that have not logged in yet, so that a drain reaches them.
+    pending: DashMap<SessionId, SessionHandle>,
     draining: AtomicBool,
     next_session: AtomicU64,
     next_msg: AtomicU64,
@@ -174,6 +176,7 @@ impl Gateway {
             bus: local_bus.clone(),
             local_bus,
             verifier,
+            pending: DashMap::new(),
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(seed.max(1)),
             next_msg: AtomicU64::new(1),
@@ -242,10 +245,29 @@ impl Gateway {
         }
     }
 
-    /// Starts draining: refuse new logins, ask every session to close.
+    /// Starts draining: refuse new logins, ask every connection to close.
     pub fn start_drain(&self) -> usize {
         self.draining.store(true, Ordering::Release);
-        self.router.close_all(&self.drain_close())
+        let cmd = self.drain_close();
+        let mut n = self.router.close_all(&cmd);
+        for e in self.pending.iter() {
+            e.value().request_close(cmd.clone());
+            n += 1;
+        }
+        n
+    }
+
+    /// A connection was accepted (it is not logged in yet).
+    pub fn connection_opened(&self, h: &SessionHandle) {
+        self.pending.insert(h.id(), h.clone());
+        if self.is_draining() {
+            h.request_close(self.drain_close());
+        }
+    }
+
+    /// A connection logged in or ended: it is no longer pending.
+    pub fn connection_settled(&self, h: &SessionHandle) {
+        self.pending.remove(&h.id());
     }
 
     /// Spawns the timer wheel's ticker; it stops with `stop`.
@@ -349,6 +371,7 @@ impl SessionEnv for GatewayEnv<'_> {
             let replaced = gw
                 .registry
                 .register(self.handle, gw.cfg.session.multi_login);
+            gw.connection_settled(self.handle);
             *self.registered = true;
             for old in replaced {
                 old.request_close(CloseCmd::new(
@@ -603,7 +626,12 @@ async fn accept_loop(
             Err(code) => {
                 metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => code.as_str_name())
                     .increment(1);
-                tokio::spawn(refuse(stream, code));
+                // A plain-text Close would be garbage to a TLS client, and a
+                // handshake per refused connection is what a storm must not
+                // cost: TLS listeners just close.
+                if tls.is_none() {
+                    tokio::spawn(refuse(stream, code));
+                }
                 continue;
             }
         };
@@ -614,21 +642,24 @@ async fn accept_loop(
             Some(acc) => {
                 let (gw, acc, hs) = (gw.clone(), acc.clone(), handshakes.clone());
                 tokio::spawn(async move {
+                    // The timeout covers the wait for a handshake slot too, so a
+                    // reconnect storm cannot queue connections forever.
                     let timeout = gw.cfg.tls.handshake_timeout;
-                    let tls_stream = {
-                        let Ok(_permit) = hs.acquire().await else {
+                    let handshake = async {
+                        let _permit = hs.acquire().await.ok()?;
+                        acc.accept(stream)
+                            .await
+                            .map_err(
+                                |e| tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                            )
+                            .ok()
+                    };
+                    let tls_stream = match tokio::time::timeout(timeout, handshake).await {
+                        Ok(Some(s)) => s,
+                        Ok(None) => return,
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
                             return;
-                        };
-                        match tokio::time::timeout(timeout, acc.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%remote, "TLS handshake timed out");
-                                return;
-                            }
                         }
                     };
                     Connection::new(gw, tls_stream, remote, kind, guard).await;

@@ -60,7 +60,7 @@ enum Cmd {
         /// Lifetime, e.g. 1h, 30m.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        /// Rooms the user may join (repeatable; `prefix.*` allowed).
+        /// Rooms the user may join (repeatable; `prefix*` matches every room starting with prefix).
         #[arg(long = "room")]
         rooms: Vec<String>,
         #[arg(long, short)]

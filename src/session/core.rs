@@ -93,8 +93,10 @@ enum State {
     AwaitingLogin {
         deadline: Instant,
     },
+    /// Only the room patterns of the identity stay here; who the session
+    /// belongs to lives in its shared handle.
     Active {
-        identity: Identity,
+        rooms: Box<[Box<str>]>,
         idle_deadline: Instant,
     },
     Closing {
@@ -111,11 +113,11 @@ enum State {
 pub struct Session {
     state: State,
     params: std::sync::Arc<SessionParams>,
-    /// Encoded control frames waiting to be written (replies, errors, Close).
+    /// Encoded control frames waiting to be written (replies, errors); when
+    /// `close_last` is set, the last one is the Close frame, written after
+    /// everything else (it shares this queue to keep idle sessions small).
     out: VecDeque<Bytes>,
-    /// The Close frame, written after everything else.
-    close_frame: Option<Bytes>,
-    frames_in: u64,
+    close_last: bool,
 }
 
 impl Session {
@@ -127,8 +129,7 @@ impl Session {
             },
             params,
             out: VecDeque::new(),
-            close_frame: None,
-            frames_in: 0,
+            close_last: false,
         }
     }
 
@@ -137,7 +138,6 @@ impl Session {
         if matches!(self.state, State::Closing { .. } | State::Closed { .. }) {
             return;
         }
-        self.frames_in += 1;
         if let State::Active { idle_deadline, .. } = &mut self.state {
             *idle_deadline = now + self.params.idle_timeout;
         }
@@ -161,8 +161,7 @@ impl Session {
 
     /// The peer closed its side (EOF) or the socket failed.
     pub fn handle_peer_gone(&mut self, code: Code) {
-        self.out.clear();
-        self.close_frame = None;
+        self.drop_output();
         if !matches!(self.state, State::Closed { .. }) {
             let code = match self.state {
                 State::Closing { code, .. } => code,
@@ -184,9 +183,9 @@ impl Session {
                 CloseCmd::new(Code::HeartbeatTimeout, "no frame within the idle timeout"),
             ),
             State::Closing { deadline, code } if now >= *deadline => {
-                self.out.clear();
-                self.close_frame = None;
-                self.state = State::Closed { code: *code };
+                let code = *code;
+                self.drop_output();
+                self.state = State::Closed { code };
             }
             _ => {}
         }
@@ -206,7 +205,8 @@ impl Session {
                 reconnect_after_ms: cmd.reconnect_after_ms,
             })),
         };
-        self.close_frame = Some(frame_bytes(&frame));
+        self.out.push_back(frame_bytes(&frame));
+        self.close_last = true;
         self.state = State::Closing {
             deadline: now + CLOSE_LINGER,
             code: cmd.code,
@@ -225,16 +225,32 @@ impl Session {
 
     /// The next control frame to write, if any. The Close frame comes last.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.out.pop_front()
+        if self.close_last && self.out.len() <= 1 {
+            return None;
+        }
+        let f = self.out.pop_front();
+        if self.out.is_empty() {
+            // Give the queue's memory back: an idle session holds none.
+            self.out = VecDeque::new();
+        }
+        f
     }
 
     /// The Close frame, once every other control frame has been taken.
     pub fn poll_close_frame(&mut self) -> Option<Bytes> {
-        if self.out.is_empty() {
-            self.close_frame.take()
+        if self.close_last && self.out.len() == 1 {
+            self.close_last = false;
+            let f = self.out.pop_front();
+            self.out = VecDeque::new();
+            f
         } else {
             None
         }
+    }
+
+    fn drop_output(&mut self) {
+        self.out = VecDeque::new();
+        self.close_last = false;
     }
 
     /// Whether the driver should read more input now.
@@ -272,23 +288,10 @@ impl Session {
     /// the Closing state may finish before its deadline.
     pub fn handle_flushed_and_gone(&mut self) {
         if let State::Closing { code, .. } = self.state {
-            if self.out.is_empty() && self.close_frame.is_none() {
+            if self.out.is_empty() {
                 self.state = State::Closed { code };
             }
         }
-    }
-
-    /// The identity, once logged in.
-    pub fn identity(&self) -> Option<&Identity> {
-        match &self.state {
-            State::Active { identity, .. } => Some(identity),
-            _ => None,
-        }
-    }
-
-    /// Frames received so far.
-    pub fn frames_in(&self) -> u64 {
-        self.frames_in
     }
 
     fn handle_msg(&mut self, now: Instant, msg: ClientMsg, env: &mut dyn SessionEnv) {
@@ -334,11 +337,11 @@ impl Session {
                 );
             }
             (State::Active { .. }, ClientRequest::Ack { up_to_seq }) => env.ack(up_to_seq),
-            (State::Active { identity, .. }, ClientRequest::Join(room)) => {
+            (State::Active { rooms, .. }, ClientRequest::Join(room)) => {
                 let allowed = match self.params.client_join {
                     ClientJoin::Off => Err(Code::Unsupported),
                     ClientJoin::Any => Ok(()),
-                    ClientJoin::Token if identity.may_join(&room) => Ok(()),
+                    ClientJoin::Token if crate::auth::room_allowed(rooms, &room) => Ok(()),
                     ClientJoin::Token => Err(Code::RoomForbidden),
                 };
                 match allowed.and_then(|()| env.join(&room)) {
@@ -402,7 +405,7 @@ impl Session {
                     user_id: grant.identity.user.to_string(),
                 };
                 self.state = State::Active {
-                    identity: grant.identity,
+                    rooms: grant.identity.rooms,
                     idle_deadline: now + p.idle_timeout,
                 };
                 self.reply(rid, Body::LoginOk(ok));
@@ -435,5 +438,472 @@ impl Session {
                 message: e.message,
             }),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Deterministic tests on virtual time: `now` is a base instant plus offsets.
+    use super::*;
+    use crate::ids::UserId;
+    use crate::wire::pb::client_frame::Body as Req;
+    use prost::Message;
+
+    #[derive(Default)]
+    struct Fake {
+        logins: u32,
+        uplinks: Vec<SendRequest>,
+        refuse: Option<Code>,
+        upstream_down: bool,
+        joined: Vec<RoomId>,
+        acks: Vec<u64>,
+    }
+
+    impl SessionEnv for Fake {
+        fn login(
+            &mut self,
+            _now: Instant,
+            req: &LoginRequest,
+        ) -> Result<LoginGrant, (Code, String)> {
+            self.logins += 1;
+            if let Some(c) = self.refuse {
+                return Err((c, "refused".into()));
+            }
+            Ok(LoginGrant {
+                session_id: SessionId(7),
+                identity: Identity {
+                    user: UserId::new("alice"),
+                    device: req.device.clone(),
+                    rooms: vec!["lobby".into()].into_boxed_slice(),
+                },
+            })
+        }
+        fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<u64, Code> {
+            if self.upstream_down {
+                return Err(Code::UpstreamUnavailable);
+            }
+            self.uplinks.push(req);
+            Ok(self.uplinks.len() as u64)
+        }
+        fn join(&mut self, room: &RoomId) -> Result<(), Code> {
+            self.joined.push(room.clone());
+            Ok(())
+        }
+        fn leave(&mut self, _room: &RoomId) {}
+        fn ack(&mut self, up_to_seq: u64) {
+            self.acks.push(up_to_seq);
+        }
+        fn wall_ms(&self) -> u64 {
+            1_700_000_000_000
+        }
+    }
+
+    fn params() -> Arc<SessionParams> {
+        Arc::new(SessionParams {
+            login_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(45),
+            idle_timeout: Duration::from_secs(135),
+            max_frame: 65536,
+            client_join: ClientJoin::Token,
+            node_id: "n1".into(),
+        })
+    }
+
+    use std::sync::Arc;
+
+    fn frame(request_id: u64, body: Req) -> Vec<u8> {
+        pb::ClientFrame {
+            request_id,
+            body: Some(body),
+        }
+        .encode_to_vec()
+    }
+
+    fn login(version: u32) -> Req {
+        Req::Login(pb::Login {
+            token: "t".into(),
+            device_id: "phone".into(),
+            platform: pb::Platform::Ios as i32,
+            protocol_version: version,
+            resume: None,
+        })
+    }
+
+    fn out(s: &mut Session) -> Vec<pb::ServerFrame> {
+        let mut v = Vec::new();
+        while let Some(b) = s.poll_transmit() {
+            v.push(decode(b));
+        }
+        v
+    }
+
+    fn decode(b: Bytes) -> pb::ServerFrame {
+        let mut buf = bytes::BytesMut::from(&b[..]);
+        let body = crate::wire::decode_frame(&mut buf, 1 << 20)
+            .unwrap()
+            .unwrap();
+        pb::ServerFrame::decode(body).unwrap()
+    }
+
+    fn code_of(f: &pb::ServerFrame) -> Code {
+        match &f.body {
+            Some(Body::Error(e)) => Code::try_from(e.code).unwrap(),
+            Some(Body::Close(c)) => Code::try_from(c.code).unwrap(),
+            Some(Body::SendAck(a)) => Code::try_from(a.code).unwrap(),
+            other => panic!("no code in {other:?}"),
+        }
+    }
+
+    fn active(t0: Instant, env: &mut Fake) -> Session {
+        let mut s = Session::new(t0, params());
+        s.handle_frame(t0, &frame(1, login(1)), env);
+        assert!(s.is_active());
+        let o = out(&mut s);
+        assert!(matches!(o[0].body, Some(Body::LoginOk(_))));
+        s
+    }
+
+    #[test]
+    fn login_ok_reports_session_and_heartbeat() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = Session::new(t0, params());
+        s.handle_frame(t0, &frame(9, login(1)), &mut env);
+        let o = out(&mut s);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].request_id, 9);
+        let Some(Body::LoginOk(ok)) = &o[0].body else {
+            panic!()
+        };
+        assert_eq!(
+            (ok.session_id, ok.heartbeat_interval_ms, ok.user_id.as_str()),
+            (7, 45_000, "alice")
+        );
+        assert_eq!(ok.node_id, "n1");
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(135)));
+    }
+
+    #[test]
+    fn requests_before_login_get_not_logged_in_and_do_not_run() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = Session::new(t0, params());
+        let send = Req::Send(pb::Send {
+            client_msg_id: "c1".into(),
+            route: "r".into(),
+            payload: Bytes::from_static(b"x"),
+        });
+        s.handle_frame(t0, &frame(3, send), &mut env);
+        s.handle_frame(
+            t0,
+            &frame(4, Req::Ping(pb::Ping { client_time_ms: 1 })),
+            &mut env,
+        );
+        s.handle_frame(
+            t0,
+            &frame(
+                5,
+                Req::Join(pb::Join {
+                    room: "lobby".into(),
+                }),
+            ),
+            &mut env,
+        );
+        let o = out(&mut s);
+        assert_eq!(
+            o.iter()
+                .map(|f| (f.request_id, code_of(f)))
+                .collect::<Vec<_>>(),
+            vec![
+                (3, Code::NotLoggedIn),
+                (4, Code::NotLoggedIn),
+                (5, Code::NotLoggedIn)
+            ]
+        );
+        assert!(env.uplinks.is_empty() && env.joined.is_empty());
+        // Still usable: the login runs afterwards.
+        s.handle_frame(t0, &frame(6, login(1)), &mut env);
+        assert!(s.is_active());
+    }
+
+    #[test]
+    fn unsupported_version_refuses_and_closes() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        for v in [0, 2, 99] {
+            let mut s = Session::new(t0, params());
+            s.handle_frame(t0, &frame(1, login(v)), &mut env);
+            let o = out(&mut s);
+            assert_eq!(
+                (o[0].request_id, code_of(&o[0])),
+                (1, Code::UnsupportedVersion)
+            );
+            let close = decode(s.poll_close_frame().unwrap());
+            assert_eq!(code_of(&close), Code::UnsupportedVersion);
+            assert!(s.is_closing());
+        }
+        assert_eq!(
+            env.logins, 0,
+            "the token is never checked for an unknown version"
+        );
+    }
+
+    #[test]
+    fn refused_login_closes_with_its_code() {
+        let t0 = Instant::now();
+        let mut env = Fake {
+            refuse: Some(Code::TokenExpired),
+            ..Fake::default()
+        };
+        let mut s = Session::new(t0, params());
+        s.handle_frame(t0, &frame(2, login(1)), &mut env);
+        assert_eq!(code_of(&out(&mut s)[0]), Code::TokenExpired);
+        assert_eq!(
+            code_of(&decode(s.poll_close_frame().unwrap())),
+            Code::TokenExpired
+        );
+        // Input after the close does nothing.
+        s.handle_frame(t0, &frame(3, login(1)), &mut env);
+        assert!(out(&mut s).is_empty());
+        assert_eq!(env.logins, 1);
+    }
+
+    #[test]
+    fn login_timeout_closes_at_the_deadline_not_before() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, params());
+        s.handle_timeout(t0 + Duration::from_millis(9_999));
+        assert!(!s.is_closing());
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+        s.handle_timeout(t0 + Duration::from_secs(10));
+        assert_eq!(s.close_code(), Some(Code::LoginTimeout));
+        assert_eq!(
+            code_of(&decode(s.poll_close_frame().unwrap())),
+            Code::LoginTimeout
+        );
+        // The linger deadline then drops the connection even if the peer never reads.
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t0 + Duration::from_secs(10) + CLOSE_LINGER)
+        );
+        s.handle_timeout(t0 + Duration::from_secs(10) + CLOSE_LINGER);
+        assert!(s.is_closed());
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn any_frame_resets_idle_deadline_and_silence_closes() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        let t1 = t0 + Duration::from_secs(100);
+        s.handle_frame(
+            t1,
+            &frame(2, Req::Ping(pb::Ping { client_time_ms: 5 })),
+            &mut env,
+        );
+        let o = out(&mut s);
+        let Some(Body::Pong(p)) = &o[0].body else {
+            panic!()
+        };
+        assert_eq!((o[0].request_id, p.client_time_ms), (2, 5));
+        s.handle_timeout(t0 + Duration::from_secs(135));
+        assert!(s.is_active(), "the ping at t+100s moved the deadline");
+        s.handle_timeout(t1 + Duration::from_secs(135));
+        assert_eq!(s.close_code(), Some(Code::HeartbeatTimeout));
+    }
+
+    #[test]
+    fn send_acks_with_server_id_or_unavailable() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        let send = |id: &str| {
+            Req::Send(pb::Send {
+                client_msg_id: id.into(),
+                route: "chat".into(),
+                payload: Bytes::from_static(b"hi"),
+            })
+        };
+        s.handle_frame(t0, &frame(2, send("m1")), &mut env);
+        env.upstream_down = true;
+        s.handle_frame(t0, &frame(3, send("m2")), &mut env);
+        let o = out(&mut s);
+        let acks: Vec<_> = o
+            .iter()
+            .map(|f| match &f.body {
+                Some(Body::SendAck(a)) => (
+                    f.request_id,
+                    a.client_msg_id.clone(),
+                    a.server_msg_id,
+                    code_of(f),
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            acks,
+            vec![
+                (2, "m1".to_owned(), 1, Code::Ok),
+                (3, "m2".to_owned(), 0, Code::UpstreamUnavailable)
+            ]
+        );
+        assert_eq!(env.uplinks.len(), 1);
+    }
+
+    #[test]
+    fn join_follows_the_token_policy() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        s.handle_frame(
+            t0,
+            &frame(
+                2,
+                Req::Join(pb::Join {
+                    room: "lobby".into(),
+                }),
+            ),
+            &mut env,
+        );
+        s.handle_frame(
+            t0,
+            &frame(
+                3,
+                Req::Join(pb::Join {
+                    room: "secret".into(),
+                }),
+            ),
+            &mut env,
+        );
+        let o = out(&mut s);
+        assert!(matches!(&o[0].body, Some(Body::RoomOk(r)) if r.joined && r.room == "lobby"));
+        assert_eq!((o[1].request_id, code_of(&o[1])), (3, Code::RoomForbidden));
+        assert_eq!(env.joined, vec![RoomId::new("lobby")]);
+    }
+
+    #[test]
+    fn second_login_is_refused_without_closing() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        s.handle_frame(t0, &frame(2, login(1)), &mut env);
+        assert_eq!(code_of(&out(&mut s)[0]), Code::AlreadyLoggedIn);
+        assert!(s.is_active());
+        assert_eq!(env.logins, 1);
+    }
+
+    #[test]
+    fn bad_frames_answer_bad_frame_and_keep_the_session() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        s.handle_frame(t0, &[0xff, 0xff, 0xff, 0xff], &mut env);
+        s.handle_frame(
+            t0,
+            &pb::ClientFrame {
+                request_id: 4,
+                body: None,
+            }
+            .encode_to_vec(),
+            &mut env,
+        );
+        let o = out(&mut s);
+        assert_eq!(code_of(&o[0]), Code::BadFrame);
+        assert_eq!((o[1].request_id, code_of(&o[1])), (4, Code::BadFrame));
+        assert!(s.is_active());
+    }
+
+    #[test]
+    fn oversized_frame_closes_with_its_code() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        s.handle_frame_error(
+            t0,
+            FrameError::TooLarge {
+                len: 1 << 20,
+                max: 65536,
+            },
+        );
+        assert_eq!(
+            code_of(&decode(s.poll_close_frame().unwrap())),
+            Code::FrameTooLarge
+        );
+    }
+
+    #[test]
+    fn close_frame_comes_after_pending_replies() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        s.handle_frame(
+            t0,
+            &frame(2, Req::Ping(pb::Ping { client_time_ms: 1 })),
+            &mut env,
+        );
+        s.close(t0, CloseCmd::new(Code::Kicked, "bye"));
+        assert!(s.poll_close_frame().is_none(), "the Pong goes first");
+        assert!(matches!(
+            decode(s.poll_transmit().unwrap()).body,
+            Some(Body::Pong(_))
+        ));
+        assert_eq!(
+            code_of(&decode(s.poll_close_frame().unwrap())),
+            Code::Kicked
+        );
+        // A second close request does not replace the first.
+        s.close(t0, CloseCmd::new(Code::ServerDraining, "x"));
+        assert_eq!(s.close_code(), Some(Code::Kicked));
+        s.handle_flushed_and_gone();
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn client_close_and_acks() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        s.handle_frame(t0, &frame(0, Req::Ack(pb::Ack { up_to_seq: 42 })), &mut env);
+        assert!(out(&mut s).is_empty(), "acks get no reply");
+        assert_eq!(env.acks, vec![42]);
+        s.handle_frame(t0, &frame(0, Req::Close(pb::Close::default())), &mut env);
+        assert_eq!(s.close_code(), Some(Code::NormalClose));
+    }
+
+    #[test]
+    fn stops_reading_when_replies_pile_up() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        for i in 0..MAX_PENDING_CONTROL as u64 {
+            assert!(s.wants_input());
+            s.handle_frame(
+                t0,
+                &frame(i + 2, Req::Ping(pb::Ping { client_time_ms: i })),
+                &mut env,
+            );
+        }
+        assert!(
+            !s.wants_input(),
+            "a client that never reads is not read either"
+        );
+        s.poll_transmit();
+        assert!(s.wants_input());
+    }
+
+    #[test]
+    fn peer_gone_closes_without_output() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        s.handle_frame(
+            t0,
+            &frame(2, Req::Ping(pb::Ping { client_time_ms: 1 })),
+            &mut env,
+        );
+        s.handle_peer_gone(Code::NormalClose);
+        assert!(s.is_closed());
+        assert!(s.poll_transmit().is_none() && s.poll_close_frame().is_none());
     }
 }

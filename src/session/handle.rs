@@ -61,12 +61,18 @@ pub enum Enqueued {
 struct Outbox {
     queue: VecDeque<(u64, SharedPush)>,
     next_seq: u64,
-    close: Option<CloseCmd>,
+    /// Boxed: a close request is rare, and idle sessions pay 8 bytes for it.
+    close: Option<Box<CloseCmd>>,
+    /// A close was requested: new pushes are refused from then on.
+    closing: bool,
+    /// The driver finished: nothing is queued any more.
     closed: bool,
 }
 
 struct Rooms {
-    list: Vec<RoomId>,
+    /// Replaced on every join or leave (a session is in few rooms); an empty
+    /// boxed slice allocates nothing.
+    list: Box<[RoomId]>,
     closed: bool,
 }
 
@@ -101,10 +107,11 @@ impl SessionHandle {
                 queue: VecDeque::new(),
                 next_seq: 1,
                 close: None,
+                closing: false,
                 closed: false,
             }),
             rooms: Mutex::new(Rooms {
-                list: Vec::new(),
+                list: Box::default(),
                 closed: false,
             }),
             waker: AtomicWaker::new(),
@@ -136,17 +143,23 @@ impl SessionHandle {
         let wake;
         let res = {
             let mut o = self.0.outbox.lock();
-            if o.closed || o.close.is_some() {
+            if o.closed || o.closing {
                 return Enqueued::Closed;
             }
             if o.queue.len() >= capacity {
                 match policy {
-                    SlowConsumerPolicy::Drop => return Enqueued::Dropped,
+                    SlowConsumerPolicy::Drop => {
+                        // The dropped push still takes its sequence number, so
+                        // the client sees the gap and knows it missed one.
+                        o.next_seq += 1;
+                        return Enqueued::Dropped;
+                    }
                     SlowConsumerPolicy::Disconnect => {
-                        o.close = Some(CloseCmd::new(
+                        o.close = Some(Box::new(CloseCmd::new(
                             Code::SlowConsumer,
                             "outbound queue full: the client is not reading fast enough",
-                        ));
+                        )));
+                        o.closing = true;
                         wake = true;
                         Enqueued::SlowConsumer
                     }
@@ -169,10 +182,11 @@ impl SessionHandle {
     pub fn request_close(&self, cmd: CloseCmd) {
         {
             let mut o = self.0.outbox.lock();
-            if o.closed || o.close.is_some() {
+            if o.closed || o.closing {
                 return;
             }
-            o.close = Some(cmd);
+            o.close = Some(Box::new(cmd));
+            o.closing = true;
         }
         self.0.waker.wake();
     }
@@ -189,7 +203,7 @@ impl SessionHandle {
 
     /// Takes a pending close request (driver side).
     pub fn take_close(&self) -> Option<CloseCmd> {
-        self.0.outbox.lock().close.take()
+        self.0.outbox.lock().close.take().map(|b| *b)
     }
 
     /// Moves up to `max` queued pushes into `out` (driver side).
@@ -219,6 +233,7 @@ impl SessionHandle {
     pub fn close_outbox(&self) -> usize {
         let mut o = self.0.outbox.lock();
         o.closed = true;
+        o.closing = true;
         let n = o.queue.len();
         o.queue = VecDeque::new();
         n
@@ -229,19 +244,22 @@ impl SessionHandle {
     pub(crate) fn with_rooms<R>(&self, f: impl FnOnce(&mut Vec<RoomId>, bool) -> R) -> R {
         let mut r = self.0.rooms.lock();
         let closed = r.closed;
-        f(&mut r.list, closed)
+        let mut list = std::mem::take(&mut r.list).into_vec();
+        let res = f(&mut list, closed);
+        r.list = list.into_boxed_slice();
+        res
     }
 
     /// Marks rooms closed (no further joins) and takes the list.
     pub(crate) fn take_rooms(&self) -> Vec<RoomId> {
         let mut r = self.0.rooms.lock();
         r.closed = true;
-        std::mem::take(&mut r.list)
+        std::mem::take(&mut r.list).into_vec()
     }
 
     /// Rooms this session is in.
     pub fn rooms(&self) -> Vec<RoomId> {
-        self.0.rooms.lock().list.clone()
+        self.0.rooms.lock().list.to_vec()
     }
 
     /// A weak reference for the timer wheel.

@@ -34,10 +34,13 @@ const IOV: usize = 64;
 const LINGER_BYTES: usize = 256 * 1024;
 
 /// Releases per-connection accounting (gauges, per-IP count) when dropped.
+/// Held while a connection has no [`Connection`] yet (TLS handshake); the
+/// connection then takes the duty over, to stay small.
 pub struct ConnGuard {
     gw: Arc<Gateway>,
     ip: Option<std::net::IpAddr>,
     kind: TransportKind,
+    armed: bool,
 }
 
 impl ConnGuard {
@@ -54,15 +57,41 @@ impl ConnGuard {
             gw: gw.clone(),
             ip,
             kind,
+            armed: true,
         })
     }
+
+    /// Hands the release duty to the caller; returns whether the per-IP count
+    /// was taken.
+    fn disarm(mut self) -> bool {
+        self.armed = false;
+        self.ip.is_some()
+    }
+}
+
+fn release(gw: &Gateway, ip: Option<std::net::IpAddr>, kind: TransportKind) {
+    gw.limits().release_conn(ip);
+    metrics::gauge!(m::CONNECTIONS, "transport" => kind.as_str()).decrement(1.0);
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.gw.limits().release_conn(self.ip);
-        metrics::gauge!(m::CONNECTIONS, "transport" => self.kind.as_str()).decrement(1.0);
+        if self.armed {
+            release(&self.gw, self.ip, self.kind);
+        }
     }
+}
+
+/// Small state flags of a connection, packed.
+#[derive(Default, Clone, Copy)]
+struct Flags {
+    registered: bool,
+    flush_on_close: bool,
+    close_written: bool,
+    shutdown_done: bool,
+    read_closed: bool,
+    finished: bool,
+    ip_counted: bool,
 }
 
 /// Frames waiting to be written, coalesced.
@@ -166,21 +195,17 @@ pub struct Connection<IO> {
     gw: Arc<Gateway>,
     kind: TransportKind,
     remote: SocketAddr,
-    /// A partial frame, only while one is in flight.
-    rbuf: Option<BytesMut>,
+    /// A partial frame, only while one is in flight (boxed: idle costs 8 bytes).
+    rbuf: Option<Box<BytesMut>>,
     /// A batch, only while the socket refuses to take it all.
     wbatch: Option<Box<WriteBatch>>,
-    /// The wheel tick at which this connection is registered to wake.
-    timer: Option<u64>,
-    registered: bool,
-    flush_on_close: bool,
-    close_written: bool,
-    shutdown_done: bool,
-    read_closed: bool,
-    lingered: usize,
-    finished: bool,
-    _guard: ConnGuard,
+    /// The wheel tick at which this connection is registered to wake; `NO_TIMER` when none.
+    timer: u64,
+    lingered: u32,
+    f: Flags,
 }
+
+const NO_TIMER: u64 = u64::MAX;
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     pub fn new(
@@ -192,6 +217,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     ) -> Self {
         let now = gw.now();
         let handle = SessionHandle::new(gw.next_session_id());
+        gw.connection_opened(&handle);
         Self {
             io,
             session: Session::new(now, gw.params().clone()),
@@ -201,15 +227,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             remote,
             rbuf: None,
             wbatch: None,
-            timer: None,
-            registered: false,
-            flush_on_close: true,
-            close_written: false,
-            shutdown_done: false,
-            read_closed: false,
+            timer: NO_TIMER,
             lingered: 0,
-            finished: false,
-            _guard: guard,
+            f: Flags {
+                flush_on_close: true,
+                ip_counted: guard.disarm(),
+                ..Flags::default()
+            },
         }
     }
 
@@ -221,11 +245,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     /// Feeds bytes from the socket into the session.
     fn feed(&mut self, now: Instant, mut data: &[u8]) {
         let max = self.gw.params().max_frame;
-        if let Some(buf) = self.rbuf.as_mut() {
+        if let Some(mut buf) = self.rbuf.take() {
             buf.extend_from_slice(data);
-            let taken = std::mem::take(buf);
-            self.rbuf = None;
-            return self.feed_owned(now, taken);
+            return self.feed_owned(now, buf);
         }
         while !data.is_empty() && !self.session.is_closing() {
             match frame_len(data, max) {
@@ -239,20 +261,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     // The prefix was checked against the maximum above.
                     let mut buf = BytesMut::with_capacity(total);
                     buf.extend_from_slice(data);
-                    self.rbuf = Some(buf);
+                    self.rbuf = Some(Box::new(buf));
                     return;
                 }
                 Ok(None) => {
                     let mut buf = BytesMut::with_capacity(LEN_PREFIX);
                     buf.extend_from_slice(data);
-                    self.rbuf = Some(buf);
+                    self.rbuf = Some(Box::new(buf));
                     return;
                 }
             }
         }
     }
 
-    fn feed_owned(&mut self, now: Instant, mut buf: BytesMut) {
+    fn feed_owned(&mut self, now: Instant, mut buf: Box<BytesMut>) {
         let max = self.gw.params().max_frame;
         while !self.session.is_closing() {
             match crate::wire::decode_frame(&mut buf, max) {
@@ -273,7 +295,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             handle: &self.handle,
             kind: self.kind,
             remote: self.remote,
-            registered: &mut self.registered,
+            registered: &mut self.f.registered,
         };
         self.session.handle_frame(now, body, &mut env);
     }
@@ -291,10 +313,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         let mut stack = [0u8; READ_CHUNK];
         loop {
             let lingering = self.session.is_closing();
-            if self.read_closed || (!lingering && !self.session.wants_input()) {
+            if self.f.read_closed || (!lingering && !self.session.wants_input()) {
                 return false;
             }
-            if lingering && self.lingered >= LINGER_BYTES {
+            if lingering && self.lingered as usize >= LINGER_BYTES {
                 return false;
             }
             if budget == 0 {
@@ -305,14 +327,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 Poll::Pending => return false,
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(remote = %self.remote, error = %e, "read failed");
-                    self.read_closed = true;
+                    self.f.read_closed = true;
                     self.session.handle_peer_gone(Code::NormalClose);
                     return false;
                 }
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
-                        self.read_closed = true;
+                        self.f.read_closed = true;
                         if !lingering {
                             self.session.handle_peer_gone(Code::NormalClose);
                         }
@@ -321,7 +343,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     budget = budget.saturating_sub(n);
                     metrics::counter!(m::BYTES_IN).increment(n as u64);
                     if lingering {
-                        self.lingered += n;
+                        self.lingered = self.lingered.saturating_add(n as u32);
                     } else {
                         self.feed(now, &stack[..n]);
                     }
@@ -339,9 +361,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
         }
         let pushes_flow =
-            self.session.is_active() || (self.session.is_closing() && self.flush_on_close);
+            self.session.is_active() || (self.session.is_closing() && self.f.flush_on_close);
         let mut remaining = 0;
-        if pushes_flow && !b.full() && !self.close_written {
+        if pushes_flow && !b.full() && !self.f.close_written {
             let mut items: Vec<(u64, SharedPush)> = Vec::new();
             remaining = self
                 .handle
@@ -353,14 +375,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 b.push(*seq, p);
             }
         }
-        if self.session.is_closing() && remaining == 0 && !b.full() && !self.close_written {
+        if self.session.is_closing() && remaining == 0 && !b.full() && !self.f.close_written {
             if let Some(cf) = self.session.poll_close_frame() {
                 let dropped = self.handle.close_outbox();
                 if dropped > 0 {
                     metrics::counter!(m::DROPS, "policy" => "closing").increment(dropped as u64);
                 }
                 b.frame(cf);
-                self.close_written = true;
+                self.f.close_written = true;
             }
         }
         b.finish().map(Box::new)
@@ -408,30 +430,31 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     fn arm_timer(&mut self, cx: &mut Context<'_>) {
         let wheel = self.gw.wheel();
-        if self.timer.is_some_and(|t| wheel.cursor() > t) {
-            self.timer = None;
+        if self.timer != NO_TIMER && wheel.cursor() > self.timer {
+            self.timer = NO_TIMER;
         }
         let Some(deadline) = self.session.poll_timeout() else {
             return;
         };
         let want = wheel.tick_ceil(deadline);
-        if self.timer.is_none_or(|t| t > want) {
+        if self.timer > want {
             match wheel.schedule(deadline, &self.handle) {
-                Scheduled::At(t) => self.timer = Some(t),
+                Scheduled::At(t) => self.timer = t,
                 Scheduled::Due => cx.waker().wake_by_ref(),
             }
         }
     }
 
     fn finish(&mut self) {
-        if self.finished {
+        if self.f.finished {
             return;
         }
-        self.finished = true;
+        self.f.finished = true;
         self.handle.close_outbox();
+        self.gw.connection_settled(&self.handle);
         let code = self.session.close_code().unwrap_or(Code::NormalClose);
         metrics::counter!(m::CLOSES, "reason" => code.as_str_name()).increment(1);
-        if self.registered {
+        if self.f.registered {
             self.gw.session_closed(&self.handle, code);
         }
     }
@@ -447,26 +470,35 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
 
         if !this.session.is_closing() {
             if let Some(cmd) = this.handle.take_close() {
-                this.flush_on_close = cmd.code != Code::SlowConsumer;
+                this.f.flush_on_close = cmd.code != Code::SlowConsumer;
                 this.session.close(now, cmd);
-            } else if !this.registered && this.gw.is_draining() {
+            } else if !this.f.registered && this.gw.is_draining() {
                 this.session.close(now, this.gw.drain_close());
             }
         }
         this.session.handle_timeout(now);
 
         let mut again = this.poll_input(cx, now);
+        // Reading stops while replies pile up; no read waker is armed then,
+        // so once the replies are written, input must be polled again.
+        let input_paused =
+            !this.f.read_closed && !this.session.is_closing() && !this.session.wants_input();
 
         if !this.session.is_closed() {
             match this.poll_output(cx) {
                 Poll::Ready(Ok(true)) => {
-                    if this.close_written && !this.shutdown_done {
+                    if input_paused && this.session.wants_input() {
+                        again = true;
+                    }
+                    if this.f.close_written && !this.f.shutdown_done {
                         match Pin::new(&mut this.io).poll_shutdown(cx) {
-                            Poll::Ready(_) => this.shutdown_done = true,
+                            Poll::Ready(_) => this.f.shutdown_done = true,
                             Poll::Pending => {}
                         }
                     }
-                    if this.shutdown_done && (this.read_closed || this.lingered >= LINGER_BYTES) {
+                    if this.f.shutdown_done
+                        && (this.f.read_closed || this.lingered as usize >= LINGER_BYTES)
+                    {
                         this.session.handle_flushed_and_gone();
                     }
                 }
@@ -480,9 +512,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
         }
         // A closing session whose peer hung up while we still had frames: done.
         if this.session.is_closing()
-            && this.read_closed
+            && this.f.read_closed
             && this.wbatch.is_none()
-            && this.close_written
+            && this.f.close_written
         {
             this.session.handle_flushed_and_gone();
         }
@@ -503,13 +535,19 @@ impl<IO> Drop for Connection<IO> {
     fn drop(&mut self) {
         // Runs on normal completion (already finished) and when the runtime
         // drops the task at shutdown: the registry must not keep a dead session.
-        if !self.finished {
-            self.finished = true;
+        if !self.f.finished {
+            self.f.finished = true;
             self.handle.close_outbox();
-            if self.registered {
+            self.gw.connection_settled(&self.handle);
+            if self.f.registered {
                 self.gw.session_closed(&self.handle, Code::ServerDraining);
             }
         }
+        release(
+            &self.gw,
+            self.f.ip_counted.then(|| self.remote.ip()),
+            self.kind,
+        );
     }
 }
 
@@ -518,4 +556,22 @@ fn _assert_send() {
     fn is_send<T: Send>() {}
     is_send::<Connection<tokio::net::TcpStream>>();
     let _ = pb::Code::Ok;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prints the per-connection sizes that matter for idle memory; run with
+    /// `cargo test --lib sizes -- --nocapture`. Asserts a generous ceiling so a
+    /// regression that bloats the idle connection is noticed.
+    #[test]
+    fn sizes() {
+        let conn = std::mem::size_of::<Connection<tokio::net::TcpStream>>();
+        let session = std::mem::size_of::<Session>();
+        println!("Connection<TcpStream> = {conn} B, Session = {session} B");
+        // tokio stores a task as a 128-byte-aligned cell of about 104 bytes plus
+        // the future: up to 280 bytes of future keeps the cell at 384 bytes.
+        assert!(conn <= 280, "Connection<TcpStream> grew to {conn} bytes");
+    }
 }

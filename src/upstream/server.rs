@@ -23,7 +23,7 @@ use super::codec::FrameCodec;
 use crate::bus::{Command, Destination, Outcome, PushTarget};
 use crate::config::UpstreamConfig;
 use crate::gateway::Gateway;
-use crate::ids::{DeviceId, UserId};
+use crate::ids::UserId;
 use crate::metrics as m;
 use crate::session::CloseCmd;
 use crate::wire::pb::{gateway_frame::Body as Out, upstream_frame::Body as In};
@@ -456,9 +456,17 @@ async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> Bytes {
             } else {
                 k.reason.chars().take(256).collect()
             };
+            let device = if k.device_id.is_empty() {
+                None
+            } else {
+                match crate::wire::device(&k.device_id) {
+                    Ok(d) => Some(d),
+                    Err(e) => return bad(e),
+                }
+            };
             let cmd = Command::Kick {
                 user: u,
-                device: (!k.device_id.is_empty()).then(|| DeviceId::new(&k.device_id)),
+                device,
                 close: CloseCmd::new(code, reason),
             };
             count_reply(gw, rid, cmd).await

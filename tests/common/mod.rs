@@ -158,3 +158,133 @@ pub async fn expect_closed(c: &mut Client) -> pb::Code {
     }
     code.expect("a Close frame before the connection closed")
 }
+
+// ---------------------------------------------------------------------------
+// Helpers added for the integration suites (login, push, limits, tls, drain...).
+// ---------------------------------------------------------------------------
+
+use pb::client_frame::Body as Req;
+use pb::server_frame::Body as Resp;
+
+/// A short wait used to show that nothing arrives.
+pub const QUIET: Duration = Duration::from_millis(250);
+
+/// A Login request body for protocol version 1 on the desktop platform.
+pub fn login_req(token: &str, device: &str) -> Req {
+    Req::Login(pb::Login {
+        token: token.into(),
+        device_id: device.into(),
+        platform: pb::Platform::Desktop as i32,
+        protocol_version: 1,
+        resume: None,
+    })
+}
+
+/// Encodes a raw frame: a 4-byte big-endian length, then `body`.
+pub fn raw_frame(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+/// Asserts that the gateway closed the connection: the next read is EOF (or a
+/// reset), not a frame, and it happens within 3 s.
+pub async fn expect_eof(c: &mut Client) {
+    match c.recv_timeout(Duration::from_secs(3)).await {
+        Ok(None) => {}
+        Ok(Some(f)) => panic!("expected the connection to be closed, got {f:?}"),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            panic!("the gateway did not close the connection in time")
+        }
+        // A reset is also the gateway closing the connection.
+        Err(_) => {}
+    }
+}
+
+/// Asserts that nothing arrives on `c` for `d` (the read times out).
+pub async fn expect_silence(c: &mut Client, d: Duration) {
+    match c.recv_timeout(d).await {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("expected no frame, got {other:?}"),
+    }
+}
+
+/// Asserts a refused request: an Error with `code` echoing `rid`, then a Close
+/// with `code`, then the gateway closes the connection.
+pub async fn expect_refused(c: &mut Client, rid: u64, code: pb::Code) {
+    let f = next(c).await;
+    assert_eq!(error_of(&f), code, "error code in {f:?}");
+    assert_eq!(f.request_id, rid, "the error must echo the request id");
+    let f = next(c).await;
+    assert_eq!(close_of(&f), code, "close code in {f:?}");
+    assert_eq!(f.request_id, 0, "a Close is unsolicited");
+    expect_eof(c).await;
+}
+
+/// Sends a Ping and waits for its Pong (skipping nothing else: any other frame
+/// before the Pong fails the test).
+pub async fn ping_pong(c: &mut Client) {
+    let rid = c.ping().await.expect("send ping");
+    let f = c
+        .recv_timeout(Duration::from_secs(3))
+        .await
+        .expect("recv pong")
+        .expect("connection closed instead of a pong");
+    match f.body {
+        Some(Resp::Pong(_)) => assert_eq!(f.request_id, rid, "pong must echo the ping's id"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+}
+
+/// The next upstream event within `d`; panics on timeout or a closed stream.
+pub async fn next_event(rx: &mut EventStream, d: Duration) -> pb::event::Kind {
+    tokio::time::timeout(d, rx.recv())
+        .await
+        .expect("no upstream event in time")
+        .expect("upstream event stream closed")
+        .kind
+        .expect("event without a kind")
+}
+
+/// Skips events until `pick` returns `Some`, within `d` overall.
+pub async fn wait_event<T>(
+    rx: &mut EventStream,
+    d: Duration,
+    mut pick: impl FnMut(&pb::event::Kind) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + d;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ev = next_event(rx, left).await;
+        if let Some(t) = pick(&ev) {
+            return t;
+        }
+    }
+}
+
+/// Every event that arrives within `d`.
+pub async fn drain_events(rx: &mut EventStream, d: Duration) -> Vec<pb::event::Kind> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + d;
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        out.extend(ev.kind);
+    }
+    out
+}
+
+impl TestGateway {
+    /// Logs in with a token carrying a `rooms` claim (not bound to a device).
+    pub async fn login_rooms(
+        &self,
+        user: &str,
+        device: &str,
+        rooms: &[&str],
+    ) -> (Client, pb::LoginOk) {
+        let mut c = self.client().await;
+        let ok = c
+            .login(&token_rooms(user, rooms), device)
+            .await
+            .expect("login");
+        (c, ok)
+    }
+}

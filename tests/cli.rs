@@ -1,0 +1,225 @@
+//! The `tether` binary: config errors, print-config, token.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tether::auth::{Claims, Verifier};
+use tether::config::{AuthConfig, Config};
+use tether::ids::DeviceId;
+use tether::wire::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+/// Runs the binary with `args`, killing it (and failing) after `limit`.
+fn run(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stdout = Vec::new();
+            let mut stderr = Vec::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_end(&mut stdout)
+                .unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_end(&mut stderr)
+                .unwrap();
+            return Output {
+                status,
+                stdout,
+                stderr,
+            };
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`tether {}` still running after {limit:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A config file whose listeners point at a port this test holds, so that if
+/// the binary ever got as far as binding, it would say so on stderr.
+fn write_config(dir: &Path, name: &str, held: u16, extra: &str) -> String {
+    let path = dir.join(name);
+    let text = format!(
+        "node_id = \"cli-test\"\n{extra}\n[listen]\ntcp = [\"127.0.0.1:{held}\"]\ntls = []\n\n[upstream]\ntcp = \"127.0.0.1:0\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn serve_with_unknown_key_fails_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let cfg = write_config(
+        dir.path(),
+        "bad.toml",
+        port,
+        "[session]\nbogus_knob = \"5s\"\n",
+    );
+    let out = run(&["serve", "--config", &cfg], Duration::from_secs(10));
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    assert!(
+        err.contains("bogus_knob"),
+        "stderr does not name the key: {err}"
+    );
+    assert!(
+        err.contains("bad.toml"),
+        "stderr does not name the file: {err}"
+    );
+    assert!(!err.contains("cannot bind"), "it tried to bind: {err}");
+    assert!(!err.contains("tether serving"), "it started serving: {err}");
+}
+
+#[test]
+fn serve_with_bad_value_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let cfg = write_config(
+        dir.path(),
+        "zero.toml",
+        port,
+        "[session]\nqueue_capacity = 0\n",
+    );
+    let out = run(&["serve", "--config", &cfg], Duration::from_secs(10));
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    assert!(
+        err.contains("session.queue_capacity"),
+        "stderr does not name session.queue_capacity: {err}"
+    );
+    assert!(!err.contains("cannot bind"), "it tried to bind: {err}");
+
+    // check-config agrees, and accepts a good file.
+    let out = run(&["check-config", "--config", &cfg], Duration::from_secs(10));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("session.queue_capacity"));
+    let good = write_config(dir.path(), "good.toml", port, "");
+    let out = run(
+        &["check-config", "--config", &good],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn serve_with_cross_field_error_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let cfg = write_config(
+        dir.path(),
+        "idle.toml",
+        port,
+        "[session]\nheartbeat_interval = \"10s\"\nidle_timeout = \"5s\"\n",
+    );
+    let out = run(&["serve", "--config", &cfg], Duration::from_secs(10));
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("session.idle_timeout"), "{err}");
+}
+
+#[test]
+fn print_config_is_the_default_config() {
+    let out = run(&["print-config"], Duration::from_secs(10));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    let parsed = Config::parse(&printed, "print-config").expect("print-config output parses");
+    assert_eq!(parsed, Config::default());
+}
+
+#[test]
+fn token_command_mints_a_verifiable_token() {
+    let out = run(
+        &[
+            "token", "--user", "alice", "--device", "phone", "--ttl", "1h",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let tok = stdout.trim();
+    assert_eq!(tok.split('.').count(), 3, "not a JWT: {tok:?}");
+
+    let v = Verifier::new(&AuthConfig::default()).unwrap();
+    let id = v.verify(tok, &DeviceId::new("phone")).expect("verifies");
+    assert_eq!(id.user.as_str(), "alice");
+    // Bound to the device.
+    let e = v.verify(tok, &DeviceId::new("tablet")).unwrap_err();
+    assert_eq!(e.code(), Code::DeviceMismatch);
+
+    // The lifetime is one hour.
+    let data = jsonwebtoken::decode::<Claims>(
+        tok,
+        &jsonwebtoken::DecodingKey::from_secret(tether::config::DEV_SECRET.as_bytes()),
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256),
+    )
+    .unwrap();
+    let now = tether::unix_ms() / 1000;
+    let ttl = data.claims.exp as i64 - now as i64;
+    assert!((3590..=3610).contains(&ttl), "ttl {ttl}s");
+    assert_eq!(data.claims.sub, "alice");
+    assert_eq!(data.claims.dev.as_deref(), Some("phone"));
+}
+
+#[test]
+fn token_command_uses_the_configured_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("auth.toml");
+    std::fs::write(
+        &path,
+        "[auth]\nsecret = \"a-different-secret-of-enough-length\"\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "token",
+            "--user",
+            "bob",
+            "--config",
+            &path.display().to_string(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let tok = stdout.trim();
+    let dev = DeviceId::new("any");
+    let default = Verifier::new(&AuthConfig::default()).unwrap();
+    assert_eq!(
+        default.verify(tok, &dev).unwrap_err().code(),
+        Code::TokenBadSignature
+    );
+    let custom = Verifier::new(&AuthConfig {
+        secret: "a-different-secret-of-enough-length".into(),
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    assert_eq!(custom.verify(tok, &dev).unwrap().user.as_str(), "bob");
+}
