@@ -297,7 +297,6 @@ impl Gateway {
         tokio::spawn(Connection::new(
             self.clone(),
             server,
-            remote,
             TransportKind::Memory,
             guard,
         ));
@@ -336,15 +335,15 @@ impl Gateway {
 }
 
 /// The [`SessionEnv`] of a real connection.
-pub struct GatewayEnv<'a> {
+pub struct GatewayEnv<'a, IO> {
     pub gw: &'a Arc<Gateway>,
     pub handle: &'a SessionHandle,
     pub kind: TransportKind,
-    pub remote: SocketAddr,
+    pub io: &'a IO,
     pub registered: &'a mut bool,
 }
 
-impl SessionEnv for GatewayEnv<'_> {
+impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
     fn login(&mut self, now: Instant, req: &LoginRequest) -> Result<LoginGrant, (Code, String)> {
         let gw = self.gw;
         let result = (|| {
@@ -391,7 +390,11 @@ impl SessionEnv for GatewayEnv<'_> {
         gw.bus.emit(pb::Event {
             kind: Some(pb::event::Kind::Opened(pb::SessionOpened {
                 session: gw.session_info(self.handle),
-                remote_addr: self.remote.to_string(),
+                remote_addr: self
+                    .io
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
             })),
         });
         Ok(LoginGrant {
@@ -637,7 +640,7 @@ async fn accept_loop(
         };
         match &tls {
             None => {
-                tokio::spawn(Connection::new(gw.clone(), stream, remote, kind, guard));
+                tokio::spawn(Connection::new(gw.clone(), stream, kind, guard));
             }
             Some(acc) => {
                 let (gw, acc, hs) = (gw.clone(), acc.clone(), handshakes.clone());
@@ -662,7 +665,7 @@ async fn accept_loop(
                             return;
                         }
                     };
-                    Connection::new(gw, tls_stream, remote, kind, guard).await;
+                    Connection::new(gw, tls_stream, kind, guard).await;
                 });
             }
         }

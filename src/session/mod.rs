@@ -11,4 +11,4 @@ mod core;
 mod handle;
 
 pub use self::core::{LoginGrant, Session, SessionEnv, SessionParams, CLOSE_LINGER};
-pub use handle::{CloseCmd, Enqueued, SessionHandle, SessionInfo, WeakSession};
+pub use handle::{shared_size, CloseCmd, Enqueued, SessionHandle, SessionInfo, WeakSession};

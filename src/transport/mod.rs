@@ -9,4 +9,32 @@
 
 mod conn;
 
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
 pub use conn::{ConnGuard, Connection};
+
+/// A byte stream a session can run over.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin {
+    /// The peer's address, for logs and events (not stored per connection).
+    fn peer_addr(&self) -> Option<SocketAddr>;
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        tokio::net::TcpStream::peer_addr(self).ok()
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.get_ref().0.peer_addr().ok()
+    }
+}
+
+impl Transport for tokio::io::DuplexStream {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+}

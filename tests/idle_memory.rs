@@ -1,0 +1,102 @@
+//! Heap held per idle, logged-in TCP session, measured with a counting
+//! allocator over real loopback sockets. The clients are blocking std sockets
+//! with stack buffers, so (after setup) only the gateway allocates.
+//!
+//! This counts live heap bytes as requested by the code. A process's RSS adds
+//! the allocator's size-class rounding and fragmentation on top; the load tool
+//! reports the RSS slope (`tether-loadtest idle`).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Duration;
+
+mod common;
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+const WARM: usize = 200;
+const N: usize = 2000;
+
+fn login_frames(from: usize, n: usize) -> Vec<Vec<u8>> {
+    (from..from + n)
+        .map(|i| {
+            let token = common::token(&format!("user-{i}"), &format!("dev-{i}"));
+            let f = tether::wire::pb::ClientFrame {
+                request_id: 1,
+                body: Some(tether::wire::pb::client_frame::Body::Login(
+                    tether::wire::pb::Login {
+                        token,
+                        device_id: format!("dev-{i}"),
+                        platform: 1,
+                        protocol_version: 1,
+                        resume: None,
+                    },
+                )),
+            };
+            tether::wire::frame_bytes(&f).to_vec()
+        })
+        .collect()
+}
+
+fn connect_all(addr: std::net::SocketAddr, frames: &[Vec<u8>], out: &mut Vec<std::net::TcpStream>) {
+    for f in frames {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(f).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = [0u8; 512];
+        let n = u32::from_be_bytes(len) as usize;
+        s.read_exact(&mut body[..n]).unwrap();
+        // LoginOk is field 2 of ServerFrame: tag 0x12 after the request id.
+        assert_eq!(&body[..3], &[0x08, 0x01, 0x12], "expected LoginOk");
+        out.push(s);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_session_heap_is_small() {
+    let g = common::start(common::test_config()).await;
+    let addr = g.tcp;
+    let warm = login_frames(0, WARM);
+    let frames = login_frames(WARM, N);
+    let handle = tokio::task::spawn_blocking(move || {
+        let mut socks = Vec::with_capacity(WARM + N);
+        connect_all(addr, &warm, &mut socks);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = LIVE.load(Ordering::SeqCst);
+        connect_all(addr, &frames, &mut socks);
+        std::thread::sleep(Duration::from_millis(500));
+        let after = LIVE.load(Ordering::SeqCst);
+        drop(frames);
+        (before, after, socks)
+    });
+    let (before, after, socks) = handle.await.unwrap();
+    assert_eq!(g.gw.registry().len(), WARM + N);
+    let per = (after - before) as f64 / N as f64;
+    println!("live heap per idle logged-in TCP session: {per:.0} bytes ({N} sessions)");
+    // Design target: <= 1 KiB of user-space memory per idle session, RSS
+    // included. The heap measured here was 882 bytes when this was written;
+    // the bound leaves room for allocator rounding, not for new fields.
+    assert!(per <= 920.0, "idle session holds {per:.0} bytes of heap");
+    drop(socks);
+}
