@@ -113,7 +113,11 @@ fuzz_target!(|data: &[u8]| {
                 let login = pb::ClientFrame {
                     request_id: u64::from(op),
                     body: Some(pb::client_frame::Body::Login(pb::Login {
-                        token: if v & 1 == 1 { "ok".into() } else { "bad".into() },
+                        token: if v & 1 == 1 {
+                            "ok".into()
+                        } else {
+                            "bad".into()
+                        },
                         device_id: "dev".into(),
                         platform: 1,
                         protocol_version: u32::from(v >> 6),

@@ -20,6 +20,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// N logged-in clients; an upstream pushes M messages to all of them (or a
+    /// room holding them all); reports deliveries per second.
+    Broadcast {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        upstream: String,
+        #[arg(long, default_value_t = 5_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 200)]
+        msgs: usize,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Push to a room the clients joined instead of to everyone.
+        #[arg(long)]
+        room: bool,
+        /// Pushes in flight at once.
+        #[arg(long, default_value_t = 32)]
+        inflight: usize,
+        #[arg(long, default_value = tether::config::DEV_SECRET)]
+        secret: String,
+    },
     /// Hold N logged-in connections; report gateway RSS per connection.
     Idle {
         /// Gateway client address.
@@ -75,9 +98,187 @@ async fn connect(
     Ok(s)
 }
 
+/// Counts frames on a raw socket by walking length prefixes, without decoding.
+async fn count_frames(mut s: tokio::net::TcpStream, want: usize) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut frames, mut need, mut hdr, mut hdr_len) = (0usize, 0usize, [0u8; 4], 0usize);
+    while frames < want {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        let mut d = &buf[..n];
+        while !d.is_empty() {
+            if need > 0 {
+                let k = need.min(d.len());
+                need -= k;
+                d = &d[k..];
+                if need == 0 {
+                    frames += 1;
+                }
+                continue;
+            }
+            let k = (4 - hdr_len).min(d.len());
+            hdr[hdr_len..hdr_len + k].copy_from_slice(&d[..k]);
+            hdr_len += k;
+            d = &d[k..];
+            if hdr_len == 4 {
+                need = u32::from_be_bytes(hdr) as usize;
+                hdr_len = 0;
+                if need == 0 {
+                    frames += 1;
+                }
+            }
+        }
+    }
+    Ok(frames)
+}
+
+/// Writes one client frame and reads one server frame, on a raw socket.
+async fn roundtrip(
+    s: &mut tokio::net::TcpStream,
+    body: tether::wire::pb::client_frame::Body,
+) -> anyhow::Result<tether::wire::pb::server_frame::Body> {
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = tether::wire::frame_bytes(&tether::wire::pb::ClientFrame {
+        request_id: 1,
+        body: Some(body),
+    });
+    s.write_all(&f).await?;
+    let n = s.read_u32().await? as usize;
+    anyhow::ensure!(n <= 1 << 20, "reply frame too large");
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).await?;
+    tether::wire::pb::ServerFrame::decode(&b[..])?
+        .body
+        .ok_or_else(|| anyhow::anyhow!("empty reply"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn broadcast(
+    addr: SocketAddr,
+    upstream: String,
+    conns: usize,
+    msgs: usize,
+    size: usize,
+    room: bool,
+    inflight: usize,
+    secret: String,
+) -> anyhow::Result<()> {
+    use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
+    use tether::wire::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+    let rooms = if room {
+        vec!["bench".to_owned()]
+    } else {
+        vec![]
+    };
+    let mut streams = Vec::with_capacity(conns);
+    let t0 = Instant::now();
+    for i in 0..conns {
+        let token = tether::auth::mint_hs256(
+            &secret,
+            &format!("b{i}"),
+            None,
+            Duration::from_secs(3600),
+            rooms.clone(),
+        )?;
+        let mut s = connect(addr, None).await?;
+        let login = Req::Login(pb::Login {
+            token,
+            device_id: format!("d{i}"),
+            platform: pb::Platform::Server as i32,
+            protocol_version: 1,
+            resume: None,
+        });
+        anyhow::ensure!(
+            matches!(roundtrip(&mut s, login).await?, Resp::LoginOk(_)),
+            "login refused"
+        );
+        if room {
+            let join = Req::Join(pb::Join {
+                room: "bench".into(),
+            });
+            anyhow::ensure!(
+                matches!(roundtrip(&mut s, join).await?, Resp::RoomOk(_)),
+                "join refused"
+            );
+        }
+        streams.push(s);
+    }
+    println!(
+        "{conns} clients logged in in {:.2}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let counters: Vec<_> = streams
+        .into_iter()
+        .map(|s| tokio::spawn(async move { (count_frames(s, msgs).await, Instant::now()) }))
+        .collect();
+    let (up, _) =
+        UpstreamClient::connect(&Endpoint::Tcp(upstream.clone()), UpstreamOptions::default())
+            .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let target = if room {
+        pb::push_request::Target::Room("bench".into())
+    } else {
+        pb::push_request::Target::Everyone(true)
+    };
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
+    let start = Instant::now();
+    let mut pushes = tokio::task::JoinSet::new();
+    for _ in 0..msgs {
+        let permit = sem.clone().acquire_owned().await?;
+        let (up, target, payload) = (up.clone(), target.clone(), payload.clone());
+        pushes.spawn(async move {
+            let r = up
+                .push(pb::PushRequest {
+                    target: Some(target),
+                    payload,
+                    ..Default::default()
+                })
+                .await;
+            drop(permit);
+            r
+        });
+    }
+    let (mut queued, mut dropped) = (0u64, 0u64);
+    while let Some(r) = pushes.join_next().await {
+        let r = r??;
+        queued += r.sessions;
+        dropped += r.dropped;
+    }
+    let pushed = start.elapsed();
+    let mut received = 0usize;
+    let mut last = start;
+    for c in counters {
+        let (n, at) = c.await?;
+        received += n?;
+        last = last.max(at);
+    }
+    let secs = last.duration_since(start).as_secs_f64();
+    println!(
+        "{msgs} pushes of {size} B to {conns} sessions{}: upstream done in {:.3}s; {received} deliveries received in {secs:.3}s = {:.0} deliveries/s (queued {queued}, dropped {dropped})",
+        if room { " (room)" } else { "" },
+        pushed.as_secs_f64(),
+        received as f64 / secs
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Broadcast {
+            addr,
+            upstream,
+            conns,
+            msgs,
+            size,
+            room,
+            inflight,
+            secret,
+        } => broadcast(addr, upstream, conns, msgs, size, room, inflight, secret).await,
         Cmd::Idle {
             addr,
             conns,

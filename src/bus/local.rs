@@ -116,30 +116,93 @@ impl EventHub {
             body: Some(pb::gateway_frame::Body::Event(event)),
         }));
         let mut accepted = false;
-        let mut groups_done: Vec<&str> = Vec::new();
+        // Groups that took the event, and groups whose every member was full.
+        let mut served: Vec<&str> = Vec::new();
+        let mut full: Vec<&str> = Vec::new();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         let n = subs.len();
         for i in 0..n {
             let s = &subs[(start + i) % n];
-            if !s.group.is_empty() && groups_done.contains(&s.group.as_str()) {
+            let grouped = !s.group.is_empty();
+            if grouped && served.contains(&s.group.as_str()) {
                 continue;
             }
             match s.tx.try_send(frame.clone()) {
                 Ok(()) => {
                     accepted = true;
-                    if !s.group.is_empty() {
-                        groups_done.push(&s.group);
+                    if grouped {
+                        served.push(&s.group);
                     }
                 }
-                Err(_) => {
-                    metrics::counter!(m::UPSTREAM_EVENTS_DROPPED).increment(1);
-                }
+                // A full member of a group: another member may still take it.
+                Err(_) if grouped => full.push(&s.group),
+                Err(_) => metrics::counter!(m::UPSTREAM_EVENTS_DROPPED).increment(1),
             }
+        }
+        full.sort_unstable();
+        full.dedup();
+        let lost = full.iter().filter(|g| !served.contains(g)).count();
+        if lost > 0 {
+            metrics::counter!(m::UPSTREAM_EVENTS_DROPPED).increment(lost as u64);
         }
         accepted
     }
 
     pub fn subscribers(&self) -> usize {
         self.subs.read().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev() -> pb::Event {
+        pb::Event {
+            kind: Some(pb::event::Kind::Undelivered(pb::Undelivered::default())),
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_share_and_ungrouped_get_all() {
+        let hub = Arc::new(EventHub::default());
+        let mut a1 = hub.subscribe("logic", 16);
+        let mut a2 = hub.subscribe("logic", 16);
+        let mut solo = hub.subscribe("", 16);
+        for _ in 0..10 {
+            assert!(hub.publish(ev()));
+        }
+        let count = |s: &mut Subscription| {
+            let mut n = 0;
+            while s.rx.try_recv().is_ok() {
+                n += 1;
+            }
+            n
+        };
+        let (n1, n2, ns) = (count(&mut a1), count(&mut a2), count(&mut solo));
+        assert_eq!(n1 + n2, 10, "each event goes to one member of the group");
+        assert!(n1 > 0 && n2 > 0, "round robin uses both members: {n1} {n2}");
+        assert_eq!(ns, 10);
+    }
+
+    #[tokio::test]
+    async fn a_full_member_leaves_the_event_to_another() {
+        let hub = Arc::new(EventHub::default());
+        let mut small = hub.subscribe("g", 1);
+        let mut big = hub.subscribe("g", 64);
+        for _ in 0..20 {
+            assert!(hub.publish(ev()));
+        }
+        let mut n = 0;
+        while small.rx.try_recv().is_ok() {
+            n += 1;
+        }
+        while big.rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 20, "nothing is lost while one member has room");
+        drop(small);
+        drop(big);
+        assert!(!hub.publish(ev()), "no subscriber: not accepted");
     }
 }

@@ -46,6 +46,10 @@ impl CloseCmd {
     }
 }
 
+/// How far past its capacity a session's queue may grow while its socket is
+/// still writable (its task has simply not run yet).
+pub const OVERFLOW: usize = 4;
+
 /// What [`SessionHandle::enqueue`] did with a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
@@ -67,6 +71,8 @@ struct Outbox {
     closing: bool,
     /// The driver finished: nothing is queued any more.
     closed: bool,
+    /// The socket refused the last write: the peer is not reading.
+    blocked: bool,
 }
 
 struct Rooms {
@@ -110,6 +116,7 @@ impl SessionHandle {
                 close: None,
                 closing: false,
                 closed: false,
+                blocked: false,
             }),
             rooms: Mutex::new(Rooms {
                 list: None,
@@ -147,7 +154,11 @@ impl SessionHandle {
             if o.closed || o.closing {
                 return Enqueued::Closed;
             }
-            if o.queue.len() >= capacity {
+            // A full queue means a slow consumer only when the socket is full
+            // too; a session whose task has not run yet (the gateway is busy
+            // fanning out) may queue up to OVERFLOW times the capacity.
+            let len = o.queue.len();
+            if len >= capacity && (o.blocked || len >= capacity.saturating_mul(OVERFLOW)) {
                 match policy {
                     SlowConsumerPolicy::Drop => {
                         // The dropped push still takes its sequence number, so
@@ -218,6 +229,11 @@ impl SessionHandle {
             o.queue = VecDeque::new();
         }
         o.queue.len()
+    }
+
+    /// Records whether the socket refused the last write (driver side).
+    pub fn set_blocked(&self, blocked: bool) {
+        self.0.outbox.lock().blocked = blocked;
     }
 
     /// Pushes currently queued.

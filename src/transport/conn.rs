@@ -94,6 +94,8 @@ struct Flags {
     shutdown_done: bool,
     read_closed: bool,
     finished: bool,
+    /// The socket refused a write; mirrored in the handle for the router.
+    blocked: bool,
 }
 
 /// Frames waiting to be written, coalesced.
@@ -483,6 +485,10 @@ impl<IO: Transport> Future for Connection<IO> {
         if !this.session.is_closed() {
             match this.poll_output(cx) {
                 Poll::Ready(Ok(true)) => {
+                    if this.f.blocked {
+                        this.f.blocked = false;
+                        this.handle.set_blocked(false);
+                    }
                     if input_paused && this.session.wants_input() {
                         again = true;
                     }
@@ -503,7 +509,12 @@ impl<IO: Transport> Future for Connection<IO> {
                     tracing::debug!(remote = ?this.io.peer_addr(), error = %e, "write failed");
                     this.session.handle_peer_gone(Code::NormalClose);
                 }
-                Poll::Pending => {}
+                Poll::Pending => {
+                    if !this.f.blocked && this.wbatch.is_some() {
+                        this.f.blocked = true;
+                        this.handle.set_blocked(true);
+                    }
+                }
             }
         }
         // A closing session whose peer hung up while we still had frames: done.

@@ -31,6 +31,8 @@ use crate::wire::{frame_bytes, pb, Code, SharedPush};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_USERS_PER_REQUEST: usize = 100_000;
+/// Deliveries queued by one upstream connection before it yields to sessions.
+const YIELD_DELIVERIES: u64 = 16_384;
 
 /// The bound upstream listeners.
 pub struct UpstreamListeners {
@@ -294,6 +296,8 @@ async fn serve<S>(
         let _ = w.shutdown().await;
     });
 
+    let yield_pushes = u64::from(gw.config().session.queue_capacity / 2).max(1);
+    let (mut reached_since_yield, mut pushes_since_yield) = (0u64, 0u64);
     loop {
         let next = tokio::select! { _ = stop.cancelled() => break, f = frames.next() => f };
         let body = match next {
@@ -306,12 +310,26 @@ async fn serve<S>(
             }
             None => break,
         };
-        let out = match pb::UpstreamFrame::decode(body) {
+        let (out, reached) = match pb::UpstreamFrame::decode(body) {
             Ok(f) => handle(&gw, f).await,
-            Err(e) => error(0, Code::BadFrame, format!("undecodable UpstreamFrame: {e}")),
+            Err(e) => (
+                error(0, Code::BadFrame, format!("undecodable UpstreamFrame: {e}")),
+                0,
+            ),
         };
         if resp_tx.send(out).await.is_err() {
             break;
+        }
+        // Pace fan-out against the sessions it wakes: after a few pushes (up
+        // to half a queue) or many deliveries, let the woken sessions write.
+        // Queues then coalesce several frames per write, and a burst cannot
+        // fill every queue before a single session task runs.
+        reached_since_yield += reached;
+        pushes_since_yield += u64::from(reached > 0);
+        if reached_since_yield >= YIELD_DELIVERIES || pushes_since_yield >= yield_pushes {
+            reached_since_yield = 0;
+            pushes_since_yield = 0;
+            tokio::task::yield_now().await;
         }
     }
     drop(resp_tx);
@@ -334,8 +352,15 @@ fn users(ids: &[String]) -> Result<Vec<UserId>, String> {
     ids.iter().map(|u| user(u)).collect()
 }
 
-/// Runs one upstream request and encodes its response.
-async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> Bytes {
+/// Runs one upstream request and encodes its response; also returns how many
+/// sessions a push was queued for (0 for other requests).
+async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> (Bytes, u64) {
+    let mut reached = 0;
+    let out = handle_inner(gw, f, &mut reached).await;
+    (out, reached)
+}
+
+async fn handle_inner(gw: &Arc<Gateway>, f: pb::UpstreamFrame, reached: &mut u64) -> Bytes {
     let rid = f.request_id;
     let bad = |m: String| error(rid, Code::BadRequest, m);
     match f.body {
@@ -433,6 +458,7 @@ async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> Bytes {
                     });
                 }
             }
+            *reached = sessions;
             reply(
                 rid,
                 Out::PushReply(pb::PushReply {
