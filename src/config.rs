@@ -183,7 +183,8 @@ pub struct LimitsConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Loopback TCP listener for upstream services; empty = none.
+    /// Loopback TCP listener for upstream services; `""` = none.
+    #[serde(with = "opt_addr")]
     pub tcp: Option<SocketAddr>,
     /// Unix socket path for upstream services; empty = none.
     pub unix: Option<PathBuf>,
@@ -213,7 +214,8 @@ impl std::fmt::Debug for UpstreamConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Prometheus scrape endpoint; empty = off.
+    /// Prometheus scrape endpoint; `""` = off.
+    #[serde(with = "opt_addr")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -229,6 +231,28 @@ pub struct ShutdownConfig {
     pub reconnect_after: Duration,
     /// Sent in the draining Close frame: where to reconnect; empty = same address.
     pub reconnect_to: String,
+}
+
+/// An optional socket address written as a string, where `""` means none.
+mod opt_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The development HS256 secret; using it logs a warning.
@@ -423,6 +447,7 @@ login_burst = 5000
 
 [upstream]
 # The internal socket for upstream services. Loopback only unless allow_public.
+# "" turns the TCP listener off (then set unix).
 tcp = "127.0.0.1:7401"
 # unix = "/run/tether/upstream.sock"
 allow_public = false
@@ -433,7 +458,7 @@ event_queue = 65536
 max_frame = 4194304
 
 [metrics]
-# Prometheus scrape endpoint (GET /metrics).
+# Prometheus scrape endpoint (GET /metrics); "" turns it off.
 listen = "127.0.0.1:9400"
 
 [shutdown]
@@ -600,6 +625,16 @@ mod tests {
         assert!(e.to_string().contains("login_timeout"), "{e}");
         let e = Config::parse("[upstream]\ntcp = \"0.0.0.0:7401\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.tcp"), "{e}");
+    }
+
+    #[test]
+    fn empty_address_turns_a_listener_off() {
+        let c = Config::parse("[metrics]\nlisten = \"\"\n", "t").unwrap();
+        assert_eq!(c.metrics.listen, None);
+        let e = Config::parse("[upstream]\ntcp = \"\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream"), "{e}");
+        let c = Config::parse("[upstream]\ntcp = \"\"\nunix = \"/tmp/t.sock\"\n", "t").unwrap();
+        assert_eq!(c.upstream.tcp, None);
     }
 
     #[test]

@@ -273,7 +273,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::CheckConfig { config } => {
-            Config::load(&config)?;
+            let cfg = Config::load(&config)?;
+            // Also load the files the config names, as `serve` would.
+            tether::auth::Verifier::new(&cfg.auth)?;
+            if let (Some(c), Some(k)) = (&cfg.tls.cert, &cfg.tls.key) {
+                if !cfg.listen.tls.is_empty() {
+                    tether::tls::server_config(c, k)?;
+                }
+            }
             println!("{}: ok", config.display());
             Ok(())
         }

@@ -60,7 +60,7 @@ impl Default for Registry {
 
 impl Registry {
     pub fn new() -> Self {
-        // 64 shards on most machines; DashMap picks a power of two from the core count.
+        // 16 shards per core, at least 64, a power of two (DashMap requires it).
         let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 16)
             .next_power_of_two()
             .max(64);

@@ -112,6 +112,7 @@ impl Router {
                         n += u64::from(changed);
                     }
                 }
+                metrics::gauge!(m::ROOMS).set(self.registry.room_count() as f64);
                 Outcome::Count(n)
             }
             Command::Presence { users } => Outcome::Presence(

@@ -96,6 +96,8 @@ struct Flags {
     finished: bool,
     /// The socket refused a write; mirrored in the handle for the router.
     blocked: bool,
+    /// Registered in the timer wheel (at `Connection::timer`).
+    timer_set: bool,
 }
 
 /// Frames waiting to be written, coalesced.
@@ -204,13 +206,19 @@ pub struct Connection<IO: Transport> {
     rbuf: Option<Box<BytesMut>>,
     /// A batch, only while the socket refuses to take it all.
     wbatch: Option<Box<WriteBatch>>,
-    /// The wheel tick at which this connection is registered to wake; `NO_TIMER` when none.
+    /// Low 32 bits of the wheel tick this connection is registered to wake
+    /// at, when `f.timer_set`.
     timer: u32,
-    lingered: u32,
+    /// KiB discarded while lingering on close (u16 keeps the future small).
+    lingered_kib: u16,
     f: Flags,
 }
 
-const NO_TIMER: u32 = u32::MAX;
+/// Whether tick `a` comes after tick `b` (both the low 32 bits of ticks less
+/// than 2^31 apart).
+fn tick_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
 
 impl<IO: Transport> Connection<IO> {
     pub fn new(gw: Arc<Gateway>, io: IO, kind: TransportKind, guard: ConnGuard) -> Self {
@@ -226,8 +234,8 @@ impl<IO: Transport> Connection<IO> {
             ip: guard.disarm(),
             rbuf: None,
             wbatch: None,
-            timer: NO_TIMER,
-            lingered: 0,
+            timer: 0,
+            lingered_kib: 0,
             f: Flags {
                 flush_on_close: true,
                 ..Flags::default()
@@ -314,7 +322,7 @@ impl<IO: Transport> Connection<IO> {
             if self.f.read_closed || (!lingering && !self.session.wants_input()) {
                 return false;
             }
-            if lingering && self.lingered as usize >= LINGER_BYTES {
+            if lingering && self.lingered_done() {
                 return false;
             }
             if budget == 0 {
@@ -341,7 +349,8 @@ impl<IO: Transport> Connection<IO> {
                     budget = budget.saturating_sub(n);
                     metrics::counter!(m::BYTES_IN).increment(n as u64);
                     if lingering {
-                        self.lingered = self.lingered.saturating_add(n as u32);
+                        self.lingered_kib =
+                            self.lingered_kib.saturating_add(n.div_ceil(1024) as u16);
                     } else {
                         self.feed(now, &stack[..n]);
                     }
@@ -386,6 +395,10 @@ impl<IO: Transport> Connection<IO> {
         b.finish().map(Box::new)
     }
 
+    fn lingered_done(&self) -> bool {
+        usize::from(self.lingered_kib) * 1024 >= LINGER_BYTES
+    }
+
     fn io_vectored(&self) -> bool {
         self.kind != TransportKind::Tls && self.io.is_write_vectored()
     }
@@ -427,17 +440,24 @@ impl<IO: Transport> Connection<IO> {
     }
 
     fn arm_timer(&mut self, cx: &mut Context<'_>) {
+        // Ticks are kept as the low 32 bits and compared with wrapping
+        // arithmetic: registrations lie within the wheel's horizon (a few
+        // thousand ticks) of its cursor, so the difference always fits.
         let wheel = self.gw.wheel();
-        if self.timer != NO_TIMER && wheel.cursor() > u64::from(self.timer) {
-            self.timer = NO_TIMER;
+        let cursor = wheel.cursor() as u32;
+        if self.f.timer_set && tick_after(cursor, self.timer) {
+            self.f.timer_set = false;
         }
         let Some(deadline) = self.session.poll_timeout() else {
             return;
         };
-        let want = u32::try_from(wheel.tick_ceil(deadline)).unwrap_or(u32::MAX - 1);
-        if self.timer > want {
+        let want = wheel.tick_ceil(deadline) as u32;
+        if !self.f.timer_set || tick_after(self.timer, want) {
             match wheel.schedule(deadline, &self.handle) {
-                Scheduled::At(t) => self.timer = u32::try_from(t).unwrap_or(u32::MAX - 1),
+                Scheduled::At(t) => {
+                    self.timer = t as u32;
+                    self.f.timer_set = true;
+                }
                 Scheduled::Due => cx.waker().wake_by_ref(),
             }
         }
@@ -498,9 +518,7 @@ impl<IO: Transport> Future for Connection<IO> {
                             Poll::Pending => {}
                         }
                     }
-                    if this.f.shutdown_done
-                        && (this.f.read_closed || this.lingered as usize >= LINGER_BYTES)
-                    {
+                    if this.f.shutdown_done && (this.f.read_closed || this.lingered_done()) {
                         this.session.handle_flushed_and_gone();
                     }
                 }
@@ -568,6 +586,18 @@ mod tests {
     /// Prints the per-connection sizes that matter for idle memory; run with
     /// `cargo test --lib sizes -- --nocapture`. Asserts a generous ceiling so a
     /// regression that bloats the idle connection is noticed.
+    #[test]
+    fn tick_comparison_wraps() {
+        assert!(tick_after(5, 4));
+        assert!(!tick_after(4, 4));
+        assert!(!tick_after(4, 5));
+        assert!(
+            tick_after(2, u32::MAX - 1),
+            "past the wrap, 2 follows 2^32-2"
+        );
+        assert!(!tick_after(u32::MAX - 1, 2));
+    }
+
     #[test]
     fn sizes() {
         let conn = std::mem::size_of::<Connection<tokio::net::TcpStream>>();

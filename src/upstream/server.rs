@@ -62,7 +62,13 @@ impl UpstreamListeners {
         #[cfg(unix)]
         let unix = match &cfg.unix {
             Some(p) => {
-                if p.exists() {
+                if let Ok(meta) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    anyhow::ensure!(
+                        meta.file_type().is_socket(),
+                        "upstream.unix {} exists and is not a socket; refusing to replace it",
+                        p.display()
+                    );
                     std::fs::remove_file(p).map_err(|e| {
                         anyhow::anyhow!("cannot replace upstream.unix {}: {e}", p.display())
                     })?;
