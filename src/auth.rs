@@ -279,6 +279,81 @@ mod tests {
     }
 
     #[test]
+    fn eddsa_public_key_verifies_and_other_keys_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let pub_path = dir.path().join("jwt.pub.pem");
+        std::fs::write(&pub_path, key.public_key_pem()).unwrap();
+        let v = Verifier::new(&AuthConfig {
+            algorithm: JwtAlgorithm::EdDSA,
+            public_key: Some(pub_path),
+            leeway: Duration::ZERO,
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let claims = Claims {
+            sub: "carol".into(),
+            dev: None,
+            exp: crate::unix_ms() / 1000 + 60,
+            iat: None,
+            rooms: vec![],
+        };
+        let sign = |k: &rcgen::KeyPair| {
+            let ek = EncodingKey::from_ed_pem(k.serialize_pem().as_bytes()).unwrap();
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &ek).unwrap()
+        };
+        let dev = DeviceId::new("d");
+        assert_eq!(v.verify(&sign(&key), &dev).unwrap().user.as_str(), "carol");
+        assert_eq!(
+            v.verify(&sign(&other), &dev).unwrap_err().code(),
+            Code::TokenBadSignature
+        );
+        // An HS256 token is refused by an EdDSA verifier (algorithm confusion).
+        let hs = mint_hs256(S, "carol", None, Duration::from_secs(60), vec![]).unwrap();
+        assert_eq!(v.verify(&hs, &dev).unwrap_err().code(), Code::TokenInvalid);
+    }
+
+    #[test]
+    fn unreadable_or_bad_public_key_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let cfg = AuthConfig {
+            algorithm: JwtAlgorithm::RS256,
+            public_key: Some(missing.clone()),
+            ..AuthConfig::default()
+        };
+        let e = Verifier::new(&cfg).err().unwrap().to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a key").unwrap();
+        let e = Verifier::new(&AuthConfig {
+            public_key: Some(garbage),
+            ..cfg
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("garbage.pem"), "{e}");
+    }
+
+    #[test]
+    fn configured_issuer_and_audience_are_required() {
+        let v = Verifier::new(&AuthConfig {
+            issuer: Some("chat-auth".into()),
+            audience: Some("tether".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let plain = mint_hs256(S, "alice", None, Duration::from_secs(60), vec![]).unwrap();
+        assert_eq!(
+            v.verify(&plain, &DeviceId::new("d")).unwrap_err().code(),
+            Code::TokenInvalid,
+            "a token without iss/aud is refused when they are configured"
+        );
+    }
+
+    #[test]
     fn room_patterns() {
         let id = Identity {
             user: UserId::new("u"),

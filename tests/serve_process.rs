@@ -1,0 +1,149 @@
+//! The real binary: `tether serve` on free ports, a device over TCP, a push
+//! over the Unix upstream socket, the Prometheus endpoint, and SIGTERM drain.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether::client::Client;
+use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
+use tether::wire::pb;
+
+mod common;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /metrics over a raw socket (no HTTP client in the dependency tree).
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tcp, metrics) = (free_port(), free_port());
+    let sock = dir.path().join("upstream.sock");
+    let cfg = dir.path().join("tether.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[listen]\ntcp = [\"127.0.0.1:{tcp}\"]\ntls = []\n\n[upstream]\ntcp = \"\"\nunix = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[shutdown]\ndrain_timeout = \"3s\"\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Wait for the client port.
+    let t0 = Instant::now();
+    let mut c = loop {
+        if let Ok(c) = Client::connect_tcp(("127.0.0.1", tcp)).await {
+            break c;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    c.login(&common::token("alice", "phone"), "phone")
+        .await
+        .unwrap();
+
+    let (up, _) =
+        UpstreamClient::connect(&Endpoint::Unix(sock.clone()), UpstreamOptions::default())
+            .await
+            .unwrap();
+    let r = up.push_user("alice", "over-unix").await.unwrap();
+    assert_eq!(r.sessions, 1);
+    let f = common::next(&mut c).await;
+    assert_eq!(&common::push_of(&f).payload[..], b"over-unix");
+
+    let text = tokio::task::spawn_blocking(move || scrape(metrics))
+        .await
+        .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(
+        metric(&text, "tether_logins_total{result=\"ok\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "tether_sessions "), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "tether_connections{transport=\"tcp\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "tether_pushes_total{target=\"user\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# HELP tether_push_drops_total")
+            || text.contains("tether_push_deliveries_total")
+    );
+
+    // SIGTERM: the client hears SERVER_DRAINING, the process exits 0.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(
+        common::expect_closed(&mut c).await,
+        pb::Code::ServerDraining
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "gateway did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(err.contains("draining"), "{err}");
+    assert!(!sock.exists(), "the unix socket is removed at exit");
+}
