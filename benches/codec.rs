@@ -137,6 +137,8 @@ fn replies() -> Vec<pb::ServerFrame> {
                     client_msg_id: format!("c-{i:08}"),
                     server_msg_id: 10_000 + i,
                     code: pb::Code::Ok as i32,
+                    seq: i,
+                    duplicate: false,
                 }),
                 _ => Body::Error(pb::Error {
                     code: pb::Code::NotLoggedIn as i32,

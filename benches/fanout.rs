@@ -23,7 +23,9 @@ use tether::config::{ClientJoin, MultiLogin, SlowConsumerPolicy};
 use tether::ids::{DeviceId, NodeId, RoomId, SessionId, TransportKind, UserId};
 use tether::registry::Registry;
 use tether::router::Router;
-use tether::session::{LoginGrant, Session, SessionEnv, SessionHandle, SessionInfo, SessionParams};
+use tether::session::{
+    LoginGrant, Session, SessionEnv, SessionHandle, SessionInfo, SessionParams, UplinkAck,
+};
 use tether::wire::{pb, Code, LoginRequest, SendRequest, SharedPush};
 
 const SESSIONS: usize = 10_000;
@@ -70,14 +72,8 @@ fn fleet() -> Fleet {
 }
 
 /// Empties every session's queue; returns how many pushes were taken.
-fn drain_all(handles: &[SessionHandle], scratch: &mut Vec<(u64, SharedPush)>) -> usize {
-    let mut n = 0;
-    for h in handles {
-        h.drain_into(scratch, usize::MAX);
-        n += scratch.len();
-        scratch.clear();
-    }
-    n
+fn drain_all(handles: &[SessionHandle], budget: &tether::session::Budget) -> usize {
+    handles.iter().map(|h| h.drain_all(budget)).sum()
 }
 
 fn bench_fanout(c: &mut Criterion) {
@@ -89,7 +85,7 @@ fn bench_fanout(c: &mut Criterion) {
     // The payload size does not matter here: every queue gets a clone of the
     // same `Bytes` handle (see the codec bench for per-recipient framing).
     let shared = SharedPush::new("m-1", &[0x42; 64], "bench", "all");
-    let mut scratch = Vec::with_capacity(4);
+    let budget = f.router.budget().clone();
     for (name, target) in [
         ("everyone", PushTarget::Everyone),
         ("room", PushTarget::Room(f.room.clone())),
@@ -104,7 +100,7 @@ fn bench_fanout(c: &mut Criterion) {
                     debug_assert_eq!(out.sessions, SESSIONS as u64);
                     black_box(out);
                     // Untimed: empty the queues so the next push starts equal.
-                    let drained = drain_all(&f.handles, &mut scratch);
+                    let drained = drain_all(&f.handles, &budget);
                     debug_assert_eq!(drained, SESSIONS);
                 }
                 timed
@@ -118,7 +114,7 @@ fn bench_fanout(c: &mut Criterion) {
         b.iter(|| {
             let out = f.router.push(&PushTarget::Everyone, black_box(&shared));
             black_box(out);
-            black_box(drain_all(&f.handles, &mut scratch))
+            black_box(drain_all(&f.handles, &budget))
         })
     });
     g.finish();
@@ -126,7 +122,7 @@ fn bench_fanout(c: &mut Criterion) {
     // Sanity, outside the timing: a push really reaches every session once.
     let out = f.router.push(&PushTarget::Everyone, &shared);
     assert_eq!((out.sessions, out.dropped), (SESSIONS as u64, 0));
-    assert_eq!(drain_all(&f.handles, &mut scratch), SESSIONS);
+    assert_eq!(drain_all(&f.handles, &budget), SESSIONS);
 }
 
 /// A do-nothing environment: login always succeeds, uplinks always accepted.
@@ -143,17 +139,24 @@ impl SessionEnv for FakeEnv {
                 device: req.device.clone(),
                 rooms: Box::new([]),
             },
+            resume_token: bytes::Bytes::new(),
+            resume: None,
+            next_uplink_seq: 1,
         })
     }
-    fn uplink(&mut self, _now: Instant, _req: SendRequest) -> Result<u64, Code> {
+    fn uplink(&mut self, _now: Instant, _req: SendRequest) -> Result<UplinkAck, Code> {
         self.next_msg += 1;
-        Ok(self.next_msg)
+        Ok(UplinkAck {
+            server_msg_id: self.next_msg,
+            seq: self.next_msg,
+            duplicate: false,
+        })
     }
     fn join(&mut self, _room: &RoomId) -> Result<(), Code> {
         Ok(())
     }
     fn leave(&mut self, _room: &RoomId) {}
-    fn ack(&mut self, _up_to_seq: u64) {}
+    fn ack(&mut self, _now: Instant, _lane: pb::Lane, _up_to_seq: u64, _ranges: &[(u64, u64)]) {}
     fn wall_ms(&self) -> u64 {
         1_700_000_000_000
     }

@@ -212,14 +212,26 @@ impl Client {
             .await
     }
 
-    /// Acknowledges every push up to `seq`.
+    /// Acknowledges every interactive push up to `seq`.
     ///
     /// # Errors
     /// Write failures.
     pub async fn ack(&mut self, seq: u64) -> io::Result<()> {
+        self.ack_lane(pb::Lane::Interactive, seq).await
+    }
+
+    /// Acknowledges every push of `lane` up to `seq`.
+    ///
+    /// # Errors
+    /// Write failures.
+    pub async fn ack_lane(&mut self, lane: pb::Lane, seq: u64) -> io::Result<()> {
         self.send(pb::ClientFrame {
             request_id: 0,
-            body: Some(Req::Ack(pb::Ack { up_to_seq: seq })),
+            body: Some(Req::Ack(pb::Ack {
+                up_to_seq: seq,
+                lane: lane as i32,
+                ranges: Vec::new(),
+            })),
         })
         .await
     }

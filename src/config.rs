@@ -40,6 +40,66 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
+    pub delivery: DeliveryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Interactive pushes written but not yet acknowledged, per session.
+    pub window: u32,
+    /// Bulk pushes written but not yet acknowledged, per session.
+    pub bulk_window: u32,
+    /// Bulk pushes queued per session (bulk always drops when full).
+    pub bulk_queue_capacity: u32,
+    /// First retransmission of an unacknowledged push; doubles per try.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Writes of one push before it is given up (and reported).
+    pub max_tries: u8,
+    /// How long a dropped session keeps its state for a resume.
+    #[serde(with = "humantime_serde")]
+    pub resume_window: Duration,
+    /// Bytes held in queues and windows by all sessions of the node.
+    pub replay_budget: u64,
+    /// How long an uplink's client_msg_id is remembered for dedup.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// Uplinks remembered per session.
+    pub dedup_max: u32,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            window: 256,
+            bulk_window: 64,
+            bulk_queue_capacity: 1024,
+            ack_timeout: Duration::from_secs(10),
+            max_tries: 3,
+            resume_window: Duration::from_secs(120),
+            replay_budget: 1 << 30,
+            dedup_window: Duration::from_secs(300),
+            dedup_max: 128,
+        }
+    }
+}
+
+impl Config {
+    /// The sans-IO delivery settings.
+    pub fn delivery_config(&self) -> crate::session::DeliveryConfig {
+        let d = &self.delivery;
+        crate::session::DeliveryConfig {
+            queue: [
+                self.session.queue_capacity as usize,
+                d.bulk_queue_capacity as usize,
+            ],
+            window: [d.window as usize, d.bulk_window as usize],
+            policy: [self.session.slow_consumer, SlowConsumerPolicy::Drop],
+            ack_timeout: d.ack_timeout,
+            max_tries: d.max_tries,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,6 +332,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             metrics: MetricsConfig::default(),
             shutdown: ShutdownConfig::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }
@@ -469,6 +530,28 @@ drain_timeout = "10s"
 reconnect_after = "2s"
 # and reconnect here (empty: the same address).
 reconnect_to = ""
+
+[delivery]
+# Pushes written but not yet acknowledged per session: interactive and bulk
+# lanes. A full window pauses that lane (flow control); acks open it again.
+window = 256
+bulk_window = 64
+# Bulk pushes queued per session; a full bulk queue drops (the client sees the
+# seq gap). The interactive lane uses session.queue_capacity and slow_consumer.
+bulk_queue_capacity = 1024
+# An unacknowledged push is written again after ack_timeout, then 2x, 4x, ...
+# up to max_tries writes in all; then it is given up and reported.
+ack_timeout = "10s"
+max_tries = 3
+# A session whose connection dropped keeps its queues this long for a resume.
+resume_window = "2m"
+# Bytes held in queues and windows by all sessions of this node; past it new
+# pushes are dropped (counted, and the seq gap tells the client).
+replay_budget = 1073741824
+# Uplinks are deduplicated by client_msg_id for this long, up to dedup_max
+# remembered per session.
+dedup_window = "5m"
+dedup_max = 128
 "#;
 
 impl Config {
@@ -594,6 +677,31 @@ impl Config {
         }
         if self.shutdown.drain_timeout.is_zero() {
             return bad("shutdown.drain_timeout", "must be greater than zero");
+        }
+        let d = &self.delivery;
+        if !(1..=65_536).contains(&d.window) {
+            return bad("delivery.window", "must be 1..=65536");
+        }
+        if !(1..=65_536).contains(&d.bulk_window) {
+            return bad("delivery.bulk_window", "must be 1..=65536");
+        }
+        if !(1..=1_048_576).contains(&d.bulk_queue_capacity) {
+            return bad("delivery.bulk_queue_capacity", "must be 1..=1048576");
+        }
+        if d.ack_timeout < Duration::from_millis(10) {
+            return bad("delivery.ack_timeout", "must be at least 10ms");
+        }
+        if !(1..=16).contains(&d.max_tries) {
+            return bad("delivery.max_tries", "must be 1..=16");
+        }
+        if d.resume_window > Duration::from_secs(86_400) {
+            return bad("delivery.resume_window", "must be at most 24h");
+        }
+        if d.replay_budget < 1 << 20 {
+            return bad("delivery.replay_budget", "must be at least 1048576 bytes");
+        }
+        if d.dedup_max > 65_536 {
+            return bad("delivery.dedup_max", "must be at most 65536");
         }
         Ok(())
     }

@@ -26,7 +26,11 @@ use crate::ids::{NodeId, RoomId, SessionId, TransportKind};
 use crate::metrics as m;
 use crate::registry::Registry;
 use crate::router::Router;
-use crate::session::{CloseCmd, LoginGrant, SessionEnv, SessionHandle, SessionInfo, SessionParams};
+use crate::session::delivery::Item;
+use crate::session::{
+    keeps_state, Budget, CloseCmd, DeliveryConfig, LoginGrant, SessionEnv, SessionHandle,
+    SessionInfo, SessionParams, Uplink, UplinkAck,
+};
 use crate::timer::TimerWheel;
 use crate::transport::{ConnGuard, Connection};
 use crate::wire::{frame_bytes, pb, Code, LoginRequest, SendRequest};
@@ -137,6 +141,12 @@ pub struct Gateway {
     limits: Limits,
     /// Connections that have not logged in yet, so that a drain reaches them.
     pending: DashMap<SessionId, SessionHandle>,
+    /// Sessions without a connection, waiting for a resume until their deadline.
+    detached: DashMap<SessionId, (SessionHandle, Instant)>,
+    delivery: DeliveryConfig,
+    budget: Arc<Budget>,
+    /// Signs resume tokens; random per process (a resume needs this node's state).
+    resume_key: ring::hmac::Key,
     draining: AtomicBool,
     next_session: AtomicU64,
     next_msg: AtomicU64,
@@ -153,13 +163,18 @@ impl Gateway {
         let verifier = Verifier::new(&cfg.auth)?;
         let node = NodeId::new(&cfg.node_id);
         let registry = Arc::new(Registry::new());
-        let router = Arc::new(Router::new(
+        let delivery = cfg.delivery_config();
+        let budget = Budget::new(usize::try_from(cfg.delivery.replay_budget).unwrap_or(usize::MAX));
+        let router = Arc::new(Router::with_delivery(
             node.clone(),
             registry.clone(),
-            cfg.session.queue_capacity as usize,
-            cfg.session.slow_consumer,
+            delivery.clone(),
+            budget.clone(),
             cfg.session.max_rooms as usize,
         ));
+        let rng = ring::rand::SystemRandom::new();
+        let resume_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+            .map_err(|_| anyhow::anyhow!("cannot generate the resume-token key"))?;
         let local_bus = Arc::new(LocalBus::new(node.clone(), router.clone()));
         let now = tokio::time::Instant::now().into_std();
         // Session ids start at a random point so ids of a restarted node differ.
@@ -177,6 +192,10 @@ impl Gateway {
             local_bus,
             verifier,
             pending: DashMap::new(),
+            detached: DashMap::new(),
+            delivery,
+            budget,
+            resume_key,
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(seed.max(1)),
             next_msg: AtomicU64::new(1),
@@ -209,6 +228,161 @@ impl Gateway {
     }
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+    pub fn delivery(&self) -> &DeliveryConfig {
+        &self.delivery
+    }
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Sessions waiting for a resume.
+    pub fn detached_count(&self) -> usize {
+        self.detached.len()
+    }
+
+    /// The resume token of a session: HMAC over its id, user and device.
+    pub fn resume_token(&self, h: &SessionHandle) -> bytes::Bytes {
+        let Some(i) = h.info() else {
+            return bytes::Bytes::new();
+        };
+        let mut ctx = ring::hmac::Context::with_key(&self.resume_key);
+        ctx.update(&h.id().0.to_be_bytes());
+        ctx.update(i.user.as_str().as_bytes());
+        ctx.update(&[0]);
+        ctx.update(i.device.as_str().as_bytes());
+        bytes::Bytes::copy_from_slice(ctx.sign().as_ref())
+    }
+
+    fn check_resume_token(&self, h: &SessionHandle, token: &[u8]) -> bool {
+        let Some(i) = h.info() else { return false };
+        let mut msg = Vec::with_capacity(8 + i.user.as_str().len() + 1 + i.device.as_str().len());
+        msg.extend_from_slice(&h.id().0.to_be_bytes());
+        msg.extend_from_slice(i.user.as_str().as_bytes());
+        msg.push(0);
+        msg.extend_from_slice(i.device.as_str().as_bytes());
+        ring::hmac::verify(&self.resume_key, &msg, token).is_ok()
+    }
+
+    /// Emits delivery reports for the pushes in `items` that asked for them.
+    pub fn report(&self, h: &SessionHandle, items: &[Item], code: Code) {
+        let mut info = None;
+        for it in items {
+            let Some(id) = &it.push.report else { continue };
+            let session = info.get_or_insert_with(|| self.session_info(h)).clone();
+            self.bus.emit(pb::Event {
+                kind: Some(pb::event::Kind::Delivery(pb::DeliveryReport {
+                    message_id: id.to_string(),
+                    session,
+                    lane: it.push.lane as i32,
+                    seq: it.seq,
+                    code: code as i32,
+                })),
+            });
+        }
+    }
+
+    /// The connection of generation `gen` of a registered session ended with
+    /// `code`: detach the session for a resume, or end it.
+    pub fn connection_ended(&self, h: &SessionHandle, gen: u32, code: Code) {
+        let window = self.cfg.delivery.resume_window;
+        if keeps_state(code) && !window.is_zero() && !self.is_draining() && h.detach(gen) {
+            self.detached
+                .insert(h.id(), (h.clone(), self.now() + window));
+            self.emit_closed(h, code);
+            return;
+        }
+        self.end_session(h, Some(gen), code);
+    }
+
+    /// Ends a session for good: unregister, report what was never acknowledged,
+    /// and tell the upstream.
+    fn end_session(&self, h: &SessionHandle, gen: Option<u32>, code: Code) {
+        let mut left = Vec::new();
+        if !h.close_outbox(gen, &self.budget, &mut left) {
+            return;
+        }
+        self.detached.remove(&h.id());
+        self.registry.unregister(h);
+        self.report(h, &left, Code::DeliveryExpired);
+        metrics::gauge!(m::SESSIONS).decrement(1.0);
+        metrics::gauge!(m::ROOMS).set(self.registry.room_count() as f64);
+        self.emit_closed(h, code);
+    }
+
+    /// Ends detached sessions whose resume window passed; returns how many.
+    pub fn sweep_detached(&self, now: Instant) -> usize {
+        let expired: Vec<SessionHandle> = self
+            .detached
+            .iter()
+            .filter(|e| now >= e.value().1)
+            .map(|e| e.value().0.clone())
+            .collect();
+        for h in &expired {
+            if h.is_detached() {
+                self.end_session(h, None, Code::ResumeExpired);
+            } else {
+                self.detached.remove(&h.id());
+            }
+        }
+        metrics::gauge!(m::REPLAY_BYTES).set(self.budget.used() as f64);
+        metrics::gauge!(m::DETACHED).set(self.detached.len() as f64);
+        expired.len()
+    }
+
+    fn emit_closed(&self, h: &SessionHandle, code: Code) {
+        let reason = match code {
+            Code::NormalClose => "closed".to_owned(),
+            c => c.as_str_name().to_owned(),
+        };
+        self.bus.emit(pb::Event {
+            kind: Some(pb::event::Kind::Closed(pb::SessionClosed {
+                session: self.session_info(h),
+                code: code as i32,
+                reason,
+            })),
+        });
+    }
+
+    /// Takes over the detached (or still attached) session a resume names.
+    fn resume(
+        &self,
+        user: &crate::ids::UserId,
+        device: &crate::ids::DeviceId,
+        r: &crate::wire::ResumeRequest,
+    ) -> Result<(SessionHandle, u32, pb::ResumeResult), Code> {
+        let h = self
+            .registry
+            .session(SessionId(r.session_id))
+            .ok_or(Code::ResumeExpired)?;
+        let same = h
+            .info()
+            .is_some_and(|i| &i.user == user && &i.device == device);
+        if !same || !self.check_resume_token(&h, &r.token) {
+            return Err(Code::ResumeRejected);
+        }
+        let mut delivered = Vec::new();
+        let (gen, lanes, old_waker) = h
+            .attach(r.last, &self.budget, &mut delivered)
+            .ok_or(Code::ResumeExpired)?;
+        self.detached.remove(&h.id());
+        // Pushes the client says it has: delivered.
+        self.report(&h, &delivered, Code::Ok);
+        if let Some(w) = old_waker {
+            // The previous connection, if alive, must notice it lost the session.
+            w.wake();
+        }
+        let gap = lanes.iter().any(|l| l.gap);
+        Ok((
+            h,
+            gen,
+            pb::ResumeResult {
+                code: if gap { Code::ResumeGap } else { Code::Ok } as i32,
+                first_seq: lanes[0].first_held,
+                first_bulk_seq: lanes[1].first_held,
+                replayed: lanes[0].replay + lanes[1].replay,
+            },
+        ))
     }
 
     /// The session core's clock: tokio's, so paused-time tests control it.
@@ -250,6 +424,11 @@ impl Gateway {
         self.draining.store(true, Ordering::Release);
         let cmd = self.drain_close();
         let mut n = self.router.close_all(&cmd);
+        let detached: Vec<SessionHandle> =
+            self.detached.iter().map(|e| e.value().0.clone()).collect();
+        for h in detached {
+            self.end_session(&h, None, Code::ServerDraining);
+        }
         for e in self.pending.iter() {
             e.value().request_close(cmd.clone());
             n += 1;
@@ -276,10 +455,20 @@ impl Gateway {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(gw.wheel.tick());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let per_sweep =
+                (Duration::from_secs(1).as_nanos() / gw.wheel.tick().as_nanos()).max(1) as u64;
+            let mut n: u64 = 0;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tick.tick() => { gw.wheel.advance(gw.now()); }
+                    _ = tick.tick() => {
+                        let now = gw.now();
+                        gw.wheel.advance(now);
+                        n += 1;
+                        if n % per_sweep == 0 {
+                            gw.sweep_detached(now);
+                        }
+                    }
                 }
             }
         })
@@ -314,30 +503,15 @@ impl Gateway {
             transport: i.transport.as_str().into(),
         })
     }
-
-    /// A registered session ended: unregister and tell the upstream.
-    pub fn session_closed(&self, h: &SessionHandle, code: Code) {
-        self.registry.unregister(h);
-        metrics::gauge!(m::SESSIONS).decrement(1.0);
-        metrics::gauge!(m::ROOMS).set(self.registry.room_count() as f64);
-        let reason = match code {
-            Code::NormalClose => "closed".to_owned(),
-            c => c.as_str_name().to_owned(),
-        };
-        self.bus.emit(pb::Event {
-            kind: Some(pb::event::Kind::Closed(pb::SessionClosed {
-                session: self.session_info(h),
-                code: code as i32,
-                reason,
-            })),
-        });
-    }
 }
 
 /// The [`SessionEnv`] of a real connection.
 pub struct GatewayEnv<'a, IO> {
     pub gw: &'a Arc<Gateway>,
-    pub handle: &'a SessionHandle,
+    /// The connection's session handle; a resume replaces it.
+    pub handle: &'a mut SessionHandle,
+    /// The connection's generation on that handle.
+    pub gen: &'a mut u32,
     pub kind: TransportKind,
     pub io: &'a IO,
     pub registered: &'a mut bool,
@@ -360,6 +534,28 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                 .verifier
                 .verify(&req.token, &req.device)
                 .map_err(|e: AuthError| (e.code(), e.to_string()))?;
+            // A resume takes the old session over; if it cannot, this login
+            // starts a new session and says why in LoginOk.resume.
+            let mut resume = None;
+            if let Some(r) = &req.resume {
+                match gw.resume(&identity.user, &identity.device, r) {
+                    Ok((h, gen, res)) => {
+                        gw.connection_settled(self.handle);
+                        *self.handle = h;
+                        *self.gen = gen;
+                        *self.registered = true;
+                        metrics::counter!(m::RESUMES, "result" => Code::try_from(res.code).unwrap_or(Code::Ok).as_str_name()).increment(1);
+                        return Ok((identity, Some(res), true));
+                    }
+                    Err(code) => {
+                        metrics::counter!(m::RESUMES, "result" => code.as_str_name()).increment(1);
+                        resume = Some(pb::ResumeResult {
+                            code: code as i32,
+                            ..pb::ResumeResult::default()
+                        });
+                    }
+                }
+            }
             self.handle.set_info(SessionInfo {
                 user: identity.user.clone(),
                 device: identity.device.clone(),
@@ -377,16 +573,22 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                     Code::Replaced,
                     "this device logged in on another connection",
                 ));
+                // A detached session replaced by a new login ends now.
+                if old.is_detached() {
+                    gw.end_session(&old, None, Code::Replaced);
+                }
             }
-            Ok(identity)
+            Ok((identity, resume, false))
         })();
         let label = match &result {
             Ok(_) => "ok",
             Err((c, _)) => c.as_str_name(),
         };
         metrics::counter!(m::LOGINS, "result" => label).increment(1);
-        let identity = result?;
-        metrics::gauge!(m::SESSIONS).increment(1.0);
+        let (identity, resume, resumed) = result?;
+        if !resumed {
+            metrics::gauge!(m::SESSIONS).increment(1.0);
+        }
         gw.bus.emit(pb::Event {
             kind: Some(pb::event::Kind::Opened(pb::SessionOpened {
                 session: gw.session_info(self.handle),
@@ -400,11 +602,33 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
         Ok(LoginGrant {
             session_id: self.handle.id(),
             identity,
+            resume_token: gw.resume_token(self.handle),
+            resume,
+            next_uplink_seq: self.handle.next_uplink_seq(),
         })
     }
 
-    fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<u64, Code> {
+    fn uplink(&mut self, now: Instant, req: SendRequest) -> Result<UplinkAck, Code> {
+        let d = &self.gw.cfg.delivery;
         let id = self.gw.next_msg_id();
+        let seq = match self.handle.uplink(
+            &req.client_msg_id,
+            id,
+            now,
+            d.dedup_window,
+            d.dedup_max as usize,
+        ) {
+            Uplink::Duplicate { server_msg_id, seq } => {
+                metrics::counter!(m::UPLINKS, "result" => "duplicate").increment(1);
+                return Ok(UplinkAck {
+                    server_msg_id,
+                    seq,
+                    duplicate: true,
+                });
+            }
+            Uplink::New { seq } => seq,
+        };
+        let client_msg_id = req.client_msg_id.clone();
         let ok = self.gw.bus.emit(pb::Event {
             kind: Some(pb::event::Kind::Uplink(pb::Uplink {
                 session: self.gw.session_info(self.handle),
@@ -413,13 +637,20 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                 route: req.route,
                 payload: req.payload,
                 received_ms: crate::unix_ms(),
+                seq,
             })),
         });
         metrics::counter!(m::UPLINKS, "result" => if ok { "ok" } else { "unavailable" })
             .increment(1);
         if ok {
-            Ok(id)
+            Ok(UplinkAck {
+                server_msg_id: id,
+                seq,
+                duplicate: false,
+            })
         } else {
+            // Not forwarded: a retry must run again, not be answered as a duplicate.
+            self.handle.forget_uplink(&client_msg_id);
             Err(Code::UpstreamUnavailable)
         }
     }
@@ -438,9 +669,14 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
         metrics::gauge!(m::ROOMS).set(self.gw.registry.room_count() as f64);
     }
 
-    fn ack(&mut self, _up_to_seq: u64) {
-        // v1 delivers at most once per connection; acknowledgements are accepted
-        // and ignored until reliable delivery keeps an unacked window.
+    fn ack(&mut self, _now: Instant, lane: pb::Lane, up_to_seq: u64, ranges: &[(u64, u64)]) {
+        let mut acked = Vec::new();
+        self.handle
+            .ack(lane, up_to_seq, ranges, &self.gw.budget, &mut acked);
+        if !acked.is_empty() {
+            metrics::counter!(m::ACKED).increment(acked.len() as u64);
+            self.gw.report(self.handle, &acked, Code::Ok);
+        }
     }
 
     fn wall_ms(&self) -> u64 {

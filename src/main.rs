@@ -88,6 +88,12 @@ enum Cmd {
         data: String,
         #[arg(long, default_value = "cli")]
         source: String,
+        /// Send in the bulk lane (campaigns, feeds) instead of the interactive one.
+        #[arg(long)]
+        bulk: bool,
+        /// Ask for delivery reports (delivered, failed, expired) as events.
+        #[arg(long)]
+        report: bool,
     },
     /// Kick a user (every device) or one device.
     Kick {
@@ -312,6 +318,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             all,
             data,
             source,
+            bulk,
+            report,
         } => {
             use pb::push_request::Target;
             let target = match (user, device, users, room, all) {
@@ -333,6 +341,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     source,
                     message_id: String::new(),
                     report_undelivered: true,
+                    lane: if bulk {
+                        pb::Lane::Bulk
+                    } else {
+                        pb::Lane::Interactive
+                    } as i32,
+                    report_delivery: report,
                 })
                 .await?;
             println!(

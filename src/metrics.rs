@@ -29,6 +29,10 @@ pub const UPSTREAM_CONNECTIONS: &str = "tether_upstream_connections";
 pub const UPSTREAM_EVENTS_DROPPED: &str = "tether_upstream_events_dropped_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
 pub const ROOMS: &str = "tether_rooms";
+pub const RESUMES: &str = "tether_resumes_total";
+pub const ACKED: &str = "tether_pushes_acked_total";
+pub const REPLAY_BYTES: &str = "tether_replay_bytes";
+pub const DETACHED: &str = "tether_detached_sessions";
 
 /// Describes every metric (Prometheus HELP lines).
 pub fn describe() {
@@ -74,6 +78,13 @@ pub fn describe() {
         "Undelivered reports (push found no live session)."
     );
     describe_gauge!(ROOMS, "Rooms with at least one member.");
+    describe_counter!(RESUMES, "Resume attempts, by result (CODE_OK, CODE_RESUME_GAP, CODE_RESUME_EXPIRED, CODE_RESUME_REJECTED).");
+    describe_counter!(ACKED, "Pushes acknowledged by clients.");
+    describe_gauge!(REPLAY_BYTES, Unit::Bytes, "Bytes held in session queues and unacknowledged windows (delivery.replay_budget bounds it).");
+    describe_gauge!(
+        DETACHED,
+        "Sessions without a connection, waiting for a resume."
+    );
 }
 
 /// Installs the Prometheus recorder and its HTTP scrape endpoint.

@@ -11,6 +11,7 @@ use crate::config::SlowConsumerPolicy;
 use crate::ids::{NodeId, UserId};
 use crate::metrics as m;
 use crate::registry::Registry;
+use crate::session::{Budget, DeliveryConfig};
 use crate::session::{CloseCmd, Enqueued, SessionHandle};
 use crate::wire::{pb, SharedPush};
 
@@ -18,8 +19,8 @@ use crate::wire::{pb, SharedPush};
 pub struct Router {
     node: NodeId,
     registry: Arc<Registry>,
-    capacity: usize,
-    policy: SlowConsumerPolicy,
+    delivery: DeliveryConfig,
+    budget: Arc<Budget>,
     max_rooms: usize,
 }
 
@@ -30,14 +31,8 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(
-        &mut self,
-        h: &SessionHandle,
-        push: &SharedPush,
-        cap: usize,
-        policy: SlowConsumerPolicy,
-    ) {
-        match h.enqueue(push, cap, policy) {
+    fn add(&mut self, h: &SessionHandle, push: &SharedPush, cfg: &DeliveryConfig, budget: &Budget) {
+        match h.enqueue(push, cfg, budget) {
             Enqueued::Queued => self.sessions += 1,
             Enqueued::Dropped => {
                 self.dropped += 1;
@@ -54,6 +49,8 @@ impl Tally {
 }
 
 impl Router {
+    /// A router with default delivery settings except the interactive queue
+    /// capacity and policy (benches and tests use it).
     pub fn new(
         node: NodeId,
         registry: Arc<Registry>,
@@ -61,13 +58,37 @@ impl Router {
         policy: SlowConsumerPolicy,
         max_rooms: usize,
     ) -> Self {
+        let mut delivery = DeliveryConfig::default();
+        delivery.queue[0] = capacity;
+        delivery.policy[0] = policy;
+        Self::with_delivery(
+            node,
+            registry,
+            delivery,
+            Budget::new(usize::MAX / 2),
+            max_rooms,
+        )
+    }
+
+    pub fn with_delivery(
+        node: NodeId,
+        registry: Arc<Registry>,
+        delivery: DeliveryConfig,
+        budget: Arc<Budget>,
+        max_rooms: usize,
+    ) -> Self {
         Self {
             node,
             registry,
-            capacity,
-            policy,
+            delivery,
+            budget,
             max_rooms,
         }
+    }
+
+    /// The node's replay budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -134,7 +155,7 @@ impl Router {
 
     /// Queues one push for every local session it targets.
     pub fn push(&self, target: &PushTarget, push: &SharedPush) -> PushOutcome {
-        let (cap, policy) = (self.capacity, self.policy);
+        let (cap, policy) = (&self.delivery, &*self.budget);
         let mut t = Tally::default();
         let mut missing: Vec<UserId> = Vec::new();
         let kind = match target {

@@ -129,7 +129,7 @@ mod tests {
         let w = TimerWheel::new(Duration::from_millis(100), t0);
         let h = SessionHandle::new(SessionId(1));
         let c = Arc::new(Count(AtomicUsize::new(0)));
-        h.register_waker(&Waker::from(c.clone()));
+        h.register_waker(0, &Waker::from(c.clone()));
         assert_eq!(
             w.schedule(t0 + Duration::from_millis(250), &h),
             Scheduled::At(3)

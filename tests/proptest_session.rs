@@ -30,7 +30,7 @@ use prost::Message;
 use tether::auth::Identity;
 use tether::config::ClientJoin;
 use tether::ids::{RoomId, SessionId, UserId};
-use tether::session::{LoginGrant, Session, SessionEnv, SessionParams, CLOSE_LINGER};
+use tether::session::{LoginGrant, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER};
 use tether::wire::{
     pb, pb::client_frame::Body, ClientMsg, ClientRequest, Code, FrameError, LoginRequest,
     SendRequest,
@@ -73,6 +73,9 @@ impl SessionEnv for FakeEnv {
                     device: req.device.clone(),
                     rooms: vec!["lobby".into(), "team-*".into()].into_boxed_slice(),
                 },
+                resume_token: bytes::Bytes::from_static(b"rt"),
+                resume: None,
+                next_uplink_seq: 1,
             })
         } else if req.token == "limit" {
             Err((Code::TooManyConnections, "too many".into()))
@@ -80,12 +83,16 @@ impl SessionEnv for FakeEnv {
             Err((Code::TokenInvalid, "bad token".into()))
         }
     }
-    fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<u64, Code> {
+    fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<UplinkAck, Code> {
         self.calls.uplink += 1;
         if req.route == "down" {
             Err(Code::UpstreamUnavailable)
         } else {
-            Ok(1000 + self.calls.uplink)
+            Ok(UplinkAck {
+                server_msg_id: 1000 + self.calls.uplink,
+                seq: self.calls.uplink,
+                duplicate: false,
+            })
         }
     }
     fn join(&mut self, room: &RoomId) -> Result<(), Code> {
@@ -99,7 +106,7 @@ impl SessionEnv for FakeEnv {
     fn leave(&mut self, _room: &RoomId) {
         self.calls.leave += 1;
     }
-    fn ack(&mut self, _up_to_seq: u64) {
+    fn ack(&mut self, _now: Instant, _lane: pb::Lane, _up_to_seq: u64, _ranges: &[(u64, u64)]) {
         self.calls.ack += 1;
     }
     fn wall_ms(&self) -> u64 {
@@ -489,7 +496,11 @@ fn client_frame() -> impl Strategy<Value = pb::ClientFrame> {
                 route: r,
                 payload: p.into(),
             })),
-        1 => any::<u64>().prop_map(|s| Body::Ack(pb::Ack { up_to_seq: s })),
+        1 => (any::<u64>(), 0..3i32).prop_map(|(s, lane)| Body::Ack(pb::Ack {
+            up_to_seq: s,
+            lane,
+            ranges: vec![pb::SeqRange { first: s / 2, last: s }],
+        })),
         2 => name().prop_map(|room| Body::Join(pb::Join { room })),
         1 => name().prop_map(|room| Body::Leave(pb::Leave { room })),
         1 => (any::<i32>(), ".{0,8}").prop_map(|(code, reason)| Body::Close(pb::Close {

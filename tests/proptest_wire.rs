@@ -71,7 +71,11 @@ fn valid_frame() -> impl Strategy<Value = pb::ClientFrame> {
                 route: r,
                 payload: p,
             })),
-        any::<u64>().prop_map(|s| Body::Ack(pb::Ack { up_to_seq: s })),
+        any::<u64>().prop_map(|s| Body::Ack(pb::Ack {
+            up_to_seq: s,
+            lane: 0,
+            ranges: vec![],
+        })),
         clean(128).prop_map(|r| Body::Join(pb::Join { room: r })),
         clean(128).prop_map(|r| Body::Leave(pb::Leave { room: r })),
         (any::<i32>(), any_string()).prop_map(|(c, r)| Body::Close(pb::Close {
@@ -107,6 +111,7 @@ fn any_frame() -> impl Strategy<Value = pb::ClientFrame> {
                     session_id: s,
                     resume_token: t,
                     last_seq: l,
+                    last_bulk_seq: l / 2,
                 }),
             })),
         any::<u64>().prop_map(|t| Body::Ping(pb::Ping { client_time_ms: t })),
@@ -115,7 +120,11 @@ fn any_frame() -> impl Strategy<Value = pb::ClientFrame> {
             route: r,
             payload: p,
         })),
-        any::<u64>().prop_map(|s| Body::Ack(pb::Ack { up_to_seq: s })),
+        any::<u64>().prop_map(|s| Body::Ack(pb::Ack {
+            up_to_seq: s,
+            lane: 0,
+            ranges: vec![],
+        })),
         any_string().prop_map(|r| Body::Join(pb::Join { room: r })),
         any_string().prop_map(|r| Body::Leave(pb::Leave { room: r })),
         (any::<i32>(), any_string(), any_string(), any::<u32>()).prop_map(|(c, r, t, a)| {
@@ -231,7 +240,7 @@ fn assert_matches(f: &pb::ClientFrame, m: &ClientMsg) {
             assert_eq!(r.route, s.route);
             assert_eq!(r.payload, s.payload);
         }
-        (Body::Ack(a), ClientRequest::Ack { up_to_seq }) => assert_eq!(*up_to_seq, a.up_to_seq),
+        (Body::Ack(a), ClientRequest::Ack { up_to_seq, .. }) => assert_eq!(*up_to_seq, a.up_to_seq),
         (Body::Join(j), ClientRequest::Join(r)) => assert_eq!(r.as_str(), j.room),
         (Body::Leave(l), ClientRequest::Leave(r)) => assert_eq!(r.as_str(), l.room),
         (Body::Close(c), ClientRequest::Close { code, reason }) => {

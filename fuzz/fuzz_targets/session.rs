@@ -15,7 +15,7 @@ use prost::Message;
 use tether::auth::Identity;
 use tether::config::ClientJoin;
 use tether::ids::{RoomId, SessionId, UserId};
-use tether::session::{LoginGrant, Session, SessionEnv, SessionParams};
+use tether::session::{LoginGrant, Session, SessionEnv, SessionParams, UplinkAck};
 use tether::wire::{pb, Code, FrameError, LoginRequest, SendRequest};
 
 struct Env;
@@ -30,16 +30,23 @@ impl SessionEnv for Env {
                     device: req.device.clone(),
                     rooms: vec!["lobby".into(), "team-*".into()].into_boxed_slice(),
                 },
+                resume_token: bytes::Bytes::from_static(b"rt"),
+                resume: None,
+                next_uplink_seq: 1,
             })
         } else {
             Err((Code::TokenInvalid, "refused".into()))
         }
     }
-    fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<u64, Code> {
+    fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<UplinkAck, Code> {
         if req.route == "down" {
             Err(Code::UpstreamUnavailable)
         } else {
-            Ok(7)
+            Ok(UplinkAck {
+                server_msg_id: 7,
+                seq: 1,
+                duplicate: req.route == "dup",
+            })
         }
     }
     fn join(&mut self, room: &RoomId) -> Result<(), Code> {
@@ -50,7 +57,7 @@ impl SessionEnv for Env {
         }
     }
     fn leave(&mut self, _room: &RoomId) {}
-    fn ack(&mut self, _up_to_seq: u64) {}
+    fn ack(&mut self, _now: Instant, _lane: pb::Lane, _up_to_seq: u64, _ranges: &[(u64, u64)]) {}
     fn wall_ms(&self) -> u64 {
         1_700_000_000_000
     }

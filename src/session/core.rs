@@ -60,6 +60,21 @@ impl SessionParams {
 pub struct LoginGrant {
     pub session_id: SessionId,
     pub identity: Identity,
+    /// The token a client presents to resume this session.
+    pub resume_token: Bytes,
+    /// The outcome of the resume the login asked for, if it asked.
+    pub resume: Option<pb::ResumeResult>,
+    pub next_uplink_seq: u64,
+}
+
+/// What an accepted uplink is acknowledged with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UplinkAck {
+    pub server_msg_id: u64,
+    /// The authoritative per-session uplink sequence.
+    pub seq: u64,
+    /// A retry of a message already accepted: nothing was forwarded again.
+    pub duplicate: bool,
 }
 
 /// The side effects a session needs from the gateway. Implementations do no
@@ -70,11 +85,11 @@ pub trait SessionEnv {
     /// # Errors
     /// The code and message to answer the login with; the session then closes.
     fn login(&mut self, now: Instant, req: &LoginRequest) -> Result<LoginGrant, (Code, String)>;
-    /// Hands an uplink to the upstream; returns the server message id.
+    /// Hands an uplink to the upstream (or recognises a retry of one).
     ///
     /// # Errors
     /// The code for the SendAck (e.g. `CODE_UPSTREAM_UNAVAILABLE`).
-    fn uplink(&mut self, now: Instant, req: SendRequest) -> Result<u64, Code>;
+    fn uplink(&mut self, now: Instant, req: SendRequest) -> Result<UplinkAck, Code>;
     /// Adds this session to a room (authorization already checked).
     ///
     /// # Errors
@@ -82,8 +97,9 @@ pub trait SessionEnv {
     fn join(&mut self, room: &RoomId) -> Result<(), Code>;
     /// Removes this session from a room.
     fn leave(&mut self, room: &RoomId);
-    /// Cumulative acknowledgement of pushes up to `seq`.
-    fn ack(&mut self, up_to_seq: u64);
+    /// Acknowledgement of the pushes of `lane` up to `up_to_seq`, and of the
+    /// inclusive `ranges` above it.
+    fn ack(&mut self, now: Instant, lane: pb::Lane, up_to_seq: u64, ranges: &[(u64, u64)]);
     /// Wall clock in milliseconds since the Unix epoch (for LoginOk and Pong).
     fn wall_ms(&self) -> u64;
 }
@@ -346,20 +362,30 @@ impl Session {
             ),
             (State::Active { .. }, ClientRequest::Send(req)) => {
                 let client_msg_id = req.client_msg_id.clone();
-                let (server_msg_id, code) = match env.uplink(now, req) {
-                    Ok(id) => (id, Code::Ok),
-                    Err(code) => (0, code),
-                };
-                self.reply(
-                    rid,
-                    Body::SendAck(pb::SendAck {
+                let ack = match env.uplink(now, req) {
+                    Ok(a) => pb::SendAck {
                         client_msg_id,
-                        server_msg_id,
+                        server_msg_id: a.server_msg_id,
+                        code: Code::Ok as i32,
+                        seq: a.seq,
+                        duplicate: a.duplicate,
+                    },
+                    Err(code) => pb::SendAck {
+                        client_msg_id,
                         code: code as i32,
-                    }),
-                );
+                        ..pb::SendAck::default()
+                    },
+                };
+                self.reply(rid, Body::SendAck(ack));
             }
-            (State::Active { .. }, ClientRequest::Ack { up_to_seq }) => env.ack(up_to_seq),
+            (
+                State::Active { .. },
+                ClientRequest::Ack {
+                    lane,
+                    up_to_seq,
+                    ranges,
+                },
+            ) => env.ack(now, lane, up_to_seq, &ranges),
             (State::Active { rooms, .. }, ClientRequest::Join(room)) => {
                 let allowed = match self.params.client_join {
                     ClientJoin::Off => Err(Code::Unsupported),
@@ -426,6 +452,9 @@ impl Session {
                     protocol_version: req.protocol_version,
                     max_frame_len: p.max_frame as u32,
                     user_id: grant.identity.user.to_string(),
+                    resume_token: grant.resume_token,
+                    resume: grant.resume,
+                    next_uplink_seq: grant.next_uplink_seq,
                 };
                 self.state = State::Active {
                     rooms: grant.identity.rooms,
@@ -499,21 +528,29 @@ mod tests {
                     device: req.device.clone(),
                     rooms: vec!["lobby".into()].into_boxed_slice(),
                 },
+                resume_token: Bytes::from_static(b"rt"),
+                resume: None,
+                next_uplink_seq: 1,
             })
         }
-        fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<u64, Code> {
+        fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<UplinkAck, Code> {
             if self.upstream_down {
                 return Err(Code::UpstreamUnavailable);
             }
             self.uplinks.push(req);
-            Ok(self.uplinks.len() as u64)
+            let n = self.uplinks.len() as u64;
+            Ok(UplinkAck {
+                server_msg_id: n,
+                seq: n,
+                duplicate: false,
+            })
         }
         fn join(&mut self, room: &RoomId) -> Result<(), Code> {
             self.joined.push(room.clone());
             Ok(())
         }
         fn leave(&mut self, _room: &RoomId) {}
-        fn ack(&mut self, up_to_seq: u64) {
+        fn ack(&mut self, _now: Instant, _lane: pb::Lane, up_to_seq: u64, _ranges: &[(u64, u64)]) {
             self.acks.push(up_to_seq);
         }
         fn wall_ms(&self) -> u64 {
@@ -887,7 +924,17 @@ mod tests {
         let t0 = Instant::now();
         let mut env = Fake::default();
         let mut s = active(t0, &mut env);
-        s.handle_frame(t0, &frame(0, Req::Ack(pb::Ack { up_to_seq: 42 })), &mut env);
+        s.handle_frame(
+            t0,
+            &frame(
+                0,
+                Req::Ack(pb::Ack {
+                    up_to_seq: 42,
+                    ..pb::Ack::default()
+                }),
+            ),
+            &mut env,
+        );
         assert!(out(&mut s).is_empty(), "acks get no reply");
         assert_eq!(env.acks, vec![42]);
         s.handle_frame(t0, &frame(0, Req::Close(pb::Close::default())), &mut env);

@@ -1,5 +1,12 @@
-//! The part of a session that other tasks touch: its outbound queue, its close
-//! request, its rooms, and the waker of the task that drives it.
+//! The part of a session that other tasks touch: its delivery state (queues,
+//! unacknowledged windows, sequence numbers), its close request, its uplink
+//! dedup memory, its rooms, and the waker of the task that drives it.
+//!
+//! The handle outlives connections: after a drop the session is *detached*
+//! (still registered, still queueing pushes) until a client resumes it on a
+//! new connection or the resume window ends. Each attached connection holds a
+//! generation number; a connection whose generation is stale (another one
+//! resumed the session) no longer touches the shared state.
 //!
 //! Every lock here is a `parking_lot::Mutex` held for a few instructions and
 //! never across an `.await`; the outbox lock is a leaf (nothing else is locked
@@ -8,13 +15,16 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
-use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 
-use crate::config::SlowConsumerPolicy;
+use super::delivery::{Budget, Delivery, DeliveryConfig, Item, LaneResume, Offer};
 use crate::ids::{DeviceId, NodeId, RoomId, SessionId, TransportKind, UserId};
+use crate::wire::pb::Lane;
 use crate::wire::{pb, Code, SharedPush};
+
+pub use super::delivery::OVERFLOW;
 
 /// Who a logged-in session belongs to. Set once, at login.
 #[derive(Debug, Clone)]
@@ -46,33 +56,73 @@ impl CloseCmd {
     }
 }
 
-/// How far past its capacity a session's queue may grow while its socket is
-/// still writable (its task has simply not run yet).
-pub const OVERFLOW: usize = 4;
+/// Whether a session that closes with `code` keeps its state for a resume.
+pub fn keeps_state(code: Code) -> bool {
+    matches!(
+        code,
+        Code::ConnectionLost | Code::HeartbeatTimeout | Code::SlowConsumer
+    )
+}
 
 /// What [`SessionHandle::enqueue`] did with a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
     Queued,
-    /// The queue was full and the policy is `drop`.
+    /// The queue was full and the policy is `drop`, or the node's replay
+    /// budget is spent. The push's seq is used up: the client sees the gap.
     Dropped,
-    /// The queue was full and the policy is `disconnect`: the session is closing.
+    /// The queue was full and the policy is `disconnect`: the session is
+    /// closing (its state is kept for a resume).
     SlowConsumer,
-    /// The session is already closing.
+    /// The session is closing for good.
     Closed,
 }
 
+/// A remembered uplink, for answering retries within the dedup window.
+#[derive(Debug, Clone)]
+struct Sent {
+    client_msg_id: Box<str>,
+    server_msg_id: u64,
+    seq: u64,
+    at: Instant,
+}
+
+/// The answer to an uplink on this session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uplink {
+    /// New: forward it with this seq.
+    New { seq: u64 },
+    /// A retry of an accepted message: repeat its ack, forward nothing.
+    Duplicate { server_msg_id: u64, seq: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    No,
+    /// Slow consumer: the connection closes, the state stays for a resume.
+    KeepState,
+    /// Kicked, replaced, draining: the session ends with its connection.
+    Final,
+}
+
 struct Outbox {
-    queue: VecDeque<(u64, SharedPush)>,
-    next_seq: u64,
+    delivery: Delivery,
+    uplink_seq: u64,
+    /// Uplinks accepted within the dedup window (boxed: idle sessions pay 8 bytes).
+    #[allow(clippy::box_collection)]
+    sent: Option<Box<VecDeque<Sent>>>,
     /// Boxed: a close request is rare, and idle sessions pay 8 bytes for it.
     close: Option<Box<CloseCmd>>,
-    /// A close was requested: new pushes are refused from then on.
-    closing: bool,
-    /// The driver finished: nothing is queued any more.
+    closing: Closing,
+    /// The session ended: nothing is queued any more.
     closed: bool,
+    /// No connection is attached (waiting for a resume).
+    detached: bool,
     /// The socket refused the last write: the peer is not reading.
     blocked: bool,
+    /// Generation of the attached connection.
+    gen: u32,
+    waker: Option<Waker>,
 }
 
 struct Rooms {
@@ -88,10 +138,9 @@ struct Shared {
     info: OnceLock<SessionInfo>,
     outbox: Mutex<Outbox>,
     rooms: Mutex<Rooms>,
-    waker: AtomicWaker,
 }
 
-/// A cheap, cloneable reference to one live connection or session.
+/// A cheap, cloneable reference to one connection or session.
 #[derive(Clone)]
 pub struct SessionHandle(Arc<Shared>);
 
@@ -105,24 +154,27 @@ impl std::fmt::Debug for SessionHandle {
 }
 
 impl SessionHandle {
-    /// A handle for a new connection, not yet logged in.
+    /// A handle for a new connection, not yet logged in (generation 0).
     pub fn new(id: SessionId) -> Self {
         Self(Arc::new(Shared {
             id,
             info: OnceLock::new(),
             outbox: Mutex::new(Outbox {
-                queue: VecDeque::new(),
-                next_seq: 1,
+                delivery: Delivery::default(),
+                uplink_seq: 1,
+                sent: None,
                 close: None,
-                closing: false,
+                closing: Closing::No,
                 closed: false,
+                detached: false,
                 blocked: false,
+                gen: 0,
+                waker: None,
             }),
             rooms: Mutex::new(Rooms {
                 list: None,
                 closed: false,
             }),
-            waker: AtomicWaker::new(),
         }))
     }
 
@@ -140,120 +192,323 @@ impl SessionHandle {
         self.0.info.set(info).is_ok()
     }
 
-    /// Queues a shared push, assigning this session's next sequence number.
+    /// Queues a shared push, assigning the next sequence number of its lane.
     /// Never blocks beyond the leaf outbox lock.
-    pub fn enqueue(
-        &self,
-        push: &SharedPush,
-        capacity: usize,
-        policy: SlowConsumerPolicy,
-    ) -> Enqueued {
-        let wake;
+    pub fn enqueue(&self, push: &SharedPush, cfg: &DeliveryConfig, budget: &Budget) -> Enqueued {
+        let waker;
         let res = {
             let mut o = self.0.outbox.lock();
-            if o.closed || o.closing {
+            if o.closed || o.closing == Closing::Final {
                 return Enqueued::Closed;
             }
-            // A full queue means a slow consumer only when the socket is full
-            // too; a session whose task has not run yet (the gateway is busy
-            // fanning out) may queue up to OVERFLOW times the capacity.
-            let len = o.queue.len();
-            if len >= capacity && (o.blocked || len >= capacity.saturating_mul(OVERFLOW)) {
-                match policy {
-                    SlowConsumerPolicy::Drop => {
-                        // The dropped push still takes its sequence number, so
-                        // the client sees the gap and knows it missed one.
-                        o.next_seq += 1;
-                        return Enqueued::Dropped;
-                    }
-                    SlowConsumerPolicy::Disconnect => {
-                        o.close = Some(Box::new(CloseCmd::new(
-                            Code::SlowConsumer,
-                            "outbound queue full: the client is not reading fast enough",
-                        )));
-                        o.closing = true;
-                        wake = true;
-                        Enqueued::SlowConsumer
-                    }
+            // A slow consumer whose connection is going keeps queueing as if
+            // detached: oldest out, the resume reports the gap.
+            let detached = o.detached || o.closing == Closing::KeepState;
+            let blocked = o.blocked || detached;
+            match o.delivery.enqueue(push, blocked, detached, cfg, budget) {
+                Offer::Queued { wake } => {
+                    waker = if wake { o.waker.take() } else { None };
+                    Enqueued::Queued
                 }
-            } else {
-                let seq = o.next_seq;
-                o.next_seq += 1;
-                wake = o.queue.is_empty();
-                o.queue.push_back((seq, push.clone()));
-                Enqueued::Queued
+                Offer::Dropped => return Enqueued::Dropped,
+                Offer::SlowConsumer => {
+                    o.close = Some(Box::new(CloseCmd::new(
+                        Code::SlowConsumer,
+                        "outbound queue full: the client is not reading fast enough",
+                    )));
+                    o.closing = Closing::KeepState;
+                    waker = o.waker.take();
+                    Enqueued::SlowConsumer
+                }
             }
         };
-        if wake {
-            self.0.waker.wake();
+        if let Some(w) = waker {
+            w.wake();
         }
         res
     }
 
-    /// Asks the session's task to close with `cmd` (the first request wins).
+    /// Asks the attached connection to close with `cmd` (the first request
+    /// wins). The session ends with it unless `cmd.code` keeps state.
     pub fn request_close(&self, cmd: CloseCmd) {
-        {
+        let waker = {
             let mut o = self.0.outbox.lock();
-            if o.closed || o.closing {
+            if o.closed || o.closing != Closing::No {
                 return;
             }
+            o.closing = if keeps_state(cmd.code) {
+                Closing::KeepState
+            } else {
+                Closing::Final
+            };
             o.close = Some(Box::new(cmd));
-            o.closing = true;
+            o.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
         }
-        self.0.waker.wake();
     }
 
-    /// Wakes the session's task (timer wheel, drain).
+    /// Wakes the attached connection's task (timer wheel, drain).
     pub fn wake(&self) {
-        self.0.waker.wake();
+        let w = self.0.outbox.lock().waker.take();
+        if let Some(w) = w {
+            w.wake();
+        }
     }
 
-    /// Registers the waker of the task that drives this session.
-    pub fn register_waker(&self, w: &Waker) {
-        self.0.waker.register(w);
+    /// Registers the waker of the connection of generation `gen`; refused
+    /// (false) when another connection has taken the session over.
+    pub fn register_waker(&self, gen: u32, w: &Waker) -> bool {
+        let mut o = self.0.outbox.lock();
+        if o.gen != gen {
+            return false;
+        }
+        match &o.waker {
+            Some(old) if old.will_wake(w) => {}
+            _ => o.waker = Some(w.clone()),
+        }
+        true
     }
 
     /// Takes a pending close request (driver side).
-    pub fn take_close(&self) -> Option<CloseCmd> {
-        self.0.outbox.lock().close.take().map(|b| *b)
+    pub fn take_close(&self, gen: u32) -> Option<CloseCmd> {
+        let mut o = self.0.outbox.lock();
+        if o.gen != gen {
+            return None;
+        }
+        o.close.take().map(|b| *b)
     }
 
-    /// Moves up to `max` queued pushes into `out` (driver side).
-    /// Returns how many remain queued. Frees the queue's memory once drained.
-    pub fn drain_into(&self, out: &mut Vec<(u64, SharedPush)>, max: usize) -> usize {
+    /// Moves what may be written now into `out` (driver side); see
+    /// [`Delivery::poll_send`]. Nothing for a stale generation.
+    pub fn poll_send(
+        &self,
+        gen: u32,
+        now: Instant,
+        max: usize,
+        cfg: &DeliveryConfig,
+        out: &mut Vec<(Lane, u64, SharedPush)>,
+    ) -> usize {
         let mut o = self.0.outbox.lock();
-        let n = o.queue.len().min(max);
-        out.extend(o.queue.drain(..n));
-        if o.queue.is_empty() && o.queue.capacity() > 0 {
-            // An idle session holds no queue memory.
-            o.queue = VecDeque::new();
+        if o.gen != gen || o.closed {
+            return 0;
         }
-        o.queue.len()
+        o.delivery.poll_send(now, max, cfg, out)
+    }
+
+    /// Removes pushes given up after every retry (driver side).
+    pub fn poll_failed(
+        &self,
+        gen: u32,
+        now: Instant,
+        cfg: &DeliveryConfig,
+        budget: &Budget,
+        out: &mut Vec<Item>,
+    ) {
+        let mut o = self.0.outbox.lock();
+        if o.gen == gen && !o.closed {
+            o.delivery.poll_failed(now, cfg, budget, out);
+        }
+    }
+
+    /// When the next retransmission is due.
+    pub fn next_deadline(&self, cfg: &DeliveryConfig) -> Option<Instant> {
+        self.0.outbox.lock().delivery.next_deadline(cfg)
+    }
+
+    /// Applies a client acknowledgement; acknowledged pushes go to `acked`.
+    pub fn ack(
+        &self,
+        lane: Lane,
+        up_to: u64,
+        ranges: &[(u64, u64)],
+        budget: &Budget,
+        acked: &mut Vec<Item>,
+    ) {
+        self.0
+            .outbox
+            .lock()
+            .delivery
+            .ack(lane, up_to, ranges, budget, acked);
     }
 
     /// Records whether the socket refused the last write (driver side).
-    pub fn set_blocked(&self, blocked: bool) {
-        self.0.outbox.lock().blocked = blocked;
-    }
-
-    /// Pushes currently queued.
-    pub fn queued(&self) -> usize {
-        self.0.outbox.lock().queue.len()
-    }
-
-    /// The sequence number the next push will get.
-    pub fn next_seq(&self) -> u64 {
-        self.0.outbox.lock().next_seq
-    }
-
-    /// Marks the outbox closed: later pushes are refused. Returns what was queued.
-    pub fn close_outbox(&self) -> usize {
+    pub fn set_blocked(&self, gen: u32, blocked: bool) {
         let mut o = self.0.outbox.lock();
+        if o.gen == gen {
+            o.blocked = blocked;
+        }
+    }
+
+    /// Pushes waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.0.outbox.lock().delivery.queued()
+    }
+
+    /// Pushes written and not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.0.outbox.lock().delivery.unacked()
+    }
+
+    /// Whether the session holds no delivery buffers.
+    pub fn delivery_idle(&self) -> bool {
+        self.0.outbox.lock().delivery.is_idle()
+    }
+
+    /// The seq the next push of `lane` will get.
+    pub fn next_seq(&self, lane: Lane) -> u64 {
+        self.0.outbox.lock().delivery.next_seq(lane)
+    }
+
+    /// The uplink seq the next accepted Send will get.
+    pub fn next_uplink_seq(&self) -> u64 {
+        self.0.outbox.lock().uplink_seq
+    }
+
+    /// Checks an uplink against the dedup memory and, if new, assigns its seq
+    /// and remembers it with `server_msg_id`.
+    pub fn uplink(
+        &self,
+        client_msg_id: &str,
+        server_msg_id: u64,
+        now: Instant,
+        window: Duration,
+        max: usize,
+    ) -> Uplink {
+        let mut o = self.0.outbox.lock();
+        if let Some(sent) = o.sent.as_mut() {
+            while sent
+                .front()
+                .is_some_and(|s| now.saturating_duration_since(s.at) > window)
+            {
+                sent.pop_front();
+            }
+            if let Some(s) = sent.iter().find(|s| &*s.client_msg_id == client_msg_id) {
+                return Uplink::Duplicate {
+                    server_msg_id: s.server_msg_id,
+                    seq: s.seq,
+                };
+            }
+        }
+        let seq = o.uplink_seq;
+        o.uplink_seq += 1;
+        if max > 0 {
+            let sent = o.sent.get_or_insert_with(Box::default);
+            if sent.len() >= max {
+                sent.pop_front();
+            }
+            sent.push_back(Sent {
+                client_msg_id: client_msg_id.into(),
+                server_msg_id,
+                seq,
+                at: now,
+            });
+        }
+        Uplink::New { seq }
+    }
+
+    /// Forgets an uplink that could not be forwarded, so a retry runs again.
+    pub fn forget_uplink(&self, client_msg_id: &str) {
+        let mut o = self.0.outbox.lock();
+        if let Some(sent) = o.sent.as_mut() {
+            sent.retain(|s| &*s.client_msg_id != client_msg_id);
+            if sent.is_empty() {
+                o.sent = None;
+            }
+        }
+    }
+
+    /// Drops dedup entries older than `window` (idle sessions give memory back).
+    pub fn prune_uplinks(&self, now: Instant, window: Duration) {
+        let mut o = self.0.outbox.lock();
+        if let Some(sent) = o.sent.as_mut() {
+            while sent
+                .front()
+                .is_some_and(|s| now.saturating_duration_since(s.at) > window)
+            {
+                sent.pop_front();
+            }
+            if sent.is_empty() {
+                o.sent = None;
+            }
+        }
+    }
+
+    /// The connection of generation `gen` is gone and the session keeps its
+    /// state: unacknowledged pushes go back to the queue for a resume.
+    /// Returns false when the generation is stale or the session ended.
+    pub fn detach(&self, gen: u32) -> bool {
+        let mut o = self.0.outbox.lock();
+        if o.gen != gen || o.closed {
+            return false;
+        }
+        o.delivery.detach();
+        o.detached = true;
+        o.blocked = false;
+        o.close = None;
+        o.closing = Closing::No;
+        o.waker = None;
+        true
+    }
+
+    /// A new connection takes the session over (resume): the previous one,
+    /// if still attached, is told to close and no longer touches the state.
+    /// Replays start from `last` (per lane). Returns the new generation and
+    /// what the resume found; pushes found delivered go to `delivered`.
+    pub fn attach(
+        &self,
+        last: [u64; 2],
+        budget: &Budget,
+        delivered: &mut Vec<Item>,
+    ) -> Option<(u32, [LaneResume; 2], Option<Waker>)> {
+        let mut o = self.0.outbox.lock();
+        if o.closed || o.closing == Closing::Final {
+            return None;
+        }
+        o.delivery.detach();
+        let res = o.delivery.resume(last, budget, delivered);
+        o.gen = o.gen.wrapping_add(1);
+        o.detached = false;
+        o.blocked = false;
+        o.close = None;
+        o.closing = Closing::No;
+        // The previous connection's waker: wake it so it notices it is stale.
+        Some((o.gen, res, o.waker.take()))
+    }
+
+    /// Removes every queued and unacknowledged push as if it had been written
+    /// and acknowledged; returns how many (benches and simulations use it).
+    pub fn drain_all(&self, budget: &Budget) -> usize {
+        let mut out = Vec::new();
+        self.0.outbox.lock().delivery.release_all(budget, &mut out);
+        out.len()
+    }
+
+    /// Whether no connection is attached.
+    pub fn is_detached(&self) -> bool {
+        self.0.outbox.lock().detached
+    }
+
+    /// The generation of the attached connection.
+    pub fn gen(&self) -> u32 {
+        self.0.outbox.lock().gen
+    }
+
+    /// Ends the session for good: later pushes are refused, and everything
+    /// still held comes back (for expiry reports). No-op for a stale `gen`
+    /// (use `None` to end it whatever is attached).
+    pub fn close_outbox(&self, gen: Option<u32>, budget: &Budget, out: &mut Vec<Item>) -> bool {
+        let mut o = self.0.outbox.lock();
+        if gen.is_some_and(|g| g != o.gen) || o.closed {
+            return false;
+        }
         o.closed = true;
-        o.closing = true;
-        let n = o.queue.len();
-        o.queue = VecDeque::new();
-        n
+        o.closing = Closing::Final;
+        o.sent = None;
+        o.waker = None;
+        o.delivery.release_all(budget, out);
+        true
     }
 
     /// Adds `room` to this session's list, unless closed or at `max`.
@@ -287,19 +542,17 @@ impl SessionHandle {
             .unwrap_or_default()
     }
 
-    /// Bytes of one session's shared state (Arc counts excluded), for the size tests.
-    pub fn shared_size() -> usize {
-        std::mem::size_of::<Shared>()
-    }
-
     /// A weak reference for the timer wheel.
     pub(crate) fn downgrade(&self) -> WeakSession {
         WeakSession(Arc::downgrade(&self.0))
     }
 
-    /// Presence record of this session.
+    /// Presence record of this session (`None` before login or while detached).
     pub fn presence(&self, node: &NodeId) -> Option<pb::DevicePresence> {
         let i = self.info()?;
+        if self.is_detached() {
+            return None;
+        }
         Some(pb::DevicePresence {
             device_id: i.device.to_string(),
             session_id: self.id().0,
@@ -329,7 +582,10 @@ impl WeakSession {
     pub fn wake(&self) -> bool {
         match self.0.upgrade() {
             Some(s) => {
-                s.waker.wake();
+                let w = s.outbox.lock().waker.take();
+                if let Some(w) = w {
+                    w.wake();
+                }
                 true
             }
             None => false,

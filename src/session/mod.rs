@@ -1,14 +1,20 @@
-//! Sessions: the sans-IO state machine ([`Session`]) and the shared handle
-//! ([`SessionHandle`]) through which the router reaches a live session.
+//! Sessions: the sans-IO state machine ([`Session`]), the sans-IO delivery
+//! state ([`delivery`]), and the shared handle ([`SessionHandle`]) through
+//! which the router reaches a session.
 //!
-//! The state machine imports no tokio and never reads the clock: frames and `now`
-//! come in, frames, timeouts and a close decision come out. Side effects that
-//! need the rest of the gateway (token checks, the registry, the upstream) go
-//! through the [`SessionEnv`] trait, so tests drive it with a fake environment
-//! on virtual time.
+//! The state machines import no tokio and never read the clock: frames and
+//! `now` come in, frames, timeouts and a close decision come out. Side effects
+//! that need the rest of the gateway (token checks, the registry, the
+//! upstream) go through the [`SessionEnv`] trait, so tests drive it with a
+//! fake environment on virtual time.
 
 mod core;
+pub mod delivery;
 mod handle;
 
-pub use self::core::{LoginGrant, Session, SessionEnv, SessionParams, CLOSE_LINGER};
-pub use handle::{shared_size, CloseCmd, Enqueued, SessionHandle, SessionInfo, WeakSession};
+pub use self::core::{LoginGrant, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER};
+pub use delivery::{Budget, DeliveryConfig};
+pub use handle::{
+    keeps_state, shared_size, CloseCmd, Enqueued, SessionHandle, SessionInfo, Uplink, WeakSession,
+    OVERFLOW,
+};

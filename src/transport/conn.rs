@@ -16,6 +16,7 @@ use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::session::{Session, SessionHandle};
 use crate::timer::Scheduled;
+use crate::wire::pb::Lane;
 use crate::wire::{encode_push_header, frame_len, pb, Code, FrameError, SharedPush, LEN_PREFIX};
 
 use super::Transport;
@@ -85,19 +86,35 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Small state flags of a connection, packed.
+/// Small state flags of a connection, packed into bits (the connection's
+/// future must stay within 152 bytes; see the `sizes` test).
 #[derive(Default, Clone, Copy)]
-struct Flags {
-    registered: bool,
-    flush_on_close: bool,
-    close_written: bool,
-    shutdown_done: bool,
-    read_closed: bool,
-    finished: bool,
+struct Flags(u16);
+
+impl Flags {
+    const FLUSH_ON_CLOSE: u16 = 1;
+    const CLOSE_WRITTEN: u16 = 1 << 1;
+    const SHUTDOWN_DONE: u16 = 1 << 2;
+    const READ_CLOSED: u16 = 1 << 3;
+    const FINISHED: u16 = 1 << 4;
     /// The socket refused a write; mirrored in the handle for the router.
-    blocked: bool,
+    const BLOCKED: u16 = 1 << 5;
     /// Registered in the timer wheel (at `Connection::timer`).
-    timer_set: bool,
+    const TIMER_SET: u16 = 1 << 6;
+    /// Another connection resumed this session: hands off the shared state.
+    const SUPERSEDED: u16 = 1 << 7;
+
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn set(&mut self, bit: u16, on: bool) {
+        if on {
+            self.0 |= bit;
+        } else {
+            self.0 &= !bit;
+        }
+    }
 }
 
 /// Frames waiting to be written, coalesced.
@@ -211,6 +228,9 @@ pub struct Connection<IO: Transport> {
     timer: u32,
     /// KiB discarded while lingering on close (u16 keeps the future small).
     lingered_kib: u16,
+    /// Generation of this connection's hold on the session (see SessionHandle).
+    gen: u32,
+    registered: bool,
     f: Flags,
 }
 
@@ -236,10 +256,9 @@ impl<IO: Transport> Connection<IO> {
             wbatch: None,
             timer: 0,
             lingered_kib: 0,
-            f: Flags {
-                flush_on_close: true,
-                ..Flags::default()
-            },
+            gen: 0,
+            registered: false,
+            f: Flags(Flags::FLUSH_ON_CLOSE),
         }
     }
 
@@ -298,10 +317,11 @@ impl<IO: Transport> Connection<IO> {
         metrics::counter!(m::FRAMES_IN, "transport" => self.kind.as_str()).increment(1);
         let mut env = GatewayEnv {
             gw: &self.gw,
-            handle: &self.handle,
+            handle: &mut self.handle,
+            gen: &mut self.gen,
             kind: self.kind,
             io: &self.io,
-            registered: &mut self.f.registered,
+            registered: &mut self.registered,
         };
         self.session.handle_frame(now, body, &mut env);
     }
@@ -319,7 +339,7 @@ impl<IO: Transport> Connection<IO> {
         let mut stack = [0u8; READ_CHUNK];
         loop {
             let lingering = self.session.is_closing();
-            if self.f.read_closed || (!lingering && !self.session.wants_input()) {
+            if self.f.has(Flags::READ_CLOSED) || (!lingering && !self.session.wants_input()) {
                 return false;
             }
             if lingering && self.lingered_done() {
@@ -333,16 +353,16 @@ impl<IO: Transport> Connection<IO> {
                 Poll::Pending => return false,
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(remote = ?self.io.peer_addr(), error = %e, "read failed");
-                    self.f.read_closed = true;
-                    self.session.handle_peer_gone(Code::NormalClose);
+                    self.f.set(Flags::READ_CLOSED, true);
+                    self.session.handle_peer_gone(Code::ConnectionLost);
                     return false;
                 }
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
-                        self.f.read_closed = true;
+                        self.f.set(Flags::READ_CLOSED, true);
                         if !lingering {
-                            self.session.handle_peer_gone(Code::NormalClose);
+                            self.session.handle_peer_gone(Code::ConnectionLost);
                         }
                         return false;
                     }
@@ -367,29 +387,36 @@ impl<IO: Transport> Connection<IO> {
                 None => break,
             }
         }
-        let pushes_flow =
-            self.session.is_active() || (self.session.is_closing() && self.f.flush_on_close);
+        let pushes_flow = self.registered
+            && !self.f.has(Flags::SUPERSEDED)
+            && (self.session.is_active()
+                || (self.session.is_closing() && self.f.has(Flags::FLUSH_ON_CLOSE)));
         let mut remaining = 0;
-        if pushes_flow && !b.full() && !self.f.close_written {
-            let mut items: Vec<(u64, SharedPush)> = Vec::new();
-            remaining = self
-                .handle
-                .drain_into(&mut items, BATCH_FRAMES - b.frames as usize);
+        if pushes_flow && !b.full() && !self.f.has(Flags::CLOSE_WRITTEN) {
+            let now = self.gw.now();
+            let mut items: Vec<(Lane, u64, SharedPush)> = Vec::new();
+            remaining = self.handle.poll_send(
+                self.gen,
+                now,
+                BATCH_FRAMES - b.frames as usize,
+                self.gw.delivery(),
+                &mut items,
+            );
             if !items.is_empty() {
                 metrics::histogram!(m::QUEUE_DEPTH).record((items.len() + remaining) as f64);
             }
-            for (seq, p) in &items {
+            for (_, seq, p) in &items {
                 b.push(*seq, p);
             }
         }
-        if self.session.is_closing() && remaining == 0 && !b.full() && !self.f.close_written {
+        if self.session.is_closing()
+            && remaining == 0
+            && !b.full()
+            && !self.f.has(Flags::CLOSE_WRITTEN)
+        {
             if let Some(cf) = self.session.poll_close_frame() {
-                let dropped = self.handle.close_outbox();
-                if dropped > 0 {
-                    metrics::counter!(m::DROPS, "policy" => "closing").increment(dropped as u64);
-                }
                 b.frame(cf);
-                self.f.close_written = true;
+                self.f.set(Flags::CLOSE_WRITTEN, true);
             }
         }
         b.finish().map(Box::new)
@@ -445,18 +472,27 @@ impl<IO: Transport> Connection<IO> {
         // thousand ticks) of its cursor, so the difference always fits.
         let wheel = self.gw.wheel();
         let cursor = wheel.cursor() as u32;
-        if self.f.timer_set && tick_after(cursor, self.timer) {
-            self.f.timer_set = false;
+        if self.f.has(Flags::TIMER_SET) && tick_after(cursor, self.timer) {
+            self.f.set(Flags::TIMER_SET, false);
         }
-        let Some(deadline) = self.session.poll_timeout() else {
+        let retry = if self.registered && !self.f.has(Flags::SUPERSEDED) {
+            self.handle.next_deadline(self.gw.delivery())
+        } else {
+            None
+        };
+        let Some(deadline) = [self.session.poll_timeout(), retry]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
             return;
         };
         let want = wheel.tick_ceil(deadline) as u32;
-        if !self.f.timer_set || tick_after(self.timer, want) {
+        if !self.f.has(Flags::TIMER_SET) || tick_after(self.timer, want) {
             match wheel.schedule(deadline, &self.handle) {
                 Scheduled::At(t) => {
                     self.timer = t as u32;
-                    self.f.timer_set = true;
+                    self.f.set(Flags::TIMER_SET, true);
                 }
                 Scheduled::Due => cx.waker().wake_by_ref(),
             }
@@ -464,16 +500,33 @@ impl<IO: Transport> Connection<IO> {
     }
 
     fn finish(&mut self) {
-        if self.f.finished {
+        if self.f.has(Flags::FINISHED) {
             return;
         }
-        self.f.finished = true;
-        self.handle.close_outbox();
+        self.f.set(Flags::FINISHED, true);
         self.gw.connection_settled(&self.handle);
-        let code = self.session.close_code().unwrap_or(Code::NormalClose);
+        let code = self.session.close_code().unwrap_or(Code::ConnectionLost);
         metrics::counter!(m::CLOSES, "reason" => code.as_str_name()).increment(1);
-        if self.f.registered {
-            self.gw.session_closed(&self.handle, code);
+        if self.registered && !self.f.has(Flags::SUPERSEDED) {
+            self.gw.connection_ended(&self.handle, self.gen, code);
+        }
+    }
+
+    /// Expired retransmissions: reports for the pushes given up.
+    fn give_up_failed(&mut self, now: Instant) {
+        if !self.registered || self.f.has(Flags::SUPERSEDED) {
+            return;
+        }
+        let mut failed = Vec::new();
+        self.handle.poll_failed(
+            self.gen,
+            now,
+            self.gw.delivery(),
+            self.gw.budget(),
+            &mut failed,
+        );
+        if !failed.is_empty() {
+            self.gw.report(&self.handle, &failed, Code::DeliveryFailed);
         }
     }
 }
@@ -484,62 +537,84 @@ impl<IO: Transport> Future for Connection<IO> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let now = this.gw.now();
-        this.handle.register_waker(cx.waker());
+        if !this.f.has(Flags::SUPERSEDED) && !this.handle.register_waker(this.gen, cx.waker()) {
+            // Another connection resumed this session: stop touching it.
+            this.f.set(Flags::SUPERSEDED, true);
+            this.session.close(
+                now,
+                crate::session::CloseCmd::new(
+                    Code::Replaced,
+                    "the session was resumed on another connection",
+                ),
+            );
+        }
 
         if !this.session.is_closing() {
-            if let Some(cmd) = this.handle.take_close() {
-                this.f.flush_on_close = cmd.code != Code::SlowConsumer;
+            if let Some(cmd) = this.handle.take_close(this.gen) {
+                this.f
+                    .set(Flags::FLUSH_ON_CLOSE, cmd.code != Code::SlowConsumer);
                 this.session.close(now, cmd);
-            } else if !this.f.registered && this.gw.is_draining() {
+            } else if !this.registered && this.gw.is_draining() {
                 this.session.close(now, this.gw.drain_close());
             }
         }
         this.session.handle_timeout(now);
+        if !this.f.has(Flags::TIMER_SET) {
+            // Woken by the wheel (or never armed): cheap housekeeping.
+            this.give_up_failed(now);
+            if this.registered {
+                this.handle
+                    .prune_uplinks(now, this.gw.config().delivery.dedup_window);
+            }
+        }
 
         let mut again = this.poll_input(cx, now);
         // Reading stops while replies pile up; no read waker is armed then,
         // so once the replies are written, input must be polled again.
-        let input_paused =
-            !this.f.read_closed && !this.session.is_closing() && !this.session.wants_input();
+        let input_paused = !this.f.has(Flags::READ_CLOSED)
+            && !this.session.is_closing()
+            && !this.session.wants_input();
 
         if !this.session.is_closed() {
             match this.poll_output(cx) {
                 Poll::Ready(Ok(true)) => {
-                    if this.f.blocked {
-                        this.f.blocked = false;
-                        this.handle.set_blocked(false);
+                    if this.f.has(Flags::BLOCKED) {
+                        this.f.set(Flags::BLOCKED, false);
+                        this.handle.set_blocked(this.gen, false);
                     }
                     if input_paused && this.session.wants_input() {
                         again = true;
                     }
-                    if this.f.close_written && !this.f.shutdown_done {
+                    if this.f.has(Flags::CLOSE_WRITTEN) && !this.f.has(Flags::SHUTDOWN_DONE) {
                         match Pin::new(&mut this.io).poll_shutdown(cx) {
-                            Poll::Ready(_) => this.f.shutdown_done = true,
+                            Poll::Ready(_) => this.f.set(Flags::SHUTDOWN_DONE, true),
                             Poll::Pending => {}
                         }
                     }
-                    if this.f.shutdown_done && (this.f.read_closed || this.lingered_done()) {
+                    if this.f.has(Flags::SHUTDOWN_DONE)
+                        && (this.f.has(Flags::READ_CLOSED) || this.lingered_done())
+                    {
                         this.session.handle_flushed_and_gone();
                     }
                 }
                 Poll::Ready(Ok(false)) => again = true,
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(remote = ?this.io.peer_addr(), error = %e, "write failed");
-                    this.session.handle_peer_gone(Code::NormalClose);
+                    this.session.handle_peer_gone(Code::ConnectionLost);
                 }
                 Poll::Pending => {
-                    if !this.f.blocked && this.wbatch.is_some() {
-                        this.f.blocked = true;
-                        this.handle.set_blocked(true);
+                    if !this.f.has(Flags::BLOCKED) && this.wbatch.is_some() {
+                        this.f.set(Flags::BLOCKED, true);
+                        this.handle.set_blocked(this.gen, true);
                     }
                 }
             }
         }
         // A closing session whose peer hung up while we still had frames: done.
         if this.session.is_closing()
-            && this.f.read_closed
+            && this.f.has(Flags::READ_CLOSED)
             && this.wbatch.is_none()
-            && this.f.close_written
+            && this.f.has(Flags::CLOSE_WRITTEN)
         {
             this.session.handle_flushed_and_gone();
         }
@@ -560,12 +635,12 @@ impl<IO: Transport> Drop for Connection<IO> {
     fn drop(&mut self) {
         // Runs on normal completion (already finished) and when the runtime
         // drops the task at shutdown: the registry must not keep a dead session.
-        if !self.f.finished {
-            self.f.finished = true;
-            self.handle.close_outbox();
+        if !self.f.has(Flags::FINISHED) {
+            self.f.set(Flags::FINISHED, true);
             self.gw.connection_settled(&self.handle);
-            if self.f.registered {
-                self.gw.session_closed(&self.handle, Code::ServerDraining);
+            if self.registered && !self.f.has(Flags::SUPERSEDED) {
+                self.gw
+                    .connection_ended(&self.handle, self.gen, Code::ServerDraining);
             }
         }
         release(&self.gw, self.ip.as_deref().copied(), self.kind);

@@ -416,7 +416,15 @@ async fn handle_inner(gw: &Arc<Gateway>, f: pb::UpstreamFrame, reached: &mut u64
                 PushTarget::Room(r) => r.as_str(),
                 _ => "",
             };
-            let shared = SharedPush::new(&message_id, &p.payload, &p.source, room);
+            let lane = pb::Lane::try_from(p.lane).unwrap_or(pb::Lane::Interactive);
+            let shared = SharedPush::with(
+                &message_id,
+                &p.payload,
+                &p.source,
+                room,
+                lane,
+                p.report_delivery,
+            );
             let device = match &target {
                 PushTarget::Device(_, d) => d.to_string(),
                 _ => String::new(),

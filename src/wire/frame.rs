@@ -82,21 +82,49 @@ pub const PUSH_HEADER_MAX: usize = LEN_PREFIX + 1 + 10 + 1 + 10;
 #[derive(Clone, Debug)]
 pub struct SharedPush {
     pub body: Bytes,
+    /// The lane (also encoded in `body`): it picks the session queue.
+    pub lane: super::pb::Lane,
+    /// The message id, when the upstream asked for delivery reports.
+    pub report: Option<std::sync::Arc<str>>,
 }
 
 impl SharedPush {
-    /// Encodes the shared part of a push once.
+    /// Encodes the shared part of an interactive push once, without reports.
     pub fn new(message_id: &str, payload: &[u8], source: &str, room: &str) -> Self {
+        Self::with(
+            message_id,
+            payload,
+            source,
+            room,
+            super::pb::Lane::Interactive,
+            false,
+        )
+    }
+
+    /// Encodes the shared part of a push once.
+    pub fn with(
+        message_id: &str,
+        payload: &[u8],
+        source: &str,
+        room: &str,
+        lane: super::pb::Lane,
+        report: bool,
+    ) -> Self {
         let push = super::pb::Push {
             seq: 0, // omitted by proto3 encoding; each recipient's header carries it
             message_id: message_id.to_owned(),
             payload: Bytes::copy_from_slice(payload),
             source: source.to_owned(),
             room: room.to_owned(),
+            lane: lane as i32,
         };
         let mut b = BytesMut::with_capacity(push.encoded_len());
         let _ = push.encode(&mut b);
-        Self { body: b.freeze() }
+        Self {
+            body: b.freeze(),
+            lane,
+            report: report.then(|| std::sync::Arc::from(message_id)),
+        }
     }
 
     /// Bytes this push occupies on the wire for one recipient, at most.
@@ -181,6 +209,7 @@ mod tests {
                     payload: Bytes::from_static(b"hello"),
                     source: "chat".into(),
                     room: "lobby".into(),
+                    lane: 0,
                 })),
             };
             assert_eq!(frame, expected);

@@ -13,7 +13,7 @@ pub use frame::{
     LEN_PREFIX, PUSH_HEADER_MAX,
 };
 pub use request::{
-    device, room, ClientMsg, ClientRequest, LoginRequest, RequestError, SendRequest,
+    device, room, ClientMsg, ClientRequest, LoginRequest, RequestError, ResumeRequest, SendRequest,
 };
 
 /// The protocol versions this gateway speaks (inclusive).

@@ -36,12 +36,22 @@ pub struct ClientMsg {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientRequest {
     Login(LoginRequest),
-    Ping { client_time_ms: u64 },
+    Ping {
+        client_time_ms: u64,
+    },
     Send(SendRequest),
-    Ack { up_to_seq: u64 },
+    Ack {
+        lane: pb::Lane,
+        up_to_seq: u64,
+        /// Selective acknowledgements above `up_to_seq` (inclusive ranges).
+        ranges: Vec<(u64, u64)>,
+    },
     Join(RoomId),
     Leave(RoomId),
-    Close { code: Code, reason: String },
+    Close {
+        code: Code,
+        reason: String,
+    },
 }
 
 #[derive(Clone, PartialEq)]
@@ -50,7 +60,29 @@ pub struct LoginRequest {
     pub device: DeviceId,
     pub platform: Platform,
     pub protocol_version: u32,
+    pub resume: Option<ResumeRequest>,
 }
+
+/// A request to resume a session (Login.resume).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResumeRequest {
+    pub session_id: u64,
+    pub token: Bytes,
+    /// The last seq received, per lane (interactive, bulk).
+    pub last: [u64; 2],
+}
+
+impl std::fmt::Debug for ResumeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeRequest")
+            .field("session_id", &self.session_id)
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most selective-ack ranges in one Ack.
+pub const MAX_ACK_RANGES: usize = 64;
 
 impl std::fmt::Debug for LoginRequest {
     // The token is a credential: never print it.
@@ -108,11 +140,25 @@ impl TryFrom<pb::ClientFrame> for ClientMsg {
             Some(Body::Login(l)) => {
                 check_len("device_id", &l.device_id, 1, MAX_DEVICE_ID).map_err(bad)?;
                 check_len("token", &l.token, 1, MAX_TOKEN).map_err(bad)?;
+                let resume = match l.resume {
+                    Some(r) if r.session_id != 0 => {
+                        if r.resume_token.len() > 256 {
+                            return Err(bad("resume_token must be at most 256 bytes".into()));
+                        }
+                        Some(ResumeRequest {
+                            session_id: r.session_id,
+                            token: r.resume_token,
+                            last: [r.last_seq, r.last_bulk_seq],
+                        })
+                    }
+                    _ => None,
+                };
                 ClientRequest::Login(LoginRequest {
                     platform: Platform::try_from(l.platform).unwrap_or(Platform::Unspecified),
                     device: DeviceId::new(&l.device_id),
                     token: l.token,
                     protocol_version: l.protocol_version,
+                    resume,
                 })
             }
             Some(Body::Ping(p)) => ClientRequest::Ping {
@@ -127,9 +173,19 @@ impl TryFrom<pb::ClientFrame> for ClientMsg {
                     payload: s.payload,
                 })
             }
-            Some(Body::Ack(a)) => ClientRequest::Ack {
-                up_to_seq: a.up_to_seq,
-            },
+            Some(Body::Ack(a)) => {
+                if a.ranges.len() > MAX_ACK_RANGES {
+                    return Err(bad(format!("at most {MAX_ACK_RANGES} ack ranges")));
+                }
+                if a.ranges.iter().any(|r| r.first > r.last) {
+                    return Err(bad("ack range with first > last".into()));
+                }
+                ClientRequest::Ack {
+                    lane: pb::Lane::try_from(a.lane).unwrap_or(pb::Lane::Interactive),
+                    up_to_seq: a.up_to_seq,
+                    ranges: a.ranges.iter().map(|r| (r.first, r.last)).collect(),
+                }
+            }
             Some(Body::Join(j)) => ClientRequest::Join(room(&j.room).map_err(bad)?),
             Some(Body::Leave(l)) => ClientRequest::Leave(room(&l.room).map_err(bad)?),
             Some(Body::Close(c)) => ClientRequest::Close {

@@ -93,16 +93,21 @@ impl TestGateway {
         .unwrap()
     }
 
-    /// Waits until `n` sessions are registered (logins are synchronous with
+    /// Sessions with a connection attached (detached ones wait for a resume).
+    pub fn attached(&self) -> usize {
+        self.gw.registry().len() - self.gw.detached_count()
+    }
+
+    /// Waits until `n` sessions have a connection (logins are synchronous with
     /// LoginOk, so this is only needed after closes).
     pub async fn wait_sessions(&self, n: usize) {
         for _ in 0..500 {
-            if self.gw.registry().len() == n {
+            if self.attached() == n {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("expected {n} sessions, have {}", self.gw.registry().len());
+        panic!("expected {n} attached sessions, have {}", self.attached());
     }
 }
 
