@@ -27,13 +27,19 @@ pub struct Router {
 #[derive(Default)]
 struct Tally {
     sessions: u64,
+    /// Queued for a session with a connection.
+    live: u64,
     dropped: u64,
 }
 
 impl Tally {
     fn add(&mut self, h: &SessionHandle, push: &SharedPush, cfg: &DeliveryConfig, budget: &Budget) {
         match h.enqueue(push, cfg, budget) {
-            Enqueued::Queued => self.sessions += 1,
+            Enqueued::Queued => {
+                self.sessions += 1;
+                self.live += 1;
+            }
+            Enqueued::Parked => self.sessions += 1,
             Enqueued::Dropped => {
                 self.dropped += 1;
                 metrics::counter!(m::DROPS, "policy" => "drop").increment(1);
@@ -158,33 +164,35 @@ impl Router {
         let (cap, policy) = (&self.delivery, &*self.budget);
         let mut t = Tally::default();
         let mut missing: Vec<UserId> = Vec::new();
+        // A user counts as missing (undelivered) when no session of theirs has
+        // a connection: pushes parked in detached sessions wait for a resume
+        // that may never come, so the logic layer hears about them at once.
+        let mut user = |u: &UserId, t: &mut Tally| {
+            let live = t.live;
+            self.registry
+                .for_user(u.as_str(), |h| t.add(h, push, cap, policy));
+            if t.live == live {
+                missing.push(u.clone());
+            }
+        };
         let kind = match target {
             PushTarget::User(u) => {
-                if self
-                    .registry
-                    .for_user(u.as_str(), |h| t.add(h, push, cap, policy))
-                    == 0
-                {
-                    missing.push(u.clone());
-                }
+                user(u, &mut t);
                 "user"
             }
             PushTarget::Device(u, d) => {
-                match self.registry.device(u.as_str(), d) {
-                    Some(h) => t.add(&h, push, cap, policy),
-                    None => missing.push(u.clone()),
+                let live = t.live;
+                if let Some(h) = self.registry.device(u.as_str(), d) {
+                    t.add(&h, push, cap, policy);
+                }
+                if t.live == live {
+                    missing.push(u.clone());
                 }
                 "device"
             }
             PushTarget::Users(us) => {
                 for u in us {
-                    if self
-                        .registry
-                        .for_user(u.as_str(), |h| t.add(h, push, cap, policy))
-                        == 0
-                    {
-                        missing.push(u.clone());
-                    }
+                    user(u, &mut t);
                 }
                 "users"
             }

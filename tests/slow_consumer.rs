@@ -106,7 +106,11 @@ async fn slow_consumer_is_disconnected_while_a_reader_gets_everything() {
     // oldest when full, which a resume reports as a gap), never refuses them.
     for n in tripped + 1..tripped + 4 {
         let r = up.push(big_push(n)).await.unwrap();
-        assert_eq!((r.sessions, r.dropped), (2, 0), "push {n} after the trip: {r:?}");
+        assert_eq!(
+            (r.sessions, r.dropped),
+            (2, 0),
+            "push {n} after the trip: {r:?}"
+        );
         queued_for_fast += 1;
         let (seq, _) = tokio::time::timeout(Duration::from_secs(3), fast_rx.recv())
             .await

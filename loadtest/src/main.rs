@@ -98,10 +98,13 @@ async fn connect(
     Ok(s)
 }
 
-/// Counts frames on a raw socket by walking length prefixes, without decoding.
+/// Counts frames on a raw socket by walking length prefixes, without decoding,
+/// and acknowledges them cumulatively (pushes arrive in seq order from 1, and
+/// after login they are the only frames, so the count is the last seq).
 async fn count_frames(mut s: tokio::net::TcpStream, want: usize) -> std::io::Result<usize> {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
+    let mut acked = 0usize;
     let (mut frames, mut need, mut hdr, mut hdr_len) = (0usize, 0usize, [0u8; 4], 0usize);
     while frames < want {
         let n = s.read(&mut buf).await?;
@@ -130,6 +133,19 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: usize) -> std::io::Res
                     frames += 1;
                 }
             }
+        }
+        if frames >= acked + 32 || frames >= want {
+            let ack = tether::wire::frame_bytes(&tether::wire::pb::ClientFrame {
+                request_id: 0,
+                body: Some(tether::wire::pb::client_frame::Body::Ack(
+                    tether::wire::pb::Ack {
+                        up_to_seq: frames as u64,
+                        ..Default::default()
+                    },
+                )),
+            });
+            s.write_all(&ack).await?;
+            acked = frames;
         }
     }
     Ok(frames)

@@ -67,7 +67,10 @@ pub fn keeps_state(code: Code) -> bool {
 /// What [`SessionHandle::enqueue`] did with a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
+    /// Queued for a session with a connection.
     Queued,
+    /// Queued for a detached session, to be replayed if it resumes.
+    Parked,
     /// The queue was full and the policy is `drop`, or the node's replay
     /// budget is spent. The push's seq is used up: the client sees the gap.
     Dropped,
@@ -208,7 +211,11 @@ impl SessionHandle {
             match o.delivery.enqueue(push, blocked, detached, cfg, budget) {
                 Offer::Queued { wake } => {
                     waker = if wake { o.waker.take() } else { None };
-                    Enqueued::Queued
+                    if detached {
+                        Enqueued::Parked
+                    } else {
+                        Enqueued::Queued
+                    }
                 }
                 Offer::Dropped => return Enqueued::Dropped,
                 Offer::SlowConsumer => {
