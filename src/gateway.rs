@@ -28,7 +28,7 @@ use crate::registry::Registry;
 use crate::router::Router;
 use crate::session::delivery::Item;
 use crate::session::{
-    keeps_state, Budget, CloseCmd, DeliveryConfig, LoginGrant, SessionEnv, SessionHandle,
+    keeps_state, Budget, CloseCmd, DeliveryConfig, End, LoginGrant, SessionEnv, SessionHandle,
     SessionInfo, SessionParams, Uplink, UplinkAck,
 };
 use crate::timer::TimerWheel;
@@ -179,7 +179,7 @@ impl Gateway {
         let now = tokio::time::Instant::now().into_std();
         // Session ids start at a random point so ids of a restarted node differ.
         let seed: u64 = rand::random::<u64>() >> 16;
-        Ok(Arc::new(Self {
+        let gw = Arc::new(Self {
             params: Arc::new(SessionParams::from_config(&cfg)),
             wheel: TimerWheel::new(cfg.session.timer_tick, now),
             limits: Limits::new(&cfg, now),
@@ -199,7 +199,10 @@ impl Gateway {
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(seed.max(1)),
             next_msg: AtomicU64::new(1),
-        }))
+        });
+        let hooks: std::sync::Weak<dyn crate::router::RouterHooks> = Arc::downgrade(&gw) as _;
+        gw.router.set_hooks(hooks);
+        Ok(gw)
     }
 
     pub fn config(&self) -> &Config {
@@ -292,15 +295,15 @@ impl Gateway {
             self.emit_closed(h, code);
             return;
         }
-        self.end_session(h, Some(gen), code);
+        self.end_session(h, End::Gen(gen), code);
     }
 
     /// Ends a session for good: unregister, report what was never acknowledged,
     /// and tell the upstream.
-    fn end_session(&self, h: &SessionHandle, gen: Option<u32>, code: Code) {
+    fn end_session(&self, h: &SessionHandle, which: End, code: Code) -> bool {
         let mut left = Vec::new();
-        if !h.close_outbox(gen, &self.budget, &mut left) {
-            return;
+        if !h.close_outbox(which, &self.budget, &mut left) {
+            return false;
         }
         self.detached.remove(&h.id());
         self.registry.unregister(h);
@@ -308,6 +311,7 @@ impl Gateway {
         metrics::gauge!(m::SESSIONS).decrement(1.0);
         metrics::gauge!(m::ROOMS).set(self.registry.room_count() as f64);
         self.emit_closed(h, code);
+        true
     }
 
     /// Ends detached sessions whose resume window passed; returns how many.
@@ -319,11 +323,10 @@ impl Gateway {
             .map(|e| e.value().0.clone())
             .collect();
         for h in &expired {
-            if h.is_detached() {
-                self.end_session(h, None, Code::ResumeExpired);
-            } else {
-                self.detached.remove(&h.id());
-            }
+            // Atomic with a resume: a session resumed meanwhile is left alone.
+            self.end_session(h, End::Detached, Code::ResumeExpired);
+            self.detached
+                .remove_if(&h.id(), |_, (d, _)| !d.is_detached());
         }
         metrics::gauge!(m::REPLAY_BYTES).set(self.budget.used() as f64);
         metrics::gauge!(m::DETACHED).set(self.detached.len() as f64);
@@ -427,7 +430,7 @@ impl Gateway {
         let detached: Vec<SessionHandle> =
             self.detached.iter().map(|e| e.value().0.clone()).collect();
         for h in detached {
-            self.end_session(&h, None, Code::ServerDraining);
+            self.end_session(&h, End::Detached, Code::ServerDraining);
         }
         for e in self.pending.iter() {
             e.value().request_close(cmd.clone());
@@ -505,6 +508,16 @@ impl Gateway {
     }
 }
 
+impl crate::router::RouterHooks for Gateway {
+    fn report(&self, h: &SessionHandle, items: &[Item], code: Code) {
+        Gateway::report(self, h, items, code);
+    }
+
+    fn end_detached(&self, h: &SessionHandle, code: Code) -> bool {
+        self.end_session(h, End::Detached, code)
+    }
+}
+
 /// The [`SessionEnv`] of a real connection.
 pub struct GatewayEnv<'a, IO> {
     pub gw: &'a Arc<Gateway>,
@@ -574,9 +587,7 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                     "this device logged in on another connection",
                 ));
                 // A detached session replaced by a new login ends now.
-                if old.is_detached() {
-                    gw.end_session(&old, None, Code::Replaced);
-                }
+                gw.end_session(&old, End::Detached, Code::Replaced);
             }
             Ok((identity, resume, false))
         })();
@@ -650,7 +661,7 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
             })
         } else {
             // Not forwarded: a retry must run again, not be answered as a duplicate.
-            self.handle.forget_uplink(&client_msg_id);
+            self.handle.forget_uplink(&client_msg_id, seq);
             Err(Code::UpstreamUnavailable)
         }
     }

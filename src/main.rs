@@ -473,8 +473,9 @@ async fn run_client(
                 use pb::server_frame::Body;
                 match f.body {
                     Some(Body::Push(p)) => {
-                        println!("push seq={} id={} source={} room={} payload={}", p.seq, p.message_id, p.source, p.room, String::from_utf8_lossy(&p.payload));
-                        c.ack(p.seq).await?;
+                        println!("push lane={} seq={} id={} source={} room={} payload={}", p.lane, p.seq, p.message_id, p.source, p.room, String::from_utf8_lossy(&p.payload));
+                        let lane = pb::Lane::try_from(p.lane).unwrap_or(pb::Lane::Interactive);
+                        c.ack_lane(lane, p.seq).await?;
                     }
                     Some(Body::Pong(_)) => {}
                     Some(Body::Close(cl)) => {

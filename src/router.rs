@@ -4,16 +4,27 @@
 //! clone of the same `Bytes` handle. Enqueueing never blocks on a socket: a full
 //! queue applies the slow-consumer policy for that session only.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::bus::{Command, Outcome, PushOutcome, PushTarget};
 use crate::config::SlowConsumerPolicy;
 use crate::ids::{NodeId, UserId};
 use crate::metrics as m;
 use crate::registry::Registry;
+use crate::session::delivery::Item;
 use crate::session::{Budget, DeliveryConfig};
 use crate::session::{CloseCmd, Enqueued, SessionHandle};
-use crate::wire::{pb, SharedPush};
+use crate::wire::{pb, Code, SharedPush};
+
+/// What the router needs from the gateway around it (set once, after both
+/// exist; a weak reference, so the two do not keep each other alive).
+pub trait RouterHooks: Send + Sync {
+    /// Delivery reports for pushes a session dropped or gave up.
+    fn report(&self, h: &SessionHandle, items: &[Item], code: Code);
+    /// Ends a session that has no connection (a kick of a detached session).
+    /// Returns false if it had a connection after all.
+    fn end_detached(&self, h: &SessionHandle, code: Code) -> bool;
+}
 
 /// Executes commands addressed to this node.
 pub struct Router {
@@ -22,6 +33,7 @@ pub struct Router {
     delivery: DeliveryConfig,
     budget: Arc<Budget>,
     max_rooms: usize,
+    hooks: std::sync::OnceLock<Weak<dyn RouterHooks>>,
 }
 
 #[derive(Default)]
@@ -30,11 +42,23 @@ struct Tally {
     /// Queued for a session with a connection.
     live: u64,
     dropped: u64,
+    evicted: Vec<Item>,
+    hooks: Option<Arc<dyn RouterHooks>>,
 }
 
 impl Tally {
+    fn new(hooks: Option<Arc<dyn RouterHooks>>) -> Self {
+        Self {
+            sessions: 0,
+            live: 0,
+            dropped: 0,
+            evicted: Vec::new(),
+            hooks,
+        }
+    }
+
     fn add(&mut self, h: &SessionHandle, push: &SharedPush, cfg: &DeliveryConfig, budget: &Budget) {
-        match h.enqueue(push, cfg, budget) {
+        match h.enqueue(push, cfg, budget, &mut self.evicted) {
             Enqueued::Queued => {
                 self.sessions += 1;
                 self.live += 1;
@@ -45,11 +69,20 @@ impl Tally {
                 metrics::counter!(m::DROPS, "policy" => "drop").increment(1);
             }
             Enqueued::SlowConsumer => {
-                self.dropped += 1;
-                metrics::counter!(m::DROPS, "policy" => "disconnect").increment(1);
+                // Queued for the resume the session keeps its state for.
+                self.sessions += 1;
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
             }
             Enqueued::Closed => {}
+        }
+        if !self.evicted.is_empty() {
+            // A detached (or slow) session's oldest push made room: the
+            // resume will show the gap; the upstream hears of it now.
+            metrics::counter!(m::DROPS, "policy" => "evicted").increment(self.evicted.len() as u64);
+            if let Some(hooks) = &self.hooks {
+                hooks.report(h, &self.evicted, Code::DeliveryExpired);
+            }
+            self.evicted.clear();
         }
     }
 }
@@ -89,7 +122,17 @@ impl Router {
             delivery,
             budget,
             max_rooms,
+            hooks: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects the router to its gateway (once).
+    pub fn set_hooks(&self, hooks: Weak<dyn RouterHooks>) {
+        let _ = self.hooks.set(hooks);
+    }
+
+    fn hooks(&self) -> Option<Arc<dyn RouterHooks>> {
+        self.hooks.get().and_then(Weak::upgrade)
     }
 
     /// The node's replay budget.
@@ -111,16 +154,22 @@ impl Router {
                 close,
             } => {
                 let mut n = 0;
-                self.registry.for_user(user.as_str(), |h| {
+                // Cloned out of the map: ending a detached session unregisters
+                // it, which must not happen under the user shard's lock.
+                for h in self.registry.user_sessions(user.as_str()) {
                     let hit = match device {
                         Some(d) => h.info().is_some_and(|i| &i.device == d),
                         None => true,
                     };
                     if hit {
-                        h.request_close(close.clone());
+                        let ended = h.is_detached()
+                            && self.hooks().is_some_and(|k| k.end_detached(&h, close.code));
+                        if !ended {
+                            h.request_close(close.clone());
+                        }
                         n += 1;
                     }
-                });
+                }
                 Outcome::Count(n)
             }
             Command::Room {
@@ -162,7 +211,7 @@ impl Router {
     /// Queues one push for every local session it targets.
     pub fn push(&self, target: &PushTarget, push: &SharedPush) -> PushOutcome {
         let (cap, policy) = (&self.delivery, &*self.budget);
-        let mut t = Tally::default();
+        let mut t = Tally::new(self.hooks());
         let mut missing: Vec<UserId> = Vec::new();
         // A user counts as missing (undelivered) when no session of theirs has
         // a connection: pushes parked in detached sessions wait for a resume

@@ -192,8 +192,10 @@ impl Delivery {
 
     /// Offers a push. `blocked`: the socket refused the last write, or no
     /// connection is attached. `detached`: no connection is attached; a full
-    /// queue then drops its oldest push (the resume reports the gap) instead
-    /// of refusing the newest.
+    /// queue then evicts its oldest push into `evicted` (the resume reports
+    /// the gap) instead of refusing the newest. A push that trips the
+    /// "disconnect" policy is queued the same way, since the session keeps
+    /// its state for a resume.
     pub fn enqueue(
         &mut self,
         push: &SharedPush,
@@ -201,6 +203,7 @@ impl Delivery {
         detached: bool,
         cfg: &DeliveryConfig,
         budget: &Budget,
+        evicted: &mut Vec<Item>,
     ) -> Offer {
         let l = ix(push.lane);
         let cap = cfg.queue[l];
@@ -212,17 +215,21 @@ impl Delivery {
             sent_at: None,
             tries: 0,
         };
-        if detached && len >= cap {
-            if let Some(old) = self.bufs.as_mut().and_then(|b| b[l].queue.pop_front()) {
-                self.release(old.cost(), budget);
-            }
-        } else if len >= cap && (blocked || len >= cap.saturating_mul(OVERFLOW)) {
+        let mut result = None;
+        let full = len >= cap && (detached || blocked || len >= cap.saturating_mul(OVERFLOW));
+        if full && !detached {
             match cfg.policy[l] {
                 SlowConsumerPolicy::Drop => {
                     self.next_seq[l] += 1;
                     return Offer::Dropped;
                 }
-                SlowConsumerPolicy::Disconnect => return Offer::SlowConsumer,
+                SlowConsumerPolicy::Disconnect => result = Some(Offer::SlowConsumer),
+            }
+        }
+        if full {
+            if let Some(old) = self.bufs.as_mut().and_then(|b| b[l].queue.pop_front()) {
+                self.release(old.cost(), budget);
+                evicted.push(old);
             }
         }
         if !budget.try_take(item.cost()) {
@@ -234,7 +241,7 @@ impl Delivery {
         let bufs = self.bufs.get_or_insert_with(Box::default);
         let wake = bufs[0].queue.is_empty() && bufs[1].queue.is_empty();
         bufs[l].queue.push_back(item);
-        Offer::Queued { wake }
+        result.unwrap_or(Offer::Queued { wake })
     }
 
     /// Moves what may be written now into `out` (lane, seq, push): first the
@@ -474,7 +481,7 @@ mod tests {
     }
 
     fn offer(d: &mut Delivery, lane: Lane, c: &DeliveryConfig, b: &Budget) -> Offer {
-        d.enqueue(&push(lane, "m"), false, false, c, b)
+        d.enqueue(&push(lane, "m"), false, false, c, b, &mut Vec::new())
     }
 
     #[test]
@@ -573,17 +580,32 @@ mod tests {
                 Offer::Queued { .. }
             ));
         }
+        let before = d.queued();
+        let mut evicted = Vec::new();
         assert_eq!(
-            offer(&mut d, Lane::Interactive, &c, &b),
+            d.enqueue(
+                &push(Lane::Interactive, "m"),
+                false,
+                false,
+                &c,
+                &b,
+                &mut evicted
+            ),
             Offer::SlowConsumer
         );
+        assert_eq!(
+            d.queued(),
+            before,
+            "the tripping push is kept, the oldest evicted"
+        );
+        assert_eq!(evicted.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![1]);
         // Blocked socket: the capacity itself.
         let mut d2 = Delivery::default();
         for _ in 0..8 {
-            d2.enqueue(&push(Lane::Bulk, "b"), true, false, &c, &b);
+            d2.enqueue(&push(Lane::Bulk, "b"), true, false, &c, &b, &mut Vec::new());
         }
         assert_eq!(
-            d2.enqueue(&push(Lane::Bulk, "b"), true, false, &c, &b),
+            d2.enqueue(&push(Lane::Bulk, "b"), true, false, &c, &b, &mut Vec::new()),
             Offer::Dropped
         );
         assert_eq!(
@@ -666,7 +688,14 @@ mod tests {
         let mut d = Delivery::default();
         d.detach();
         for _ in 0..6 {
-            d.enqueue(&push(Lane::Interactive, "m"), true, true, &c, &b);
+            d.enqueue(
+                &push(Lane::Interactive, "m"),
+                true,
+                true,
+                &c,
+                &b,
+                &mut Vec::new(),
+            );
         }
         let r = d.resume([0, 0], &b, &mut Vec::new());
         assert_eq!(

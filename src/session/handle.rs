@@ -56,6 +56,17 @@ impl CloseCmd {
     }
 }
 
+/// Which session [`SessionHandle::close_outbox`] may end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Only while this connection generation holds the session.
+    Gen(u32),
+    /// Only while no connection is attached.
+    Detached,
+    /// Whatever is attached.
+    Any,
+}
+
 /// Whether a session that closes with `code` keeps its state for a resume.
 pub fn keeps_state(code: Code) -> bool {
     matches!(
@@ -197,7 +208,15 @@ impl SessionHandle {
 
     /// Queues a shared push, assigning the next sequence number of its lane.
     /// Never blocks beyond the leaf outbox lock.
-    pub fn enqueue(&self, push: &SharedPush, cfg: &DeliveryConfig, budget: &Budget) -> Enqueued {
+    /// Pushes evicted to make room (a detached session's oldest) go to
+    /// `evicted`, for reports.
+    pub fn enqueue(
+        &self,
+        push: &SharedPush,
+        cfg: &DeliveryConfig,
+        budget: &Budget,
+        evicted: &mut Vec<Item>,
+    ) -> Enqueued {
         let waker;
         let res = {
             let mut o = self.0.outbox.lock();
@@ -208,7 +227,10 @@ impl SessionHandle {
             // detached: oldest out, the resume reports the gap.
             let detached = o.detached || o.closing == Closing::KeepState;
             let blocked = o.blocked || detached;
-            match o.delivery.enqueue(push, blocked, detached, cfg, budget) {
+            match o
+                .delivery
+                .enqueue(push, blocked, detached, cfg, budget, evicted)
+            {
                 Offer::Queued { wake } => {
                     waker = if wake { o.waker.take() } else { None };
                     if detached {
@@ -240,13 +262,19 @@ impl SessionHandle {
     pub fn request_close(&self, cmd: CloseCmd) {
         let waker = {
             let mut o = self.0.outbox.lock();
-            if o.closed || o.closing != Closing::No {
-                return;
+            let final_cmd = !keeps_state(cmd.code);
+            match o.closing {
+                _ if o.closed => return,
+                Closing::Final => return,
+                // Already closing but keeping state (slow consumer): a kick or
+                // replacement still ends the session when the connection goes.
+                Closing::KeepState if !final_cmd => return,
+                Closing::KeepState | Closing::No => {}
             }
-            o.closing = if keeps_state(cmd.code) {
-                Closing::KeepState
-            } else {
+            o.closing = if final_cmd {
                 Closing::Final
+            } else {
+                Closing::KeepState
             };
             o.close = Some(Box::new(cmd));
             o.waker.take()
@@ -415,9 +443,14 @@ impl SessionHandle {
         Uplink::New { seq }
     }
 
-    /// Forgets an uplink that could not be forwarded, so a retry runs again.
-    pub fn forget_uplink(&self, client_msg_id: &str) {
+    /// Forgets an uplink that could not be forwarded, so a retry runs again,
+    /// and gives its seq back (uplinks of a session are handled one at a time
+    /// by its connection, so it was the last one assigned).
+    pub fn forget_uplink(&self, client_msg_id: &str, seq: u64) {
         let mut o = self.0.outbox.lock();
+        if o.uplink_seq == seq + 1 {
+            o.uplink_seq = seq;
+        }
         if let Some(sent) = o.sent.as_mut() {
             sent.retain(|s| &*s.client_msg_id != client_msg_id);
             if sent.is_empty() {
@@ -447,7 +480,7 @@ impl SessionHandle {
     /// Returns false when the generation is stale or the session ended.
     pub fn detach(&self, gen: u32) -> bool {
         let mut o = self.0.outbox.lock();
-        if o.gen != gen || o.closed {
+        if o.gen != gen || o.closed || o.closing == Closing::Final {
             return false;
         }
         o.delivery.detach();
@@ -503,11 +536,19 @@ impl SessionHandle {
     }
 
     /// Ends the session for good: later pushes are refused, and everything
-    /// still held comes back (for expiry reports). No-op for a stale `gen`
-    /// (use `None` to end it whatever is attached).
-    pub fn close_outbox(&self, gen: Option<u32>, budget: &Budget, out: &mut Vec<Item>) -> bool {
+    /// still held comes back (for expiry reports). Which sessions it ends:
+    /// [`End::Gen`] only while that connection generation holds it,
+    /// [`End::Detached`] only while no connection is attached (checked under
+    /// the same lock as a resume, so the two cannot interleave), [`End::Any`]
+    /// whatever is attached.
+    pub fn close_outbox(&self, which: End, budget: &Budget, out: &mut Vec<Item>) -> bool {
         let mut o = self.0.outbox.lock();
-        if gen.is_some_and(|g| g != o.gen) || o.closed {
+        let ok = match which {
+            End::Gen(g) => g == o.gen,
+            End::Detached => o.detached,
+            End::Any => true,
+        };
+        if !ok || o.closed {
             return false;
         }
         o.closed = true;

@@ -15,6 +15,6 @@ mod handle;
 pub use self::core::{LoginGrant, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER};
 pub use delivery::{Budget, DeliveryConfig};
 pub use handle::{
-    keeps_state, shared_size, CloseCmd, Enqueued, SessionHandle, SessionInfo, Uplink, WeakSession,
-    OVERFLOW,
+    keeps_state, shared_size, CloseCmd, End, Enqueued, SessionHandle, SessionInfo, Uplink,
+    WeakSession, OVERFLOW,
 };
