@@ -20,6 +20,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// N logged-in clients; an upstream pushes M messages, each to one random
+    /// user; reports pushes per second and end-to-end latency.
+    Unicast {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        upstream: String,
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 100_000)]
+        msgs: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Pushes in flight at once, over all upstream connections.
+        #[arg(long, default_value_t = 256)]
+        inflight: usize,
+        /// Upstream connections the pushes are spread over.
+        #[arg(long, default_value_t = 4)]
+        upstreams: usize,
+        #[arg(long, default_value = tether::config::DEV_SECRET)]
+        secret: String,
+    },
     /// N logged-in clients; an upstream pushes M messages to all of them (or a
     /// room holding them all); reports deliveries per second.
     Broadcast {
@@ -282,9 +304,127 @@ async fn broadcast(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+async fn unicast(
+    addr: SocketAddr,
+    upstream: String,
+    conns: usize,
+    msgs: usize,
+    size: usize,
+    inflight: usize,
+    upstreams: usize,
+    secret: String,
+) -> anyhow::Result<()> {
+    use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
+    use tether::wire::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+    let mut streams = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let token = tether::auth::mint_hs256(
+            &secret,
+            &format!("u{i}"),
+            None,
+            Duration::from_secs(3600),
+            vec![],
+        )?;
+        let mut s = connect(addr, None).await?;
+        let login = Req::Login(pb::Login {
+            token,
+            device_id: format!("d{i}"),
+            platform: pb::Platform::Server as i32,
+            protocol_version: 1,
+            resume: None,
+        });
+        anyhow::ensure!(
+            matches!(roundtrip(&mut s, login).await?, Resp::LoginOk(_)),
+            "login refused"
+        );
+        streams.push(s);
+    }
+    // Which user gets which push: a fixed pseudo-random sequence (xorshift).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let targets: Vec<usize> = (0..msgs)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % conns as u64) as usize
+        })
+        .collect();
+    let mut per_user = vec![0usize; conns];
+    for &t in &targets {
+        per_user[t] += 1;
+    }
+    let counters: Vec<_> = streams
+        .into_iter()
+        .zip(per_user)
+        .map(|(s, want)| tokio::spawn(async move { (count_frames(s, want).await, Instant::now()) }))
+        .collect();
+    let mut ups = Vec::new();
+    for _ in 0..upstreams.max(1) {
+        let (u, _) =
+            UpstreamClient::connect(&Endpoint::Tcp(upstream.clone()), UpstreamOptions::default())
+                .await?;
+        ups.push(u);
+    }
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
+    let start = Instant::now();
+    let mut pushes = tokio::task::JoinSet::new();
+    for (n, t) in targets.into_iter().enumerate() {
+        let permit = sem.clone().acquire_owned().await?;
+        let (up, payload) = (ups[n % ups.len()].clone(), payload.clone());
+        pushes.spawn(async move {
+            let r = up
+                .push(pb::PushRequest {
+                    target: Some(pb::push_request::Target::UserId(format!("u{t}"))),
+                    payload,
+                    ..Default::default()
+                })
+                .await;
+            drop(permit);
+            r
+        });
+    }
+    let mut queued = 0u64;
+    while let Some(r) = pushes.join_next().await {
+        queued += r??.sessions;
+    }
+    let pushed = start.elapsed();
+    let mut received = 0usize;
+    let mut last = start;
+    for c in counters {
+        let (n, at) = c.await?;
+        received += n?;
+        last = last.max(at);
+    }
+    let secs = last.duration_since(start).as_secs_f64();
+    println!(
+        "{msgs} unicast pushes of {size} B to {conns} sessions: upstream done in {:.3}s ({:.0} pushes/s); {received} received in {secs:.3}s = {:.0} deliveries/s (queued {queued})",
+        pushed.as_secs_f64(),
+        msgs as f64 / pushed.as_secs_f64(),
+        received as f64 / secs
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Unicast {
+            addr,
+            upstream,
+            conns,
+            msgs,
+            size,
+            inflight,
+            upstreams,
+            secret,
+        } => {
+            unicast(
+                addr, upstream, conns, msgs, size, inflight, upstreams, secret,
+            )
+            .await
+        }
         Cmd::Broadcast {
             addr,
             upstream,

@@ -128,6 +128,23 @@ pub enum Offer {
 struct LaneBufs {
     queue: VecDeque<Item>,
     window: VecDeque<Item>,
+    /// No window item is due (retransmission or give-up) before this; a lower
+    /// bound, so that most polls skip scanning the window.
+    due: Option<Instant>,
+}
+
+impl LaneBufs {
+    fn lower_due(&mut self, at: Instant) {
+        self.due = Some(self.due.map_or(at, |d| d.min(at)));
+    }
+
+    fn recompute_due(&mut self, base: Duration) {
+        self.due = self
+            .window
+            .iter()
+            .filter_map(|it| it.sent_at.map(|at| at + rto(base, it.tries)))
+            .min();
+    }
 }
 
 /// Per-lane state of a resume.
@@ -260,7 +277,11 @@ impl Delivery {
             return 0;
         };
         for (l, lane) in LANES.iter().enumerate() {
-            for it in bufs[l].window.iter_mut() {
+            let b = &mut bufs[l];
+            if !b.due.is_some_and(|d| now >= d) {
+                continue;
+            }
+            for it in b.window.iter_mut() {
                 if out.len() >= max {
                     break;
                 }
@@ -272,6 +293,7 @@ impl Delivery {
                     }
                 }
             }
+            b.recompute_due(cfg.ack_timeout);
         }
         let mut sendable = 0;
         for (l, lane) in LANES.iter().enumerate() {
@@ -284,6 +306,7 @@ impl Delivery {
                 it.tries = 1;
                 out.push((*lane, it.seq, it.push.clone()));
                 b.window.push_back(it);
+                b.lower_due(now + rto(cfg.ack_timeout, 1));
             }
             sendable += b
                 .queue
@@ -294,12 +317,10 @@ impl Delivery {
     }
 
     /// When the next retransmission or give-up is due.
-    pub fn next_deadline(&self, cfg: &DeliveryConfig) -> Option<Instant> {
+    /// (A lower bound: an early wake finds nothing due and re-arms.)
+    pub fn next_deadline(&self, _cfg: &DeliveryConfig) -> Option<Instant> {
         let bufs = self.bufs.as_ref()?;
-        bufs.iter()
-            .flat_map(|b| b.window.iter())
-            .filter_map(|it| it.sent_at.map(|at| at + rto(cfg.ack_timeout, it.tries)))
-            .min()
+        bufs.iter().filter_map(|b| b.due).min()
     }
 
     /// Removes pushes written `max_tries` times whose last timeout passed.
@@ -315,6 +336,9 @@ impl Delivery {
         };
         let mut freed = 0;
         for b in bufs.iter_mut() {
+            if !b.due.is_some_and(|d| now >= d) {
+                continue;
+            }
             b.window.retain(|it| {
                 let dead = it.tries >= cfg.max_tries
                     && it
@@ -326,6 +350,7 @@ impl Delivery {
                 }
                 !dead
             });
+            b.recompute_due(cfg.ack_timeout);
         }
         self.release(freed, budget);
         self.shrink();
@@ -378,6 +403,7 @@ impl Delivery {
                 it.tries = 0;
                 b.queue.push_front(it);
             }
+            b.due = None;
         }
     }
 
