@@ -278,7 +278,7 @@ impl Delivery {
         };
         for (l, lane) in LANES.iter().enumerate() {
             let b = &mut bufs[l];
-            if !b.due.is_some_and(|d| now >= d) {
+            if b.due.is_none_or(|d| now < d) {
                 continue;
             }
             for it in b.window.iter_mut() {
@@ -336,7 +336,7 @@ impl Delivery {
         };
         let mut freed = 0;
         for b in bufs.iter_mut() {
-            if !b.due.is_some_and(|d| now >= d) {
+            if b.due.is_none_or(|d| now < d) {
                 continue;
             }
             b.window.retain(|it| {
