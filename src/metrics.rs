@@ -63,7 +63,7 @@ pub fn describe() {
     describe_counter!(DELIVERIES, "Pushes queued into session queues.");
     describe_counter!(
         DROPS,
-        "Pushes dropped because a session queue was full, by policy."
+        "Pushes a session did not keep, by policy: drop (full queue or spent replay budget), evicted (a disconnected or slow session's oldest push made room)."
     );
     describe_counter!(SLOW_CONSUMERS, "Sessions closed as slow consumers.");
     describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");

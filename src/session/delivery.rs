@@ -232,11 +232,16 @@ impl Delivery {
             sent_at: None,
             tries: 0,
         };
+        if !budget.try_take(item.cost()) {
+            self.next_seq[l] += 1;
+            return Offer::Dropped;
+        }
         let mut result = None;
         let full = len >= cap && (detached || blocked || len >= cap.saturating_mul(OVERFLOW));
         if full && !detached {
             match cfg.policy[l] {
                 SlowConsumerPolicy::Drop => {
+                    budget.give(item.cost());
                     self.next_seq[l] += 1;
                     return Offer::Dropped;
                 }
@@ -249,14 +254,14 @@ impl Delivery {
                 evicted.push(old);
             }
         }
-        if !budget.try_take(item.cost()) {
-            self.next_seq[l] += 1;
-            return Offer::Dropped;
-        }
         self.held += item.cost();
         self.next_seq[l] += 1;
         let bufs = self.bufs.get_or_insert_with(Box::default);
         let wake = bufs[0].queue.is_empty() && bufs[1].queue.is_empty();
+        if bufs[l].queue.capacity() == 0 {
+            // Most bursts are one push (a broadcast): start with room for one.
+            bufs[l].queue.reserve_exact(1);
+        }
         bufs[l].queue.push_back(item);
         result.unwrap_or(Offer::Queued { wake })
     }

@@ -553,6 +553,7 @@ impl SessionHandle {
         }
         o.closed = true;
         o.closing = Closing::Final;
+        o.detached = false;
         o.sent = None;
         o.waker = None;
         o.delivery.release_all(budget, out);

@@ -487,9 +487,11 @@ async fn handle_inner(gw: &Arc<Gateway>, f: pb::UpstreamFrame, reached: &mut u64
                 Ok(u) => u,
                 Err(e) => return bad(e),
             };
+            // A kick ends the session: codes that mean "keep it for a resume"
+            // (or unknown ones) become CODE_KICKED.
             let code = match Code::try_from(k.code) {
-                Ok(Code::Ok) | Err(_) => Code::Kicked,
-                Ok(c) => c,
+                Ok(c) if c != Code::Ok && !crate::session::keeps_state(c) => c,
+                _ => Code::Kicked,
             };
             let reason = if k.reason.is_empty() {
                 "kicked by the server".to_owned()

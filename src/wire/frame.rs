@@ -79,13 +79,26 @@ pub const PUSH_HEADER_MAX: usize = LEN_PREFIX + 1 + 10 + 1 + 10;
 /// prefix, `ServerFrame.push` tag and length, `Push.seq`) followed by these same
 /// bytes: protobuf allows fields in any order, so the result is one valid
 /// `ServerFrame`. Fan-out clones the `Bytes` handle, never the payload.
+///
+/// One pointer wide, so a queued push costs a session 8 bytes for it.
 #[derive(Clone, Debug)]
-pub struct SharedPush {
+pub struct SharedPush(std::sync::Arc<PushData>);
+
+/// What a [`SharedPush`] shares.
+#[derive(Debug)]
+pub struct PushData {
     pub body: Bytes,
     /// The lane (also encoded in `body`): it picks the session queue.
     pub lane: super::pb::Lane,
     /// The message id, when the upstream asked for delivery reports.
     pub report: Option<std::sync::Arc<str>>,
+}
+
+impl std::ops::Deref for SharedPush {
+    type Target = PushData;
+    fn deref(&self) -> &PushData {
+        &self.0
+    }
 }
 
 impl SharedPush {
@@ -120,11 +133,11 @@ impl SharedPush {
         };
         let mut b = BytesMut::with_capacity(push.encoded_len());
         let _ = push.encode(&mut b);
-        Self {
+        Self(std::sync::Arc::new(PushData {
             body: b.freeze(),
             lane,
             report: report.then(|| std::sync::Arc::from(message_id)),
-        }
+        }))
     }
 
     /// Bytes this push occupies on the wire for one recipient, at most.

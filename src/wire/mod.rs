@@ -9,8 +9,8 @@ mod frame;
 mod request;
 
 pub use frame::{
-    decode_frame, encode_frame, encode_push_header, frame_bytes, frame_len, FrameError, SharedPush,
-    LEN_PREFIX, PUSH_HEADER_MAX,
+    decode_frame, encode_frame, encode_push_header, frame_bytes, frame_len, FrameError, PushData,
+    SharedPush, LEN_PREFIX, PUSH_HEADER_MAX,
 };
 pub use request::{
     device, room, ClientMsg, ClientRequest, LoginRequest, RequestError, ResumeRequest, SendRequest,
