@@ -572,7 +572,9 @@ impl<IO: Transport> Future for Connection<IO> {
             }
         }
         this.session.handle_timeout(now);
-        if !this.f.has(Flags::TIMER_SET) {
+        let wheel_fired = !this.f.has(Flags::TIMER_SET)
+            || tick_after(this.gw.wheel().cursor() as u32, this.timer);
+        if wheel_fired {
             // Woken by the wheel (or never armed): cheap housekeeping.
             this.give_up_failed(now);
             if this.registered {
