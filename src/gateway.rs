@@ -322,15 +322,24 @@ impl Gateway {
             .filter(|e| now >= e.value().1)
             .map(|e| e.value().0.clone())
             .collect();
+        let mut ended = 0;
         for h in &expired {
-            // Atomic with a resume: a session resumed meanwhile is left alone.
-            self.end_session(h, End::Detached, Code::ResumeExpired);
+            // The deadline is read again: the session may have been resumed
+            // and dropped again since. Ending it is atomic with a resume
+            // (End::Detached is checked under the session's lock).
+            let due = self
+                .detached
+                .get(&h.id())
+                .is_some_and(|e| now >= e.value().1);
+            if due && self.end_session(h, End::Detached, Code::ResumeExpired) {
+                ended += 1;
+            }
             self.detached
                 .remove_if(&h.id(), |_, (d, _)| !d.is_detached());
         }
         metrics::gauge!(m::REPLAY_BYTES).set(self.budget.used() as f64);
         metrics::gauge!(m::DETACHED).set(self.detached.len() as f64);
-        expired.len()
+        ended
     }
 
     fn emit_closed(&self, h: &SessionHandle, code: Code) {

@@ -139,6 +139,23 @@ struct Outbox {
     waker: Option<Waker>,
 }
 
+impl Outbox {
+    /// Forgets uplinks older than `window`; frees the list once empty.
+    fn prune_sent(&mut self, now: Instant, window: Duration) {
+        if let Some(sent) = self.sent.as_mut() {
+            while sent
+                .front()
+                .is_some_and(|s| now.saturating_duration_since(s.at) > window)
+            {
+                sent.pop_front();
+            }
+            if sent.is_empty() {
+                self.sent = None;
+            }
+        }
+    }
+}
+
 struct Rooms {
     /// Allocated only while the session is in a room: 8 bytes when idle
     /// instead of a Vec's 24 (hence the box around a collection).
@@ -412,13 +429,8 @@ impl SessionHandle {
         max: usize,
     ) -> Uplink {
         let mut o = self.0.outbox.lock();
-        if let Some(sent) = o.sent.as_mut() {
-            while sent
-                .front()
-                .is_some_and(|s| now.saturating_duration_since(s.at) > window)
-            {
-                sent.pop_front();
-            }
+        o.prune_sent(now, window);
+        if let Some(sent) = o.sent.as_ref() {
             if let Some(s) = sent.iter().find(|s| &*s.client_msg_id == client_msg_id) {
                 return Uplink::Duplicate {
                     server_msg_id: s.server_msg_id,
@@ -461,18 +473,7 @@ impl SessionHandle {
 
     /// Drops dedup entries older than `window` (idle sessions give memory back).
     pub fn prune_uplinks(&self, now: Instant, window: Duration) {
-        let mut o = self.0.outbox.lock();
-        if let Some(sent) = o.sent.as_mut() {
-            while sent
-                .front()
-                .is_some_and(|s| now.saturating_duration_since(s.at) > window)
-            {
-                sent.pop_front();
-            }
-            if sent.is_empty() {
-                o.sent = None;
-            }
-        }
+        self.0.outbox.lock().prune_sent(now, window);
     }
 
     /// The connection of generation `gen` is gone and the session keeps its
