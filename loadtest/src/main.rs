@@ -53,6 +53,9 @@ enum Cmd {
         /// Upstream connections the pushes are spread over.
         #[arg(long, default_value_t = 4)]
         upstreams: usize,
+        /// Pushes per second (0: as fast as the gateway answers).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
         #[arg(long, default_value = tether::config::DEV_SECRET)]
         secret: String,
     },
@@ -76,6 +79,9 @@ enum Cmd {
         /// Pushes in flight at once.
         #[arg(long, default_value_t = 32)]
         inflight: usize,
+        /// Pushes per second (0: as fast as the gateway answers).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
         #[arg(long, default_value = tether::config::DEV_SECRET)]
         secret: String,
     },
@@ -134,10 +140,89 @@ async fn connect(
     Ok(s)
 }
 
-/// Counts frames on a raw socket by walking length prefixes, without decoding,
-/// and acknowledges them cumulatively (pushes arrive in seq order from 1, and
-/// after login they are the only frames, so the count is the last seq).
-async fn count_frames(mut s: tokio::net::TcpStream, want: usize) -> std::io::Result<usize> {
+/// Wall clock in nanoseconds; pushes carry it in their first 8 payload bytes.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A payload of `size` bytes (at least 8) that starts with the send time.
+fn stamped_payload(size: usize) -> bytes::Bytes {
+    let mut p = vec![b'x'; size.max(8)];
+    p[..8].copy_from_slice(&unix_nanos().to_le_bytes());
+    p.into()
+}
+
+/// The send time in a push frame's payload (the frame without its length
+/// prefix): walks the protobuf by hand, so counting stays cheap.
+fn push_timestamp(mut b: &[u8]) -> Option<u64> {
+    use prost::encoding::decode_varint;
+    // ServerFrame.push: field 5, length-delimited.
+    if b.first() != Some(&0x2a) {
+        return None;
+    }
+    b = &b[1..];
+    let len = decode_varint(&mut b).ok()? as usize;
+    let mut inner = b.get(..len)?;
+    while !inner.is_empty() {
+        let key = decode_varint(&mut inner).ok()?;
+        match key & 7 {
+            0 => {
+                decode_varint(&mut inner).ok()?;
+            }
+            2 => {
+                let n = decode_varint(&mut inner).ok()? as usize;
+                let v = inner.get(..n)?;
+                if key >> 3 == 3 {
+                    return v
+                        .get(..8)
+                        .map(|t| u64::from_le_bytes(t.try_into().unwrap_or([0; 8])));
+                }
+                inner = &inner[n..];
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+type Latency = hdrhistogram::Histogram<u64>;
+/// One histogram for all connections of a run (a histogram is ~100 KB: one
+/// per connection would cost gigabytes at 10k connections).
+type SharedLatency = std::sync::Arc<std::sync::Mutex<Latency>>;
+
+fn new_latency() -> anyhow::Result<SharedLatency> {
+    // Microseconds, up to 10 minutes, 3 significant digits.
+    let h = Latency::new_with_bounds(1, 600_000_000, 3)?;
+    Ok(std::sync::Arc::new(std::sync::Mutex::new(h)))
+}
+
+fn print_latency(what: &str, h: &Latency) {
+    if h.is_empty() {
+        return;
+    }
+    let ms = |v: u64| v as f64 / 1000.0;
+    println!(
+        "{what} latency over {} samples: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        h.len(),
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    );
+}
+
+/// Counts frames on a raw socket by walking length prefixes, and acknowledges
+/// them cumulatively (pushes arrive in seq order from 1, and after login they
+/// are the only frames, so the count is the last seq). Frames that arrive in
+/// one read have their payload's send time sampled into a latency histogram.
+async fn count_frames(
+    mut s: tokio::net::TcpStream,
+    want: usize,
+    lat: SharedLatency,
+) -> std::io::Result<usize> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
     let mut acked = 0usize;
@@ -147,6 +232,7 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: usize) -> std::io::Res
         if n == 0 {
             break;
         }
+        let now = unix_nanos();
         let mut d = &buf[..n];
         while !d.is_empty() {
             if need > 0 {
@@ -167,6 +253,10 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: usize) -> std::io::Res
                 hdr_len = 0;
                 if need == 0 {
                     frames += 1;
+                } else if let Some(ts) = d.get(..need).and_then(push_timestamp) {
+                    if let Ok(mut h) = lat.lock() {
+                        let _ = h.record(now.saturating_sub(ts) / 1000);
+                    }
                 }
             }
         }
@@ -185,6 +275,14 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: usize) -> std::io::Res
         }
     }
     Ok(frames)
+}
+
+/// Sleeps until push `n` is due at `rate` pushes per second (0: no pacing).
+async fn pace(start: Instant, n: usize, rate: u64) {
+    if rate > 0 {
+        let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+    }
 }
 
 /// Writes one client frame and reads one server frame, on a raw socket.
@@ -217,6 +315,7 @@ async fn broadcast(
     size: usize,
     room: bool,
     inflight: usize,
+    rate: u64,
     secret: String,
 ) -> anyhow::Result<()> {
     use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
@@ -263,14 +362,17 @@ async fn broadcast(
         "{conns} clients logged in in {:.2}s",
         t0.elapsed().as_secs_f64()
     );
+    let lat = new_latency()?;
     let counters: Vec<_> = streams
         .into_iter()
-        .map(|s| tokio::spawn(async move { (count_frames(s, msgs).await, Instant::now()) }))
+        .map(|s| {
+            let lat = lat.clone();
+            tokio::spawn(async move { (count_frames(s, msgs, lat).await, Instant::now()) })
+        })
         .collect();
     let (up, _) =
         UpstreamClient::connect(&Endpoint::Tcp(upstream.clone()), UpstreamOptions::default())
             .await?;
-    let payload = bytes::Bytes::from(vec![b'x'; size]);
     let target = if room {
         pb::push_request::Target::Room("bench".into())
     } else {
@@ -279,9 +381,10 @@ async fn broadcast(
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
     let start = Instant::now();
     let mut pushes = tokio::task::JoinSet::new();
-    for _ in 0..msgs {
+    for n in 0..msgs {
+        pace(start, n, rate).await;
         let permit = sem.clone().acquire_owned().await?;
-        let (up, target, payload) = (up.clone(), target.clone(), payload.clone());
+        let (up, target, payload) = (up.clone(), target.clone(), stamped_payload(size));
         pushes.spawn(async move {
             let r = up
                 .push(pb::PushRequest {
@@ -315,6 +418,9 @@ async fn broadcast(
         pushed.as_secs_f64(),
         received as f64 / secs
     );
+    if let Ok(h) = lat.lock() {
+        print_latency("push-to-delivery", &h);
+    }
     Ok(())
 }
 
@@ -327,6 +433,7 @@ async fn unicast(
     size: usize,
     inflight: usize,
     upstreams: usize,
+    rate: u64,
     secret: String,
 ) -> anyhow::Result<()> {
     use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
@@ -368,10 +475,14 @@ async fn unicast(
     for &t in &targets {
         per_user[t] += 1;
     }
+    let lat = new_latency()?;
     let counters: Vec<_> = streams
         .into_iter()
         .zip(per_user)
-        .map(|(s, want)| tokio::spawn(async move { (count_frames(s, want).await, Instant::now()) }))
+        .map(|(s, want)| {
+            let lat = lat.clone();
+            tokio::spawn(async move { (count_frames(s, want, lat).await, Instant::now()) })
+        })
         .collect();
     let mut ups = Vec::new();
     for _ in 0..upstreams.max(1) {
@@ -380,13 +491,13 @@ async fn unicast(
                 .await?;
         ups.push(u);
     }
-    let payload = bytes::Bytes::from(vec![b'x'; size]);
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
     let start = Instant::now();
     let mut pushes = tokio::task::JoinSet::new();
     for (n, t) in targets.into_iter().enumerate() {
+        pace(start, n, rate).await;
         let permit = sem.clone().acquire_owned().await?;
-        let (up, payload) = (ups[n % ups.len()].clone(), payload.clone());
+        let (up, payload) = (ups[n % ups.len()].clone(), stamped_payload(size));
         pushes.spawn(async move {
             let r = up
                 .push(pb::PushRequest {
@@ -412,6 +523,9 @@ async fn unicast(
         last = last.max(at);
     }
     let secs = last.duration_since(start).as_secs_f64();
+    if let Ok(h) = lat.lock() {
+        print_latency("push-to-delivery", &h);
+    }
     println!(
         "{msgs} unicast pushes of {size} B to {conns} sessions: upstream done in {:.3}s ({:.0} pushes/s); {received} received in {secs:.3}s = {:.0} deliveries/s (queued {queued})",
         pushed.as_secs_f64(),
@@ -593,10 +707,11 @@ async fn main() -> anyhow::Result<()> {
             size,
             inflight,
             upstreams,
+            rate,
             secret,
         } => {
             unicast(
-                addr, upstream, conns, msgs, size, inflight, upstreams, secret,
+                addr, upstream, conns, msgs, size, inflight, upstreams, rate, secret,
             )
             .await
         }
@@ -608,8 +723,14 @@ async fn main() -> anyhow::Result<()> {
             size,
             room,
             inflight,
+            rate,
             secret,
-        } => broadcast(addr, upstream, conns, msgs, size, room, inflight, secret).await,
+        } => {
+            broadcast(
+                addr, upstream, conns, msgs, size, room, inflight, rate, secret,
+            )
+            .await
+        }
         Cmd::Idle {
             addr,
             conns,
