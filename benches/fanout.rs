@@ -1,6 +1,7 @@
 //! Fan-out benchmarks: one push through the real [`Router`] into the queues of
-//! 10,000 logged-in in-memory sessions (everyone, and one room holding all of
-//! them), plus the session state machine's per-frame hot path.
+//! 10,000 and 100,000 logged-in in-memory sessions (everyone, and one room
+//! holding all of them); registry lookups, joins and leaves, alone and from
+//! two threads at once; and the session state machine's per-frame hot path.
 //!
 //! Only the fan-out is timed: after every iteration each session's queue is
 //! drained (untimed, via `iter_custom`), so queues never fill and every
@@ -38,11 +39,11 @@ struct Fleet {
     room: RoomId,
 }
 
-fn fleet() -> Fleet {
+fn fleet(n: usize) -> Fleet {
     let registry = Arc::new(Registry::new());
     let room = RoomId::new("all");
-    let mut handles = Vec::with_capacity(SESSIONS);
-    for i in 0..SESSIONS as u64 {
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n as u64 {
         let h = SessionHandle::new(SessionId(i + 1));
         assert!(h.set_info(SessionInfo {
             user: UserId::new(format!("user-{i}")),
@@ -55,8 +56,8 @@ fn fleet() -> Fleet {
         registry.join(&h, &room, MAX_ROOMS).unwrap();
         handles.push(h);
     }
-    assert_eq!(registry.len(), SESSIONS);
-    assert_eq!(registry.room(&room).unwrap().len(), SESSIONS);
+    assert_eq!(registry.len(), n);
+    assert_eq!(registry.room(&room).unwrap().len(), n);
     let router = Router::new(
         NodeId::new("bench"),
         registry,
@@ -77,10 +78,19 @@ fn drain_all(handles: &[SessionHandle], budget: &tether::session::Budget) -> usi
 }
 
 fn bench_fanout(c: &mut Criterion) {
-    let f = fleet();
-    let mut g = c.benchmark_group("fanout_10k");
-    g.throughput(Throughput::Elements(SESSIONS as u64));
-    g.sample_size(50);
+    for (n, name, samples) in [
+        (SESSIONS, "fanout_10k", 50),
+        (SESSIONS * 10, "fanout_100k", 10),
+    ] {
+        fanout_group(c, n, name, samples);
+    }
+}
+
+fn fanout_group(c: &mut Criterion, n: usize, group: &str, samples: usize) {
+    let f = fleet(n);
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Elements(n as u64));
+    g.sample_size(samples);
 
     // The payload size does not matter here: every queue gets a clone of the
     // same `Bytes` handle (see the codec bench for per-recipient framing).
@@ -97,11 +107,11 @@ fn bench_fanout(c: &mut Criterion) {
                     let t = Instant::now();
                     let out = f.router.push(black_box(&target), black_box(&shared));
                     timed += t.elapsed();
-                    debug_assert_eq!(out.sessions, SESSIONS as u64);
+                    debug_assert_eq!(out.sessions, n as u64);
                     black_box(out);
                     // Untimed: empty the queues so the next push starts equal.
                     let drained = drain_all(&f.handles, &budget);
-                    debug_assert_eq!(drained, SESSIONS);
+                    debug_assert_eq!(drained, n);
                 }
                 timed
             })
@@ -121,8 +131,61 @@ fn bench_fanout(c: &mut Criterion) {
 
     // Sanity, outside the timing: a push really reaches every session once.
     let out = f.router.push(&PushTarget::Everyone, &shared);
-    assert_eq!((out.sessions, out.dropped), (SESSIONS as u64, 0));
-    assert_eq!(drain_all(&f.handles, &budget), SESSIONS);
+    assert_eq!((out.sessions, out.dropped), (n as u64, 0));
+    assert_eq!(drain_all(&f.handles, &budget), n);
+}
+
+/// Registry operations on 100,000 sessions: lookups of one device, and a
+/// join followed by a leave (both O(1)), from one thread and from two
+/// threads at once (each on its own half of the sessions and its own rooms).
+fn bench_registry(c: &mut Criterion) {
+    const N: usize = 100_000;
+    let f = fleet(N);
+    let reg = f.router.registry().clone();
+    let users: Vec<String> = (0..N).map(|i| format!("user-{i}")).collect();
+    let phone = DeviceId::new("phone");
+    let rooms: Vec<RoomId> = (0..64).map(|r| RoomId::new(format!("r-{r}"))).collect();
+    let mut g = c.benchmark_group("registry_100k");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("lookup_device", |b| {
+        b.iter(|| {
+            i = (i + 7919) % N;
+            black_box(reg.device(&users[i], &phone))
+        })
+    });
+    g.bench_function("join_leave", |b| {
+        b.iter(|| {
+            i = (i + 7919) % N;
+            let room = &rooms[i % rooms.len()];
+            let _ = reg.join(&f.handles[i], room, MAX_ROOMS);
+            black_box(reg.leave(&f.handles[i], room))
+        })
+    });
+    const OPS: u64 = 20_000;
+    g.throughput(Throughput::Elements(2 * OPS));
+    g.bench_function("join_leave_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                std::thread::scope(|s| {
+                    for half in 0..2usize {
+                        let (reg, handles, rooms) = (&reg, &f.handles, &rooms);
+                        s.spawn(move || {
+                            for k in 0..OPS as usize {
+                                let idx = (half * N / 2 + k * 7919) % N;
+                                let room = &rooms[half * 32 + k % 32];
+                                let _ = reg.join(&handles[idx], room, MAX_ROOMS);
+                                reg.leave(&handles[idx], room);
+                            }
+                        });
+                    }
+                });
+            }
+            t.elapsed()
+        })
+    });
+    g.finish();
 }
 
 /// A do-nothing environment: login always succeeds, uplinks always accepted.
@@ -238,5 +301,5 @@ fn bench_session(c: &mut Criterion) {
     assert!(s.is_active());
 }
 
-criterion_group!(benches, bench_fanout, bench_session);
+criterion_group!(benches, bench_fanout, bench_registry, bench_session);
 criterion_main!(benches);
