@@ -223,6 +223,10 @@ pub struct SessionConfig {
     /// Granularity of the shared timer wheel.
     #[serde(with = "humantime_serde")]
     pub timer_tick: Duration,
+    /// Wait up to this long before writing pushes, so that pushes arriving
+    /// meanwhile share one write; 0 writes at once.
+    #[serde(with = "humantime_serde")]
+    pub write_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -386,6 +390,7 @@ impl Default for SessionConfig {
             multi_login: MultiLogin::PerDevice,
             max_rooms: 64,
             timer_tick: Duration::from_millis(250),
+            write_delay: Duration::ZERO,
         }
     }
 }
@@ -494,6 +499,11 @@ multi_login = "per_device"
 max_rooms = 64
 # Granularity of the shared timer wheel for login and idle timeouts.
 timer_tick = "250ms"
+# Wait up to this long before writing pushes to a session, so that pushes
+# arriving meanwhile go out in one write: fewer writes for many subscribers
+# at a moderate broadcast rate, at the cost of up to this much latency.
+# "0s" writes at once.
+write_delay = "0s"
 
 [limits]
 # Largest frame accepted from a client, in bytes, checked before allocation.
@@ -621,6 +631,12 @@ impl Config {
         }
         if !(1..=65_536).contains(&s.queue_capacity) {
             return bad("session.queue_capacity", "must be 1..=65536");
+        }
+        if s.write_delay > Duration::from_secs(1) {
+            return bad("session.write_delay", "must be at most 1s");
+        }
+        if !s.write_delay.is_zero() && s.write_delay < Duration::from_millis(1) {
+            return bad("session.write_delay", "must be 0 or at least 1ms");
         }
         if s.timer_tick < Duration::from_millis(10) || s.timer_tick > Duration::from_secs(5) {
             return bad("session.timer_tick", "must be 10ms..=5s");

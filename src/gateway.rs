@@ -141,6 +141,8 @@ pub struct Gateway {
     limits: Limits,
     /// Connections that have not logged in yet, so that a drain reaches them.
     pending: DashMap<SessionId, SessionHandle>,
+    write_delay: std::sync::OnceLock<Arc<crate::router::WriteDelay>>,
+    writes: AtomicU64,
     /// Sessions without a connection, waiting for a resume until their deadline.
     detached: DashMap<SessionId, (SessionHandle, Instant)>,
     delivery: DeliveryConfig,
@@ -192,6 +194,8 @@ impl Gateway {
             local_bus,
             verifier,
             pending: DashMap::new(),
+            write_delay: std::sync::OnceLock::new(),
+            writes: AtomicU64::new(0),
             detached: DashMap::new(),
             delivery,
             budget,
@@ -202,6 +206,11 @@ impl Gateway {
         });
         let hooks: std::sync::Weak<dyn crate::router::RouterHooks> = Arc::downgrade(&gw) as _;
         gw.router.set_hooks(hooks);
+        if !gw.cfg.session.write_delay.is_zero() {
+            let wd = crate::router::WriteDelay::new(gw.cfg.session.write_delay);
+            gw.router.set_write_delay(wd.clone());
+            let _ = gw.write_delay.set(wd);
+        }
         Ok(gw)
     }
 
@@ -234,6 +243,16 @@ impl Gateway {
     }
     pub fn delivery(&self) -> &DeliveryConfig {
         &self.delivery
+    }
+
+    /// Socket writes made to clients so far (tests use it; the metric
+    /// `tether_socket_writes_total` counts the same).
+    pub fn socket_writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
     }
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
@@ -463,6 +482,20 @@ impl Gateway {
 
     /// Spawns the timer wheel's ticker; it stops with `stop`.
     pub fn spawn_ticker(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        if let Some(wd) = self.write_delay.get().cloned() {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(wd.delay());
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => { wd.flush(); }
+                    }
+                }
+                wd.flush();
+            });
+        }
         let gw = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(gw.wheel.tick());

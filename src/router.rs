@@ -26,6 +26,41 @@ pub trait RouterHooks: Send + Sync {
     fn end_detached(&self, h: &SessionHandle, code: Code) -> bool;
 }
 
+/// A write delay: sessions woken by pushes are woken in batches, every
+/// `delay`, so that pushes arriving in between go out in one write. Trades a
+/// little latency for far fewer writes when a moderate rate of broadcasts
+/// reaches many sessions (each push alone would cost one write per session).
+pub struct WriteDelay {
+    delay: std::time::Duration,
+    wakers: parking_lot::Mutex<Vec<std::task::Waker>>,
+}
+
+impl WriteDelay {
+    pub fn new(delay: std::time::Duration) -> Arc<Self> {
+        Arc::new(Self {
+            delay,
+            wakers: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Wakes `w` at the next flush.
+    pub fn defer(&self, w: std::task::Waker) {
+        self.wakers.lock().push(w);
+    }
+
+    /// Wakes every deferred session; returns how many.
+    pub fn flush(&self) -> usize {
+        let batch = std::mem::take(&mut *self.wakers.lock());
+        let n = batch.len();
+        batch.into_iter().for_each(std::task::Waker::wake);
+        n
+    }
+
+    pub fn delay(&self) -> std::time::Duration {
+        self.delay
+    }
+}
+
 /// Executes commands addressed to this node.
 pub struct Router {
     node: NodeId,
@@ -34,6 +69,7 @@ pub struct Router {
     budget: Arc<Budget>,
     max_rooms: usize,
     hooks: std::sync::OnceLock<Weak<dyn RouterHooks>>,
+    write_delay: std::sync::OnceLock<Arc<WriteDelay>>,
 }
 
 #[derive(Default)]
@@ -44,21 +80,27 @@ struct Tally {
     dropped: u64,
     evicted: Vec<Item>,
     hooks: Option<Arc<dyn RouterHooks>>,
+    delay: Option<Arc<WriteDelay>>,
 }
 
 impl Tally {
-    fn new(hooks: Option<Arc<dyn RouterHooks>>) -> Self {
+    fn new(hooks: Option<Arc<dyn RouterHooks>>, delay: Option<Arc<WriteDelay>>) -> Self {
         Self {
             sessions: 0,
             live: 0,
             dropped: 0,
             evicted: Vec::new(),
             hooks,
+            delay,
         }
     }
 
     fn add(&mut self, h: &SessionHandle, push: &SharedPush, cfg: &DeliveryConfig, budget: &Budget) {
-        match h.enqueue(push, cfg, budget, &mut self.evicted) {
+        let offered = match &self.delay {
+            Some(d) => h.enqueue_deferred(push, cfg, budget, &mut self.evicted, d),
+            None => h.enqueue(push, cfg, budget, &mut self.evicted),
+        };
+        match offered {
             Enqueued::Queued => {
                 self.sessions += 1;
                 self.live += 1;
@@ -123,7 +165,13 @@ impl Router {
             budget,
             max_rooms,
             hooks: std::sync::OnceLock::new(),
+            write_delay: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Defers the wake-ups of pushes through `delay` (once).
+    pub fn set_write_delay(&self, delay: Arc<WriteDelay>) {
+        let _ = self.write_delay.set(delay);
     }
 
     /// Connects the router to its gateway (once).
@@ -211,7 +259,7 @@ impl Router {
     /// Queues one push for every local session it targets.
     pub fn push(&self, target: &PushTarget, push: &SharedPush) -> PushOutcome {
         let (cap, policy) = (&self.delivery, &*self.budget);
-        let mut t = Tally::new(self.hooks());
+        let mut t = Tally::new(self.hooks(), self.write_delay.get().cloned());
         let mut missing: Vec<UserId> = Vec::new();
         // A user counts as missing (undelivered) when no session of theirs has
         // a connection: pushes parked in detached sessions wait for a resume

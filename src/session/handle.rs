@@ -234,11 +234,43 @@ impl SessionHandle {
         budget: &Budget,
         evicted: &mut Vec<Item>,
     ) -> Enqueued {
+        let (res, waker) = self.offer(push, cfg, budget, evicted);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        res
+    }
+
+    /// Like [`SessionHandle::enqueue`], but the session's task is woken by
+    /// `delay`'s next flush instead of at once, so that pushes arriving in
+    /// the meantime go out in the same write.
+    pub fn enqueue_deferred(
+        &self,
+        push: &SharedPush,
+        cfg: &DeliveryConfig,
+        budget: &Budget,
+        evicted: &mut Vec<Item>,
+        delay: &crate::router::WriteDelay,
+    ) -> Enqueued {
+        let (res, waker) = self.offer(push, cfg, budget, evicted);
+        if let Some(w) = waker {
+            delay.defer(w);
+        }
+        res
+    }
+
+    fn offer(
+        &self,
+        push: &SharedPush,
+        cfg: &DeliveryConfig,
+        budget: &Budget,
+        evicted: &mut Vec<Item>,
+    ) -> (Enqueued, Option<Waker>) {
         let waker;
         let res = {
             let mut o = self.0.outbox.lock();
             if o.closed || o.closing == Closing::Final {
-                return Enqueued::Closed;
+                return (Enqueued::Closed, None);
             }
             // A slow consumer whose connection is going keeps queueing as if
             // detached: oldest out, the resume reports the gap.
@@ -256,22 +288,23 @@ impl SessionHandle {
                         Enqueued::Queued
                     }
                 }
-                Offer::Dropped => return Enqueued::Dropped,
+                Offer::Dropped => return (Enqueued::Dropped, None),
                 Offer::SlowConsumer => {
                     o.close = Some(Box::new(CloseCmd::new(
                         Code::SlowConsumer,
                         "outbound queue full: the client is not reading fast enough",
                     )));
                     o.closing = Closing::KeepState;
-                    waker = o.waker.take();
+                    // The close is not deferred: the task acts on it at once.
+                    if let Some(w) = o.waker.take() {
+                        w.wake();
+                    }
+                    waker = None;
                     Enqueued::SlowConsumer
                 }
             }
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
-        res
+        (res, waker)
     }
 
     /// Asks the attached connection to close with `cmd` (the first request

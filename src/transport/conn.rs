@@ -468,6 +468,7 @@ impl<IO: Transport> Connection<IO> {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 metrics::counter!(m::WRITES).increment(1);
+                self.gw.count_write();
                 metrics::counter!(m::BYTES_OUT).increment(n as u64);
                 batch.advance(n);
             }
