@@ -881,6 +881,12 @@ impl Server {
         upstream_stop.cancel();
         stop_ticker.cancel();
         let _ = ticker.await;
+        // Let the listeners finish (the Unix socket file is removed on the
+        // way out); whatever is still running after a second is dropped.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         tasks.abort_all();
         Ok(())
     }
