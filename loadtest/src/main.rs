@@ -285,6 +285,32 @@ async fn pace(start: Instant, n: usize, rate: u64) {
     }
 }
 
+/// Connects a raw socket and logs it in as `user` on `device` with a token
+/// minted for it (allowed to join `rooms`).
+async fn raw_login(
+    addr: SocketAddr,
+    secret: &str,
+    user: &str,
+    device: &str,
+    rooms: Vec<String>,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    use tether::wire::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+    let token = tether::auth::mint_hs256(secret, user, None, Duration::from_secs(3600), rooms)?;
+    let mut s = connect(addr, None).await?;
+    let login = Req::Login(pb::Login {
+        token,
+        device_id: device.to_owned(),
+        platform: pb::Platform::Server as i32,
+        protocol_version: 1,
+        resume: None,
+    });
+    anyhow::ensure!(
+        matches!(roundtrip(&mut s, login).await?, Resp::LoginOk(_)),
+        "login refused"
+    );
+    Ok(s)
+}
+
 /// Writes one client frame and reads one server frame, on a raw socket.
 async fn roundtrip(
     s: &mut tokio::net::TcpStream,
@@ -328,25 +354,14 @@ async fn broadcast(
     let mut streams = Vec::with_capacity(conns);
     let t0 = Instant::now();
     for i in 0..conns {
-        let token = tether::auth::mint_hs256(
+        let mut s = raw_login(
+            addr,
             &secret,
             &format!("b{i}"),
-            None,
-            Duration::from_secs(3600),
+            &format!("d{i}"),
             rooms.clone(),
-        )?;
-        let mut s = connect(addr, None).await?;
-        let login = Req::Login(pb::Login {
-            token,
-            device_id: format!("d{i}"),
-            platform: pb::Platform::Server as i32,
-            protocol_version: 1,
-            resume: None,
-        });
-        anyhow::ensure!(
-            matches!(roundtrip(&mut s, login).await?, Resp::LoginOk(_)),
-            "login refused"
-        );
+        )
+        .await?;
         if room {
             let join = Req::Join(pb::Join {
                 room: "bench".into(),
@@ -437,29 +452,10 @@ async fn unicast(
     secret: String,
 ) -> anyhow::Result<()> {
     use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
-    use tether::wire::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+    use tether::wire::pb;
     let mut streams = Vec::with_capacity(conns);
     for i in 0..conns {
-        let token = tether::auth::mint_hs256(
-            &secret,
-            &format!("u{i}"),
-            None,
-            Duration::from_secs(3600),
-            vec![],
-        )?;
-        let mut s = connect(addr, None).await?;
-        let login = Req::Login(pb::Login {
-            token,
-            device_id: format!("d{i}"),
-            platform: pb::Platform::Server as i32,
-            protocol_version: 1,
-            resume: None,
-        });
-        anyhow::ensure!(
-            matches!(roundtrip(&mut s, login).await?, Resp::LoginOk(_)),
-            "login refused"
-        );
-        streams.push(s);
+        streams.push(raw_login(addr, &secret, &format!("u{i}"), &format!("d{i}"), vec![]).await?);
     }
     // Which user gets which push: a fixed pseudo-random sequence (xorshift).
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
