@@ -726,7 +726,10 @@ async fn main() -> anyhow::Result<()> {
             let step = Duration::from_millis(10);
             let per_step = (rate as usize / 100).max(1);
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), String>>(conns.max(1));
-            let mut half_rss = None;
+            // Sessions logged in so far, and the gateway's RSS once a quarter
+            // of them are: the slope from there on excludes fixed costs.
+            let logged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut quarter: Option<(usize, u64)> = None;
             for i in 0..conns {
                 let src = (!source.is_empty()).then(|| source[i % source.len()]);
                 let token = tether::auth::mint_hs256(
@@ -736,7 +739,7 @@ async fn main() -> anyhow::Result<()> {
                     Duration::from_secs(86_400),
                     vec![],
                 )?;
-                let tx = tx.clone();
+                let (tx, counter) = (tx.clone(), logged.clone());
                 tasks.spawn(async move {
                     let r = async {
                         let s = connect(addr, src).await.map_err(|e| e.to_string())?;
@@ -749,6 +752,7 @@ async fn main() -> anyhow::Result<()> {
                     .await;
                     match r {
                         Ok(mut c) => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let _ = tx.send(Ok(())).await;
                             let mut t = tokio::time::interval(Duration::from_secs(ping));
                             t.tick().await;
@@ -767,6 +771,10 @@ async fn main() -> anyhow::Result<()> {
                 // Pace in 10 ms steps: timers are too coarse for per-connection gaps.
                 if (i + 1) % per_step == 0 {
                     tokio::time::sleep(step).await;
+                    let n = logged.load(std::sync::atomic::Ordering::Relaxed);
+                    if quarter.is_none() && n >= conns / 4 && n > 0 {
+                        quarter = pid.and_then(rss_kib).map(|r| (n, r));
+                    }
                 }
             }
             drop(tx);
@@ -781,14 +789,6 @@ async fn main() -> anyhow::Result<()> {
                         failed += 1;
                     }
                     None => break,
-                }
-                if ok == conns / 2 && half_rss.is_none() {
-                    half_rss = pid.and_then(rss_kib);
-                }
-                if conns >= 10 && ok > 0 && ok % (conns / 10) == 0 {
-                    if let Some(r) = pid.and_then(rss_kib) {
-                        eprintln!("{ok} sessions: gateway RSS {r} KiB");
-                    }
                 }
             }
             println!(
@@ -805,12 +805,11 @@ async fn main() -> anyhow::Result<()> {
                         (full.saturating_sub(base) as f64 * 1024.0) / ok as f64
                     );
                 }
-                if let Some(half) = half_rss {
-                    let n = ok - conns / 2;
-                    if n > 0 {
+                if let Some((n0, r0)) = quarter {
+                    if ok > n0 {
                         println!(
-                            "per session (slope, second half): {:.0} B",
-                            (full.saturating_sub(half) as f64 * 1024.0) / n as f64
+                            "per session (RSS slope from {n0} to {ok} sessions): {:.0} B",
+                            (full.saturating_sub(r0) as f64 * 1024.0) / (ok - n0) as f64
                         );
                     }
                 }
