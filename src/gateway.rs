@@ -512,6 +512,9 @@ impl Gateway {
                         n += 1;
                         if n % per_sweep == 0 {
                             gw.sweep_detached(now);
+                            if let Some(b) = crate::metrics::resident_bytes() {
+                                metrics::gauge!(crate::metrics::RESIDENT_MEMORY).set(b as f64);
+                            }
                         }
                     }
                 }

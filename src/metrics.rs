@@ -33,6 +33,7 @@ pub const RESUMES: &str = "tether_resumes_total";
 pub const ACKED: &str = "tether_pushes_acked_total";
 pub const REPLAY_BYTES: &str = "tether_replay_bytes";
 pub const DETACHED: &str = "tether_detached_sessions";
+pub const RESIDENT_MEMORY: &str = "tether_process_resident_memory_bytes";
 
 /// Describes every metric (Prometheus HELP lines).
 pub fn describe() {
@@ -85,6 +86,27 @@ pub fn describe() {
         DETACHED,
         "Sessions without a connection, waiting for a resume."
     );
+    describe_gauge!(
+        RESIDENT_MEMORY,
+        Unit::Bytes,
+        "Resident memory of the gateway process (Linux VmRSS), sampled each second."
+    );
+}
+
+/// Resident bytes of this process, from `VmRSS` in `/proc/self/status`
+/// (Linux; `None` elsewhere). Cheap enough for once a second: it reads the
+/// kernel's per-process counters and walks no page tables.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Installs the Prometheus recorder and its HTTP scrape endpoint.

@@ -113,6 +113,24 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
         text.contains("# HELP tether_push_drops_total")
             || text.contains("tether_push_deliveries_total")
     );
+    // The resident-memory gauge (what `tether-loadtest --metrics` reads) is
+    // sampled once a second.
+    let mut rss = None;
+    for _ in 0..30 {
+        let text = tokio::task::spawn_blocking(move || scrape(metrics))
+            .await
+            .unwrap();
+        rss = metric(&text, "tether_process_resident_memory_bytes ");
+        if rss.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rss = rss.expect("tether_process_resident_memory_bytes within 6 s");
+    assert!(
+        (1_000_000.0..4e9).contains(&rss),
+        "implausible resident memory {rss}"
+    );
 
     // SIGTERM: the client hears SERVER_DRAINING, the process exits 0.
     let pid = child.id().to_string();
