@@ -1,0 +1,518 @@
+//! The coordinator: splits a fleet over worker processes (or runs it in this
+//! process), aggregates their reports, samples a timeline and the gateway's
+//! memory once a second, and draws progress bars.
+//!
+//! Workers are this same binary run as `tether-loadtest worker`: the first
+//! stdin line is its [`FleetSpec`], further lines are [`Command`]s, and it
+//! answers with one JSON [`Report`] per stdout line. A worker holds at most
+//! about 15,000 connections, below this machine's 20,000 open files per
+//! process; source addresses spread the 4-tuples past 64k ports.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::fleet::{self, Command, FleetSpec, Histogram, Hists, Report, Stats};
+
+/// Connections one worker process holds at most by default.
+pub const PER_WORKER: usize = 15_000;
+
+/// Where the gateway's resident memory comes from.
+#[derive(Clone, Debug)]
+pub enum Gauge {
+    /// `/proc/PID/smaps_rollup` (the gateway runs on this host).
+    Pid(u32),
+    /// The `tether_process_resident_memory_bytes` gauge on a Prometheus
+    /// endpoint (`host:port`).
+    Metrics(String),
+}
+
+impl Gauge {
+    /// Resident bytes now, if readable.
+    pub async fn read(&self) -> Option<u64> {
+        match self {
+            Gauge::Pid(pid) => rss_kib(*pid).map(|k| k * 1024),
+            Gauge::Metrics(addr) => scrape(addr, "tether_process_resident_memory_bytes")
+                .await
+                .map(|v| v as u64),
+        }
+    }
+}
+
+/// Resident memory of `pid`, from smaps_rollup: it walks the page tables,
+/// while VmRSS in /proc/PID/status is a cached counter that lags.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Reads one unlabelled metric from a Prometheus text endpoint.
+async fn scrape(addr: &str, name: &str) -> Option<f64> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let req = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut body = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        (&mut s).take(64 << 20).read_to_end(&mut body),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// One second of the run, summed over workers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sample {
+    /// Seconds since the fleet started.
+    pub t: f64,
+    pub online: u64,
+    pub logins: u64,
+    pub pushes: u64,
+    pub uplinks_acked: u64,
+    pub resumes: u64,
+    pub churns: u64,
+    /// Gateway resident bytes, when a gauge is set.
+    pub gateway_rss: Option<u64>,
+}
+
+/// What a finished fleet hands back.
+pub struct Outcome {
+    pub stats: Stats,
+    pub login: Histogram,
+    pub resume: Histogram,
+    pub push: Histogram,
+    pub push_slow: Histogram,
+    pub uplink: Histogram,
+    pub timeline: Vec<Sample>,
+    pub failures: Vec<String>,
+}
+
+#[derive(Default)]
+struct Agg {
+    latest: Vec<Stats>,
+    ready: Vec<bool>,
+    done: Vec<Option<Hists>>,
+    failed: Vec<Option<String>>,
+    timeline: Vec<Sample>,
+}
+
+impl Agg {
+    fn totals(&self) -> Stats {
+        let mut t = Stats::default();
+        for s in &self.latest {
+            t.add(s);
+        }
+        t
+    }
+
+    fn finished(&self, w: usize) -> bool {
+        self.done[w].is_some() || self.failed[w].is_some()
+    }
+}
+
+/// A running fleet.
+pub struct Fleet {
+    cmds: Vec<mpsc::Sender<Command>>,
+    agg: Arc<Mutex<Agg>>,
+    changed: Arc<Notify>,
+    monitor: tokio::task::JoinHandle<()>,
+    children: Vec<tokio::process::Child>,
+    started: Instant,
+    total: usize,
+}
+
+impl Fleet {
+    /// Starts `spec.count` devices over `workers` processes (0: in this
+    /// process).
+    ///
+    /// # Errors
+    /// When a worker process cannot be started.
+    pub async fn start(
+        spec: FleetSpec,
+        workers: usize,
+        gauge: Option<Gauge>,
+        quiet: bool,
+    ) -> anyhow::Result<Fleet> {
+        let parts = workers.max(1);
+        let (tx, rx) = mpsc::channel::<(usize, Report)>(1024);
+        let mut cmds = Vec::new();
+        let mut children = Vec::new();
+        let mut first = spec.first;
+        for w in 0..parts {
+            let count = spec.count / parts + usize::from(w < spec.count % parts);
+            let mut part = spec.clone();
+            part.first = first;
+            part.count = count;
+            part.rate = spec.rate / parts as f64;
+            first += count;
+            let (ctx, crx) = mpsc::channel::<Command>(8);
+            cmds.push(ctx);
+            if workers == 0 {
+                let (rtx, mut rrx) = mpsc::channel::<Report>(64);
+                tokio::spawn(fleet::run(part, crx, rtx));
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(r) = rrx.recv().await {
+                        if tx.send((w, r)).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            } else {
+                children.push(spawn_worker(w, part, crx, tx.clone()).await?);
+            }
+        }
+        drop(tx);
+        let agg = Arc::new(Mutex::new(Agg {
+            latest: vec![Stats::default(); parts],
+            ready: vec![false; parts],
+            done: vec![None; parts],
+            failed: vec![None; parts],
+            timeline: Vec::new(),
+        }));
+        let changed = Arc::new(Notify::new());
+        let started = Instant::now();
+        let monitor = tokio::spawn(monitor(
+            rx,
+            agg.clone(),
+            changed.clone(),
+            gauge,
+            started,
+            spec.count as u64,
+            quiet,
+        ));
+        Ok(Fleet {
+            cmds,
+            agg,
+            changed,
+            monitor,
+            children,
+            started,
+            total: spec.count,
+        })
+    }
+
+    /// The sum of the workers' latest reports.
+    pub fn totals(&self) -> Stats {
+        self.agg.lock().map(|a| a.totals()).unwrap_or_default()
+    }
+
+    /// Seconds since the fleet started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits until `cond` holds on the totals, every worker has ended, or
+    /// `timeout` passes; returns the totals and whether `cond` held.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        cond: impl Fn(&Stats) -> bool,
+    ) -> (Stats, bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let (t, all_ended) = match self.agg.lock() {
+                Ok(a) => (a.totals(), (0..a.done.len()).all(|w| a.finished(w))),
+                Err(_) => (Stats::default(), true),
+            };
+            if cond(&t) {
+                return (t, true);
+            }
+            if all_ended || Instant::now() >= deadline {
+                return (t, false);
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    /// Waits until every device made its first login attempt.
+    ///
+    /// # Errors
+    /// When a worker failed or the fleet did not settle within `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<Stats> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if let Ok(a) = self.agg.lock() {
+                if let Some(f) = a.failed.iter().flatten().next() {
+                    anyhow::bail!("a worker failed: {f}");
+                }
+                if a.ready.iter().all(|r| *r) {
+                    return Ok(a.totals());
+                }
+            }
+            if Instant::now() >= deadline {
+                let t = self.totals();
+                anyhow::bail!(
+                    "only {} of {} devices settled within {timeout:?} ({} online); errors: {:?}",
+                    t.settled,
+                    self.total,
+                    t.online,
+                    t.errors
+                );
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    /// Sends a command to every worker.
+    pub async fn command(&self, c: Command) {
+        for tx in &self.cmds {
+            let _ = tx.send(c).await;
+        }
+    }
+
+    /// Stops every worker and collects the figures.
+    pub async fn finish(mut self) -> Outcome {
+        self.command(Command::Stop).await;
+        let (_, _) = self.wait_for(Duration::from_secs(30), |_| false).await;
+        self.monitor.abort();
+        for c in &mut self.children {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        }
+        let mut out = Outcome {
+            stats: Stats::default(),
+            login: fleet::histogram(),
+            resume: fleet::histogram(),
+            push: fleet::histogram(),
+            push_slow: fleet::histogram(),
+            uplink: fleet::histogram(),
+            timeline: Vec::new(),
+            failures: Vec::new(),
+        };
+        if let Ok(a) = self.agg.lock() {
+            out.stats = a.totals();
+            out.timeline = a.timeline.clone();
+            for (w, h) in a.done.iter().enumerate() {
+                match h {
+                    Some(h) => {
+                        fleet::merge(&mut out.login, &h.login);
+                        fleet::merge(&mut out.resume, &h.resume);
+                        fleet::merge(&mut out.push, &h.push);
+                        fleet::merge(&mut out.push_slow, &h.push_slow);
+                        fleet::merge(&mut out.uplink, &h.uplink);
+                    }
+                    None => out.failures.push(format!(
+                        "worker {w}: {}",
+                        a.failed[w].as_deref().unwrap_or("no final report")
+                    )),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Starts one worker process and bridges its stdio to channels.
+async fn spawn_worker(
+    w: usize,
+    spec: FleetSpec,
+    mut cmds: mpsc::Receiver<Command>,
+    reports: mpsc::Sender<(usize, Report)>,
+) -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe().context("locating this binary to start workers")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("worker")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a worker process")?;
+    let mut stdin = child.stdin.take().context("worker stdin")?;
+    let stdout = child.stdout.take().context("worker stdout")?;
+    let mut line = serde_json::to_vec(&spec)?;
+    line.push(b'\n');
+    stdin.write_all(&line).await?;
+    tokio::spawn(async move {
+        while let Some(c) = cmds.recv().await {
+            let Ok(mut l) = serde_json::to_vec(&c) else {
+                continue;
+            };
+            l.push(b'\n');
+            if stdin.write_all(&l).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut done = false;
+        while let Ok(Some(l)) = lines.next_line().await {
+            match serde_json::from_str::<Report>(&l) {
+                Ok(r) => {
+                    done |= matches!(r, Report::Done { .. } | Report::Failed { .. });
+                    if reports.send((w, r)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let message = format!("unreadable report: {e}");
+                    let _ = reports.send((w, Report::Failed { message })).await;
+                    return;
+                }
+            }
+        }
+        if !done {
+            let message = "worker exited without a final report".to_owned();
+            let _ = reports.send((w, Report::Failed { message })).await;
+        }
+    });
+    Ok(child)
+}
+
+/// Takes in reports, samples the timeline each second, draws progress.
+async fn monitor(
+    mut rx: mpsc::Receiver<(usize, Report)>,
+    agg: Arc<Mutex<Agg>>,
+    changed: Arc<Notify>,
+    gauge: Option<Gauge>,
+    started: Instant,
+    total: u64,
+    quiet: bool,
+) {
+    let bars = MultiProgress::with_draw_target(if quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr_with_hz(5)
+    });
+    let online = bars.add(ProgressBar::new(total));
+    online.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} online  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    online.set_prefix("devices");
+    let traffic = bars.add(ProgressBar::new_spinner());
+    traffic.set_style(
+        ProgressStyle::with_template("{prefix:>8} {spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    traffic.set_prefix("traffic");
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut prev = Sample::default();
+    loop {
+        tokio::select! {
+            m = rx.recv() => {
+                let Some((w, r)) = m else { break };
+                if let Ok(mut a) = agg.lock() {
+                    match r {
+                        Report::Progress { stats } => a.latest[w] = stats,
+                        Report::Ready { stats } => {
+                            a.latest[w] = stats;
+                            a.ready[w] = true;
+                        }
+                        Report::Done { stats, hists } => {
+                            a.latest[w] = stats;
+                            a.done[w] = Some(hists);
+                        }
+                        Report::Failed { message } => a.failed[w] = Some(message),
+                    }
+                }
+                changed.notify_waiters();
+            }
+            _ = second.tick() => {
+                let rss = match &gauge {
+                    Some(g) => g.read().await,
+                    None => None,
+                };
+                let t = agg.lock().map(|a| a.totals()).unwrap_or_default();
+                let s = Sample {
+                    t: started.elapsed().as_secs_f64(),
+                    online: t.online,
+                    logins: t.logins,
+                    pushes: t.pushes + t.slow_pushes,
+                    uplinks_acked: t.uplinks_acked,
+                    resumes: t.resumes,
+                    churns: t.churns,
+                    gateway_rss: rss,
+                };
+                let dt = (s.t - prev.t).max(1e-3);
+                let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+                online.set_position(s.online);
+                online.set_message(format!(
+                    "{:.0} logins/s, {} refused, {} connect errors{}",
+                    rate(s.logins, prev.logins),
+                    t.refused,
+                    t.connect_errors,
+                    rss.map(|r| format!(", gateway RSS {} MiB", r >> 20)).unwrap_or_default()
+                ));
+                traffic.set_message(format!(
+                    "{:.0} pushes/s ({} in all), {:.0} uplinks/s, {:.0} resumes/s, {:.0} churns/s",
+                    rate(s.pushes, prev.pushes),
+                    s.pushes,
+                    rate(s.uplinks_acked, prev.uplinks_acked),
+                    rate(s.resumes, prev.resumes),
+                    rate(s.churns, prev.churns)
+                ));
+                traffic.tick();
+                if let Ok(mut a) = agg.lock() {
+                    a.timeline.push(s.clone());
+                }
+                prev = s;
+            }
+        }
+    }
+    online.finish_and_clear();
+    traffic.finish_and_clear();
+}
+
+/// The `worker` subcommand: a fleet driven over stdio.
+///
+/// # Errors
+/// When stdin holds no valid spec.
+pub async fn worker_main() -> anyhow::Result<()> {
+    fleet::raise_nofile();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let spec: FleetSpec =
+        serde_json::from_str(&lines.next_line().await?.context("no fleet spec on stdin")?)
+            .context("reading the fleet spec")?;
+    let (ctx, crx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            match serde_json::from_str::<Command>(&l) {
+                Ok(c) => {
+                    if ctx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => eprintln!("worker: ignoring an unreadable command: {e}"),
+            }
+        }
+        // The coordinator went away: stop.
+        let _ = ctx.send(Command::Stop).await;
+    });
+    let (rtx, mut rrx) = mpsc::channel::<Report>(64);
+    let fleet = tokio::spawn(fleet::run(spec, crx, rtx));
+    let mut out = tokio::io::stdout();
+    while let Some(r) = rrx.recv().await {
+        let mut l = serde_json::to_vec(&r)?;
+        l.push(b'\n');
+        out.write_all(&l).await?;
+        out.flush().await?;
+        if matches!(r, Report::Done { .. } | Report::Failed { .. }) {
+            break;
+        }
+    }
+    let _ = fleet.await;
+    Ok(())
+}

@@ -1,0 +1,1250 @@
+//! The client fleet: N simulated devices in one process (a worker).
+//!
+//! Each device is one task that connects (TCP or TLS), logs in with a minted
+//! token, heartbeats, counts and acknowledges pushes, tracks per-lane sequence
+//! numbers (so loss and duplicates show), and, by its [`FleetSpec`], sends
+//! uplinks, churns, reads slowly, or resumes its session when told to
+//! reconnect. The fleet reports cumulative [`Stats`] and, at the end, its
+//! latency histograms. It owns no scenario logic: the coordinator decides what
+//! upstream traffic runs and when the fleet reconnects or stops.
+//!
+//! The same [`run`] serves a worker process (JSON lines over stdio) and an
+//! in-process fleet, so both paths measure with the same code.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tether::wire::pb;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// What a fleet does; sent to a worker as its first stdin line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FleetSpec {
+    /// Gateway client listeners; device `i` uses `addrs[i % len]`.
+    pub addrs: Vec<SocketAddr>,
+    /// Connect over TLS, trusting this CA file, verifying this name.
+    pub tls: Option<TlsSpec>,
+    /// HS256 secret the tokens are minted with.
+    pub secret: String,
+    /// User ids are `{prefix}{i}`, device ids `d{i}`.
+    pub prefix: String,
+    /// Global index of this fleet's first device.
+    pub first: usize,
+    /// Devices in this fleet.
+    pub count: usize,
+    /// First connections per second for this fleet (0: all at once).
+    pub rate: f64,
+    /// Source addresses; device `i` binds `sources[i % len]`.
+    pub sources: Vec<IpAddr>,
+    /// Heartbeat interval; `None` follows the gateway's hint.
+    pub ping_ms: Option<u64>,
+    /// Room every device joins after login.
+    pub room: Option<String>,
+    /// Every `slow_every`-th device (by global index) reads at `slow_bps`
+    /// bytes per second and gives up when the gateway closes it (0: none).
+    pub slow_every: usize,
+    pub slow_bps: u64,
+    /// Each device sends an uplink this often (0: never).
+    pub uplink_ms: u64,
+    pub uplink_size: usize,
+    /// Each device closes and logs in afresh after about this long (0: never).
+    pub churn_ms: u64,
+}
+
+/// TLS client settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TlsSpec {
+    pub ca: PathBuf,
+    pub server_name: String,
+}
+
+/// Coordinator to fleet.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Every device drops its connection at once and resumes its session.
+    Reconnect,
+    /// Report the final figures and exit.
+    Stop,
+}
+
+/// Fleet to coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Report {
+    Progress {
+        stats: Stats,
+    },
+    /// Every device has made its first login attempt.
+    Ready {
+        stats: Stats,
+    },
+    Done {
+        stats: Stats,
+        hists: Hists,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// Cumulative counters of one fleet (or, summed, of all).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// TCP (and TLS) connections attempted, and those that failed.
+    pub connects: u64,
+    pub connect_errors: u64,
+    /// Fresh logins that succeeded, and logins refused (by code in `refusals`).
+    pub logins: u64,
+    pub refused: u64,
+    /// Devices logged in right now.
+    pub online: u64,
+    /// Devices whose first login attempt is over (success or refusal).
+    pub settled: u64,
+    /// Unique pushes received, their payload bytes, and the newest arrival
+    /// (unix nanoseconds).
+    pub pushes: u64,
+    pub push_bytes: u64,
+    pub last_push_ns: u64,
+    /// Pushes skipped over (a sequence number jumped) and seen twice.
+    pub seq_gaps: u64,
+    pub seq_dups: u64,
+    /// Pushes received by slow devices (not in the latency histogram).
+    pub slow_pushes: u64,
+    pub uplinks_sent: u64,
+    pub uplinks_acked: u64,
+    pub uplink_errors: u64,
+    pub resumes: u64,
+    /// Resumes answered with CODE_RESUME_GAP, and the pushes they lost.
+    pub resume_gaps: u64,
+    pub resume_gap_msgs: u64,
+    /// Resumes refused (expired or rejected): a new session started.
+    pub resume_new: u64,
+    /// Closes the device chose (churn) and connections lost unexpectedly.
+    pub churns: u64,
+    pub drops: u64,
+    /// Slow devices whose connection the gateway ended (they do not resume).
+    pub slow_closed: u64,
+    /// Server Close and Error frames and login refusals, by code.
+    pub codes: BTreeMap<i32, u64>,
+    /// The first few error messages.
+    pub errors: Vec<String>,
+}
+
+impl Stats {
+    /// Adds `o` into `self` (`online`/`settled` add too: they are per fleet).
+    pub fn add(&mut self, o: &Stats) {
+        self.connects += o.connects;
+        self.connect_errors += o.connect_errors;
+        self.logins += o.logins;
+        self.refused += o.refused;
+        self.online += o.online;
+        self.settled += o.settled;
+        self.pushes += o.pushes;
+        self.push_bytes += o.push_bytes;
+        self.last_push_ns = self.last_push_ns.max(o.last_push_ns);
+        self.seq_gaps += o.seq_gaps;
+        self.seq_dups += o.seq_dups;
+        self.slow_pushes += o.slow_pushes;
+        self.uplinks_sent += o.uplinks_sent;
+        self.uplinks_acked += o.uplinks_acked;
+        self.uplink_errors += o.uplink_errors;
+        self.resumes += o.resumes;
+        self.resume_gaps += o.resume_gaps;
+        self.resume_gap_msgs += o.resume_gap_msgs;
+        self.resume_new += o.resume_new;
+        self.churns += o.churns;
+        self.drops += o.drops;
+        self.slow_closed += o.slow_closed;
+        for (k, v) in &o.codes {
+            *self.codes.entry(*k).or_default() += v;
+        }
+        for e in &o.errors {
+            if self.errors.len() < MAX_ERRORS {
+                self.errors.push(e.clone());
+            }
+        }
+    }
+}
+
+const MAX_ERRORS: usize = 8;
+
+/// A histogram as (value, count) pairs, for the trip over JSON.
+pub type Buckets = Vec<(u64, u64)>;
+
+/// The fleet's latency histograms, in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Hists {
+    /// Connect + handshake + login, for fresh logins.
+    pub login: Buckets,
+    /// Connect + handshake + resume, after a reconnect.
+    pub resume: Buckets,
+    /// Push payload timestamp to arrival, fast devices.
+    pub push: Buckets,
+    /// Same, slow devices.
+    pub push_slow: Buckets,
+    /// Uplink written to SendAck read.
+    pub uplink: Buckets,
+}
+
+/// A latency histogram: microseconds up to 10 minutes, 3 significant digits.
+pub type Histogram = hdrhistogram::Histogram<u64>;
+
+/// A new empty latency histogram.
+pub fn histogram() -> Histogram {
+    // Invariant: constant bounds that hdrhistogram accepts (low >= 1, high >= 2 low, 3 digits).
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid constant histogram bounds")
+}
+
+fn buckets(h: &Histogram) -> Buckets {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Adds JSON buckets into a histogram.
+pub fn merge(into: &mut Histogram, b: &Buckets) {
+    for &(v, n) in b {
+        let _ = into.record_n(v.min(600_000_000), n);
+    }
+}
+
+/// Wall clock in nanoseconds; pushes carry their send time in their first 8
+/// payload bytes.
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs a fleet until [`Command::Stop`] (or until `commands` closes), sending
+/// progress every 200 ms.
+pub async fn run(
+    spec: FleetSpec,
+    mut commands: mpsc::Receiver<Command>,
+    reports: mpsc::Sender<Report>,
+) {
+    let tls = match &spec.tls {
+        None => None,
+        Some(t) => match tls_connector(t) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = reports.send(Report::Failed { message: e }).await;
+                return;
+            }
+        },
+    };
+    let shared = Arc::new(Shared {
+        spec,
+        tls,
+        counters: Counters::default(),
+        hists: Mutex::new(HistSet::default()),
+        codes: Mutex::new(BTreeMap::new()),
+        errors: Mutex::new(Vec::new()),
+    });
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run(0));
+    let spawner = tokio::spawn(spawn_devices(shared.clone(), phase_rx));
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ready = false;
+    let mut generation = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let stats = shared.snapshot();
+                let msg = if !ready && stats.settled >= shared.spec.count as u64 {
+                    ready = true;
+                    Report::Ready { stats }
+                } else {
+                    Report::Progress { stats }
+                };
+                if reports.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            c = commands.recv() => match c {
+                Some(Command::Reconnect) => {
+                    generation += 1;
+                    let _ = phase_tx.send(Phase::Run(generation));
+                }
+                Some(Command::Stop) | None => break,
+            }
+        }
+    }
+    let _ = phase_tx.send(Phase::Stop);
+    spawner.abort();
+    // Devices notice Stop at their next poll; give them a moment to leave.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while shared.counters.online.load(Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = shared.snapshot();
+    let hists = shared.hists.lock().map(|h| h.export()).unwrap_or_default();
+    let _ = reports.send(Report::Done { stats, hists }).await;
+}
+
+/// Raises the open-file limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((_, hard)) => rlimit::increase_nofile_limit(hard).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Connected devices stay; a new generation means reconnect now.
+    Run(u32),
+    Stop,
+}
+
+#[derive(Default)]
+struct Counters {
+    connects: AtomicU64,
+    connect_errors: AtomicU64,
+    logins: AtomicU64,
+    refused: AtomicU64,
+    online: AtomicU64,
+    settled: AtomicU64,
+    pushes: AtomicU64,
+    push_bytes: AtomicU64,
+    last_push_ns: AtomicU64,
+    seq_gaps: AtomicU64,
+    seq_dups: AtomicU64,
+    slow_pushes: AtomicU64,
+    uplinks_sent: AtomicU64,
+    uplinks_acked: AtomicU64,
+    uplink_errors: AtomicU64,
+    resumes: AtomicU64,
+    resume_gaps: AtomicU64,
+    resume_gap_msgs: AtomicU64,
+    resume_new: AtomicU64,
+    churns: AtomicU64,
+    drops: AtomicU64,
+    slow_closed: AtomicU64,
+}
+
+#[derive(Default)]
+struct HistSet {
+    login: Option<Histogram>,
+    resume: Option<Histogram>,
+    push: Option<Histogram>,
+    push_slow: Option<Histogram>,
+    uplink: Option<Histogram>,
+}
+
+impl HistSet {
+    fn export(&self) -> Hists {
+        let b = |h: &Option<Histogram>| h.as_ref().map(buckets).unwrap_or_default();
+        Hists {
+            login: b(&self.login),
+            resume: b(&self.resume),
+            push: b(&self.push),
+            push_slow: b(&self.push_slow),
+            uplink: b(&self.uplink),
+        }
+    }
+}
+
+/// Records `us` into a lazily created histogram (one per fleet, not per
+/// device: a histogram is ~100 KB).
+fn record(h: &mut Option<Histogram>, us: u64) {
+    let _ = h
+        .get_or_insert_with(histogram)
+        .record(us.clamp(1, 600_000_000));
+}
+
+struct Shared {
+    spec: FleetSpec,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    )>,
+    counters: Counters,
+    // std Mutex: held for a record() call, never across an await.
+    hists: Mutex<HistSet>,
+    codes: Mutex<BTreeMap<i32, u64>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> Stats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        Stats {
+            connects: l(&c.connects),
+            connect_errors: l(&c.connect_errors),
+            logins: l(&c.logins),
+            refused: l(&c.refused),
+            online: l(&c.online),
+            settled: l(&c.settled),
+            pushes: l(&c.pushes),
+            push_bytes: l(&c.push_bytes),
+            last_push_ns: l(&c.last_push_ns),
+            seq_gaps: l(&c.seq_gaps),
+            seq_dups: l(&c.seq_dups),
+            slow_pushes: l(&c.slow_pushes),
+            uplinks_sent: l(&c.uplinks_sent),
+            uplinks_acked: l(&c.uplinks_acked),
+            uplink_errors: l(&c.uplink_errors),
+            resumes: l(&c.resumes),
+            resume_gaps: l(&c.resume_gaps),
+            resume_gap_msgs: l(&c.resume_gap_msgs),
+            resume_new: l(&c.resume_new),
+            churns: l(&c.churns),
+            drops: l(&c.drops),
+            slow_closed: l(&c.slow_closed),
+            codes: self.codes.lock().map(|m| m.clone()).unwrap_or_default(),
+            errors: self.errors.lock().map(|m| m.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn code(&self, code: i32) {
+        if let Ok(mut m) = self.codes.lock() {
+            *m.entry(code).or_default() += 1;
+        }
+    }
+
+    fn error(&self, e: String) {
+        if let Ok(mut v) = self.errors.lock() {
+            if v.len() < MAX_ERRORS {
+                v.push(e);
+            }
+        }
+    }
+
+    fn hist(&self, f: impl FnOnce(&mut HistSet)) {
+        if let Ok(mut h) = self.hists.lock() {
+            f(&mut h);
+        }
+    }
+}
+
+fn tls_connector(
+    t: &TlsSpec,
+) -> Result<
+    (
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    ),
+    String,
+> {
+    let cfg = tether::tls::client_config_pinned(&t.ca).map_err(|e| e.to_string())?;
+    let name = tether::tls::server_name(&t.server_name)?;
+    Ok((tokio_rustls::TlsConnector::from(cfg), name))
+}
+
+/// Starts the devices at the fleet's rate, in 10 ms steps (timers are too
+/// coarse for per-device gaps).
+async fn spawn_devices(shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
+    let spec = &shared.spec;
+    let per_step = if spec.rate > 0.0 {
+        ((spec.rate / 100.0).round() as usize).max(1)
+    } else {
+        usize::MAX
+    };
+    for k in 0..spec.count {
+        // Detached: each device ends by itself on Phase::Stop.
+        tokio::spawn(device(spec.first + k, shared.clone(), phase.clone()));
+        if (k + 1) % per_step == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Why a connection ended.
+enum End {
+    Stop,
+    Reconnect,
+    Churn,
+    /// The gateway closed the session with this code.
+    Closed(i32),
+    Lost(String),
+}
+
+/// What a device keeps across connections to resume its session.
+struct Resumable {
+    session_id: u64,
+    token: bytes::Bytes,
+}
+
+/// One device's delivery state.
+struct Device {
+    user: String,
+    device: String,
+    slow: bool,
+    /// Highest in-order seq per lane (interactive, bulk), and what was acked.
+    seq: [u64; 2],
+    acked: [u64; 2],
+    session: Option<Resumable>,
+    uplink_no: u64,
+    /// Uplinks waiting for their SendAck: (id, sent at).
+    inflight: VecDeque<(u64, Instant)>,
+    rng: u64,
+}
+
+impl Device {
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64: per-device jitter without a shared generator.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// A duration around `ms` (±50%).
+    fn jitter(&mut self, ms: u64) -> Duration {
+        let ms = ms.max(1);
+        Duration::from_millis(ms / 2 + self.next_rand() % ms)
+    }
+}
+
+async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let spec = &shared.spec;
+    let mut d = Device {
+        user: format!("{}{ix}", spec.prefix),
+        device: format!("d{ix}"),
+        slow: spec.slow_every > 0 && ix.is_multiple_of(spec.slow_every),
+        seq: [0; 2],
+        acked: [0; 2],
+        session: None,
+        uplink_no: 0,
+        inflight: VecDeque::new(),
+        rng: 0x9e37_79b9_7f4a_7c15 ^ (ix as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+    };
+    let mut settled = false;
+    let mut backoff = Duration::from_millis(100);
+    let mut generation = match *phase.borrow_and_update() {
+        Phase::Run(g) => g,
+        Phase::Stop => return,
+    };
+    loop {
+        let resuming = d.session.is_some();
+        let started = Instant::now();
+        let conn = tokio::select! {
+            c = connect(&shared, ix) => c,
+            _ = phase.wait_for(|p| *p == Phase::Stop) => return,
+        };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                shared.counters.connect_errors.fetch_add(1, Relaxed);
+                shared.error(format!("connect: {e}"));
+                if !settled {
+                    settled = true;
+                    shared.counters.settled.fetch_add(1, Relaxed);
+                }
+                if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut rbuf = BytesMut::with_capacity(if d.slow { 1024 } else { 8192 });
+        let login = tokio::select! {
+            r = login(&shared, &mut d, &mut conn, &mut rbuf) => r,
+            _ = phase.wait_for(|p| *p == Phase::Stop) => return,
+        };
+        if !settled {
+            settled = true;
+            shared.counters.settled.fetch_add(1, Relaxed);
+        }
+        match login {
+            Ok(ok) => {
+                backoff = Duration::from_millis(100);
+                let us = started.elapsed().as_micros() as u64;
+                let c = &shared.counters;
+                if resuming {
+                    c.resumes.fetch_add(1, Relaxed);
+                    shared.hist(|h| record(&mut h.resume, us));
+                } else {
+                    c.logins.fetch_add(1, Relaxed);
+                    shared.hist(|h| record(&mut h.login, us));
+                }
+                d.session = Some(Resumable {
+                    session_id: ok.session_id,
+                    token: ok.resume_token.clone(),
+                });
+                let ping = spec.ping_ms.map(Duration::from_millis).unwrap_or_else(|| {
+                    Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(1000)))
+                });
+                c.online.fetch_add(1, Relaxed);
+                let end = session(
+                    &shared, &mut d, &mut conn, rbuf, ping, &mut phase, generation,
+                )
+                .await;
+                c.online.fetch_sub(1, Relaxed);
+                d.inflight.clear();
+                match end {
+                    End::Stop => {
+                        let _ = write_frame(&mut conn, close_frame()).await;
+                        return;
+                    }
+                    End::Reconnect => {
+                        if let Phase::Run(g) = *phase.borrow() {
+                            generation = g;
+                        }
+                        // Abrupt, as a device losing its network: no Close frame.
+                        drop(conn);
+                    }
+                    End::Churn => {
+                        c.churns.fetch_add(1, Relaxed);
+                        let _ = write_frame(&mut conn, close_frame()).await;
+                        drop(conn);
+                        d.session = None;
+                        d.seq = [0; 2];
+                        d.acked = [0; 2];
+                    }
+                    End::Closed(code) => {
+                        shared.code(code);
+                        if d.slow {
+                            c.slow_closed.fetch_add(1, Relaxed);
+                            return;
+                        }
+                        if !resumable_close(code) {
+                            return;
+                        }
+                        if sleep_or_stop(&mut phase, d.jitter(200)).await {
+                            return;
+                        }
+                    }
+                    End::Lost(_) if d.slow => {
+                        // The gateway cut it off (its Close sat behind unread pushes).
+                        c.slow_closed.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    End::Lost(e) => {
+                        c.drops.fetch_add(1, Relaxed);
+                        shared.error(format!("connection lost: {e}"));
+                        if sleep_or_stop(&mut phase, d.jitter(200)).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(LoginFail::Refused { code, retry }) => {
+                shared.counters.refused.fetch_add(1, Relaxed);
+                shared.code(code);
+                if !retry {
+                    shared.error(format!("login refused with code {code}"));
+                    return;
+                }
+                if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(LoginFail::Io(e)) => {
+                shared.counters.connect_errors.fetch_add(1, Relaxed);
+                shared.error(format!("login: {e}"));
+                if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Closes after which a real client resumes its session.
+fn resumable_close(code: i32) -> bool {
+    use pb::Code;
+    [
+        Code::SlowConsumer,
+        Code::HeartbeatTimeout,
+        Code::ServerDraining,
+    ]
+    .iter()
+    .any(|c| *c as i32 == code)
+}
+
+/// Sleeps `d`; true if the fleet stopped meanwhile.
+async fn sleep_or_stop(phase: &mut watch::Receiver<Phase>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = phase.wait_for(|p| *p == Phase::Stop) => return true,
+    }
+    *phase.borrow() == Phase::Stop
+}
+
+async fn connect(shared: &Shared, ix: usize) -> std::io::Result<Box<dyn Io>> {
+    let spec = &shared.spec;
+    shared.counters.connects.fetch_add(1, Relaxed);
+    let addr = *spec
+        .addrs
+        .get(ix % spec.addrs.len().max(1))
+        .ok_or_else(|| std::io::Error::other("no gateway address"))?;
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if !spec.sources.is_empty() {
+        sock.bind(SocketAddr::new(spec.sources[ix % spec.sources.len()], 0))?;
+    }
+    let s = tokio::time::timeout(Duration::from_secs(10), sock.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    match &shared.tls {
+        None => Ok(Box::new(s)),
+        Some((c, name)) => {
+            let t = tokio::time::timeout(Duration::from_secs(10), c.connect(name.clone(), s))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+            Ok(Box::new(t))
+        }
+    }
+}
+
+enum LoginFail {
+    Refused { code: i32, retry: bool },
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for LoginFail {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// Logs in (or resumes); on success `rbuf` may already hold pushes.
+async fn login(
+    shared: &Shared,
+    d: &mut Device,
+    conn: &mut Box<dyn Io>,
+    rbuf: &mut BytesMut,
+) -> Result<pb::LoginOk, LoginFail> {
+    let token = tether::auth::mint_hs256(
+        &shared.spec.secret,
+        &d.user,
+        None,
+        Duration::from_secs(86_400),
+        shared.spec.room.iter().cloned().collect(),
+    )
+    .map_err(|e| LoginFail::Io(std::io::Error::other(e.to_string())))?;
+    let resume = d.session.as_ref().map(|s| pb::Resume {
+        session_id: s.session_id,
+        resume_token: s.token.clone(),
+        last_seq: d.seq[0],
+        last_bulk_seq: d.seq[1],
+    });
+    let frame = pb::ClientFrame {
+        request_id: 1,
+        body: Some(pb::client_frame::Body::Login(pb::Login {
+            token,
+            device_id: d.device.clone(),
+            platform: pb::Platform::Android as i32,
+            protocol_version: 1,
+            resume,
+        })),
+    };
+    write_frame(conn, frame).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(f) = take_frame(rbuf).map_err(LoginFail::Io)? {
+            let f = pb::ServerFrame::decode(&f[..])
+                .map_err(|e| LoginFail::Io(std::io::Error::other(e.to_string())))?;
+            match f.body {
+                Some(pb::server_frame::Body::LoginOk(ok)) => {
+                    after_login(shared, d, &ok);
+                    return Ok(ok);
+                }
+                Some(pb::server_frame::Body::Close(c)) => {
+                    return Err(LoginFail::Refused {
+                        code: c.code,
+                        retry: retry_login(c.code),
+                    })
+                }
+                Some(pb::server_frame::Body::Error(e)) => {
+                    return Err(LoginFail::Refused {
+                        code: e.code,
+                        retry: retry_login(e.code),
+                    })
+                }
+                _ => continue,
+            }
+        }
+        rbuf.reserve(1024);
+        let n = tokio::time::timeout_at(deadline, conn.read_buf(rbuf))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no login reply"))??;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed during login",
+            )
+            .into());
+        }
+    }
+}
+
+/// Refusals after which a device tries again later (load shedding).
+fn retry_login(code: i32) -> bool {
+    use pb::Code;
+    [
+        Code::RateLimited,
+        Code::TooManyConnections,
+        Code::ServerDraining,
+    ]
+    .iter()
+    .any(|c| *c as i32 == code)
+}
+
+/// Applies a LoginOk's resume outcome to the device's sequence state.
+fn after_login(shared: &Shared, d: &mut Device, ok: &pb::LoginOk) {
+    let c = &shared.counters;
+    match &ok.resume {
+        None => {
+            d.seq = [0; 2];
+            d.acked = [0; 2];
+        }
+        Some(r) if r.code == pb::Code::Ok as i32 => {}
+        Some(r) if r.code == pb::Code::ResumeGap as i32 => {
+            c.resume_gaps.fetch_add(1, Relaxed);
+            let firsts = [r.first_seq, r.first_bulk_seq];
+            for (seq, first) in d.seq.iter_mut().zip(firsts) {
+                if first > *seq + 1 {
+                    c.resume_gap_msgs.fetch_add(first - *seq - 1, Relaxed);
+                    *seq = first - 1;
+                }
+            }
+            d.acked = d.seq;
+        }
+        Some(r) => {
+            c.resume_new.fetch_add(1, Relaxed);
+            shared.code(r.code);
+            d.seq = [0; 2];
+            d.acked = [0; 2];
+        }
+    }
+}
+
+/// Splits one whole frame (without its length prefix) off `rbuf`.
+fn take_frame(rbuf: &mut BytesMut) -> std::io::Result<Option<bytes::Bytes>> {
+    if rbuf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([rbuf[0], rbuf[1], rbuf[2], rbuf[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("frame of {len} bytes")));
+    }
+    if rbuf.len() < 4 + len {
+        return Ok(None);
+    }
+    rbuf.advance(4);
+    Ok(Some(rbuf.split_to(len).freeze()))
+}
+
+const MAX_FRAME: usize = 16 << 20;
+/// Pushes a device receives before it acknowledges at once (else within
+/// [`ACK_DELAY`]): few acks, far inside the gateway's window.
+const ACK_EVERY: u64 = 32;
+const ACK_DELAY: Duration = Duration::from_millis(20);
+/// Uplinks a device keeps unanswered before it skips a send.
+const MAX_UPLINKS_INFLIGHT: usize = 256;
+
+async fn write_frame(conn: &mut Box<dyn Io>, f: pb::ClientFrame) -> std::io::Result<()> {
+    conn.write_all(&tether::wire::frame_bytes(&f)).await?;
+    conn.flush().await
+}
+
+fn close_frame() -> pb::ClientFrame {
+    pb::ClientFrame {
+        request_id: 0,
+        body: Some(pb::client_frame::Body::Close(pb::Close {
+            code: pb::Code::NormalClose as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+/// The logged-in loop of one connection.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    shared: &Shared,
+    d: &mut Device,
+    conn: &mut Box<dyn Io>,
+    mut rbuf: BytesMut,
+    ping: Duration,
+    phase: &mut watch::Receiver<Phase>,
+    generation: u32,
+) -> End {
+    let spec = &shared.spec;
+    if let Some(room) = &spec.room {
+        let join = pb::ClientFrame {
+            request_id: 2,
+            body: Some(pb::client_frame::Body::Join(pb::Join {
+                room: room.clone(),
+            })),
+        };
+        if let Err(e) = write_frame(conn, join).await {
+            return End::Lost(e.to_string());
+        }
+    }
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let ping_at = tokio::time::sleep(ping);
+    let ack_at = tokio::time::sleep_until(far);
+    let uplink_every = Duration::from_millis(spec.uplink_ms.max(1));
+    let uplink_at = tokio::time::sleep(if spec.uplink_ms > 0 {
+        d.jitter(spec.uplink_ms)
+    } else {
+        far - Instant::now()
+    });
+    let churn_at = tokio::time::sleep(if spec.churn_ms > 0 {
+        d.jitter(spec.churn_ms)
+    } else {
+        far - Instant::now()
+    });
+    tokio::pin!(ping_at, ack_at, uplink_at, churn_at);
+    let mut ack_armed = false;
+    // Pushes that arrived with the LoginOk (a resume's replay).
+    if !rbuf.is_empty() {
+        if let Some(end) = handle_frames(shared, d, &mut rbuf) {
+            return end;
+        }
+    }
+    loop {
+        tokio::select! {
+            r = phase.changed() => {
+                match (r, *phase.borrow()) {
+                    (Err(_), _) | (_, Phase::Stop) => return End::Stop,
+                    (_, Phase::Run(g)) if g != generation => return End::Reconnect,
+                    _ => {}
+                }
+            }
+            r = read_some(conn, &mut rbuf, d.slow) => {
+                match r {
+                    Ok(0) => return End::Lost("closed by the gateway".into()),
+                    Ok(n) => {
+                        if let Some(end) = handle_frames(shared, d, &mut rbuf) {
+                            return end;
+                        }
+                        if d.slow && spec.slow_bps > 0 {
+                            // Reading slowly is the point: this device stalls here.
+                            tokio::time::sleep(Duration::from_secs_f64(n as f64 / spec.slow_bps as f64)).await;
+                        }
+                        let behind = (d.seq[0] - d.acked[0]).max(d.seq[1] - d.acked[1]);
+                        if behind >= ACK_EVERY {
+                            if let Err(e) = send_acks(conn, d).await {
+                                return End::Lost(e.to_string());
+                            }
+                        } else if behind > 0 && !ack_armed {
+                            ack_at.as_mut().reset(Instant::now() + ACK_DELAY);
+                            ack_armed = true;
+                        }
+                    }
+                    Err(e) => return End::Lost(e.to_string()),
+                }
+            }
+            _ = &mut ack_at, if ack_armed => {
+                ack_armed = false;
+                ack_at.as_mut().reset(far);
+                if let Err(e) = send_acks(conn, d).await {
+                    return End::Lost(e.to_string());
+                }
+            }
+            _ = &mut ping_at => {
+                ping_at.as_mut().reset(Instant::now() + ping);
+                let f = pb::ClientFrame {
+                    request_id: 0,
+                    body: Some(pb::client_frame::Body::Ping(pb::Ping { client_time_ms: 0 })),
+                };
+                if let Err(e) = write_frame(conn, f).await {
+                    return End::Lost(e.to_string());
+                }
+            }
+            _ = &mut uplink_at => {
+                uplink_at.as_mut().reset(Instant::now() + uplink_every);
+                if d.inflight.len() < MAX_UPLINKS_INFLIGHT {
+                    d.uplink_no += 1;
+                    let mut payload = vec![b'u'; spec.uplink_size.max(8)];
+                    payload[..8].copy_from_slice(&unix_nanos().to_le_bytes());
+                    let f = pb::ClientFrame {
+                        request_id: 0,
+                        body: Some(pb::client_frame::Body::Send(pb::Send {
+                            client_msg_id: d.uplink_no.to_string(),
+                            route: "load".into(),
+                            payload: payload.into(),
+                        })),
+                    };
+                    d.inflight.push_back((d.uplink_no, Instant::now()));
+                    shared.counters.uplinks_sent.fetch_add(1, Relaxed);
+                    if let Err(e) = write_frame(conn, f).await {
+                        return End::Lost(e.to_string());
+                    }
+                }
+            }
+            _ = &mut churn_at => return End::Churn,
+        }
+    }
+}
+
+/// Reads what is there into `rbuf` (at most 1 KiB at a time when slow).
+///
+/// # Cancel safety
+/// `read_buf` is cancel safe: a cancelled read consumed nothing.
+async fn read_some(
+    conn: &mut Box<dyn Io>,
+    rbuf: &mut BytesMut,
+    slow: bool,
+) -> std::io::Result<usize> {
+    if slow {
+        rbuf.reserve(1024);
+        let mut limited = (&mut *conn).take(1024);
+        limited.read_buf(rbuf).await
+    } else {
+        rbuf.reserve(8192);
+        conn.read_buf(rbuf).await
+    }
+}
+
+/// Handles every whole frame in `rbuf`; `Some` when the connection must end.
+fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option<End> {
+    let now_ns = unix_nanos();
+    let c = &shared.counters;
+    let mut latencies: [u64; 64] = [0; 64];
+    let mut nlat = 0;
+    let (mut fresh, mut bytes) = (0u64, 0u64);
+    loop {
+        let f = match take_frame(rbuf) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Some(End::Lost(e.to_string())),
+        };
+        if let Some(p) = parse_push(&f) {
+            let lane = usize::from(p.lane == 1);
+            let last = d.seq[lane];
+            if p.seq <= last {
+                c.seq_dups.fetch_add(1, Relaxed);
+                continue;
+            }
+            if p.seq > last + 1 {
+                c.seq_gaps.fetch_add(p.seq - last - 1, Relaxed);
+            }
+            d.seq[lane] = p.seq;
+            fresh += 1;
+            bytes += p.payload_len as u64;
+            if let Some(ts) = p.sent_ns {
+                if nlat == latencies.len() {
+                    record_latencies(shared, d.slow, &latencies);
+                    nlat = 0;
+                }
+                latencies[nlat] = now_ns.saturating_sub(ts) / 1000;
+                nlat += 1;
+            }
+            continue;
+        }
+        match pb::ServerFrame::decode(&f[..]).map(|f| f.body) {
+            Ok(Some(pb::server_frame::Body::SendAck(a))) => {
+                if a.code != pb::Code::Ok as i32 {
+                    c.uplink_errors.fetch_add(1, Relaxed);
+                    shared.code(a.code);
+                }
+                let id: u64 = a.client_msg_id.parse().unwrap_or(0);
+                while let Some(&(front, at)) = d.inflight.front() {
+                    if front > id {
+                        break;
+                    }
+                    d.inflight.pop_front();
+                    if front == id {
+                        if a.code == pb::Code::Ok as i32 {
+                            c.uplinks_acked.fetch_add(1, Relaxed);
+                        }
+                        let us = at.elapsed().as_micros() as u64;
+                        shared.hist(|h| record(&mut h.uplink, us));
+                    }
+                }
+            }
+            Ok(Some(pb::server_frame::Body::Close(cl))) => return Some(End::Closed(cl.code)),
+            Ok(Some(pb::server_frame::Body::Error(e))) => shared.code(e.code),
+            Ok(_) => {}
+            Err(e) => return Some(End::Lost(format!("undecodable frame: {e}"))),
+        }
+    }
+    if fresh > 0 {
+        if d.slow {
+            c.slow_pushes.fetch_add(fresh, Relaxed);
+        } else {
+            c.pushes.fetch_add(fresh, Relaxed);
+        }
+        c.push_bytes.fetch_add(bytes, Relaxed);
+        c.last_push_ns.fetch_max(now_ns, Relaxed);
+        record_latencies(shared, d.slow, &latencies[..nlat]);
+    }
+    None
+}
+
+/// Records push latencies under one lock.
+fn record_latencies(shared: &Shared, slow: bool, us: &[u64]) {
+    if us.is_empty() {
+        return;
+    }
+    shared.hist(|h| {
+        let h = if slow { &mut h.push_slow } else { &mut h.push };
+        for &v in us {
+            record(h, v);
+        }
+    });
+}
+
+async fn send_acks(conn: &mut Box<dyn Io>, d: &mut Device) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(32);
+    for lane in 0..2 {
+        if d.seq[lane] > d.acked[lane] {
+            let f = pb::ClientFrame {
+                request_id: 0,
+                body: Some(pb::client_frame::Body::Ack(pb::Ack {
+                    up_to_seq: d.seq[lane],
+                    lane: lane as i32,
+                    ranges: vec![],
+                })),
+            };
+            out.extend_from_slice(&tether::wire::frame_bytes(&f));
+            d.acked[lane] = d.seq[lane];
+        }
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    conn.write_all(&out).await?;
+    conn.flush().await
+}
+
+/// The fields of a push the fleet needs.
+struct PushInfo {
+    seq: u64,
+    lane: u64,
+    payload_len: usize,
+    /// The send time in the payload's first 8 bytes, if it has them.
+    sent_ns: Option<u64>,
+}
+
+/// Reads a ServerFrame holding a push by walking the protobuf by hand, so
+/// counting millions of pushes stays cheap. `None` for any other frame.
+fn parse_push(mut b: &[u8]) -> Option<PushInfo> {
+    use prost::encoding::decode_varint;
+    // ServerFrame.push: field 5, length-delimited (tag 0x2a). The gateway
+    // writes no request_id on pushes, so the tag comes first.
+    if b.first() != Some(&0x2a) {
+        return None;
+    }
+    b = &b[1..];
+    let len = decode_varint(&mut b).ok()? as usize;
+    let mut inner = b.get(..len)?;
+    let mut p = PushInfo {
+        seq: 0,
+        lane: 0,
+        payload_len: 0,
+        sent_ns: None,
+    };
+    while !inner.is_empty() {
+        let key = decode_varint(&mut inner).ok()?;
+        match key & 7 {
+            0 => {
+                let v = decode_varint(&mut inner).ok()?;
+                match key >> 3 {
+                    1 => p.seq = v,
+                    6 => p.lane = v,
+                    _ => {}
+                }
+            }
+            2 => {
+                let n = decode_varint(&mut inner).ok()? as usize;
+                let v = inner.get(..n)?;
+                if key >> 3 == 3 {
+                    p.payload_len = n;
+                    p.sent_ns = v
+                        .get(..8)
+                        .and_then(|t| t.try_into().ok())
+                        .map(u64::from_le_bytes);
+                }
+                inner = &inner[n..];
+            }
+            _ => return None,
+        }
+    }
+    Some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_push_reads_seq_lane_and_stamp() {
+        let f = pb::ServerFrame {
+            request_id: 0,
+            body: Some(pb::server_frame::Body::Push(pb::Push {
+                seq: 300,
+                message_id: "m".into(),
+                payload: [7u64.to_le_bytes().as_slice(), b"rest"].concat().into(),
+                source: "s".into(),
+                room: String::new(),
+                lane: pb::Lane::Bulk as i32,
+            })),
+        };
+        let p = parse_push(&f.encode_to_vec()).expect("a push");
+        assert_eq!(
+            (p.seq, p.lane, p.payload_len, p.sent_ns),
+            (300, 1, 12, Some(7))
+        );
+        let pong = pb::ServerFrame {
+            request_id: 0,
+            body: Some(pb::server_frame::Body::Pong(pb::Pong::default())),
+        };
+        assert!(parse_push(&pong.encode_to_vec()).is_none());
+        // Truncated: never a panic, never a push.
+        let bytes = f.encode_to_vec();
+        for cut in 0..bytes.len() {
+            let _ = parse_push(&bytes[..cut]);
+        }
+    }
+
+    #[test]
+    fn take_frame_waits_for_whole_frames_and_refuses_huge_ones() {
+        let mut b = BytesMut::from(&[0u8, 0, 0, 3, 1, 2][..]);
+        assert!(take_frame(&mut b).expect("ok").is_none());
+        b.extend_from_slice(&[3, 0, 0]);
+        assert_eq!(
+            &take_frame(&mut b).expect("ok").expect("frame")[..],
+            &[1, 2, 3]
+        );
+        assert_eq!(b.len(), 2);
+        let mut huge = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..]);
+        assert!(take_frame(&mut huge).is_err());
+    }
+
+    #[test]
+    fn stats_add_sums_and_keeps_latest_push() {
+        let mut a = Stats {
+            pushes: 2,
+            last_push_ns: 5,
+            ..Default::default()
+        };
+        a.codes.insert(3002, 1);
+        let mut b = Stats {
+            pushes: 3,
+            last_push_ns: 9,
+            ..Default::default()
+        };
+        b.codes.insert(3002, 2);
+        a.add(&b);
+        assert_eq!((a.pushes, a.last_push_ns, a.codes[&3002]), (5, 9, 3));
+    }
+}

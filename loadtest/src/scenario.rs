@@ -1,0 +1,743 @@
+//! The scenarios: each starts a fleet, drives the upstream side, waits for
+//! the deliveries, and turns the outcome into a [`RunReport`].
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tether::upstream::{Endpoint, EventStream, UpstreamClient, UpstreamOptions};
+use tether::wire::pb;
+use tokio::time::Instant;
+
+use crate::coord::{Fleet, Gauge, PER_WORKER};
+use crate::fleet::{self, FleetSpec, Stats, TlsSpec};
+use crate::report::RunReport;
+use crate::{Common, Pushes, Upstream};
+
+/// Holds devices and reports the gateway's memory per connection.
+///
+/// # Errors
+/// When the fleet cannot start or settle.
+pub async fn idle(c: Common, hold: u64) -> anyhow::Result<()> {
+    let gauge = gauge(&c);
+    let spec = spec(&c)?;
+    let (fleet, t0) = start(&c, spec).await?;
+    let ready = wait_ready(&fleet, &c).await?;
+    let ramp = fleet.elapsed();
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    let full = match &gauge {
+        Some(g) => g.read().await,
+        None => None,
+    };
+    let online = fleet.totals().online;
+    let out = fleet.finish().await;
+    let mut r = report(
+        "idle",
+        format!("{} devices held {hold} s", c.conns),
+        &c,
+        serde_json::json!({"hold_s": hold}),
+        t0,
+        &out,
+    );
+    r.figure("online", "devices online", online as f64, "");
+    r.figure(
+        "login_rate",
+        "logins per second (ramp)",
+        ready.logins as f64 / ramp.as_secs_f64().max(1e-3),
+        "/s",
+    );
+    if let (Some(full), Some(base)) = (full, out.timeline.iter().find_map(|s| s.gateway_rss)) {
+        r.figure(
+            "gateway_rss",
+            "gateway RSS at the end",
+            full as f64 / 1_048_576.0,
+            "MiB",
+        );
+        if online > 0 {
+            r.figure(
+                "rss_per_conn_total",
+                "gateway RSS growth per device (total)",
+                full.saturating_sub(base) as f64 / online as f64,
+                "B",
+            );
+        }
+        // The slope from a quarter of the devices on excludes fixed costs
+        // (thread stacks, first allocations of every size class).
+        let quarter = out
+            .timeline
+            .iter()
+            .find(|s| s.online >= (c.conns as u64 / 4).max(1) && s.gateway_rss.is_some());
+        if let Some(q) = quarter {
+            let (n0, r0) = (q.online, q.gateway_rss.unwrap_or(full));
+            if online > n0 {
+                r.figure(
+                    "rss_per_conn_slope",
+                    &format!("gateway RSS slope per device ({n0} to {online})"),
+                    full.saturating_sub(r0) as f64 / (online - n0) as f64,
+                    "B",
+                );
+            }
+        }
+    }
+    r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// Broadcast to everyone or to a room.
+///
+/// # Errors
+/// When the fleet or the upstream cannot start.
+pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow::Result<()> {
+    let mut spec = spec(&c)?;
+    if room {
+        spec.room = Some("bench".into());
+    }
+    let (fleet, t0) = start(&c, spec).await?;
+    wait_ready(&fleet, &c).await?;
+    let (ups, _) = upstreams(&u, false).await?;
+    let target = if room {
+        pb::push_request::Target::Room("bench".into())
+    } else {
+        pb::push_request::Target::Everyone(true)
+    };
+    let gateways = ups.len();
+    let start_ns = fleet::unix_nanos();
+    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, |_| {
+        (0..gateways)
+            .map(|g| (g, request(target.clone(), p.size)))
+            .collect()
+    })
+    .await;
+    let expected = (c.conns as u64 - slow_count(&c)) * (tally.sent / gateways.max(1) as u64);
+    let got = settle(&fleet, tally.queued, Some(expected)).await;
+    let out = fleet.finish().await;
+    let title = format!(
+        "{} devices, {} pushes of {} B to {}{}",
+        c.conns,
+        p.msgs,
+        p.size,
+        if room { "a room" } else { "everyone" },
+        if p.rate > 0 {
+            format!(" at {}/s", p.rate)
+        } else {
+            String::new()
+        }
+    );
+    let mut r = report(
+        "broadcast",
+        title,
+        &c,
+        serde_json::json!({"upstream": u, "pushes": p, "room": room}),
+        t0,
+        &out,
+    );
+    push_figures(&mut r, &tally, &got, start_ns, Some(expected));
+    r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// Unicast pushes to random users.
+///
+/// # Errors
+/// When the fleet or the upstream cannot start.
+pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
+    let (fleet, t0) = start(&c, spec(&c)?).await?;
+    wait_ready(&fleet, &c).await?;
+    let (ups, _) = upstreams(&u, false).await?;
+    // A fixed pseudo-random sequence of targets (xorshift), so runs compare.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let conns = c.conns.max(1) as u64;
+    let targets: Vec<usize> = (0..p.msgs)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % conns) as usize
+        })
+        .collect();
+    let gateways = ups.len();
+    let prefix = c.prefix.clone();
+    let start_ns = fleet::unix_nanos();
+    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, |n| {
+        let t = targets[n];
+        let user = pb::push_request::Target::UserId(format!("{prefix}{t}"));
+        vec![(t % c.addr.len().max(1) % gateways, request(user, p.size))]
+    })
+    .await;
+    let fast = targets
+        .iter()
+        .filter(|&&t| c.slow_every == 0 || t % c.slow_every != 0)
+        .count() as u64;
+    let expected = (tally.errors == 0).then_some(fast);
+    let got = settle(&fleet, tally.queued, expected).await;
+    let out = fleet.finish().await;
+    let title = format!(
+        "{} devices, {} pushes of {} B to random users{}",
+        c.conns,
+        p.msgs,
+        p.size,
+        if p.rate > 0 {
+            format!(" at {}/s", p.rate)
+        } else {
+            String::new()
+        }
+    );
+    let mut r = report(
+        "unicast",
+        title,
+        &c,
+        serde_json::json!({"upstream": u, "pushes": p}),
+        t0,
+        &out,
+    );
+    r.figure(
+        "push_rate",
+        "pushes answered by the gateway per second",
+        tally.sent as f64 / tally.took.as_secs_f64().max(1e-6),
+        "/s",
+    );
+    push_figures(&mut r, &tally, &got, start_ns, expected);
+    r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// Uplinks from every device, consumed by an upstream.
+///
+/// # Errors
+/// When the fleet or the upstream cannot start.
+pub async fn uplink(
+    c: Common,
+    u: Upstream,
+    every_ms: u64,
+    size: usize,
+    duration: u64,
+) -> anyhow::Result<()> {
+    // Subscribe first: the gateway refuses uplinks nobody consumes.
+    let (_ups, events) = upstreams(&u, true).await?;
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for mut ev in events {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(e) = ev.recv().await {
+                if matches!(e.kind, Some(pb::event::Kind::Uplink(_))) {
+                    received.fetch_add(1, Relaxed);
+                }
+            }
+        });
+    }
+    let mut spec = spec(&c)?;
+    spec.uplink_ms = every_ms.max(1);
+    spec.uplink_size = size;
+    let (fleet, t0) = start(&c, spec).await?;
+    wait_ready(&fleet, &c).await?;
+    let (before, at) = (fleet.totals(), Instant::now());
+    let up0 = received.load(Relaxed);
+    tokio::time::sleep(Duration::from_secs(duration)).await;
+    let (after, secs) = (fleet.totals(), at.elapsed().as_secs_f64());
+    let up1 = received.load(Relaxed);
+    let out = fleet.finish().await;
+    let title = format!(
+        "{} devices, one uplink of {size} B every {every_ms} ms each, {duration} s",
+        c.conns
+    );
+    let mut r = report(
+        "uplink",
+        title,
+        &c,
+        serde_json::json!({"upstream": u, "every_ms": every_ms, "size": size, "duration_s": duration}),
+        t0,
+        &out,
+    );
+    r.figure(
+        "sent_rate",
+        "uplinks sent per second",
+        (after.uplinks_sent - before.uplinks_sent) as f64 / secs,
+        "/s",
+    );
+    r.figure(
+        "acked_rate",
+        "uplinks acknowledged per second",
+        (after.uplinks_acked - before.uplinks_acked) as f64 / secs,
+        "/s",
+    );
+    r.figure(
+        "upstream_rate",
+        "uplinks received upstream per second",
+        (up1 - up0) as f64 / secs,
+        "/s",
+    );
+    r.figure(
+        "uplink_errors",
+        "uplinks refused",
+        out.stats.uplink_errors as f64,
+        "",
+    );
+    r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// Devices that keep logging in and out.
+///
+/// # Errors
+/// When the fleet cannot start.
+pub async fn churn(c: Common, life_ms: u64, duration: u64) -> anyhow::Result<()> {
+    let mut spec = spec(&c)?;
+    spec.churn_ms = life_ms.max(1);
+    let (fleet, t0) = start(&c, spec).await?;
+    wait_ready(&fleet, &c).await?;
+    let (before, at) = (fleet.totals(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(duration)).await;
+    let (after, secs) = (fleet.totals(), at.elapsed().as_secs_f64());
+    let out = fleet.finish().await;
+    let title = format!(
+        "{} devices, sessions living {life_ms} ms ±50%, {duration} s",
+        c.conns
+    );
+    let mut r = report(
+        "churn",
+        title,
+        &c,
+        serde_json::json!({"life_ms": life_ms, "duration_s": duration}),
+        t0,
+        &out,
+    );
+    r.figure(
+        "connect_rate",
+        "connects per second",
+        (after.connects - before.connects) as f64 / secs,
+        "/s",
+    );
+    r.figure(
+        "login_rate",
+        "logins per second",
+        (after.logins - before.logins) as f64 / secs,
+        "/s",
+    );
+    r.figure(
+        "disconnect_rate",
+        "disconnects per second",
+        (after.churns - before.churns) as f64 / secs,
+        "/s",
+    );
+    r.figure(
+        "online_end",
+        "devices online at the end",
+        after.online as f64,
+        "",
+    );
+    r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// Every device drops and resumes at once, under background pushes.
+///
+/// # Errors
+/// When the fleet or the upstream cannot start.
+pub async fn reconnect(
+    c: Common,
+    u: Upstream,
+    push_rate: u64,
+    size: usize,
+    settle_s: u64,
+) -> anyhow::Result<()> {
+    let (fleet, t0) = start(&c, spec(&c)?).await?;
+    let ready = wait_ready(&fleet, &c).await?;
+    let (ups, _) = upstreams(&u, false).await?;
+    let gateways = ups.len();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pusher = {
+        let (ups, stop) = (ups.clone(), stop.clone());
+        tokio::spawn(async move {
+            let target = pb::push_request::Target::Everyone(true);
+            drive(&ups, usize::MAX, push_rate.max(1), 64, Some(stop), |_| {
+                (0..gateways)
+                    .map(|g| (g, request(target.clone(), size)))
+                    .collect()
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(settle_s)).await;
+    let before = fleet.totals();
+    let storm = Instant::now();
+    fleet.command(fleet::Command::Reconnect).await;
+    let want = before.resumes + before.resume_new + ready.online;
+    let (during, all) = fleet
+        .wait_for(Duration::from_secs(120), |s| {
+            s.resumes + s.resume_new >= want
+        })
+        .await;
+    let storm_s = storm.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(settle_s)).await;
+    stop.store(true, Relaxed);
+    let tally = pusher.await.context("the pusher task")?;
+    // Every device should have every push, unless a session started afresh.
+    let fresh = fleet.totals().resume_new > before.resume_new;
+    let expected = (c.conns as u64 - slow_count(&c)) * (tally.sent / gateways.max(1) as u64);
+    let expected = (!fresh && tally.errors == 0).then_some(expected);
+    let got = settle(&fleet, tally.queued, expected).await;
+    let out = fleet.finish().await;
+    let title = format!(
+        "{} devices drop and resume at once, {push_rate} pushes/s to everyone",
+        c.conns
+    );
+    let mut r = report(
+        "reconnect",
+        title,
+        &c,
+        serde_json::json!({"upstream": u, "push_rate": push_rate, "size": size, "settle_s": settle_s}),
+        t0,
+        &out,
+    );
+    let resumed = during.resumes - before.resumes;
+    r.figure("resumed", "sessions resumed", resumed as f64, "");
+    r.figure(
+        "storm_s",
+        if all {
+            "seconds until every device resumed"
+        } else {
+            "seconds waited (not every device resumed)"
+        },
+        storm_s,
+        "s",
+    );
+    r.figure(
+        "resume_rate",
+        "resumes per second in the storm",
+        resumed as f64 / storm_s.max(1e-3),
+        "/s",
+    );
+    r.figure(
+        "resume_new",
+        "resumes refused (new session)",
+        (during.resume_new - before.resume_new) as f64,
+        "",
+    );
+    r.figure(
+        "resume_gaps",
+        "resumes with a gap",
+        out.stats.resume_gaps as f64,
+        "",
+    );
+    push_figures(&mut r, &tally, &got, 0, expected);
+    r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+fn gauge(c: &Common) -> Option<Gauge> {
+    c.pid
+        .map(Gauge::Pid)
+        .or_else(|| c.metrics.clone().map(Gauge::Metrics))
+}
+
+fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
+    anyhow::ensure!(!c.addr.is_empty(), "--addr needs at least one address");
+    let tls = if c.tls {
+        let ca = c.ca.clone().context(
+            "--tls needs --ca (the gateway's certificate or its CA, e.g. certs/dev.crt)",
+        )?;
+        Some(TlsSpec {
+            ca,
+            server_name: c.server_name.clone(),
+        })
+    } else {
+        None
+    };
+    Ok(FleetSpec {
+        addrs: c.addr.clone(),
+        tls,
+        secret: c.secret.clone(),
+        prefix: c.prefix.clone(),
+        first: 0,
+        count: c.conns,
+        rate: c.ramp,
+        sources: c.sources.iter().flatten().copied().collect(),
+        ping_ms: c.ping_ms,
+        room: None,
+        slow_every: c.slow_every,
+        slow_bps: c.slow_bps,
+        uplink_ms: 0,
+        uplink_size: 0,
+        churn_ms: 0,
+    })
+}
+
+async fn start(c: &Common, spec: FleetSpec) -> anyhow::Result<(Fleet, u64)> {
+    fleet::raise_nofile();
+    let workers = c.workers.unwrap_or(c.conns.div_ceil(PER_WORKER).max(1));
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Ok((Fleet::start(spec, workers, gauge(c), c.quiet).await?, t0))
+}
+
+async fn wait_ready(fleet: &Fleet, c: &Common) -> anyhow::Result<Stats> {
+    let ramp = if c.ramp > 0.0 {
+        c.conns as f64 / c.ramp
+    } else {
+        0.0
+    };
+    let s = fleet
+        .wait_ready(Duration::from_secs_f64(ramp + 60.0))
+        .await?;
+    if s.online < c.conns as u64 {
+        eprintln!(
+            "warning: {} of {} devices online ({} refused, {} connect errors): {:?}",
+            s.online, c.conns, s.refused, s.connect_errors, s.errors
+        );
+    }
+    Ok(s)
+}
+
+fn report(
+    scenario: &str,
+    title: String,
+    c: &Common,
+    extra: serde_json::Value,
+    t0: u64,
+    out: &crate::coord::Outcome,
+) -> RunReport {
+    let params = serde_json::json!({ "common": c, "scenario": extra });
+    RunReport::new(scenario, title, params, t0, out)
+}
+
+/// Upstream clients per gateway (`upstreams` each) and, when subscribing,
+/// their event streams.
+async fn upstreams(
+    u: &Upstream,
+    subscribe: bool,
+) -> anyhow::Result<(Vec<Vec<UpstreamClient>>, Vec<EventStream>)> {
+    let mut all = Vec::new();
+    let mut events = Vec::new();
+    for ep in &u.upstream {
+        let endpoint = if ep.contains(':') && !ep.starts_with('/') {
+            Endpoint::Tcp(ep.clone())
+        } else {
+            Endpoint::Unix(ep.into())
+        };
+        let mut per = Vec::new();
+        for _ in 0..u.upstreams.max(1) {
+            let opts = UpstreamOptions {
+                secret: u.upstream_secret.clone(),
+                subscribe,
+                group: "loadtest".into(),
+                name: "tether-loadtest".into(),
+            };
+            let (c, ev) = UpstreamClient::connect(&endpoint, opts)
+                .await
+                .with_context(|| format!("connecting to the upstream socket {ep}"))?;
+            per.push(c);
+            events.push(ev);
+        }
+        all.push(per);
+    }
+    Ok((all, events))
+}
+
+/// A push request with a payload of `size` bytes stamped with the send time.
+fn request(target: pb::push_request::Target, size: usize) -> pb::PushRequest {
+    let mut p = vec![b'x'; size.max(8)];
+    p[..8].copy_from_slice(&fleet::unix_nanos().to_le_bytes());
+    pb::PushRequest {
+        target: Some(target),
+        payload: p.into(),
+        ..Default::default()
+    }
+}
+
+/// What the upstream side saw of its pushes.
+#[derive(Default, Debug)]
+struct Tally {
+    /// Push requests answered.
+    sent: u64,
+    /// Sessions the pushes were queued for, and refused (full queues).
+    queued: u64,
+    dropped: u64,
+    /// Requests that reached no session.
+    unreached: u64,
+    errors: u64,
+    first_error: Option<String>,
+    took: Duration,
+}
+
+/// Sends push `n` for n in 0..count (or until `stop`), paced at `rate`, at
+/// most `inflight` at once; `make(n)` names the (gateway, request) pairs.
+async fn drive(
+    ups: &[Vec<UpstreamClient>],
+    count: usize,
+    rate: u64,
+    inflight: usize,
+    stop: Option<Arc<AtomicBool>>,
+    make: impl Fn(usize) -> Vec<(usize, pb::PushRequest)>,
+) -> Tally {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let sem = Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..count {
+        if stop.as_ref().is_some_and(|s| s.load(Relaxed)) {
+            break;
+        }
+        if rate > 0 {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate as f64)).await;
+        }
+        for (g, req) in make(n) {
+            let Some(per) = ups.get(g).filter(|p| !p.is_empty()) else {
+                continue;
+            };
+            let Ok(permit) = sem.clone().acquire_owned().await else {
+                break;
+            };
+            let (up, tally) = (per[n % per.len()].clone(), tally.clone());
+            tasks.spawn(async move {
+                let r = up.push(req).await;
+                drop(permit);
+                if let Ok(mut t) = tally.lock() {
+                    match r {
+                        Ok(r) => {
+                            t.sent += 1;
+                            t.queued += r.sessions;
+                            t.dropped += r.dropped;
+                            t.unreached += u64::from(r.sessions == 0);
+                        }
+                        Err(e) => {
+                            t.errors += 1;
+                            t.first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+            });
+        }
+        // Reap finished tasks as we go, so a long run holds few.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut t = tally
+        .lock()
+        .map(|mut t| std::mem::take(&mut *t))
+        .unwrap_or_default();
+    t.took = start.elapsed();
+    t
+}
+
+/// Waits until `expected` pushes arrived, or until none arrived for 3 s.
+/// Waits until the devices that keep up have their `expected_fast` pushes
+/// (or, when unknown, until every queued push arrived), or until they
+/// received nothing for 5 s. Slow devices' trickle is not progress.
+async fn settle(fleet: &Fleet, queued: u64, expected_fast: Option<u64>) -> Stats {
+    let done = |s: &Stats| match expected_fast {
+        Some(e) => s.pushes + s.resume_gap_msgs >= e,
+        None => s.pushes + s.slow_pushes >= queued,
+    };
+    loop {
+        let before = fleet.totals();
+        let (t, ok) = fleet.wait_for(Duration::from_secs(5), done).await;
+        if ok || t.pushes == before.pushes {
+            return t;
+        }
+    }
+}
+
+/// Devices in `0..conns` that read slowly.
+fn slow_count(c: &Common) -> u64 {
+    if c.slow_every == 0 {
+        0
+    } else {
+        c.conns.div_ceil(c.slow_every) as u64
+    }
+}
+
+/// `expected_fast`: pushes the fast devices should have received, when the
+/// scenario knows it; the difference is reported as lost.
+fn push_figures(
+    r: &mut RunReport,
+    t: &Tally,
+    got: &Stats,
+    start_ns: u64,
+    expected_fast: Option<u64>,
+) {
+    let received = got.pushes + got.slow_pushes;
+    if start_ns > 0 && got.last_push_ns > start_ns {
+        let secs = (got.last_push_ns - start_ns) as f64 / 1e9;
+        r.figure(
+            "delivery_rate",
+            "deliveries per second",
+            received as f64 / secs,
+            "/s",
+        );
+        r.figure(
+            "delivery_s",
+            "seconds from first push to last delivery",
+            secs,
+            "s",
+        );
+    }
+    r.figure("push_requests", "push requests answered", t.sent as f64, "");
+    r.figure(
+        "queued",
+        "deliveries queued by the gateway",
+        t.queued as f64,
+        "",
+    );
+    r.figure(
+        "received",
+        "deliveries received (unique)",
+        received as f64,
+        "",
+    );
+    r.figure(
+        "missing",
+        "deliveries queued but not received",
+        t.queued.saturating_sub(received) as f64,
+        "",
+    );
+    // Pushes a resume reported gone (CODE_RESUME_GAP): lost, but the device
+    // was told. What else is missing was lost silently.
+    r.figure(
+        "gap_skipped",
+        "deliveries skipped by resume gaps (reported)",
+        got.resume_gap_msgs as f64,
+        "",
+    );
+    if let Some(e) = expected_fast {
+        r.figure(
+            "lost_fast",
+            "deliveries lost silently by devices that kept up",
+            e.saturating_sub(got.pushes + got.resume_gap_msgs) as f64,
+            "",
+        );
+    }
+    if got.slow_closed > 0 {
+        r.figure(
+            "slow_closed",
+            "slow devices cut off by the gateway",
+            got.slow_closed as f64,
+            "",
+        );
+    }
+    r.figure(
+        "dropped",
+        "deliveries refused (full queue)",
+        t.dropped as f64,
+        "",
+    );
+    if t.unreached > 0 {
+        r.figure(
+            "unreached",
+            "pushes that reached no session",
+            t.unreached as f64,
+            "",
+        );
+    }
+    if got.slow_pushes > 0 || r.stats.slow_pushes > 0 {
+        r.figure(
+            "slow_received",
+            "deliveries to slow devices",
+            got.slow_pushes as f64,
+            "",
+        );
+    }
+    if t.errors > 0 {
+        r.figure("push_errors", "push requests failed", t.errors as f64, "");
+        r.failures.push(format!(
+            "push: {}",
+            t.first_error.as_deref().unwrap_or("unknown error")
+        ));
+    }
+}

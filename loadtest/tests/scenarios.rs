@@ -1,0 +1,378 @@
+//! Every scenario of the load tool, small, against a real gateway on
+//! loopback (TCP and TLS), through the real binary: worker processes, JSON
+//! result and SVG plot included. The figures asserted are counts (what was
+//! queued arrived, nothing was lost), never speeds.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use tether::config::Config;
+use tether::gateway::Server;
+use tokio_util::sync::CancellationToken;
+
+struct Gw {
+    gw: std::sync::Arc<tether::gateway::Gateway>,
+    tcp: String,
+    tls: Option<String>,
+    upstream: String,
+    stop: CancellationToken,
+    certs: tempfile::TempDir,
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn gateway(tls: bool, tweak: impl FnOnce(&mut Config)) -> Gw {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config::default();
+    cfg.listen.tcp = vec!["127.0.0.1:0".parse().expect("addr")];
+    cfg.listen.tls = if tls {
+        vec!["127.0.0.1:0".parse().expect("addr")]
+    } else {
+        vec![]
+    };
+    cfg.upstream.tcp = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.metrics.listen = None;
+    cfg.limits.login_rate = 0;
+    cfg.tls.dev_cert_dir = certs.path().to_owned();
+    tweak(&mut cfg);
+    let server = Server::bind(cfg).await.expect("bind");
+    let a = server.addrs().clone();
+    let handle = server.gateway().clone();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run(stop.clone()));
+    Gw {
+        gw: handle,
+        tcp: a.tcp[0].to_string(),
+        tls: a.tls.first().map(|a| a.to_string()),
+        upstream: a.upstream_tcp.expect("upstream").to_string(),
+        stop,
+        certs,
+    }
+}
+
+/// Runs the binary with `args` plus --json/--plot into `dir`; returns the
+/// parsed JSON result.
+async fn run(dir: &Path, args: Vec<String>) -> Value {
+    let json = dir.join("result.json");
+    let plot = dir.join("plot.svg");
+    let mut all = args;
+    all.extend([
+        "--quiet".into(),
+        "--json".into(),
+        json.display().to_string(),
+        "--plot".into(),
+        plot.display().to_string(),
+    ]);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tether-loadtest"))
+            .args(&all)
+            .output()
+            .expect("run tether-loadtest")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    // Shown when a test fails (cargo test captures it otherwise).
+    eprintln!("{stdout}");
+    let svg = std::fs::read_to_string(&plot).expect("plot written");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
+    assert!(
+        stdout.contains(v["title"].as_str().unwrap_or("?")),
+        "summary table printed:\n{stdout}"
+    );
+    v
+}
+
+fn figure(v: &Value, key: &str) -> f64 {
+    v["figures"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["key"] == key))
+        .and_then(|f| f["value"].as_f64())
+        .unwrap_or_else(|| panic!("figure {key} missing in {v:#}"))
+}
+
+fn stat(v: &Value, key: &str) -> u64 {
+    v["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stat {key} missing"))
+}
+
+fn samples(v: &Value, name: &str) -> u64 {
+    v["latency"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == name))
+        .and_then(|l| l["samples"].as_u64())
+        .unwrap_or(0)
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_over_two_worker_processes_and_two_source_addresses() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "broadcast",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "300",
+            "--msgs",
+            "50",
+            "--workers",
+            "2",
+            "--sources",
+            "127.0.0.1,127.0.0.2",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "queued"), 15_000.0);
+    assert_eq!(figure(&v, "received"), 15_000.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert!(figure(&v, "delivery_rate") > 0.0);
+    assert_eq!(stat(&v, "logins"), 300);
+    assert_eq!(stat(&v, "seq_gaps") + stat(&v, "seq_dups"), 0);
+    assert_eq!(samples(&v, "push"), 15_000);
+    assert_eq!(samples(&v, "login"), 300);
+    assert!(!v["timeline"].as_array().expect("timeline").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicast_in_process() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "unicast",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "200",
+            "--msgs",
+            "2000",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "push_requests"), 2000.0);
+    assert_eq!(figure(&v, "received"), 2000.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(samples(&v, "push"), 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_broadcast_over_tls() {
+    let gw = gateway(true, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = gw.certs.path().join("dev-cert.pem");
+    let v = run(
+        dir.path(),
+        args(&[
+            "broadcast",
+            "--room",
+            "--tls",
+            "--ca",
+            &ca.display().to_string(),
+            "--addr",
+            gw.tls.as_deref().expect("tls listener"),
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "100",
+            "--msgs",
+            "20",
+            "--workers",
+            "1",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "received"), 2000.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(stat(&v, "logins"), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_resumes_every_session_and_loses_nothing() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "reconnect",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "200",
+            "--workers",
+            "2",
+            "--push-rate",
+            "100",
+            "--settle",
+            "1",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "resumed"), 200.0);
+    assert_eq!(figure(&v, "resume_new"), 0.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(figure(&v, "missing"), 0.0);
+    assert!(
+        figure(&v, "received") >= 200.0 * 100.0,
+        "two seconds of pushes at least"
+    );
+    assert_eq!(samples(&v, "resume"), 200);
+    assert_eq!(stat(&v, "seq_gaps"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplinks_are_acknowledged_and_reach_the_upstream() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "uplink",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "100",
+            "--every-ms",
+            "100",
+            "--duration",
+            "2",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert!(figure(&v, "acked_rate") > 0.0);
+    assert!(figure(&v, "upstream_rate") > 0.0);
+    assert_eq!(figure(&v, "uplink_errors"), 0.0);
+    assert!(samples(&v, "uplink") > 100);
+    assert!(stat(&v, "uplinks_acked") + stat(&v, "uplink_errors") <= stat(&v, "uplinks_sent"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_logs_devices_in_and_out() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "churn",
+            "--addr",
+            &gw.tcp,
+            "--conns",
+            "100",
+            "--life-ms",
+            "200",
+            "--duration",
+            "2",
+        ]),
+    )
+    .await;
+    assert!(figure(&v, "disconnect_rate") > 0.0);
+    assert!(
+        stat(&v, "logins") > 200,
+        "each device logs in several times"
+    );
+    assert_eq!(stat(&v, "refused") + stat(&v, "connect_errors"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_devices_are_cut_off_while_the_rest_get_everything() {
+    // A small socket buffer, so the slow devices' backlog reaches the
+    // session queue soon.
+    let gw = gateway(false, |c| c.listen.send_buffer = 4096).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "broadcast",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "50",
+            "--msgs",
+            "1500",
+            "--size",
+            "2048",
+            "--rate",
+            "500",
+            "--slow-every",
+            "5",
+            "--slow-bps",
+            "1024",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(figure(&v, "gap_skipped"), 0.0);
+    assert_eq!(samples(&v, "push"), 40 * 1500);
+    let slow = samples(&v, "push_slow");
+    assert!(slow > 0 && slow < 10 * 1500, "slow devices got {slow}");
+    // The devices see their cut-off late (the Close sits behind what they
+    // have not read); the gateway knows at once: a slow consumer's session
+    // stays detached for a resume, while every device that kept up said
+    // goodbye and ended its session.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gw.gw.detached_count() != 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        gw.gw.detached_count(),
+        10,
+        "the 10 slow devices were cut off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reports_memory_per_connection_from_a_pid() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid = std::process::id().to_string();
+    let v = run(
+        dir.path(),
+        args(&[
+            "idle", "--addr", &gw.tcp, "--conns", "300", "--hold", "1", "--pid", &pid,
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "online"), 300.0);
+    assert!(figure(&v, "gateway_rss") > 1.0, "MiB of a live process");
+    let _ = figure(&v, "rss_per_conn_total");
+    drop(gw);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
