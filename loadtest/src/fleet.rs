@@ -58,6 +58,10 @@ pub struct FleetSpec {
     pub uplink_size: usize,
     /// Each device closes and logs in afresh after about this long (0: never).
     pub churn_ms: u64,
+    /// A device acknowledges once `ack_every` pushes are unacknowledged, or
+    /// `ack_delay_ms` after the first unacknowledged one.
+    pub ack_every: u64,
+    pub ack_delay_ms: u64,
 }
 
 /// TLS client settings.
@@ -135,6 +139,7 @@ pub struct Stats {
     /// Slow devices whose connection the gateway ended (they do not resume).
     pub slow_closed: u64,
     /// Server Close and Error frames and login refusals, by code.
+    #[serde(with = "code_map")]
     pub codes: BTreeMap<i32, u64>,
     /// The first few error messages.
     pub errors: Vec<String>,
@@ -177,6 +182,22 @@ impl Stats {
 }
 
 const MAX_ERRORS: usize = 8;
+
+/// Codes travel as `[[code, count], ...]`: JSON object keys are strings,
+/// which would not read back as integers.
+mod code_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<i32, u64>, s: S) -> Result<S::Ok, S::Error> {
+        m.iter().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<i32, u64>, D::Error> {
+        Ok(Vec::<(i32, u64)>::deserialize(d)?.into_iter().collect())
+    }
+}
 
 /// A histogram as (value, count) pairs, for the trip over JSON.
 pub type Buckets = Vec<(u64, u64)>;
@@ -244,7 +265,9 @@ pub async fn run(
             }
         },
     };
+    let read_size = ((64usize << 20) / spec.count.max(1)).clamp(4096, 65536);
     let shared = Arc::new(Shared {
+        read_size,
         spec,
         tls,
         counters: Counters::default(),
@@ -365,6 +388,10 @@ fn record(h: &mut Option<Histogram>, us: u64) {
 
 struct Shared {
     spec: FleetSpec,
+    /// Bytes a fast device reads at once: large when there are few devices
+    /// (fewer system calls at millions of pushes per second), small when
+    /// there are many (the buffer stays allocated).
+    read_size: usize,
     tls: Option<(
         tokio_rustls::TlsConnector,
         tokio_rustls::rustls::pki_types::ServerName<'static>,
@@ -461,8 +488,32 @@ async fn spawn_devices(shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// A device's connection: TCP or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &tokio::net::TcpStream;
+}
+
+impl Io for tokio::net::TcpStream {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self
+    }
+}
+
+impl Io for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Drops a connection as a device that lost its network would: no Close
+/// frame and no FIN handshake (an RST, so no TIME_WAIT entry either: a
+/// storm of reconnects would otherwise exhaust the ephemeral ports of one
+/// source address, and the kernel's port search gets slow long before).
+fn abort(conn: Box<dyn Io>) {
+    let _ = socket2::SockRef::from(conn.tcp()).set_linger(Some(Duration::ZERO));
+    drop(conn);
+}
 
 /// Why a connection ended.
 enum End {
@@ -553,7 +604,7 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
                 continue;
             }
         };
-        let mut rbuf = BytesMut::with_capacity(if d.slow { 1024 } else { 8192 });
+        let mut rbuf = BytesMut::with_capacity(if d.slow { 1024 } else { shared.read_size });
         let login = tokio::select! {
             r = login(&shared, &mut d, &mut conn, &mut rbuf) => r,
             _ = phase.wait_for(|p| *p == Phase::Stop) => return,
@@ -597,8 +648,7 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
                         if let Phase::Run(g) = *phase.borrow() {
                             generation = g;
                         }
-                        // Abrupt, as a device losing its network: no Close frame.
-                        drop(conn);
+                        abort(conn);
                     }
                     End::Churn => {
                         c.churns.fetch_add(1, Relaxed);
@@ -852,10 +902,6 @@ fn take_frame(rbuf: &mut BytesMut) -> std::io::Result<Option<bytes::Bytes>> {
 }
 
 const MAX_FRAME: usize = 16 << 20;
-/// Pushes a device receives before it acknowledges at once (else within
-/// [`ACK_DELAY`]): few acks, far inside the gateway's window.
-const ACK_EVERY: u64 = 32;
-const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Uplinks a device keeps unanswered before it skips a send.
 const MAX_UPLINKS_INFLIGHT: usize = 256;
 
@@ -928,7 +974,7 @@ async fn session(
                     _ => {}
                 }
             }
-            r = read_some(conn, &mut rbuf, d.slow) => {
+            r = read_some(conn, &mut rbuf, d.slow, shared.read_size) => {
                 match r {
                     Ok(0) => return End::Lost("closed by the gateway".into()),
                     Ok(n) => {
@@ -940,12 +986,12 @@ async fn session(
                             tokio::time::sleep(Duration::from_secs_f64(n as f64 / spec.slow_bps as f64)).await;
                         }
                         let behind = (d.seq[0] - d.acked[0]).max(d.seq[1] - d.acked[1]);
-                        if behind >= ACK_EVERY {
+                        if behind >= spec.ack_every.max(1) {
                             if let Err(e) = send_acks(conn, d).await {
                                 return End::Lost(e.to_string());
                             }
                         } else if behind > 0 && !ack_armed {
-                            ack_at.as_mut().reset(Instant::now() + ACK_DELAY);
+                            ack_at.as_mut().reset(Instant::now() + Duration::from_millis(spec.ack_delay_ms));
                             ack_armed = true;
                         }
                     }
@@ -1003,13 +1049,14 @@ async fn read_some(
     conn: &mut Box<dyn Io>,
     rbuf: &mut BytesMut,
     slow: bool,
+    read_size: usize,
 ) -> std::io::Result<usize> {
     if slow {
         rbuf.reserve(1024);
         let mut limited = (&mut *conn).take(1024);
         limited.read_buf(rbuf).await
     } else {
-        rbuf.reserve(8192);
+        rbuf.reserve(read_size);
         conn.read_buf(rbuf).await
     }
 }
@@ -1021,13 +1068,21 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
     let mut latencies: [u64; 64] = [0; 64];
     let mut nlat = 0;
     let (mut fresh, mut bytes) = (0u64, 0u64);
-    loop {
-        let f = match take_frame(rbuf) {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => return Some(End::Lost(e.to_string())),
-        };
-        if let Some(p) = parse_push(&f) {
+    // Frames are read in place and the buffer advanced once: at millions of
+    // pushes per second the load side must stay cheaper than the gateway.
+    let mut pos = 0;
+    let buf = &rbuf[..];
+    while buf.len() - pos >= 4 {
+        let len = u32::from_be_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
+        if len > MAX_FRAME {
+            return Some(End::Lost(format!("frame of {len} bytes")));
+        }
+        if buf.len() - pos - 4 < len {
+            break;
+        }
+        let f = &buf[pos + 4..pos + 4 + len];
+        pos += 4 + len;
+        if let Some(p) = parse_push(f) {
             let lane = usize::from(p.lane == 1);
             let last = d.seq[lane];
             if p.seq <= last {
@@ -1050,7 +1105,7 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
             }
             continue;
         }
-        match pb::ServerFrame::decode(&f[..]).map(|f| f.body) {
+        match pb::ServerFrame::decode(f).map(|f| f.body) {
             Ok(Some(pb::server_frame::Body::SendAck(a))) => {
                 if a.code != pb::Code::Ok as i32 {
                     c.uplink_errors.fetch_add(1, Relaxed);
@@ -1077,6 +1132,7 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
             Err(e) => return Some(End::Lost(format!("undecodable frame: {e}"))),
         }
     }
+    rbuf.advance(pos);
     if fresh > 0 {
         if d.slow {
             c.slow_pushes.fetch_add(fresh, Relaxed);
@@ -1246,5 +1302,11 @@ mod tests {
         b.codes.insert(3002, 2);
         a.add(&b);
         assert_eq!((a.pushes, a.last_push_ns, a.codes[&3002]), (5, 9, 3));
+        // Over the worker pipe and back.
+        let json = serde_json::to_string(&Report::Progress { stats: a.clone() }).expect("encode");
+        match serde_json::from_str::<Report>(&json).expect("decode") {
+            Report::Progress { stats } => assert_eq!(stats, a),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -174,6 +174,12 @@ pub struct Common {
     /// Bytes per second a slow device reads.
     #[arg(long, default_value_t = 2048)]
     pub slow_bps: u64,
+    /// A device acknowledges once this many pushes are unacknowledged...
+    #[arg(long, default_value_t = 32)]
+    pub ack_every: u64,
+    /// ...or this many milliseconds after the first unacknowledged push.
+    #[arg(long, default_value_t = 20)]
+    pub ack_delay_ms: u64,
     /// The gateway's pid, to sample its RSS from /proc.
     #[arg(long)]
     pub pid: Option<u32>,

@@ -454,6 +454,8 @@ fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
         uplink_ms: 0,
         uplink_size: 0,
         churn_ms: 0,
+        ack_every: c.ack_every,
+        ack_delay_ms: c.ack_delay_ms,
     })
 }
 
