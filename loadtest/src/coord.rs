@@ -103,6 +103,8 @@ pub struct Outcome {
     pub uplink: Histogram,
     pub timeline: Vec<Sample>,
     pub failures: Vec<String>,
+    /// Worker processes used (0: the devices ran in the coordinator).
+    pub workers: usize,
 }
 
 #[derive(Default)]
@@ -137,6 +139,7 @@ pub struct Fleet {
     children: Vec<tokio::process::Child>,
     started: Instant,
     total: usize,
+    workers: usize,
 }
 
 impl Fleet {
@@ -207,6 +210,7 @@ impl Fleet {
             children,
             started,
             total: spec.count,
+            workers,
         })
     }
 
@@ -298,6 +302,7 @@ impl Fleet {
             uplink: fleet::histogram(),
             timeline: Vec::new(),
             failures: Vec::new(),
+            workers: self.workers,
         };
         if let Ok(a) = self.agg.lock() {
             out.stats = a.totals();

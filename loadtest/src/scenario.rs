@@ -88,6 +88,7 @@ pub async fn idle(c: Common, hold: u64) -> anyhow::Result<()> {
 /// # Errors
 /// When the fleet or the upstream cannot start.
 pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow::Result<()> {
+    check_upstreams(&c, &u)?;
     let mut spec = spec(&c)?;
     if room {
         spec.room = Some("bench".into());
@@ -140,6 +141,7 @@ pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow:
 /// # Errors
 /// When the fleet or the upstream cannot start.
 pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
+    check_upstreams(&c, &u)?;
     let (fleet, t0) = start(&c, spec(&c)?).await?;
     wait_ready(&fleet, &c).await?;
     let (ups, _) = upstreams(&u, false).await?;
@@ -210,6 +212,7 @@ pub async fn uplink(
     size: usize,
     duration: u64,
 ) -> anyhow::Result<()> {
+    check_upstreams(&c, &u)?;
     // Subscribe first: the gateway refuses uplinks nobody consumes.
     let (_ups, events) = upstreams(&u, true).await?;
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -336,6 +339,7 @@ pub async fn reconnect(
     size: usize,
     settle_s: u64,
 ) -> anyhow::Result<()> {
+    check_upstreams(&c, &u)?;
     let (fleet, t0) = start(&c, spec(&c)?).await?;
     let ready = wait_ready(&fleet, &c).await?;
     let (ups, _) = upstreams(&u, false).await?;
@@ -495,8 +499,21 @@ fn report(
     t0: u64,
     out: &crate::coord::Outcome,
 ) -> RunReport {
-    let params = serde_json::json!({ "common": c, "scenario": extra });
+    let params = serde_json::json!({ "common": c, "workers_used": out.workers, "scenario": extra });
     RunReport::new(scenario, title, params, t0, out)
+}
+
+/// One upstream socket per gateway, in the order of `--addr` (or one for
+/// a single gateway with several listeners): unicasts go to the gateway
+/// that holds the user, broadcasts to every gateway.
+fn check_upstreams(c: &Common, u: &Upstream) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        u.upstream.len() == 1 || u.upstream.len() == c.addr.len(),
+        "--upstream lists {} sockets for {} gateway addresses: give one per --addr, in the same order (or one)",
+        u.upstream.len(),
+        c.addr.len()
+    );
+    Ok(())
 }
 
 /// Upstream clients per gateway (`upstreams` each) and, when subscribing,

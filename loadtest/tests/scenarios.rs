@@ -155,6 +155,7 @@ async fn broadcast_over_two_worker_processes_and_two_source_addresses() {
     assert_eq!(samples(&v, "push"), 15_000);
     assert_eq!(samples(&v, "login"), 300);
     assert!(!v["timeline"].as_array().expect("timeline").is_empty());
+    assert_eq!(v["params"]["workers_used"], 2, "two worker processes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
