@@ -123,6 +123,9 @@ enum Cmd {
         /// Bytes each in-memory pipe buffers.
         #[arg(long, default_value_t = 256)]
         pipe: usize,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Internal: a fleet driven by a coordinator over stdin/stdout.
     #[command(hide = true)]
@@ -252,12 +255,17 @@ fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Cmd::Simulate { sessions, pipe } = cli.cmd {
+    if let Cmd::Simulate {
+        sessions,
+        pipe,
+        json,
+    } = cli.cmd
+    {
         // The simulated gateway runs on a multi-threaded runtime, as `serve` does.
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        return rt.block_on(simulate::simulate(sessions, pipe));
+        return rt.block_on(simulate::simulate(sessions, pipe, json.as_deref()));
     }
     // Workers run on one thread each: the load is pinned to one core, where
     // more threads would only contend. The coordinator too.

@@ -15,7 +15,11 @@ fn self_rss_kib() -> u64 {
 ///
 /// # Errors
 /// When a login or a pipe fails.
-pub async fn simulate(n: usize, pipe: usize) -> anyhow::Result<()> {
+pub async fn simulate(n: usize, pipe: usize, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut figures = serde_json::Map::new();
+    let mut fig = |k: &str, v: f64| {
+        figures.insert(k.to_owned(), serde_json::json!(v));
+    };
     use tether::bus::PushTarget;
     use tether::ids::{DeviceId, RoomId};
     use tether::wire::{pb, SharedPush};
@@ -72,6 +76,13 @@ pub async fn simulate(n: usize, pipe: usize) -> anyhow::Result<()> {
     let login = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss1 = self_rss_kib();
+    fig("login_rate", n as f64 / login.as_secs_f64());
+    fig("rss_before_bytes", (rss0 * 1024) as f64);
+    fig("rss_idle_bytes", (rss1 * 1024) as f64);
+    fig(
+        "rss_per_session_bytes",
+        (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64,
+    );
     println!(
         "{n} sessions logged in over in-memory pipes in {:.2}s ({:.0} logins/s)",
         login.as_secs_f64(),
@@ -97,6 +108,7 @@ pub async fn simulate(n: usize, pipe: usize) -> anyhow::Result<()> {
             (out, t.elapsed())
         })
         .await?;
+        fig(&format!("broadcast_{round}_queue_s"), enq.as_secs_f64());
         println!(
             "{what} queued for {} sessions in {:.3}s ({:.0} deliveries/s into queues)",
             out.sessions,
@@ -111,6 +123,10 @@ pub async fn simulate(n: usize, pipe: usize) -> anyhow::Result<()> {
         println!(
             "every session wrote it to its pipe {:.3}s after it was queued",
             t.elapsed().as_secs_f64()
+        );
+        fig(
+            &format!("broadcast_{round}_written_s"),
+            t.elapsed().as_secs_f64(),
         );
     }
 
@@ -150,6 +166,18 @@ pub async fn simulate(n: usize, pipe: usize) -> anyhow::Result<()> {
         n as f64 / join.as_secs_f64(),
         n as f64 / leave.as_secs_f64()
     );
+    fig("registry_lookups_per_s", n as f64 / lookup.as_secs_f64());
+    fig("registry_joins_per_s", n as f64 / join.as_secs_f64());
+    fig("registry_leaves_per_s", n as f64 / leave.as_secs_f64());
     stop.cancel();
+    if let Some(p) = json {
+        let doc = serde_json::json!({
+            "scenario": "simulate",
+            "params": {"sessions": n, "pipe": pipe},
+            "figures": figures,
+        });
+        std::fs::write(p, serde_json::to_vec_pretty(&doc)?)?;
+        println!("JSON result: {}", p.display());
+    }
     Ok(())
 }

@@ -377,3 +377,37 @@ async fn idle_reports_memory_per_connection_from_a_pid() {
     drop(gw);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[test]
+fn simulate_runs_sessions_over_pipes_and_writes_its_figures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("sim.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tether-loadtest"))
+        .args(["simulate", "--sessions", "2000", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run tether-loadtest");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
+    let f = &v["figures"];
+    for key in [
+        "login_rate",
+        "rss_per_session_bytes",
+        "broadcast_0_queue_s",
+        "broadcast_1_written_s",
+        "registry_lookups_per_s",
+    ] {
+        assert!(f[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v:#}");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2000 sessions logged in"), "{text}");
+    assert!(
+        text.contains("(2000 found)"),
+        "every session is in the registry: {text}"
+    );
+}
