@@ -25,9 +25,10 @@ pub enum XScale {
     /// Plain linear axis (e.g. seconds since start).
     Linear,
     /// Percentile axis: x values are quantiles in [0, 1) (e.g. 0.5, 0.99, 0.999); plotted at
-    /// -log10(1 - q), so 50%, 90%, 99%, 99.9%, 99.99% are evenly spaced, as in HdrHistogram
-    /// percentile-spectrum plots. Tick labels read "50%", "90%", "99%", "99.9%", "99.99%", ...
-    /// up to the largest quantile present. Quantiles >= 1.0 are clamped to 1 - 1e-6.
+    /// -log10(1 - q), so 90%, 99%, 99.9%, 99.99% are evenly spaced, as in HdrHistogram
+    /// percentile-spectrum plots. Tick labels read "0%", "50%", "90%", "99%", "99.9%", ...
+    /// up to the next level of nines at or above the largest quantile present. Quantiles are
+    /// capped at 1 - 1e-6 (99.9999%); negative ones are skipped.
     Percentile,
 }
 
