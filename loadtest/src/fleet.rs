@@ -885,20 +885,10 @@ fn after_login(shared: &Shared, d: &mut Device, ok: &pb::LoginOk) {
     }
 }
 
-/// Splits one whole frame (without its length prefix) off `rbuf`.
+/// Splits one whole frame (without its length prefix) off `rbuf`: the
+/// gateway's own codec, with its error as an I/O error.
 fn take_frame(rbuf: &mut BytesMut) -> std::io::Result<Option<bytes::Bytes>> {
-    if rbuf.len() < 4 {
-        return Ok(None);
-    }
-    let len = u32::from_be_bytes([rbuf[0], rbuf[1], rbuf[2], rbuf[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!("frame of {len} bytes")));
-    }
-    if rbuf.len() < 4 + len {
-        return Ok(None);
-    }
-    rbuf.advance(4);
-    Ok(Some(rbuf.split_to(len).freeze()))
+    tether::wire::decode_frame(rbuf, MAX_FRAME).map_err(std::io::Error::other)
 }
 
 const MAX_FRAME: usize = 16 << 20;
@@ -1072,16 +1062,14 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
     // pushes per second the load side must stay cheaper than the gateway.
     let mut pos = 0;
     let buf = &rbuf[..];
-    while buf.len() - pos >= 4 {
-        let len = u32::from_be_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
-        if len > MAX_FRAME {
-            return Some(End::Lost(format!("frame of {len} bytes")));
-        }
-        if buf.len() - pos - 4 < len {
-            break;
-        }
-        let f = &buf[pos + 4..pos + 4 + len];
-        pos += 4 + len;
+    loop {
+        let total = match tether::wire::frame_len(&buf[pos..], MAX_FRAME) {
+            Ok(Some(total)) if buf.len() - pos >= total => total,
+            Ok(_) => break,
+            Err(e) => return Some(End::Lost(e.to_string())),
+        };
+        let f = &buf[pos + 4..pos + total];
+        pos += total;
         if let Some(p) = parse_push(f) {
             let lane = usize::from(p.lane == 1);
             let last = d.seq[lane];

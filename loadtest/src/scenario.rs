@@ -109,7 +109,7 @@ pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow:
             .collect()
     })
     .await;
-    let expected = (c.conns as u64 - slow_count(&c)) * (tally.sent / gateways.max(1) as u64);
+    let expected = everyone_expected(&c, &tally, gateways);
     let got = settle(&fleet, tally.queued, Some(expected)).await;
     let out = fleet.finish().await;
     let title = format!(
@@ -373,7 +373,7 @@ pub async fn reconnect(
     let tally = pusher.await.context("the pusher task")?;
     // Every device should have every push, unless a session started afresh.
     let fresh = fleet.totals().resume_new > before.resume_new;
-    let expected = (c.conns as u64 - slow_count(&c)) * (tally.sent / gateways.max(1) as u64);
+    let expected = everyone_expected(&c, &tally, gateways);
     let expected = (!fresh && tally.errors == 0).then_some(expected);
     let got = settle(&fleet, tally.queued, expected).await;
     let out = fleet.finish().await;
@@ -651,6 +651,12 @@ async fn settle(fleet: &Fleet, queued: u64, expected_fast: Option<u64>) -> Stats
             return t;
         }
     }
+}
+
+/// Pushes the devices that keep up should have received when every push
+/// went to everyone: one request per gateway each, reaching all its devices.
+fn everyone_expected(c: &Common, t: &Tally, gateways: usize) -> u64 {
+    (c.conns as u64 - slow_count(c)) * (t.sent / gateways.max(1) as u64)
 }
 
 /// Devices in `0..conns` that read slowly.
