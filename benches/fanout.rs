@@ -30,7 +30,8 @@ use tether::session::{
 use tether::wire::{pb, Code, LoginRequest, SendRequest, SharedPush};
 
 const SESSIONS: usize = 10_000;
-const QUEUE_CAPACITY: usize = 1024;
+/// Charged bytes per session queue: room for about 1,024 small pushes.
+const QUEUE_BYTES: usize = 1024 * 160;
 const MAX_ROOMS: usize = 16;
 
 struct Fleet {
@@ -61,7 +62,7 @@ fn fleet(n: usize) -> Fleet {
     let router = Router::new(
         NodeId::new("bench"),
         registry,
-        QUEUE_CAPACITY,
+        QUEUE_BYTES,
         SlowConsumerPolicy::Drop,
         MAX_ROOMS,
     );

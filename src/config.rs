@@ -50,8 +50,18 @@ pub struct DeliveryConfig {
     pub window: u32,
     /// Bulk pushes written but not yet acknowledged, per session.
     pub bulk_window: u32,
-    /// Bulk pushes queued per session (bulk always drops when full).
-    pub bulk_queue_capacity: u32,
+    /// Charged bytes (payload + 96 per push) of interactive pushes queued
+    /// per session, not yet written, before `session.slow_consumer` applies.
+    pub queue_bytes: u64,
+    /// The same for bulk pushes (bulk always drops past it).
+    pub bulk_queue_bytes: u64,
+    /// Charged bytes a session keeps while no connection is attached; past
+    /// it the oldest pushes are evicted (the resume reports the gap).
+    pub detached_bytes: u64,
+    /// A connection whose socket takes no byte of a pending write for this
+    /// long is closed as a slow consumer.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
     /// First retransmission of an unacknowledged push; doubles per try.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
@@ -74,7 +84,10 @@ impl Default for DeliveryConfig {
         Self {
             window: 256,
             bulk_window: 64,
-            bulk_queue_capacity: 1024,
+            queue_bytes: 1 << 20,
+            bulk_queue_bytes: 4 << 20,
+            detached_bytes: 4 << 20,
+            stall_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(10),
             max_tries: 3,
             resume_window: Duration::from_secs(120),
@@ -90,10 +103,10 @@ impl Config {
     pub fn delivery_config(&self) -> crate::session::DeliveryConfig {
         let d = &self.delivery;
         crate::session::DeliveryConfig {
-            queue: [
-                self.session.queue_capacity as usize,
-                d.bulk_queue_capacity as usize,
-            ],
+            // Validated to fit in memory (at most the replay budget).
+            queue_bytes: [d.queue_bytes as usize, d.bulk_queue_bytes as usize],
+            detached_bytes: d.detached_bytes as usize,
+            stall_timeout: d.stall_timeout,
             window: [d.window as usize, d.bulk_window as usize],
             policy: [self.session.slow_consumer, SlowConsumerPolicy::Drop],
             ack_timeout: d.ack_timeout,
@@ -213,8 +226,7 @@ pub struct SessionConfig {
     /// A logged-in session that sends nothing for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Outbound pushes queued per session before the slow-consumer policy applies.
-    pub queue_capacity: u32,
+    /// What a full interactive queue (`delivery.queue_bytes`) does.
     pub slow_consumer: SlowConsumerPolicy,
     pub client_join: ClientJoin,
     pub multi_login: MultiLogin,
@@ -384,7 +396,6 @@ impl Default for SessionConfig {
             login_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(45),
             idle_timeout: Duration::from_secs(135),
-            queue_capacity: 128,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             client_join: ClientJoin::Token,
             multi_login: MultiLogin::PerDevice,
@@ -486,9 +497,9 @@ login_timeout = "10s"
 heartbeat_interval = "45s"
 # A session that sends nothing for this long is closed (3 missed heartbeats).
 idle_timeout = "2m 15s"
-# Pushes queued per session before the slow-consumer policy applies.
-queue_capacity = 128
-# "drop" (drop the push, count it) or "disconnect" (close with CODE_SLOW_CONSUMER).
+# What a full interactive queue (delivery.queue_bytes) does: "drop" (drop the
+# push, count it) or "disconnect" (close with CODE_SLOW_CONSUMER, keep the
+# session for a resume).
 slow_consumer = "disconnect"
 # Client-side Join/Leave: "off", "token" (rooms in the token's rooms claim), "any".
 client_join = "token"
@@ -546,9 +557,17 @@ reconnect_to = ""
 # lanes. A full window pauses that lane (flow control); acks open it again.
 window = 256
 bulk_window = 64
-# Bulk pushes queued per session; a full bulk queue drops (the client sees the
-# seq gap). The interactive lane uses session.queue_capacity and slow_consumer.
-bulk_queue_capacity = 1024
+# Bytes of pushes queued per session and not yet written, counted as payload
+# + 96 bytes each: interactive (past it, session.slow_consumer applies) and
+# bulk (past it, bulk pushes are dropped: the client sees the seq gap).
+queue_bytes = 1048576
+bulk_queue_bytes = 4194304
+# Bytes a session keeps while it has no connection (between a drop and its
+# resume); past it the oldest pushes are evicted and the resume reports the gap.
+detached_bytes = 4194304
+# A connection whose socket accepts no byte of a pending write for this long
+# is closed with CODE_SLOW_CONSUMER (its session is kept for a resume).
+stall_timeout = "30s"
 # An unacknowledged push is written again after ack_timeout, then 2x, 4x, ...
 # up to max_tries writes in all; then it is given up and reported.
 ack_timeout = "10s"
@@ -629,9 +648,6 @@ impl Config {
                 "must be longer than session.heartbeat_interval",
             );
         }
-        if !(1..=65_536).contains(&s.queue_capacity) {
-            return bad("session.queue_capacity", "must be 1..=65536");
-        }
         if s.write_delay > Duration::from_secs(1) {
             return bad("session.write_delay", "must be at most 1s");
         }
@@ -701,8 +717,20 @@ impl Config {
         if !(1..=65_536).contains(&d.bulk_window) {
             return bad("delivery.bulk_window", "must be 1..=65536");
         }
-        if !(1..=1_048_576).contains(&d.bulk_queue_capacity) {
-            return bad("delivery.bulk_queue_capacity", "must be 1..=1048576");
+        for (key, v) in [
+            ("delivery.queue_bytes", d.queue_bytes),
+            ("delivery.bulk_queue_bytes", d.bulk_queue_bytes),
+            ("delivery.detached_bytes", d.detached_bytes),
+        ] {
+            if v < 1024 || v > d.replay_budget {
+                return bad(
+                    key,
+                    "must be at least 1024 and at most delivery.replay_budget",
+                );
+            }
+        }
+        if d.stall_timeout < Duration::from_secs(1) {
+            return bad("delivery.stall_timeout", "must be at least 1s");
         }
         if d.ack_timeout < Duration::from_millis(10) {
             return bad("delivery.ack_timeout", "must be at least 10ms");
@@ -743,8 +771,8 @@ mod tests {
 
     #[test]
     fn bad_value_is_named() {
-        let e = Config::parse("[session]\nqueue_capacity = 0\n", "t").unwrap_err();
-        assert!(e.to_string().contains("session.queue_capacity"), "{e}");
+        let e = Config::parse("[delivery]\nqueue_bytes = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("delivery.queue_bytes"), "{e}");
         let e = Config::parse("[session]\nlogin_timeout = \"soon\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("login_timeout"), "{e}");
         let e = Config::parse("[upstream]\ntcp = \"0.0.0.0:7401\"\n", "t").unwrap_err();

@@ -131,16 +131,16 @@ impl Tally {
 
 impl Router {
     /// A router with default delivery settings except the interactive queue
-    /// capacity and policy (benches and tests use it).
+    /// bound (charged bytes) and policy (benches and tests use it).
     pub fn new(
         node: NodeId,
         registry: Arc<Registry>,
-        capacity: usize,
+        queue_bytes: usize,
         policy: SlowConsumerPolicy,
         max_rooms: usize,
     ) -> Self {
         let mut delivery = DeliveryConfig::default();
-        delivery.queue[0] = capacity;
+        delivery.queue_bytes[0] = queue_bytes;
         delivery.policy[0] = policy;
         Self::with_delivery(
             node,

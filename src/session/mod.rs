@@ -13,8 +13,8 @@ pub mod delivery;
 mod handle;
 
 pub use self::core::{LoginGrant, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER};
-pub use delivery::{Budget, DeliveryConfig};
+pub use delivery::{Budget, DeliveryConfig, ITEM_OVERHEAD};
 pub use handle::{
     keeps_state, shared_size, CloseCmd, End, Enqueued, SessionHandle, SessionInfo, Uplink,
-    WeakSession, OVERFLOW,
+    WeakSession,
 };

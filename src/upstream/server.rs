@@ -302,7 +302,9 @@ async fn serve<S>(
         let _ = w.shutdown().await;
     });
 
-    let yield_pushes = u64::from(gw.config().session.queue_capacity / 2).max(1);
+    // About a quarter of what a reader that keeps up can have queued of
+    // small pushes: the woken sessions write before the queues fill.
+    let yield_pushes: u64 = 64;
     let (mut reached_since_yield, mut pushes_since_yield) = (0u64, 0u64);
     loop {
         let next = tokio::select! { _ = stop.cancelled() => break, f = frames.next() => f };
