@@ -268,11 +268,26 @@ pub struct UpstreamConfig {
     pub allow_public: bool,
     /// Shared secret upstream services present in Hello.
     pub secret: String,
-    /// Events queued per upstream connection before new ones are dropped.
+    /// Events queued per subscribed upstream connection before new ones are
+    /// dropped.
     pub event_queue: u32,
-    /// Largest frame accepted from an upstream.
+    /// Bytes of encoded events queued per subscribed upstream connection
+    /// before new ones are dropped.
+    pub event_queue_bytes: u64,
+    /// Largest frame accepted from an upstream after its Hello (the Hello
+    /// itself is capped at [`UPSTREAM_HELLO_MAX`]).
     pub max_frame: u32,
+    /// Upstream connections open at once, on both listeners together,
+    /// counted from accept (before Hello).
+    pub max_connections: u32,
+    /// How long a new upstream connection has to send its Hello.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
 }
+
+/// Largest Hello frame (body) the upstream socket reads before
+/// authentication; a bigger one is refused with `CODE_FRAME_TOO_LARGE`.
+pub const UPSTREAM_HELLO_MAX: usize = 4096;
 
 impl std::fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -282,7 +297,10 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("allow_public", &self.allow_public)
             .field("secret", &"<hidden>")
             .field("event_queue", &self.event_queue)
+            .field("event_queue_bytes", &self.event_queue_bytes)
             .field("max_frame", &self.max_frame)
+            .field("max_connections", &self.max_connections)
+            .field("hello_timeout", &self.hello_timeout)
             .finish()
     }
 }
@@ -426,7 +444,10 @@ impl Default for UpstreamConfig {
             allow_public: false,
             secret: DEV_UPSTREAM_SECRET.into(),
             event_queue: 65_536,
+            event_queue_bytes: 16 * 1024 * 1024,
             max_frame: 4 * 1024 * 1024,
+            max_connections: 128,
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -535,9 +556,19 @@ tcp = "127.0.0.1:7401"
 allow_public = false
 # Shared secret upstream services present in Hello. Change it in production.
 secret = "tether-dev-upstream-secret"
-# Events queued per upstream connection before new events are dropped.
+# Each subscribed connection's event queue: at most event_queue events and
+# event_queue_bytes bytes of encoded events (16 MiB). When either is reached,
+# new events for that connection are dropped, counted by kind, and reported to
+# it in an EventsDropped notice.
 event_queue = 65536
+event_queue_bytes = 16777216
+# Largest request frame after Hello (a Hello is at most 4096 bytes).
 max_frame = 4194304
+# Upstream connections open at once (both listeners, from accept); more are
+# refused with CODE_TOO_MANY_CONNECTIONS.
+max_connections = 128
+# A new connection that sends no Hello within this time is refused.
+hello_timeout = "10s"
 
 [metrics]
 # Prometheus scrape endpoint (GET /metrics); "" turns it off.
@@ -707,6 +738,22 @@ impl Config {
         if self.upstream.event_queue == 0 {
             return bad("upstream.event_queue", "must be at least 1");
         }
+        // The largest uplink event (a client frame plus session info) must fit.
+        let min_queue_bytes = u64::from(self.limits.max_frame) + 4096;
+        if !(min_queue_bytes..=1 << 32).contains(&self.upstream.event_queue_bytes) {
+            return bad(
+                "upstream.event_queue_bytes",
+                format!("must be {min_queue_bytes}..=4294967296 bytes (at least limits.max_frame + 4096)"),
+            );
+        }
+        if !(1..=65_536).contains(&self.upstream.max_connections) {
+            return bad("upstream.max_connections", "must be 1..=65536");
+        }
+        if self.upstream.hello_timeout < Duration::from_millis(10)
+            || self.upstream.hello_timeout > Duration::from_secs(300)
+        {
+            return bad("upstream.hello_timeout", "must be 10ms..=5m");
+        }
         if self.shutdown.drain_timeout.is_zero() {
             return bad("shutdown.drain_timeout", "must be greater than zero");
         }
@@ -777,6 +824,12 @@ mod tests {
         assert!(e.to_string().contains("login_timeout"), "{e}");
         let e = Config::parse("[upstream]\ntcp = \"0.0.0.0:7401\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.tcp"), "{e}");
+        let e = Config::parse("[upstream]\nevent_queue_bytes = 1024\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.event_queue_bytes"), "{e}");
+        let e = Config::parse("[upstream]\nmax_connections = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.max_connections"), "{e}");
+        let e = Config::parse("[upstream]\nhello_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.hello_timeout"), "{e}");
     }
 
     #[test]

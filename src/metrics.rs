@@ -27,6 +27,7 @@ pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const UPLINKS: &str = "tether_uplinks_total";
 pub const UPSTREAM_CONNECTIONS: &str = "tether_upstream_connections";
 pub const UPSTREAM_EVENTS_DROPPED: &str = "tether_upstream_events_dropped_total";
+pub const UPSTREAM_REFUSED: &str = "tether_upstream_connections_refused_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
 pub const ROOMS: &str = "tether_rooms";
 pub const RESUMES: &str = "tether_resumes_total";
@@ -72,7 +73,11 @@ pub fn describe() {
     describe_gauge!(UPSTREAM_CONNECTIONS, "Connected upstream services.");
     describe_counter!(
         UPSTREAM_EVENTS_DROPPED,
-        "Events dropped because an upstream queue was full."
+        "Events dropped because an upstream subscriber's queue was full (upstream.event_queue, upstream.event_queue_bytes), by kind: uplink, opened, closed, undelivered, delivery."
+    );
+    describe_counter!(
+        UPSTREAM_REFUSED,
+        "Upstream connections refused, by reason: CODE_TOO_MANY_CONNECTIONS (upstream.max_connections), CODE_FRAME_TOO_LARGE (a Hello over 4096 bytes), CODE_UPSTREAM_AUTH_FAILED (no Hello in time, or a bad secret), CODE_UNSUPPORTED_VERSION."
     );
     describe_counter!(
         UNDELIVERED,

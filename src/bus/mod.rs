@@ -14,7 +14,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-pub use local::{EventHub, LocalBus, Subscription};
+pub use local::{EventHub, EventKind, LocalBus, QueueLimits, Subscription};
 
 use crate::ids::{DeviceId, NodeId, RoomId, UserId};
 use crate::session::CloseCmd;
@@ -113,6 +113,7 @@ pub trait Bus: Send + Sync + 'static {
     /// one subscriber accepted it (uplinks answer the client with this).
     fn emit(&self, event: pb::Event) -> bool;
 
-    /// Subscribes an upstream connection to events.
-    fn subscribe(&self, group: &str, capacity: usize) -> Subscription;
+    /// Subscribes an upstream connection to events, with a queue bounded by
+    /// `limits`.
+    fn subscribe(&self, group: &str, limits: QueueLimits) -> Subscription;
 }
