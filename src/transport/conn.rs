@@ -570,6 +570,7 @@ impl<IO: Transport> Connection<IO> {
         if self.session.is_closing() || now < at + self.gw.delivery().stall_timeout {
             return;
         }
+        metrics::counter!(m::SLOW_CONSUMERS).increment(1);
         let cmd = crate::session::CloseCmd::new(
             Code::SlowConsumer,
             "the connection accepted no data for too long: the client is not reading",
