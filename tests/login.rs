@@ -289,6 +289,42 @@ async fn refresh_keeps_the_session_alive_past_the_first_tokens_exp() {
 }
 
 #[tokio::test]
+async fn a_resumed_session_is_bounded_by_the_resume_logins_token() {
+    let mut cfg = test_config();
+    cfg.auth.leeway = Duration::ZERO;
+    let g = start(cfg).await;
+    let mut first = g.client().await;
+    let ok = first
+        .login(&token_for("alice", "phone", 600), "phone")
+        .await
+        .unwrap();
+    drop(first);
+
+    // The resume presents a token that runs out in 2 s.
+    let mut c = g.client().await;
+    let resumed = c
+        .login_with(pb::Login {
+            token: token_for("alice", "phone", 2),
+            device_id: "phone".into(),
+            platform: pb::Platform::Desktop as i32,
+            protocol_version: 1,
+            resume: Some(pb::Resume {
+                session_id: ok.session_id,
+                resume_token: ok.resume_token.clone(),
+                last_seq: 0,
+                last_bulk_seq: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(resumed.session_id, ok.session_id, "{resumed:?}");
+    assert_eq!(resumed.resume.map(|r| r.code), Some(Code::Ok as i32));
+    let exp_ms = (unix_secs() + 2) * 1000;
+    assert!(resumed.token_exp_ms.abs_diff(exp_ms) <= 1000, "{resumed:?}");
+    assert_eq!(expect_closed(&mut c).await, Code::TokenExpired);
+}
+
+#[tokio::test]
 async fn refresh_with_another_users_or_devices_token_is_refused() {
     let g = start(test_config()).await;
     let (mut c, _) = g.login("alice", "phone").await;

@@ -500,6 +500,7 @@ impl Session {
                     );
                 }
                 let allowed = match self.params.client_join {
+                    // Refused above already, as an invalid frame.
                     ClientJoin::Off => Err(Code::Unsupported),
                     ClientJoin::Any => Ok(()),
                     ClientJoin::Token if crate::auth::room_allowed(rooms, &room) => Ok(()),
