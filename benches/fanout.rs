@@ -206,7 +206,15 @@ impl SessionEnv for FakeEnv {
             resume_token: bytes::Bytes::new(),
             resume: None,
             next_uplink_seq: 1,
+            token_exp: None,
         })
+    }
+    fn refresh(
+        &mut self,
+        _now: Instant,
+        _req: &tether::wire::RefreshRequest,
+    ) -> Result<tether::session::Refreshed, (Code, String)> {
+        Err((Code::Unsupported, "not in this bench".into()))
     }
     fn uplink(&mut self, _now: Instant, _req: SendRequest) -> Result<UplinkAck, Code> {
         self.next_msg += 1;
@@ -234,6 +242,8 @@ fn params() -> Arc<SessionParams> {
         max_frame: 64 * 1024,
         client_join: ClientJoin::Any,
         node_id: "bench".into(),
+        token_grace: Duration::from_secs(30),
+        epoch: Instant::now(),
     })
 }
 

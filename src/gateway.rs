@@ -28,8 +28,8 @@ use crate::registry::Registry;
 use crate::router::Router;
 use crate::session::delivery::Item;
 use crate::session::{
-    keeps_state, Budget, CloseCmd, DeliveryConfig, End, LoginGrant, SessionEnv, SessionHandle,
-    SessionInfo, SessionParams, Uplink, UplinkAck,
+    keeps_state, Budget, CloseCmd, DeliveryConfig, End, LoginGrant, Refreshed, SessionEnv,
+    SessionHandle, SessionInfo, SessionParams, Uplink, UplinkAck,
 };
 use crate::timer::TimerWheel;
 use crate::transport::{ConnGuard, Connection};
@@ -182,7 +182,7 @@ impl Gateway {
         // Session ids start at a random point so ids of a restarted node differ.
         let seed: u64 = rand::random::<u64>() >> 16;
         let gw = Arc::new(Self {
-            params: Arc::new(SessionParams::from_config(&cfg)),
+            params: Arc::new(SessionParams::from_config(&cfg, now)),
             wheel: TimerWheel::new(cfg.session.timer_tick, now),
             limits: Limits::new(&cfg, now),
             msg_prefix: format!("{}-{:x}", cfg.node_id, rand::random::<u32>()),
@@ -588,9 +588,9 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                     "login rate limit reached; retry with backoff".to_owned(),
                 ));
             }
-            let identity = gw
+            let crate::auth::Verified { identity, exp } = gw
                 .verifier
-                .verify(&req.token, &req.device)
+                .check(&req.token, &req.device)
                 .map_err(|e: AuthError| (e.code(), e.to_string()))?;
             // A resume takes the old session over; if it cannot, this login
             // starts a new session and says why in LoginOk.resume.
@@ -603,7 +603,7 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                         *self.gen = gen;
                         *self.registered = true;
                         metrics::counter!(m::RESUMES, "result" => Code::try_from(res.code).unwrap_or(Code::Ok).as_str_name()).increment(1);
-                        return Ok((identity, Some(res), true));
+                        return Ok((identity, exp, Some(res), true));
                     }
                     Err(code) => {
                         metrics::counter!(m::RESUMES, "result" => code.as_str_name()).increment(1);
@@ -634,14 +634,14 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                 // A detached session replaced by a new login ends now.
                 gw.end_session(&old, End::Detached, Code::Replaced);
             }
-            Ok((identity, resume, false))
+            Ok((identity, exp, resume, false))
         })();
         let label = match &result {
             Ok(_) => "ok",
             Err((c, _)) => c.as_str_name(),
         };
         metrics::counter!(m::LOGINS, "result" => label).increment(1);
-        let (identity, resume, resumed) = result?;
+        let (identity, exp, resume, resumed) = result?;
         if !resumed {
             metrics::gauge!(m::SESSIONS).increment(1.0);
         }
@@ -661,6 +661,34 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
             resume_token: gw.resume_token(self.handle),
             resume,
             next_uplink_seq: self.handle.next_uplink_seq(),
+            token_exp: Some(exp),
+        })
+    }
+
+    fn refresh(
+        &mut self,
+        now: Instant,
+        req: &crate::wire::RefreshRequest,
+    ) -> Result<Refreshed, (Code, String)> {
+        // A refresh costs a signature check, like a login: the same bucket.
+        if !self.gw.limits.try_login(now) {
+            return Err((
+                Code::RateLimited,
+                "login rate limit reached; retry with backoff".to_owned(),
+            ));
+        }
+        let Some(info) = self.handle.info() else {
+            // Set at login, before the session is Active; kept for its life.
+            return Err((Code::Internal, "the session has no identity".to_owned()));
+        };
+        let v = self
+            .gw
+            .verifier
+            .verify_refresh(&req.token, &info.user, &info.device)
+            .map_err(|e| (e.code(), e.to_string()))?;
+        Ok(Refreshed {
+            token_exp: Some(v.exp),
+            rooms: v.identity.rooms,
         })
     }
 
