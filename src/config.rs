@@ -254,6 +254,13 @@ pub struct LimitsConfig {
     pub login_rate: u32,
     /// Burst size of the login bucket.
     pub login_burst: u32,
+    /// Connections that have not logged in yet, at once; 0 = unlimited.
+    /// Beyond it, new connections are refused with `CODE_TOO_MANY_CONNECTIONS`.
+    pub max_pending_logins: u32,
+    /// Devices (sessions with distinct device ids) one user may have on this
+    /// node; 0 = unlimited. A login of one more device is refused with
+    /// `CODE_TOO_MANY_DEVICES`.
+    pub max_devices_per_user: u32,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -432,6 +439,8 @@ impl Default for LimitsConfig {
             max_connections: 0,
             login_rate: 20_000,
             login_burst: 5_000,
+            max_pending_logins: 50_000,
+            max_devices_per_user: 32,
         }
     }
 }
@@ -547,6 +556,13 @@ max_connections = 0
 # Logins per second on this node, JWT checks included (0 = unlimited).
 login_rate = 20000
 login_burst = 5000
+# Connections that have not logged in yet, at once (0 = unlimited). Each waits
+# at most session.login_timeout; beyond the cap new connections get
+# CODE_TOO_MANY_CONNECTIONS at accept.
+max_pending_logins = 50000
+# Devices one user may have logged in on this node, detached sessions waiting
+# for a resume included (0 = unlimited). One more gets CODE_TOO_MANY_DEVICES.
+max_devices_per_user = 32
 
 [upstream]
 # The internal socket for upstream services. Loopback only unless allow_public.

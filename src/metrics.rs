@@ -11,6 +11,10 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 pub const CONNECTIONS: &str = "tether_connections";
 pub const CONNECTIONS_ACCEPTED: &str = "tether_connections_accepted_total";
 pub const CONNECTIONS_REFUSED: &str = "tether_connections_refused_total";
+pub const ACCEPT_ERRORS: &str = "tether_accept_errors_total";
+pub const PENDING_LOGINS: &str = "tether_pending_logins";
+pub const PENDING_LOGINS_REFUSED: &str = "tether_pending_logins_refused_total";
+pub const FANOUT_YIELDS: &str = "tether_fanout_yields_total";
 pub const SESSIONS: &str = "tether_sessions";
 pub const LOGINS: &str = "tether_logins_total";
 pub const CLOSES: &str = "tether_closes_total";
@@ -46,6 +50,22 @@ pub fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Client connections refused at accept, by reason."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Failed accept calls, by kind: resource (out of descriptors or memory; the listener pauses 50ms) or connection (one connection's error; the next is accepted at once)."
+    );
+    describe_gauge!(
+        PENDING_LOGINS,
+        "Connections accepted that have not logged in yet (limits.max_pending_logins bounds it)."
+    );
+    describe_counter!(
+        PENDING_LOGINS_REFUSED,
+        "Connections refused with CODE_TOO_MANY_CONNECTIONS because limits.max_pending_logins connections were waiting to log in."
+    );
+    describe_counter!(
+        FANOUT_YIELDS,
+        "Times a large push paused its fan-out to let other tasks (sessions, timers) run."
     );
     describe_gauge!(SESSIONS, "Logged-in sessions.");
     describe_counter!(LOGINS, "Login attempts, by result (ok or a code name).");

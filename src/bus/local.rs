@@ -44,12 +44,22 @@ impl Bus for LocalBus {
         to: Destination,
         cmd: Command,
     ) -> BusFuture<Result<Vec<(NodeId, Outcome)>, BusError>> {
-        // Local execution is synchronous and bounded; the future is already done.
-        let res = match to {
-            Destination::Node(n) if n != self.node => Err(BusError::UnknownNode(n)),
-            _ => Ok(vec![(self.node.clone(), self.router.execute(&cmd))]),
-        };
-        Box::pin(std::future::ready(res))
+        match to {
+            Destination::Node(n) if n != self.node => {
+                Box::pin(std::future::ready(Err(BusError::UnknownNode(n))))
+            }
+            // A push may reach every session of the node: it runs paced,
+            // yielding to the runtime between chunks of recipients.
+            _ if matches!(cmd, Command::Push { .. }) => {
+                let (router, node) = (self.router.clone(), self.node.clone());
+                Box::pin(async move { Ok(vec![(node, router.run(&cmd).await)]) })
+            }
+            // Other commands are small and synchronous: already done.
+            _ => Box::pin(std::future::ready(Ok(vec![(
+                self.node.clone(),
+                self.router.execute(&cmd),
+            )]))),
+        }
     }
 
     fn emit(&self, event: pb::Event) -> bool {

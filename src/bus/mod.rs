@@ -102,7 +102,12 @@ pub trait Bus: Send + Sync + 'static {
     /// This node's id.
     fn node_id(&self) -> &NodeId;
 
-    /// Runs `cmd` on the nodes `to` names and gathers their outcomes.
+    /// Runs `cmd` on the nodes `to` names and gathers their outcomes. A
+    /// push to many sessions yields to the runtime while it fans out.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a push dropped midway has reached some of its
+    /// recipients and its outcomes are lost. Await it to the end.
     fn request(
         &self,
         to: Destination,
