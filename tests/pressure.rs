@@ -13,6 +13,7 @@ use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt;
 use tether::ids::SessionId;
+use tether::upstream::UpstreamClient;
 use tether::wire::pb::{self, push_request::Target, server_frame::Body as Resp, Code};
 
 /// A Login that resumes `ok`'s session, claiming pushes up to `last_seq`.
@@ -40,6 +41,29 @@ fn push_to(target: Target, i: u64, size: usize) -> pb::PushRequest {
         message_id: format!("p-{i}"),
         ..Default::default()
     }
+}
+
+/// Pushes `n` indexed pushes of `size` bytes to `target`, `depth` requests
+/// in flight on the one upstream connection; returns the replies. In order:
+/// unconstrained, because tokio's cooperative budget can make a request
+/// future yield before it queues its frame and a later one overtake it.
+async fn push_all(
+    up: &UpstreamClient,
+    target: &Target,
+    n: u64,
+    size: usize,
+    depth: usize,
+) -> Vec<pb::PushReply> {
+    tokio::task::unconstrained(
+        futures_util::stream::iter(0..n)
+            .map(|i| {
+                let req = push_to(target.clone(), i, size);
+                async move { up.push(req).await.expect("push") }
+            })
+            .buffered(depth)
+            .collect(),
+    )
+    .await
 }
 
 fn index_of(p: &pb::Push) -> u64 {
@@ -101,15 +125,7 @@ async fn readers_that_keep_up_are_not_cut_by_an_unpaced_burst() {
     }
     let target = Target::Users(pb::UserList { user_ids: users });
     // Unpaced: the upstream pipelines the whole burst.
-    let mut replies = futures_util::stream::iter(0..BURST)
-        .map(|i| {
-            let req = push_to(target.clone(), i, 64);
-            let up = &up;
-            async move { up.push(req).await }
-        })
-        .buffered(64);
-    while let Some(r) = replies.next().await {
-        let r = r.expect("push");
+    for r in push_all(&up, &target, BURST, 64, 64).await {
         assert_eq!(r.dropped, 0, "{r:?}");
     }
     let mut kept = Vec::new();
@@ -145,15 +161,7 @@ async fn a_blip_during_a_burst_loses_nothing() {
         user_id: "blip".into(),
         device_id: "phone".into(),
     });
-    let mut replies = futures_util::stream::iter(0..BLIP)
-        .map(|i| {
-            let req = push_to(target.clone(), i, 32);
-            let up = &up;
-            async move { up.push(req).await }
-        })
-        .buffered(32);
-    while let Some(r) = replies.next().await {
-        let r = r.expect("push");
+    for r in push_all(&up, &target, BLIP, 32, 32).await {
         assert_eq!((r.sessions, r.dropped), (1, 0), "{r:?}");
     }
     let h = g.gw.registry().session(SessionId(ok.session_id)).unwrap();
