@@ -1,6 +1,6 @@
 //! Delivery under pressure, over real loopback TCP: a connection replaced by
 //! a resume on a dead path is released after its linger; readers that keep
-//! up are not cut as slow consumers by a burst; a blip during a burst loses
+//! up are not cut as slow consumers by a burst queued at once; a blip during a burst loses
 //! nothing. (The driver's timing paths, such as the stall rule and the
 //! retransmission deadline of a blocked write, have deterministic tests on
 //! virtual time in src/transport/conn.rs.)
@@ -102,11 +102,18 @@ async fn readers_that_keep_up_are_not_cut_by_an_unpaced_burst() {
     let (up, _) = g.upstream(false).await;
     let mut users = Vec::new();
     let mut readers = Vec::new();
+    // The readers' apps are busy while the burst goes out (a phone's radio
+    // waking up, a GC pause): they read only once it was all pushed, so the
+    // whole burst is queued at once, as when an upstream outruns every
+    // reader. Then they read and ack as fast as they can.
+    let (go, _) = tokio::sync::broadcast::channel::<()>(1);
     for i in 0..READERS {
         let user = format!("reader-{i}");
         let (mut c, _) = g.login(&user, "phone").await;
         users.push(user);
+        let mut go = go.subscribe();
         readers.push(tokio::spawn(async move {
+            let _ = go.recv().await;
             for seq in 1..=BURST {
                 let f = match c.recv_timeout(Duration::from_secs(20)).await {
                     Ok(Some(f)) => f,
@@ -128,6 +135,7 @@ async fn readers_that_keep_up_are_not_cut_by_an_unpaced_burst() {
     for r in push_all(&up, &target, BURST, 64, 64).await {
         assert_eq!(r.dropped, 0, "{r:?}");
     }
+    let _ = go.send(());
     let mut kept = Vec::new();
     for r in readers {
         kept.push(
