@@ -181,6 +181,10 @@ pub struct Stats {
     /// Session records cut short at `MAX_RANGES`.
     #[serde(default)]
     pub record_overflow: u64,
+    /// Devices still running when the fleet reported its end (their
+    /// session records are missing).
+    #[serde(default)]
+    pub unfinished: u64,
     /// Server Close and Error frames and login refusals, by code.
     #[serde(with = "code_map")]
     pub codes: BTreeMap<i32, u64>,
@@ -215,6 +219,7 @@ impl Stats {
         self.slow_closed += o.slow_closed;
         self.storm_drops += o.storm_drops;
         self.record_overflow += o.record_overflow;
+        self.unfinished += o.unfinished;
         for (k, v) in &o.codes {
             *self.codes.entry(*k).or_default() += v;
         }
@@ -358,7 +363,8 @@ pub async fn run(
     spawner.abort();
     // Devices notice Stop at their next poll; give them a moment to leave
     // (and to hand in their session records).
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline =
+        Instant::now() + Duration::from_secs(if shared.spec.record_sessions { 10 } else { 2 });
     while (shared.counters.online.load(Relaxed) > 0 || shared.running.load(Relaxed) > 0)
         && Instant::now() < deadline
     {
@@ -514,6 +520,7 @@ impl Shared {
             slow_closed: l(&c.slow_closed),
             storm_drops: l(&c.storm_drops),
             record_overflow: l(&c.record_overflow),
+            unfinished: self.running.load(Relaxed),
             codes: self.codes.lock().map(|m| m.clone()).unwrap_or_default(),
             errors: self.errors.lock().map(|m| m.clone()).unwrap_or_default(),
         }
@@ -1230,11 +1237,16 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
     // pushes per second the load side must stay cheaper than the gateway.
     let mut pos = 0;
     let buf = &rbuf[..];
+    // Set when the connection must end; the pushes before it still count.
+    let mut end = None;
     loop {
         let total = match tether::wire::frame_len(&buf[pos..], MAX_FRAME) {
             Ok(Some(total)) if buf.len() - pos >= total => total,
             Ok(_) => break,
-            Err(e) => return Some(End::Lost(e.to_string())),
+            Err(e) => {
+                end = Some(End::Lost(e.to_string()));
+                break;
+            }
         };
         let f = &buf[pos + 4..pos + total];
         pos += total;
@@ -1283,10 +1295,16 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
                     }
                 }
             }
-            Ok(Some(pb::server_frame::Body::Close(cl))) => return Some(End::Closed(cl.code)),
+            Ok(Some(pb::server_frame::Body::Close(cl))) => {
+                end = Some(End::Closed(cl.code));
+                break;
+            }
             Ok(Some(pb::server_frame::Body::Error(e))) => shared.code(e.code),
             Ok(_) => {}
-            Err(e) => return Some(End::Lost(format!("undecodable frame: {e}"))),
+            Err(e) => {
+                end = Some(End::Lost(format!("undecodable frame: {e}")));
+                break;
+            }
         }
     }
     rbuf.advance(pos);
@@ -1300,7 +1318,7 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
         c.last_push_ns.fetch_max(now_ns, Relaxed);
         record_latencies(shared, d.slow, &latencies[..nlat]);
     }
-    None
+    end
 }
 
 /// Records push latencies under one lock.

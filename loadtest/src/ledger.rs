@@ -186,6 +186,7 @@ impl Ledger {
                 let key = (rec.session, lane as u8);
                 let set = seen.entry(key).or_default();
                 for &(a, b) in ranges {
+                    r.received_raw += b - a + 1;
                     set.insert_range(a, b);
                 }
             }
@@ -237,6 +238,9 @@ pub struct Reconciled {
     pub repeated_reports: u64,
     /// Received by the devices, each (session, lane, seq) once.
     pub delivered: u64,
+    /// The devices' receipts as they recorded them: more than `delivered`
+    /// when a (session, lane, seq) was received as new twice.
+    pub received_raw: u64,
     /// ...of which reported `CODE_OK`, `CODE_DELIVERY_FAILED`,
     /// `CODE_DELIVERY_EXPIRED`, or not reported at all.
     pub delivered_ok: u64,

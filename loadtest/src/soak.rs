@@ -42,21 +42,22 @@ pub struct SoakOpts {
     #[arg(long, default_value_t = 200.0)]
     pub unicast_rate: f64,
     /// Broadcast pushes per second.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub broadcast_rate: f64,
     /// Broadcast to a room every device joins instead of to everyone.
     #[arg(long)]
     pub room: bool,
     /// Push payload bytes (at least 8).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     pub size: usize,
     /// Share of the devices that are slow consumers: they log in with a small
     /// receive buffer and stop reading (see --slow-stall).
     #[arg(long, default_value_t = 0.01)]
     pub slow_fraction: f64,
     /// How long a slow consumer stops reading after each login before it
-    /// reads for 5 s (and stalls again); cut off, it resumes.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// reads for 5 s (and stalls again); cut off, it resumes. Long enough
+    /// by default for its queue to fill at the default rates.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub slow_stall: Duration,
     /// A slow consumer's socket receive buffer, in bytes.
@@ -329,7 +330,8 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
     stop.store(true, Relaxed);
     while tasks.join_next().await.is_some() {}
     let mut last = fleet.totals();
-    loop {
+    let drain_end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < drain_end {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = fleet.totals();
         if now.pushes + now.slow_pushes == last.pushes + last.slow_pushes {
