@@ -131,6 +131,8 @@ pub struct SoakSample {
     pub gw_connections: Option<u64>,
     pub gw_sessions: Option<u64>,
     pub gw_detached: Option<u64>,
+    /// Events the gateway dropped for full subscriber queues (reports among them).
+    pub gw_events_dropped: Option<u64>,
     pub online: u64,
     pub logins: u64,
     pub resumes: u64,
@@ -525,6 +527,13 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
     );
     f(
         &mut r,
+        "unreached",
+        "push requests that reached no session",
+        p.unreached.load(Relaxed) as f64,
+        "",
+    );
+    f(
+        &mut r,
         "dropped",
         "pushes refused in the reply (PushReply.dropped)",
         p.dropped.load(Relaxed) as f64,
@@ -656,6 +665,13 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
         "hostile_opened",
         "hostile connections opened",
         hostile.opened.load(Relaxed) as f64,
+        "",
+    );
+    f(
+        &mut r,
+        "hostile_connect_errors",
+        "hostile connections that failed to connect",
+        hostile.connect_errors.load(Relaxed) as f64,
         "",
     );
     f(
@@ -969,6 +985,7 @@ impl Sampler {
             gw_connections: m(tether::metrics::CONNECTIONS),
             gw_sessions: m(tether::metrics::SESSIONS),
             gw_detached: m(tether::metrics::DETACHED),
+            gw_events_dropped: m(tether::metrics::UPSTREAM_EVENTS_DROPPED),
             online: st.online,
             logins: st.logins,
             resumes: st.resumes,
