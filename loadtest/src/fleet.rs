@@ -639,6 +639,10 @@ struct Device {
     rng: u64,
     /// With `record_sessions`: the seqs this session received, per lane.
     recv: [Vec<(u64, u64)>; 2],
+    /// When this session says goodbye (with `churn_ms`), and whether one
+    /// did before.
+    churn_at: Option<Instant>,
+    churned: bool,
 }
 
 impl Device {
@@ -703,6 +707,8 @@ async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
         inflight: VecDeque::new(),
         rng: 0x9e37_79b9_7f4a_7c15 ^ (ix as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
         recv: Default::default(),
+        churn_at: None,
+        churned: false,
     };
     device_loop(ix, &shared, &mut d, phase).await;
     d.end_record(&shared);
@@ -799,6 +805,8 @@ async fn device_loop(
                         drop(conn);
                         d.end_record(shared);
                         d.session = None;
+                        d.churn_at = None;
+                        d.churned = true;
                         d.seq = [0; 2];
                         d.acked = [0; 2];
                     }
@@ -1094,11 +1102,21 @@ async fn session(
     } else {
         far - Instant::now()
     });
-    let churn_at = tokio::time::sleep(if spec.churn_ms > 0 {
-        d.jitter(spec.churn_ms)
+    // The session's end is set once per session and kept across resumes,
+    // so that reconnects do not postpone it.
+    // A device's first session lives 0 to 2x churn_ms, so that goodbyes come
+    // at a steady rate from the start; later ones churn_ms ±50%.
+    let churn_deadline = if spec.churn_ms > 0 {
+        let life = if d.churned {
+            d.jitter(spec.churn_ms)
+        } else {
+            Duration::from_millis(d.next_rand() % (2 * spec.churn_ms))
+        };
+        *d.churn_at.get_or_insert_with(|| Instant::now() + life)
     } else {
-        far - Instant::now()
-    });
+        far
+    };
+    let churn_at = tokio::time::sleep_until(churn_deadline);
     // A stalling slow device reads nothing until `stall_at`, then reads for
     // SLOW_READ_MS, and so on.
     let mut stalled = d.slow && spec.slow_stall_ms > 0;
