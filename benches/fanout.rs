@@ -1,7 +1,11 @@
 //! Fan-out benchmarks: one push through the real [`Router`] into the queues of
 //! 10,000 and 100,000 logged-in in-memory sessions (everyone, and one room
 //! holding all of them); registry lookups, joins and leaves, alone and from
-//! two threads at once; and the session state machine's per-frame hot path.
+//! two threads at once; the session state machine's per-frame hot path; and
+//! what a large fan-out costs everyone else (`pressure_100k`): how long a
+//! join to the room waits while pushes to that room run on another thread,
+//! and the longest a task on the same runtime thread waits while a push to
+//! everyone goes through the bus.
 //!
 //! Only the fan-out is timed: after every iteration each session's queue is
 //! drained (untimed, via `iter_custom`), so queues never fill and every
@@ -19,7 +23,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prost::Message;
 use tether::auth::Identity;
-use tether::bus::PushTarget;
+use tether::bus::{Bus, Command, Destination, LocalBus, PushTarget};
 use tether::config::{ClientJoin, MultiLogin, SlowConsumerPolicy};
 use tether::ids::{DeviceId, NodeId, RoomId, SessionId, TransportKind, UserId};
 use tether::registry::Registry;
@@ -30,11 +34,12 @@ use tether::session::{
 use tether::wire::{pb, Code, LoginRequest, SendRequest, SharedPush};
 
 const SESSIONS: usize = 10_000;
-const QUEUE_CAPACITY: usize = 1024;
+/// Charged bytes per session queue: room for about 1,024 small pushes.
+const QUEUE_BYTES: usize = 1024 * 160;
 const MAX_ROOMS: usize = 16;
 
 struct Fleet {
-    router: Router,
+    router: Arc<Router>,
     handles: Vec<SessionHandle>,
     room: RoomId,
 }
@@ -58,13 +63,13 @@ fn fleet(n: usize) -> Fleet {
     }
     assert_eq!(registry.len(), n);
     assert_eq!(registry.room(&room).unwrap().len(), n);
-    let router = Router::new(
+    let router = Arc::new(Router::new(
         NodeId::new("bench"),
         registry,
-        QUEUE_CAPACITY,
+        QUEUE_BYTES,
         SlowConsumerPolicy::Drop,
         MAX_ROOMS,
-    );
+    ));
     Fleet {
         router,
         handles,
@@ -188,6 +193,97 @@ fn bench_registry(c: &mut Criterion) {
     g.finish();
 }
 
+/// What a fan-out to 100,000 sessions costs others. `join_during_room_push`:
+/// one join and one leave of the room while another thread pushes to that
+/// room (and drains the queues) in a loop; a join waits for any lock the
+/// push holds on the room. `tick_gap_during_broadcast`: one push to everyone
+/// through the bus on a current-thread runtime, with another task on the
+/// same thread; the time reported per iteration is the longest that task
+/// waited to run (what a timer tick on that worker would wait).
+fn bench_pressure(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const N: usize = 100_000;
+    let f = fleet(N);
+    let reg = f.router.registry().clone();
+    let budget = f.router.budget().clone();
+    let shared = SharedPush::new("m-1", &[0x42; 64], "bench", "all");
+    let mut g = c.benchmark_group("pressure_100k");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1));
+
+    let extra = SessionHandle::new(SessionId(u64::MAX));
+    assert!(extra.set_info(SessionInfo {
+        user: UserId::new("extra"),
+        device: DeviceId::new("phone"),
+        platform: pb::Platform::Ios,
+        transport: TransportKind::Memory,
+        since_ms: 0,
+    }));
+    reg.register(&extra, MultiLogin::PerDevice);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let target = PushTarget::Room(f.room.clone());
+            while !stop.load(Ordering::Relaxed) {
+                black_box(f.router.push(&target, &shared));
+                drain_all(&f.handles, &budget);
+            }
+        });
+        g.bench_function("join_during_room_push", |b| {
+            b.iter(|| {
+                reg.join(&extra, &f.room, MAX_ROOMS).unwrap();
+                black_box(reg.leave(&extra, &f.room))
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+    drain_all(&f.handles, &budget);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let bus = LocalBus::new(NodeId::new("bench"), f.router.clone());
+    g.bench_function("tick_gap_during_broadcast", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let gap = rt.block_on(async {
+                    let done = Arc::new(AtomicBool::new(false));
+                    let longest = Arc::new(AtomicU64::new(0));
+                    let ticker = {
+                        let (done, longest) = (done.clone(), longest.clone());
+                        tokio::spawn(async move {
+                            let mut last = Instant::now();
+                            while !done.load(Ordering::Relaxed) {
+                                let now = Instant::now();
+                                let waited = (now - last).as_nanos() as u64;
+                                longest.fetch_max(waited, Ordering::Relaxed);
+                                last = now;
+                                tokio::task::yield_now().await;
+                            }
+                        })
+                    };
+                    tokio::task::yield_now().await;
+                    let cmd = Command::Push {
+                        target: PushTarget::Everyone,
+                        push: shared.clone(),
+                    };
+                    black_box(bus.request(Destination::All, cmd).await.unwrap());
+                    // The ticker's run after the push ends its longest wait.
+                    tokio::task::yield_now().await;
+                    done.store(true, Ordering::Relaxed);
+                    ticker.await.unwrap();
+                    Duration::from_nanos(longest.load(Ordering::Relaxed))
+                });
+                total += gap;
+                drain_all(&f.handles, &budget);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
 /// A do-nothing environment: login always succeeds, uplinks always accepted.
 struct FakeEnv {
     next_msg: u64,
@@ -205,7 +301,15 @@ impl SessionEnv for FakeEnv {
             resume_token: bytes::Bytes::new(),
             resume: None,
             next_uplink_seq: 1,
+            token_exp: None,
         })
+    }
+    fn refresh(
+        &mut self,
+        _now: Instant,
+        _req: &tether::wire::RefreshRequest,
+    ) -> Result<tether::session::Refreshed, (Code, String)> {
+        Err((Code::Unsupported, "not in this bench".into()))
     }
     fn uplink(&mut self, _now: Instant, _req: SendRequest) -> Result<UplinkAck, Code> {
         self.next_msg += 1;
@@ -233,6 +337,8 @@ fn params() -> Arc<SessionParams> {
         max_frame: 64 * 1024,
         client_join: ClientJoin::Any,
         node_id: "bench".into(),
+        token_grace: Duration::from_secs(30),
+        epoch: Instant::now(),
     })
 }
 
@@ -301,5 +407,11 @@ fn bench_session(c: &mut Criterion) {
     assert!(s.is_active());
 }
 
-criterion_group!(benches, bench_fanout, bench_registry, bench_session);
+criterion_group!(
+    benches,
+    bench_fanout,
+    bench_registry,
+    bench_session,
+    bench_pressure
+);
 criterion_main!(benches);

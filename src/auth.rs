@@ -1,7 +1,9 @@
 //! Token verification (JWT via `jsonwebtoken`) and development token minting.
 //!
 //! Owns the mapping from token failures to wire codes: expired, badly signed and
-//! malformed tokens each get their own code. It does no IO after construction.
+//! malformed tokens each get their own code. Refusals carry fixed texts of our
+//! own, never the JWT library's messages: they go to peers that have not
+//! logged in. It does no IO after construction.
 
 use std::time::Duration;
 
@@ -30,19 +32,28 @@ pub struct Claims {
     pub rooms: Vec<String>,
 }
 
-/// Why a token was refused.
+/// Why a token was refused. The texts are fixed and ours: they are sent to
+/// the peer, which may not have logged in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// `exp` has passed (allowing for the leeway).
     #[error("token expired")]
     Expired,
+    /// The signature does not verify with the configured key.
     #[error("token signature does not verify")]
     BadSignature,
+    /// Not a JWS compact serialization, or claims of the wrong shape.
     #[error("token is malformed: {0}")]
-    Malformed(String),
+    Malformed(&'static str),
+    /// Well-formed, but refused: algorithm, time, issuer, audience, subject.
     #[error("token refused: {0}")]
-    Invalid(String),
+    Invalid(&'static str),
+    /// The `dev` claim names another device.
     #[error("token is bound to another device")]
     DeviceMismatch,
+    /// A refresh token issued to another user than the session's.
+    #[error("token was issued to another user")]
+    OtherUser,
 }
 
 impl AuthError {
@@ -52,10 +63,47 @@ impl AuthError {
             AuthError::Expired => Code::TokenExpired,
             AuthError::BadSignature => Code::TokenBadSignature,
             AuthError::Malformed(_) => Code::TokenMalformed,
-            AuthError::Invalid(_) => Code::TokenInvalid,
+            AuthError::Invalid(_) | AuthError::OtherUser => Code::TokenInvalid,
             AuthError::DeviceMismatch => Code::DeviceMismatch,
         }
     }
+
+    /// Maps a `jsonwebtoken` failure to a refusal with our own text.
+    fn from_jwt(kind: &ErrorKind) -> Self {
+        match kind {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidToken => {
+                AuthError::Malformed("not three dot-separated base64url parts")
+            }
+            ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+                AuthError::Malformed("a part is not valid base64url")
+            }
+            ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
+                AuthError::Malformed("the claims are not JSON of the expected shape")
+            }
+            ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm => {
+                AuthError::Invalid(ALG_REFUSED)
+            }
+            ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
+            ErrorKind::InvalidIssuer => AuthError::Invalid("iss is not accepted"),
+            ErrorKind::InvalidAudience => AuthError::Invalid("aud is not accepted"),
+            ErrorKind::MissingRequiredClaim(_) => {
+                AuthError::Invalid("a required claim (iss or aud) is missing")
+            }
+            _ => AuthError::Invalid("not accepted"),
+        }
+    }
+}
+
+const ALG_REFUSED: &str = "its algorithm is not accepted";
+
+/// What a verified token grants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub identity: Identity,
+    /// The `exp` claim, seconds since the Unix epoch.
+    pub exp: u64,
 }
 
 /// Who a verified token says the peer is.
@@ -102,6 +150,7 @@ pub enum AuthConfigError {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    alg: Algorithm,
 }
 
 impl Verifier {
@@ -149,7 +198,11 @@ impl Verifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            alg,
+        })
     }
 
     /// Verifies `token` for a login as `device`.
@@ -157,32 +210,67 @@ impl Verifier {
     /// # Errors
     /// [`AuthError`]; each variant maps to its own wire code.
     pub fn verify(&self, token: &str, device: &DeviceId) -> Result<Identity, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidToken
-                | ErrorKind::Base64(_)
-                | ErrorKind::Json(_)
-                | ErrorKind::Utf8(_) => AuthError::Malformed(e.to_string()),
-                _ => AuthError::Invalid(e.to_string()),
-            },
-        )?;
+        self.check(token, device).map(|v| v.identity)
+    }
+
+    /// Verifies a token that is to replace the one of a logged-in session of
+    /// `user` on `device`: it must name the same user and admit the device.
+    ///
+    /// # Errors
+    /// [`AuthError`], [`AuthError::OtherUser`] for a token of another user.
+    pub fn verify_refresh(
+        &self,
+        token: &str,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Verified, AuthError> {
+        let v = self.check(token, device)?;
+        if &v.identity.user != user {
+            return Err(AuthError::OtherUser);
+        }
+        Ok(v)
+    }
+
+    /// Verifies `token` for `device`, and returns its expiry too.
+    ///
+    /// # Errors
+    /// [`AuthError`]; each variant maps to its own wire code.
+    pub fn check(&self, token: &str, device: &DeviceId) -> Result<Verified, AuthError> {
+        // The header first: an `alg` the library does not know (`none`
+        // included) fails its header parse with a JSON error that lists every
+        // algorithm it knows; that is a refused algorithm, not a malformed
+        // token, and the list is not ours to send.
+        match jsonwebtoken::decode_header(token) {
+            Ok(h) if h.alg != self.alg => return Err(AuthError::Invalid(ALG_REFUSED)),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(match e.kind() {
+                    ErrorKind::Json(j) if j.classify() == serde_json::error::Category::Data => {
+                        AuthError::Invalid(ALG_REFUSED)
+                    }
+                    ErrorKind::Json(_) => AuthError::Malformed("the header is not JSON"),
+                    other => AuthError::from_jwt(other),
+                })
+            }
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| AuthError::from_jwt(e.kind()))?;
         let c = data.claims;
         if c.sub.is_empty() || c.sub.len() > 128 || c.sub.chars().any(char::is_control) {
-            return Err(AuthError::Invalid(
-                "sub must be 1..=128 printable bytes".into(),
-            ));
+            return Err(AuthError::Invalid("sub must be 1..=128 printable bytes"));
         }
         if let Some(dev) = &c.dev {
             if dev != device.as_str() {
                 return Err(AuthError::DeviceMismatch);
             }
         }
-        Ok(Identity {
-            user: UserId::new(&c.sub),
-            device: device.clone(),
-            rooms: c.rooms.into_iter().map(String::into_boxed_str).collect(),
+        Ok(Verified {
+            identity: Identity {
+                user: UserId::new(&c.sub),
+                device: device.clone(),
+                rooms: c.rooms.into_iter().map(String::into_boxed_str).collect(),
+            },
+            exp: c.exp,
         })
     }
 }
@@ -351,6 +439,115 @@ mod tests {
             Code::TokenInvalid,
             "a token without iss/aud is refused when they are configured"
         );
+    }
+
+    /// A token with the given header JSON and claims, signed with the dev
+    /// secret as HS256 (whatever the header says).
+    fn with_header(header: &str) -> String {
+        let claims = Claims {
+            sub: "alice".into(),
+            dev: None,
+            exp: crate::unix_ms() / 1000 + 60,
+            iat: None,
+            rooms: vec![],
+        };
+        let ok = mint_claims(S, &claims).unwrap();
+        let mut parts = ok.splitn(2, '.');
+        let _ = parts.next();
+        let rest = parts.next().unwrap();
+        format!("{}.{rest}", b64url(header.as_bytes()))
+    }
+
+    fn b64url(b: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for c in b.chunks(3) {
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &x)| n | u32::from(x) << (16 - 8 * i));
+            for i in 0..=c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn alg_none_and_unknown_algorithms_are_invalid_without_library_text() {
+        let v = verifier();
+        let dev = DeviceId::new("phone");
+        for header in [
+            r#"{"alg":"none","typ":"JWT"}"#,
+            r#"{"alg":"HS1024","typ":"JWT"}"#,
+            r#"{"typ":"JWT"}"#,
+            r#"{"alg":"HS384","typ":"JWT"}"#,
+        ] {
+            let e = v.verify(&with_header(header), &dev).unwrap_err();
+            assert_eq!(e.code(), Code::TokenInvalid, "{header}");
+            let text = e.to_string();
+            for leak in ["HS256", "RS256", "variant", "expected", "line", "column"] {
+                assert!(!text.contains(leak), "{header}: {text:?} leaks {leak}");
+            }
+        }
+        // A header that is not JSON at all is malformed.
+        let e = v.verify(&with_header("{not json"), &dev).unwrap_err();
+        assert_eq!(e.code(), Code::TokenMalformed);
+        // The honest header round-trips through the helper.
+        let ok = with_header(r#"{"typ":"JWT","alg":"HS256"}"#);
+        assert_eq!(v.verify(&ok, &dev).unwrap().user.as_str(), "alice");
+    }
+
+    #[test]
+    fn refusal_texts_are_ours() {
+        let v = verifier();
+        let dev = DeviceId::new("phone");
+        let missing_exp = format!(
+            "{}.{}.sig",
+            b64url(br#"{"alg":"HS256"}"#),
+            b64url(br#"{"sub":"a"}"#)
+        );
+        for t in ["not.a.jwt", "x", "a.b", &missing_exp, "a.!!!.c"] {
+            let e = v.verify(t, &dev).unwrap_err();
+            let text = e.to_string();
+            for leak in [
+                "JSON error",
+                "missing field",
+                "Base64",
+                "line",
+                "column",
+                "Invalid",
+            ] {
+                assert!(!text.contains(leak), "{t}: {text:?} leaks {leak}");
+            }
+        }
+    }
+
+    #[test]
+    fn refresh_needs_the_same_user_and_device() {
+        let v = verifier();
+        let user = UserId::new("alice");
+        let phone = DeviceId::new("phone");
+        let t = |u: &str, d: Option<&str>| {
+            mint_hs256(S, u, d, Duration::from_secs(60), vec!["lobby".into()]).unwrap()
+        };
+        let ok = v.verify_refresh(&t("alice", None), &user, &phone).unwrap();
+        assert_eq!(ok.identity.user, user);
+        assert!(ok.exp > crate::unix_ms() / 1000);
+        assert!(v
+            .verify_refresh(&t("alice", Some("phone")), &user, &phone)
+            .is_ok());
+        let other_user = v
+            .verify_refresh(&t("bob", None), &user, &phone)
+            .unwrap_err();
+        assert_eq!(
+            (other_user.clone(), other_user.code()),
+            (AuthError::OtherUser, Code::TokenInvalid)
+        );
+        let other_device = v
+            .verify_refresh(&t("alice", Some("tablet")), &user, &phone)
+            .unwrap_err();
+        assert_eq!(other_device.code(), Code::DeviceMismatch);
     }
 
     #[test]

@@ -50,8 +50,18 @@ pub struct DeliveryConfig {
     pub window: u32,
     /// Bulk pushes written but not yet acknowledged, per session.
     pub bulk_window: u32,
-    /// Bulk pushes queued per session (bulk always drops when full).
-    pub bulk_queue_capacity: u32,
+    /// Charged bytes (payload + 96 per push) of interactive pushes queued
+    /// per session, not yet written, before `session.slow_consumer` applies.
+    pub queue_bytes: u64,
+    /// The same for bulk pushes (bulk always drops past it).
+    pub bulk_queue_bytes: u64,
+    /// Charged bytes a session keeps while no connection is attached; past
+    /// it the oldest pushes are evicted (the resume reports the gap).
+    pub detached_bytes: u64,
+    /// A connection whose socket takes no byte of a pending write for this
+    /// long is closed as a slow consumer.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
     /// First retransmission of an unacknowledged push; doubles per try.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
@@ -74,7 +84,10 @@ impl Default for DeliveryConfig {
         Self {
             window: 256,
             bulk_window: 64,
-            bulk_queue_capacity: 1024,
+            queue_bytes: 1 << 20,
+            bulk_queue_bytes: 4 << 20,
+            detached_bytes: 4 << 20,
+            stall_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(10),
             max_tries: 3,
             resume_window: Duration::from_secs(120),
@@ -90,10 +103,10 @@ impl Config {
     pub fn delivery_config(&self) -> crate::session::DeliveryConfig {
         let d = &self.delivery;
         crate::session::DeliveryConfig {
-            queue: [
-                self.session.queue_capacity as usize,
-                d.bulk_queue_capacity as usize,
-            ],
+            // Validated to fit in memory (at most the replay budget).
+            queue_bytes: [d.queue_bytes as usize, d.bulk_queue_bytes as usize],
+            detached_bytes: d.detached_bytes as usize,
+            stall_timeout: d.stall_timeout,
             window: [d.window as usize, d.bulk_window as usize],
             policy: [self.session.slow_consumer, SlowConsumerPolicy::Drop],
             ack_timeout: d.ack_timeout,
@@ -213,8 +226,7 @@ pub struct SessionConfig {
     /// A logged-in session that sends nothing for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Outbound pushes queued per session before the slow-consumer policy applies.
-    pub queue_capacity: u32,
+    /// What a full interactive queue (`delivery.queue_bytes`) does.
     pub slow_consumer: SlowConsumerPolicy,
     pub client_join: ClientJoin,
     pub multi_login: MultiLogin,
@@ -242,6 +254,13 @@ pub struct LimitsConfig {
     pub login_rate: u32,
     /// Burst size of the login bucket.
     pub login_burst: u32,
+    /// Connections that have not logged in yet, at once; 0 = unlimited.
+    /// Beyond it, new connections are refused with `CODE_TOO_MANY_CONNECTIONS`.
+    pub max_pending_logins: u32,
+    /// Devices (sessions with distinct device ids) one user may have on this
+    /// node; 0 = unlimited. A login of one more device is refused with
+    /// `CODE_TOO_MANY_DEVICES`.
+    pub max_devices_per_user: u32,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -256,11 +275,26 @@ pub struct UpstreamConfig {
     pub allow_public: bool,
     /// Shared secret upstream services present in Hello.
     pub secret: String,
-    /// Events queued per upstream connection before new ones are dropped.
+    /// Events queued per subscribed upstream connection before new ones are
+    /// dropped.
     pub event_queue: u32,
-    /// Largest frame accepted from an upstream.
+    /// Bytes of encoded events queued per subscribed upstream connection
+    /// before new ones are dropped.
+    pub event_queue_bytes: u64,
+    /// Largest frame accepted from an upstream after its Hello (the Hello
+    /// itself is capped at [`UPSTREAM_HELLO_MAX`]).
     pub max_frame: u32,
+    /// Upstream connections open at once, on both listeners together,
+    /// counted from accept (before Hello).
+    pub max_connections: u32,
+    /// How long a new upstream connection has to send its Hello.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
 }
+
+/// Largest Hello frame (body) the upstream socket reads before
+/// authentication; a bigger one is refused with `CODE_FRAME_TOO_LARGE`.
+pub const UPSTREAM_HELLO_MAX: usize = 4096;
 
 impl std::fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,7 +304,10 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("allow_public", &self.allow_public)
             .field("secret", &"<hidden>")
             .field("event_queue", &self.event_queue)
+            .field("event_queue_bytes", &self.event_queue_bytes)
             .field("max_frame", &self.max_frame)
+            .field("max_connections", &self.max_connections)
+            .field("hello_timeout", &self.hello_timeout)
             .finish()
     }
 }
@@ -384,7 +421,6 @@ impl Default for SessionConfig {
             login_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(45),
             idle_timeout: Duration::from_secs(135),
-            queue_capacity: 128,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             client_join: ClientJoin::Token,
             multi_login: MultiLogin::PerDevice,
@@ -403,6 +439,8 @@ impl Default for LimitsConfig {
             max_connections: 0,
             login_rate: 20_000,
             login_burst: 5_000,
+            max_pending_logins: 50_000,
+            max_devices_per_user: 32,
         }
     }
 }
@@ -415,7 +453,10 @@ impl Default for UpstreamConfig {
             allow_public: false,
             secret: DEV_UPSTREAM_SECRET.into(),
             event_queue: 65_536,
+            event_queue_bytes: 16 * 1024 * 1024,
             max_frame: 4 * 1024 * 1024,
+            max_connections: 128,
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -486,9 +527,9 @@ login_timeout = "10s"
 heartbeat_interval = "45s"
 # A session that sends nothing for this long is closed (3 missed heartbeats).
 idle_timeout = "2m 15s"
-# Pushes queued per session before the slow-consumer policy applies.
-queue_capacity = 128
-# "drop" (drop the push, count it) or "disconnect" (close with CODE_SLOW_CONSUMER).
+# What a full interactive queue (delivery.queue_bytes) does: "drop" (drop the
+# push, count it) or "disconnect" (close with CODE_SLOW_CONSUMER, keep the
+# session for a resume).
 slow_consumer = "disconnect"
 # Client-side Join/Leave: "off", "token" (rooms in the token's rooms claim), "any".
 client_join = "token"
@@ -515,6 +556,13 @@ max_connections = 0
 # Logins per second on this node, JWT checks included (0 = unlimited).
 login_rate = 20000
 login_burst = 5000
+# Connections that have not logged in yet, at once (0 = unlimited). Each waits
+# at most session.login_timeout; beyond the cap new connections get
+# CODE_TOO_MANY_CONNECTIONS at accept.
+max_pending_logins = 50000
+# Devices one user may have logged in on this node, detached sessions waiting
+# for a resume included (0 = unlimited). One more gets CODE_TOO_MANY_DEVICES.
+max_devices_per_user = 32
 
 [upstream]
 # The internal socket for upstream services. Loopback only unless allow_public.
@@ -524,9 +572,19 @@ tcp = "127.0.0.1:7401"
 allow_public = false
 # Shared secret upstream services present in Hello. Change it in production.
 secret = "tether-dev-upstream-secret"
-# Events queued per upstream connection before new events are dropped.
+# Each subscribed connection's event queue: at most event_queue events and
+# event_queue_bytes bytes of encoded events (16 MiB). When either is reached,
+# new events for that connection are dropped, counted by kind, and reported to
+# it in an EventsDropped notice.
 event_queue = 65536
+event_queue_bytes = 16777216
+# Largest request frame after Hello (a Hello is at most 4096 bytes).
 max_frame = 4194304
+# Upstream connections open at once (both listeners, from accept); more are
+# refused with CODE_TOO_MANY_CONNECTIONS.
+max_connections = 128
+# A new connection that sends no Hello within this time is refused.
+hello_timeout = "10s"
 
 [metrics]
 # Prometheus scrape endpoint (GET /metrics); "" turns it off.
@@ -546,9 +604,17 @@ reconnect_to = ""
 # lanes. A full window pauses that lane (flow control); acks open it again.
 window = 256
 bulk_window = 64
-# Bulk pushes queued per session; a full bulk queue drops (the client sees the
-# seq gap). The interactive lane uses session.queue_capacity and slow_consumer.
-bulk_queue_capacity = 1024
+# Bytes of pushes queued per session and not yet written, counted as payload
+# + 96 bytes each: interactive (past it, session.slow_consumer applies) and
+# bulk (past it, bulk pushes are dropped: the client sees the seq gap).
+queue_bytes = 1048576
+bulk_queue_bytes = 4194304
+# Bytes a session keeps while it has no connection (between a drop and its
+# resume); past it the oldest pushes are evicted and the resume reports the gap.
+detached_bytes = 4194304
+# A connection whose socket accepts no byte of a pending write for this long
+# is closed with CODE_SLOW_CONSUMER (its session is kept for a resume).
+stall_timeout = "30s"
 # An unacknowledged push is written again after ack_timeout, then 2x, 4x, ...
 # up to max_tries writes in all; then it is given up and reported.
 ack_timeout = "10s"
@@ -629,9 +695,6 @@ impl Config {
                 "must be longer than session.heartbeat_interval",
             );
         }
-        if !(1..=65_536).contains(&s.queue_capacity) {
-            return bad("session.queue_capacity", "must be 1..=65536");
-        }
         if s.write_delay > Duration::from_secs(1) {
             return bad("session.write_delay", "must be at most 1s");
         }
@@ -691,6 +754,22 @@ impl Config {
         if self.upstream.event_queue == 0 {
             return bad("upstream.event_queue", "must be at least 1");
         }
+        // The largest uplink event (a client frame plus session info) must fit.
+        let min_queue_bytes = u64::from(self.limits.max_frame) + 4096;
+        if !(min_queue_bytes..=1 << 32).contains(&self.upstream.event_queue_bytes) {
+            return bad(
+                "upstream.event_queue_bytes",
+                format!("must be {min_queue_bytes}..=4294967296 bytes (at least limits.max_frame + 4096)"),
+            );
+        }
+        if !(1..=65_536).contains(&self.upstream.max_connections) {
+            return bad("upstream.max_connections", "must be 1..=65536");
+        }
+        if self.upstream.hello_timeout < Duration::from_millis(10)
+            || self.upstream.hello_timeout > Duration::from_secs(300)
+        {
+            return bad("upstream.hello_timeout", "must be 10ms..=5m");
+        }
         if self.shutdown.drain_timeout.is_zero() {
             return bad("shutdown.drain_timeout", "must be greater than zero");
         }
@@ -701,8 +780,20 @@ impl Config {
         if !(1..=65_536).contains(&d.bulk_window) {
             return bad("delivery.bulk_window", "must be 1..=65536");
         }
-        if !(1..=1_048_576).contains(&d.bulk_queue_capacity) {
-            return bad("delivery.bulk_queue_capacity", "must be 1..=1048576");
+        for (key, v) in [
+            ("delivery.queue_bytes", d.queue_bytes),
+            ("delivery.bulk_queue_bytes", d.bulk_queue_bytes),
+            ("delivery.detached_bytes", d.detached_bytes),
+        ] {
+            if v < 1024 || v > d.replay_budget {
+                return bad(
+                    key,
+                    "must be at least 1024 and at most delivery.replay_budget",
+                );
+            }
+        }
+        if d.stall_timeout < Duration::from_secs(1) {
+            return bad("delivery.stall_timeout", "must be at least 1s");
         }
         if d.ack_timeout < Duration::from_millis(10) {
             return bad("delivery.ack_timeout", "must be at least 10ms");
@@ -743,12 +834,18 @@ mod tests {
 
     #[test]
     fn bad_value_is_named() {
-        let e = Config::parse("[session]\nqueue_capacity = 0\n", "t").unwrap_err();
-        assert!(e.to_string().contains("session.queue_capacity"), "{e}");
+        let e = Config::parse("[delivery]\nqueue_bytes = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("delivery.queue_bytes"), "{e}");
         let e = Config::parse("[session]\nlogin_timeout = \"soon\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("login_timeout"), "{e}");
         let e = Config::parse("[upstream]\ntcp = \"0.0.0.0:7401\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.tcp"), "{e}");
+        let e = Config::parse("[upstream]\nevent_queue_bytes = 1024\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.event_queue_bytes"), "{e}");
+        let e = Config::parse("[upstream]\nmax_connections = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.max_connections"), "{e}");
+        let e = Config::parse("[upstream]\nhello_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.hello_timeout"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! a reconnect hint, flush, and return once all connections closed or the
 //! drain timeout passed.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,8 +29,8 @@ use crate::registry::Registry;
 use crate::router::Router;
 use crate::session::delivery::Item;
 use crate::session::{
-    keeps_state, Budget, CloseCmd, DeliveryConfig, End, LoginGrant, SessionEnv, SessionHandle,
-    SessionInfo, SessionParams, Uplink, UplinkAck,
+    keeps_state, Budget, CloseCmd, DeliveryConfig, End, LoginGrant, Refreshed, SessionEnv,
+    SessionHandle, SessionInfo, SessionParams, Uplink, UplinkAck,
 };
 use crate::timer::TimerWheel;
 use crate::transport::{ConnGuard, Connection};
@@ -41,6 +42,12 @@ pub struct Limits {
     per_ip: DashMap<IpAddr, u32>,
     max_conns: usize,
     conns: AtomicUsize,
+    /// `limits.max_pending_logins`; 0 = unlimited.
+    max_pending: usize,
+    /// Connections in `Gateway::pending` (accepted, not logged in yet).
+    pending: AtomicUsize,
+    /// `limits.max_devices_per_user`; 0 = unlimited.
+    max_devices: usize,
     bucket: Option<Mutex<Bucket>>,
 }
 
@@ -59,6 +66,9 @@ impl Limits {
             per_ip: DashMap::new(),
             max_conns: l.max_connections as usize,
             conns: AtomicUsize::new(0),
+            max_pending: l.max_pending_logins as usize,
+            pending: AtomicUsize::new(0),
+            max_devices: l.max_devices_per_user as usize,
             bucket: (l.login_rate > 0).then(|| {
                 Mutex::new(Bucket {
                     rate: f64::from(l.login_rate),
@@ -109,6 +119,36 @@ impl Limits {
         self.conns.load(Ordering::Relaxed)
     }
 
+    /// Connections accepted that have not logged in yet.
+    pub fn pending_logins(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new connection would exceed `limits.max_pending_logins`
+    /// (checked at accept, before any per-connection state exists).
+    fn pending_full(&self) -> bool {
+        self.max_pending > 0 && self.pending.load(Ordering::Relaxed) >= self.max_pending
+    }
+
+    /// Counts one more connection waiting for its login.
+    ///
+    /// # Errors
+    /// `CODE_TOO_MANY_CONNECTIONS` when `limits.max_pending_logins` is reached.
+    fn acquire_pending(&self) -> Result<(), Code> {
+        let n = self.pending.fetch_add(1, Ordering::Relaxed);
+        if self.max_pending > 0 && n >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(Code::TooManyConnections);
+        }
+        metrics::gauge!(m::PENDING_LOGINS).increment(1.0);
+        Ok(())
+    }
+
+    fn release_pending(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(m::PENDING_LOGINS).decrement(1.0);
+    }
+
     /// Takes one login token from the bucket.
     pub fn try_login(&self, now: Instant) -> bool {
         let Some(b) = &self.bucket else {
@@ -145,6 +185,9 @@ pub struct Gateway {
     writes: AtomicU64,
     /// Sessions without a connection, waiting for a resume until their deadline.
     detached: DashMap<SessionId, (SessionHandle, Instant)>,
+    /// The same sessions in deadline order, so a sweep visits only the
+    /// expired ones (entries of sessions resumed since are skipped then).
+    expiry: Mutex<DetachQueue>,
     delivery: DeliveryConfig,
     budget: Arc<Budget>,
     /// Signs resume tokens; random per process (a resume needs this node's state).
@@ -182,7 +225,7 @@ impl Gateway {
         // Session ids start at a random point so ids of a restarted node differ.
         let seed: u64 = rand::random::<u64>() >> 16;
         let gw = Arc::new(Self {
-            params: Arc::new(SessionParams::from_config(&cfg)),
+            params: Arc::new(SessionParams::from_config(&cfg, now)),
             wheel: TimerWheel::new(cfg.session.timer_tick, now),
             limits: Limits::new(&cfg, now),
             msg_prefix: format!("{}-{:x}", cfg.node_id, rand::random::<u32>()),
@@ -197,6 +240,7 @@ impl Gateway {
             write_delay: std::sync::OnceLock::new(),
             writes: AtomicU64::new(0),
             detached: DashMap::new(),
+            expiry: Mutex::new(DetachQueue::default()),
             delivery,
             budget,
             resume_key,
@@ -309,8 +353,14 @@ impl Gateway {
     pub fn connection_ended(&self, h: &SessionHandle, gen: u32, code: Code) {
         let window = self.cfg.delivery.resume_window;
         if keeps_state(code) && !window.is_zero() && !self.is_draining() && h.detach(gen) {
-            self.detached
-                .insert(h.id(), (h.clone(), self.now() + window));
+            {
+                // The deadline is taken under the queue's lock, so the queue
+                // stays in deadline order (the window is the same for all).
+                let mut q = self.expiry.lock();
+                let deadline = self.now() + window;
+                q.push(deadline, h.id());
+                self.detached.insert(h.id(), (h.clone(), deadline));
+            }
             self.emit_closed(h, code);
             return;
         }
@@ -334,12 +384,14 @@ impl Gateway {
     }
 
     /// Ends detached sessions whose resume window passed; returns how many.
+    /// Visits only the entries whose deadline passed, not every detached
+    /// session.
     pub fn sweep_detached(&self, now: Instant) -> usize {
-        let expired: Vec<SessionHandle> = self
-            .detached
+        let mut due = Vec::new();
+        self.expiry.lock().pop_due(now, &mut due);
+        let expired: Vec<SessionHandle> = due
             .iter()
-            .filter(|e| now >= e.value().1)
-            .map(|e| e.value().0.clone())
+            .filter_map(|id| self.detached.get(id).map(|e| e.value().0.clone()))
             .collect();
         let mut ended = 0;
         for h in &expired {
@@ -467,8 +519,18 @@ impl Gateway {
         n
     }
 
-    /// A connection was accepted (it is not logged in yet).
+    /// A connection was accepted (it is not logged in yet). Beyond
+    /// `limits.max_pending_logins` it is asked to close at once with
+    /// `CODE_TOO_MANY_CONNECTIONS` (plain TCP is refused before this, at
+    /// accept; this catches TLS connections that finished their handshake
+    /// meanwhile, and in-memory ones).
     pub fn connection_opened(&self, h: &SessionHandle) {
+        if let Err(code) = self.limits.acquire_pending() {
+            metrics::counter!(m::PENDING_LOGINS_REFUSED).increment(1);
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => code.as_str_name()).increment(1);
+            h.request_close(refusal(code));
+            return;
+        }
         self.pending.insert(h.id(), h.clone());
         if self.is_draining() {
             h.request_close(self.drain_close());
@@ -477,7 +539,9 @@ impl Gateway {
 
     /// A connection logged in or ended: it is no longer pending.
     pub fn connection_settled(&self, h: &SessionHandle) {
-        self.pending.remove(&h.id());
+        if self.pending.remove(&h.id()).is_some() {
+            self.limits.release_pending();
+        }
     }
 
     /// Spawns the timer wheel's ticker; it stops with `stop`.
@@ -588,9 +652,9 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                     "login rate limit reached; retry with backoff".to_owned(),
                 ));
             }
-            let identity = gw
+            let crate::auth::Verified { identity, exp } = gw
                 .verifier
-                .verify(&req.token, &req.device)
+                .check(&req.token, &req.device)
                 .map_err(|e: AuthError| (e.code(), e.to_string()))?;
             // A resume takes the old session over; if it cannot, this login
             // starts a new session and says why in LoginOk.resume.
@@ -603,7 +667,7 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                         *self.gen = gen;
                         *self.registered = true;
                         metrics::counter!(m::RESUMES, "result" => Code::try_from(res.code).unwrap_or(Code::Ok).as_str_name()).increment(1);
-                        return Ok((identity, Some(res), true));
+                        return Ok((identity, exp, Some(res), true));
                     }
                     Err(code) => {
                         metrics::counter!(m::RESUMES, "result" => code.as_str_name()).increment(1);
@@ -623,7 +687,20 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
             });
             let replaced = gw
                 .registry
-                .register(self.handle, gw.cfg.session.multi_login);
+                .register_limited(
+                    self.handle,
+                    gw.cfg.session.multi_login,
+                    gw.limits.max_devices,
+                )
+                .map_err(|e| {
+                    (
+                        e.code(),
+                        format!(
+                            "this user already has {} devices logged in; log one out first",
+                            gw.limits.max_devices
+                        ),
+                    )
+                })?;
             gw.connection_settled(self.handle);
             *self.registered = true;
             for old in replaced {
@@ -634,14 +711,14 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
                 // A detached session replaced by a new login ends now.
                 gw.end_session(&old, End::Detached, Code::Replaced);
             }
-            Ok((identity, resume, false))
+            Ok((identity, exp, resume, false))
         })();
         let label = match &result {
             Ok(_) => "ok",
             Err((c, _)) => c.as_str_name(),
         };
         metrics::counter!(m::LOGINS, "result" => label).increment(1);
-        let (identity, resume, resumed) = result?;
+        let (identity, exp, resume, resumed) = result?;
         if !resumed {
             metrics::gauge!(m::SESSIONS).increment(1.0);
         }
@@ -661,6 +738,34 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
             resume_token: gw.resume_token(self.handle),
             resume,
             next_uplink_seq: self.handle.next_uplink_seq(),
+            token_exp: Some(exp),
+        })
+    }
+
+    fn refresh(
+        &mut self,
+        now: Instant,
+        req: &crate::wire::RefreshRequest,
+    ) -> Result<Refreshed, (Code, String)> {
+        // A refresh costs a signature check, like a login: the same bucket.
+        if !self.gw.limits.try_login(now) {
+            return Err((
+                Code::RateLimited,
+                "login rate limit reached; retry with backoff".to_owned(),
+            ));
+        }
+        let Some(info) = self.handle.info() else {
+            // Set at login, before the session is Active; kept for its life.
+            return Err((Code::Internal, "the session has no identity".to_owned()));
+        };
+        let v = self
+            .gw
+            .verifier
+            .verify_refresh(&req.token, &info.user, &info.device)
+            .map_err(|e| (e.code(), e.to_string()))?;
+        Ok(Refreshed {
+            token_exp: Some(v.exp),
+            rooms: v.identity.rooms,
         })
     }
 
@@ -914,15 +1019,32 @@ async fn accept_loop(
         };
         let (stream, remote) = match accepted {
             Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+            Err(e) => match accept_backoff(&e) {
+                // Out of descriptors or memory: back off briefly instead of
+                // spinning; connections wait in the backlog meanwhile.
+                Some(pause) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    metrics::counter!(m::ACCEPT_ERRORS, "kind" => "resource").increment(1);
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                // One connection's trouble (aborted before accept, ...):
+                // the next one is accepted at once.
+                None => {
+                    tracing::debug!(error = %e, "accept failed for one connection");
+                    metrics::counter!(m::ACCEPT_ERRORS, "kind" => "connection").increment(1);
+                    continue;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
-        let guard = match ConnGuard::acquire(&gw, remote, kind) {
+        let guard = if gw.limits.pending_full() {
+            metrics::counter!(m::PENDING_LOGINS_REFUSED).increment(1);
+            Err(Code::TooManyConnections)
+        } else {
+            ConnGuard::acquire(&gw, remote, kind)
+        };
+        let guard = match guard {
             Ok(g) => g,
             Err(code) => {
                 metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => code.as_str_name())
@@ -931,7 +1053,7 @@ async fn accept_loop(
                 // handshake per refused connection is what a storm must not
                 // cost: TLS listeners just close.
                 if tls.is_none() {
-                    tokio::spawn(refuse(stream, code));
+                    refuse(stream, code);
                 }
                 continue;
             }
@@ -970,21 +1092,161 @@ async fn accept_loop(
     }
 }
 
-/// Tells a refused connection why, best effort, then closes it.
-async fn refuse(mut stream: TcpStream, code: Code) {
-    use tokio::io::AsyncWriteExt;
+/// The wait a refused client is asked to keep before reconnecting.
+const REFUSED_RECONNECT_AFTER_MS: u32 = 5_000;
+
+/// How long the accept loop pauses after an error that says the process is
+/// out of a resource (descriptors, buffers, memory).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The Close a connection refused by a limit gets.
+fn refusal(code: Code) -> CloseCmd {
+    CloseCmd {
+        code,
+        reason: "connection limit reached".into(),
+        reconnect_to: String::new(),
+        reconnect_after_ms: REFUSED_RECONNECT_AFTER_MS,
+    }
+}
+
+/// Tells a refused connection why, best effort, then closes it, at once and
+/// on the accept loop: one non-blocking write of the Close frame (a fresh
+/// socket's send buffer always has room for it; if not, the client sees only
+/// the close), then the descriptor is dropped. No task, no timer, no
+/// descriptor kept: in a reconnect storm a refusal must cost less than an
+/// admission.
+fn refuse(stream: TcpStream, code: Code) {
+    let c = refusal(code);
     let frame = frame_bytes(&pb::ServerFrame {
         request_id: 0,
         body: Some(pb::server_frame::Body::Close(pb::Close {
-            code: code as i32,
-            reason: "connection limit reached".into(),
-            reconnect_to: String::new(),
-            reconnect_after_ms: 5_000,
+            code: c.code as i32,
+            reason: c.reason,
+            reconnect_to: c.reconnect_to,
+            reconnect_after_ms: c.reconnect_after_ms,
         })),
     });
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(&frame).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    let _ = stream.try_write(&frame);
+    drop(stream);
+}
+
+/// Whether an `accept` error calls for a pause: only when the process ran
+/// out of something (descriptors, kernel buffers, memory), which retrying at
+/// once cannot fix. Errors of one connection (aborted or reset before it was
+/// accepted, refused by a firewall rule, an interrupted call, a network error
+/// Linux passes on from the new socket) return `None`: the next connection is
+/// accepted at once. An unknown error pauses too, so that a broken listener
+/// cannot spin a CPU.
+fn accept_backoff(e: &std::io::Error) -> Option<Duration> {
+    use std::io::ErrorKind as K;
+    // EMFILE, ENFILE, ENOBUFS: no `ErrorKind` of their own.
+    #[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+    const RESOURCE: [i32; 3] = [24, 23, 55];
+    #[cfg(not(any(target_os = "macos", target_os = "ios", target_os = "freebsd")))]
+    const RESOURCE: [i32; 3] = [24, 23, 105];
+    // EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EOPNOTSUPP (Linux numbers):
+    // accept(2) says to treat them like EAGAIN.
+    #[cfg(target_os = "linux")]
+    const PER_CONNECTION: [i32; 5] = [71, 92, 112, 64, 95];
+    #[cfg(not(target_os = "linux"))]
+    const PER_CONNECTION: [i32; 0] = [];
+    if e.kind() == K::OutOfMemory || e.raw_os_error().is_some_and(|c| RESOURCE.contains(&c)) {
+        return Some(ACCEPT_BACKOFF);
+    }
+    let per_connection = matches!(
+        e.kind(),
+        K::ConnectionAborted
+            | K::ConnectionReset
+            | K::ConnectionRefused
+            | K::PermissionDenied
+            | K::Interrupted
+            | K::WouldBlock
+            | K::TimedOut
+            | K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::NetworkDown
+    ) || e
+        .raw_os_error()
+        .is_some_and(|c| PER_CONNECTION.contains(&c));
+    if per_connection {
+        None
+    } else {
+        Some(ACCEPT_BACKOFF)
+    }
+}
+
+/// Detached sessions in the order their resume windows end. The window is
+/// the same for every session and deadlines are taken under the queue's
+/// lock, so pushing at the back keeps the queue sorted and a sweep pops only
+/// what is due. A session resumed (or ended) since it was pushed leaves a
+/// stale entry that the sweep skips when it comes up; entries are bounded
+/// by the detaches of one resume window.
+#[derive(Default)]
+struct DetachQueue {
+    q: VecDeque<(Instant, SessionId)>,
+}
+
+impl DetachQueue {
+    fn push(&mut self, deadline: Instant, id: SessionId) {
+        self.q.push_back((deadline, id));
+    }
+
+    /// Moves the ids whose deadline is at or before `now` into `out`.
+    fn pop_due(&mut self, now: Instant, out: &mut Vec<SessionId>) {
+        while let Some(&(deadline, id)) = self.q.front() {
+            if deadline > now {
+                break;
+            }
+            self.q.pop_front();
+            out.push(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backs_off_only_when_out_of_resources() {
+        use std::io::{Error, ErrorKind};
+        for raw in [24, 23] {
+            assert!(accept_backoff(&Error::from_raw_os_error(raw)).is_some());
+        }
+        assert!(accept_backoff(&Error::from(ErrorKind::OutOfMemory)).is_some());
+        for kind in [
+            ErrorKind::ConnectionAborted,
+            ErrorKind::ConnectionReset,
+            ErrorKind::PermissionDenied,
+            ErrorKind::Interrupted,
+        ] {
+            assert_eq!(accept_backoff(&Error::from(kind)), None, "{kind:?}");
+        }
+        #[cfg(target_os = "linux")]
+        {
+            // ENOBUFS backs off; ECONNABORTED and EPROTO do not.
+            assert!(accept_backoff(&Error::from_raw_os_error(105)).is_some());
+            assert_eq!(accept_backoff(&Error::from_raw_os_error(103)), None);
+            assert_eq!(accept_backoff(&Error::from_raw_os_error(71)), None);
+        }
+    }
+
+    #[test]
+    fn detach_queue_pops_only_what_is_due_in_order() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut q = DetachQueue::default();
+        for i in 0..5u64 {
+            q.push(t0 + s * (i as u32), SessionId(i));
+        }
+        let mut out = Vec::new();
+        q.pop_due(t0 + s * 2, &mut out);
+        assert_eq!(out, [SessionId(0), SessionId(1), SessionId(2)]);
+        assert_eq!(q.q.len(), 2, "later deadlines are not touched");
+        out.clear();
+        q.pop_due(t0 + s * 2, &mut out);
+        assert!(out.is_empty());
+        q.pop_due(t0 + s * 10, &mut out);
+        assert_eq!(out, [SessionId(3), SessionId(4)]);
+    }
 }

@@ -11,6 +11,10 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 pub const CONNECTIONS: &str = "tether_connections";
 pub const CONNECTIONS_ACCEPTED: &str = "tether_connections_accepted_total";
 pub const CONNECTIONS_REFUSED: &str = "tether_connections_refused_total";
+pub const ACCEPT_ERRORS: &str = "tether_accept_errors_total";
+pub const PENDING_LOGINS: &str = "tether_pending_logins";
+pub const PENDING_LOGINS_REFUSED: &str = "tether_pending_logins_refused_total";
+pub const FANOUT_YIELDS: &str = "tether_fanout_yields_total";
 pub const SESSIONS: &str = "tether_sessions";
 pub const LOGINS: &str = "tether_logins_total";
 pub const CLOSES: &str = "tether_closes_total";
@@ -27,6 +31,7 @@ pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const UPLINKS: &str = "tether_uplinks_total";
 pub const UPSTREAM_CONNECTIONS: &str = "tether_upstream_connections";
 pub const UPSTREAM_EVENTS_DROPPED: &str = "tether_upstream_events_dropped_total";
+pub const UPSTREAM_REFUSED: &str = "tether_upstream_connections_refused_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
 pub const ROOMS: &str = "tether_rooms";
 pub const RESUMES: &str = "tether_resumes_total";
@@ -45,6 +50,22 @@ pub fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Client connections refused at accept, by reason."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Failed accept calls, by kind: resource (out of descriptors or memory; the listener pauses 50ms) or connection (one connection's error; the next is accepted at once)."
+    );
+    describe_gauge!(
+        PENDING_LOGINS,
+        "Connections accepted that have not logged in yet (limits.max_pending_logins bounds it)."
+    );
+    describe_counter!(
+        PENDING_LOGINS_REFUSED,
+        "Connections refused with CODE_TOO_MANY_CONNECTIONS because limits.max_pending_logins connections were waiting to log in."
+    );
+    describe_counter!(
+        FANOUT_YIELDS,
+        "Times a large push paused its fan-out to let other tasks (sessions, timers) run."
     );
     describe_gauge!(SESSIONS, "Logged-in sessions.");
     describe_counter!(LOGINS, "Login attempts, by result (ok or a code name).");
@@ -72,7 +93,11 @@ pub fn describe() {
     describe_gauge!(UPSTREAM_CONNECTIONS, "Connected upstream services.");
     describe_counter!(
         UPSTREAM_EVENTS_DROPPED,
-        "Events dropped because an upstream queue was full."
+        "Events dropped because an upstream subscriber's queue was full (upstream.event_queue, upstream.event_queue_bytes), by kind: uplink, opened, closed, undelivered, delivery."
+    );
+    describe_counter!(
+        UPSTREAM_REFUSED,
+        "Upstream connections refused, by reason: CODE_TOO_MANY_CONNECTIONS (upstream.max_connections), CODE_FRAME_TOO_LARGE (a Hello over 4096 bytes), CODE_UPSTREAM_AUTH_FAILED (no Hello in time, or a bad secret), CODE_UNSUPPORTED_VERSION."
     );
     describe_counter!(
         UNDELIVERED,

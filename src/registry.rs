@@ -1,8 +1,12 @@
 //! Sharded maps of live sessions: by session id, by user, and by room.
 //!
 //! Lock order, to stay deadlock-free: a session's rooms lock → a `rooms` shard →
-//! one room's member lock → a session's outbox lock (a leaf). Fan-out takes a
-//! room's read lock and then outbox locks; it never takes a rooms lock.
+//! one room's member lock → a session's outbox lock (a leaf). Fan-out never
+//! enqueues under a registry lock: it copies the handles of one session shard
+//! ([`Registry::copy_shard`]) or of one room ([`Room::copy_members`]) into a
+//! buffer under the read lock, releases it, and enqueues from the buffer, so
+//! a broadcast to a million sessions does not hold up joins, logins and
+//! closes that need those locks.
 //! No guard here is ever held across an `.await`: every method is synchronous.
 
 use std::collections::HashMap;
@@ -26,10 +30,22 @@ pub struct Room {
 }
 
 impl Room {
-    /// Calls `f` for each member under the room's read lock.
-    pub fn for_each(&self, mut f: impl FnMut(&SessionHandle)) -> usize {
+    /// Calls `f` for each member, outside the room's lock (the members are
+    /// copied out first).
+    pub fn for_each(&self, f: impl FnMut(&SessionHandle)) -> usize {
+        let mut buf = Vec::new();
+        self.copy_members(&mut buf);
+        buf.iter().for_each(f);
+        buf.len()
+    }
+
+    /// Appends a clone of every member's handle to `out` (an `Arc` clone
+    /// each) under the room's read lock, which is held for the copy only.
+    /// Returns how many were appended.
+    pub fn copy_members(&self, out: &mut Vec<SessionHandle>) -> usize {
         let m = self.members.read();
-        m.values().for_each(&mut f);
+        out.reserve(m.len());
+        out.extend(m.values().cloned());
         m.len()
     }
 
@@ -44,9 +60,55 @@ impl Room {
 
 type Devices = SmallVec<[SessionHandle; 2]>;
 
+/// Why [`Registry::register`] refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// The user already has `max_devices_per_user` other devices registered
+    /// on this node (detached sessions waiting for a resume count).
+    #[error("too many devices for this user")]
+    TooManyDevices,
+}
+
+impl RegisterError {
+    /// The wire code a login refused for this reason carries.
+    pub fn code(self) -> Code {
+        match self {
+            Self::TooManyDevices => Code::TooManyDevices,
+        }
+    }
+}
+
+/// Sessions by id, in shards the fan-out walks one at a time. Not a
+/// `DashMap`: the fan-out needs to visit one shard, let go of it, and come
+/// back for the next after an `.await`, which a map iterator cannot do.
+struct SessionShards {
+    shards: Box<[RwLock<HashMap<SessionId, SessionHandle>>]>,
+    /// `64 - log2(shards)`: the top bits of the id's hash pick the shard.
+    shift: u32,
+}
+
+impl SessionShards {
+    fn new(n: usize) -> Self {
+        let n = n.next_power_of_two().max(1);
+        Self {
+            shards: (0..n).map(|_| RwLock::default()).collect(),
+            shift: 64 - n.trailing_zeros(),
+        }
+    }
+
+    fn shard(&self, id: SessionId) -> &RwLock<HashMap<SessionId, SessionHandle>> {
+        // Fibonacci hashing: ids are sequential, their top bits after the
+        // multiplication are well spread. With one shard the shift is 64,
+        // which `checked_shr` turns into index 0.
+        let h = id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let i = h.checked_shr(self.shift).unwrap_or(0) as usize;
+        &self.shards[i & (self.shards.len() - 1)]
+    }
+}
+
 /// All sessions of one node.
 pub struct Registry {
-    sessions: DashMap<SessionId, SessionHandle>,
+    sessions: SessionShards,
     users: DashMap<UserId, Devices>,
     rooms: DashMap<RoomId, Arc<Room>>,
     room_count: AtomicUsize,
@@ -65,7 +127,7 @@ impl Registry {
             .next_power_of_two()
             .max(64);
         Self {
-            sessions: DashMap::with_shard_amount(shards),
+            sessions: SessionShards::new(shards),
             users: DashMap::with_shard_amount(shards),
             rooms: DashMap::with_shard_amount(shards),
             room_count: AtomicUsize::new(0),
@@ -74,13 +136,42 @@ impl Registry {
 
     /// Registers a logged-in session (its info must be set) and returns the
     /// sessions it replaces under `policy`, already removed from the registry.
+    /// No device limit; see [`Registry::register_limited`].
     pub fn register(&self, h: &SessionHandle, policy: MultiLogin) -> Vec<SessionHandle> {
+        self.register_limited(h, policy, 0).unwrap_or_default()
+    }
+
+    /// Like [`Registry::register`], but refuses a session whose user already
+    /// has `max_devices` sessions of other devices on this node (0 = no
+    /// limit). The check and the insert happen under the user's shard lock,
+    /// so two logins of new devices at once cannot both pass it. A login of
+    /// a device that is already registered replaces its session and is never
+    /// refused.
+    ///
+    /// # Errors
+    /// [`RegisterError::TooManyDevices`]; nothing was changed then.
+    pub fn register_limited(
+        &self,
+        h: &SessionHandle,
+        policy: MultiLogin,
+        max_devices: usize,
+    ) -> Result<Vec<SessionHandle>, RegisterError> {
         let Some(info) = h.info() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let mut replaced = Vec::new();
         {
             let mut devices = self.users.entry(info.user.clone()).or_default();
+            if max_devices > 0 && policy == MultiLogin::PerDevice {
+                let others = devices
+                    .iter()
+                    .filter(|d| d.info().is_some_and(|i| i.device != info.device))
+                    .count();
+                if others >= max_devices {
+                    // `others >= 1`: the entry existed, nothing to clean up.
+                    return Err(RegisterError::TooManyDevices);
+                }
+            }
             devices.retain(|old| {
                 let same = match policy {
                     MultiLogin::Single => true,
@@ -93,24 +184,27 @@ impl Registry {
             });
             devices.push(h.clone());
         }
-        self.sessions.insert(h.id(), h.clone());
+        self.sessions
+            .shard(h.id())
+            .write()
+            .insert(h.id(), h.clone());
         for old in &replaced {
-            self.sessions.remove(&old.id());
+            self.sessions.shard(old.id()).write().remove(&old.id());
             self.leave_all(old);
         }
-        replaced
+        Ok(replaced)
     }
 
     /// Removes a session from every map. Idempotent; never removes another
     /// session that took over the same device.
     pub fn unregister(&self, h: &SessionHandle) {
         self.leave_all(h);
-        if self
-            .sessions
-            .remove_if(&h.id(), |_, v| v.ptr_eq(h))
-            .is_none()
         {
-            // Already removed (replaced); the user entry no longer holds it either.
+            let mut shard = self.sessions.shard(h.id()).write();
+            // Absent or another handle: already removed (replaced).
+            if shard.get(&h.id()).is_some_and(|v| v.ptr_eq(h)) {
+                shard.remove(&h.id());
+            }
         }
         if let Some(info) = h.info() {
             self.users.remove_if_mut(&info.user, |_, devices| {
@@ -206,27 +300,48 @@ impl Registry {
         self.users.get(user).map(|d| d.to_vec()).unwrap_or_default()
     }
 
-    /// Calls `f` for every logged-in session, one shard at a time.
+    /// Calls `f` for every logged-in session, one shard at a time, outside
+    /// the shard's lock (each shard's handles are copied out first).
     pub fn for_each(&self, mut f: impl FnMut(&SessionHandle)) -> usize {
+        let mut buf = Vec::new();
         let mut n = 0;
-        for e in self.sessions.iter() {
-            f(e.value());
-            n += 1;
+        for i in 0..self.shard_count() {
+            buf.clear();
+            n += self.copy_shard(i, &mut buf);
+            buf.iter().for_each(&mut f);
         }
         n
     }
 
+    /// How many session shards [`Registry::copy_shard`] takes.
+    pub fn shard_count(&self) -> usize {
+        self.sessions.shards.len()
+    }
+
+    /// Appends a clone of the handle of every session in shard `i` to `out`
+    /// under the shard's read lock, held for the copy only; returns how many.
+    /// A shard index out of range appends nothing.
+    pub fn copy_shard(&self, i: usize, out: &mut Vec<SessionHandle>) -> usize {
+        let Some(shard) = self.sessions.shards.get(i) else {
+            return 0;
+        };
+        let m = shard.read();
+        out.reserve(m.len());
+        out.extend(m.values().cloned());
+        m.len()
+    }
+
     pub fn session(&self, id: SessionId) -> Option<SessionHandle> {
-        self.sessions.get(&id).map(|e| e.value().clone())
+        self.sessions.shard(id).read().get(&id).cloned()
     }
 
     /// Logged-in sessions.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.sessions.shards.iter().map(|s| s.read().len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.sessions.shards.iter().all(|s| s.read().is_empty())
     }
 
     /// Users with at least one live session.
@@ -309,5 +424,44 @@ mod tests {
         assert_eq!(r.room_count(), 0);
         assert_eq!(r.join(&b, &lobby, 8), Err(Code::NotLoggedIn));
         assert_eq!(r.user_count(), 1);
+    }
+
+    #[test]
+    fn device_limit_refuses_a_new_device_but_not_a_known_one() {
+        let r = Registry::new();
+        let p = MultiLogin::PerDevice;
+        assert!(r.register_limited(&session(1, "al", "a"), p, 2).is_ok());
+        assert!(r.register_limited(&session(2, "al", "b"), p, 2).is_ok());
+        assert_eq!(
+            r.register_limited(&session(3, "al", "c"), p, 2).err(),
+            Some(RegisterError::TooManyDevices)
+        );
+        assert_eq!(r.len(), 2, "a refused session is not registered");
+        // The same device logging in again replaces its session.
+        let replaced = r.register_limited(&session(4, "al", "a"), p, 2).unwrap();
+        assert_eq!(replaced.len(), 1);
+        // Another user is not affected; 0 means no limit.
+        assert!(r.register_limited(&session(5, "bo", "c"), p, 2).is_ok());
+        assert!(r.register_limited(&session(6, "al", "c"), p, 0).is_ok());
+        assert_eq!(r.for_user("al", |_| {}), 3);
+    }
+
+    #[test]
+    fn shards_hold_every_session_once() {
+        let r = Registry::new();
+        for i in 1..=1000 {
+            r.register(&session(i, &format!("u{i}"), "d"), MultiLogin::PerDevice);
+        }
+        let mut buf = Vec::new();
+        let n: usize = (0..r.shard_count())
+            .map(|i| r.copy_shard(i, &mut buf))
+            .sum();
+        assert_eq!((n, buf.len(), r.len()), (1000, 1000, 1000));
+        let mut ids: Vec<u64> = buf.iter().map(|h| h.id().0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 1000);
+        assert!(r.session(SessionId(500)).is_some());
+        assert_eq!(r.copy_shard(r.shard_count(), &mut buf), 0);
     }
 }

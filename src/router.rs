@@ -3,6 +3,14 @@
 //! A push is encoded once ([`SharedPush`]) and each recipient's queue gets a
 //! clone of the same `Bytes` handle. Enqueueing never blocks on a socket: a full
 //! queue applies the slow-consumer policy for that session only.
+//!
+//! A fan-out never enqueues under a registry lock: it copies the handles of
+//! one session shard, one room or one user into a reused buffer, lets go of
+//! the lock, and enqueues from the buffer ([`FanOut`]). [`Router::run`], the
+//! path the bus takes, also yields to the runtime every [`FANOUT_CHUNK`]
+//! enqueues, so a broadcast to a million sessions does not keep its worker
+//! (and the timer ticks and sessions queued behind it) waiting for the
+//! whole walk.
 
 use std::sync::{Arc, Weak};
 
@@ -61,6 +69,17 @@ impl WriteDelay {
     }
 }
 
+/// Enqueues a paced fan-out makes between two yields to the runtime: a few
+/// milliseconds of work at most, so timers and sessions on the same worker
+/// wait no longer than that for a broadcast.
+pub const FANOUT_CHUNK: usize = 4096;
+
+/// Buffers of handles kept for reuse, and the capacity one may keep: a
+/// broadcast to a million sessions allocates its buffer for itself rather
+/// than pinning that much memory forever.
+const SPARE_BUFFERS: usize = 4;
+const SPARE_CAPACITY: usize = 64 * 1024;
+
 /// Executes commands addressed to this node.
 pub struct Router {
     node: NodeId,
@@ -70,6 +89,8 @@ pub struct Router {
     max_rooms: usize,
     hooks: std::sync::OnceLock<Weak<dyn RouterHooks>>,
     write_delay: std::sync::OnceLock<Arc<WriteDelay>>,
+    /// Spare handle buffers for fan-outs (see [`SPARE_BUFFERS`]).
+    spare: parking_lot::Mutex<Vec<Vec<SessionHandle>>>,
 }
 
 #[derive(Default)]
@@ -131,16 +152,16 @@ impl Tally {
 
 impl Router {
     /// A router with default delivery settings except the interactive queue
-    /// capacity and policy (benches and tests use it).
+    /// bound (charged bytes) and policy (benches and tests use it).
     pub fn new(
         node: NodeId,
         registry: Arc<Registry>,
-        capacity: usize,
+        queue_bytes: usize,
         policy: SlowConsumerPolicy,
         max_rooms: usize,
     ) -> Self {
         let mut delivery = DeliveryConfig::default();
-        delivery.queue[0] = capacity;
+        delivery.queue_bytes[0] = queue_bytes;
         delivery.policy[0] = policy;
         Self::with_delivery(
             node,
@@ -166,6 +187,7 @@ impl Router {
             max_rooms,
             hooks: std::sync::OnceLock::new(),
             write_delay: std::sync::OnceLock::new(),
+            spare: parking_lot::Mutex::new(Vec::new()),
         }
     }
 
@@ -192,7 +214,20 @@ impl Router {
         &self.registry
     }
 
-    /// Runs one command on this node.
+    /// Runs one command on this node, yielding to the runtime during a large
+    /// fan-out (see [`Router::push_paced`]). The bus runs commands this way.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe for pushes: dropped midway, a push has reached some of
+    /// its recipients and its outcome is lost. Await it to the end.
+    pub async fn run(&self, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::Push { target, push } => Outcome::Push(self.push_paced(target, push).await),
+            other => self.execute(other),
+        }
+    }
+
+    /// Runs one command on this node, without yielding.
     pub fn execute(&self, cmd: &Command) -> Outcome {
         match cmd {
             Command::Push { target, push } => Outcome::Push(self.push(target, push)),
@@ -256,65 +291,193 @@ impl Router {
         }
     }
 
-    /// Queues one push for every local session it targets.
+    /// Queues one push for every local session it targets, in one go
+    /// (benches and tests; the bus uses [`Router::push_paced`]). No registry
+    /// lock is held while enqueueing.
     pub fn push(&self, target: &PushTarget, push: &SharedPush) -> PushOutcome {
-        let (cap, policy) = (&self.delivery, &*self.budget);
-        let mut t = Tally::new(self.hooks(), self.write_delay.get().cloned());
-        let mut missing: Vec<UserId> = Vec::new();
-        // A user counts as missing (undelivered) when no session of theirs has
-        // a connection: pushes parked in detached sessions wait for a resume
-        // that may never come, so the logic layer hears about them at once.
-        let mut user = |u: &UserId, t: &mut Tally| {
-            let live = t.live;
-            self.registry
-                .for_user(u.as_str(), |h| t.add(h, push, cap, policy));
-            if t.live == live {
-                missing.push(u.clone());
-            }
-        };
-        let kind = match target {
-            PushTarget::User(u) => {
-                user(u, &mut t);
-                "user"
-            }
-            PushTarget::Device(u, d) => {
-                let live = t.live;
-                if let Some(h) = self.registry.device(u.as_str(), d) {
-                    t.add(&h, push, cap, policy);
-                }
-                if t.live == live {
-                    missing.push(u.clone());
-                }
-                "device"
-            }
-            PushTarget::Users(us) => {
-                for u in us {
-                    user(u, &mut t);
-                }
-                "users"
-            }
-            PushTarget::Room(r) => {
-                if let Some(room) = self.registry.room(r) {
-                    room.for_each(|h| t.add(h, push, cap, policy));
-                }
-                "room"
-            }
-            PushTarget::Everyone => {
-                self.registry.for_each(|h| t.add(h, push, cap, policy));
-                "everyone"
-            }
-        };
-        metrics::counter!(m::PUSHES, "target" => kind).increment(1);
-        metrics::counter!(m::DELIVERIES).increment(t.sessions);
-        PushOutcome {
-            sessions: t.sessions,
-            dropped: t.dropped,
-            missing_users: missing,
+        let mut f = FanOut::new(self, target, push);
+        while f.step(usize::MAX) {}
+        f.finish()
+    }
+
+    /// Queues one push for every local session it targets, yielding to the
+    /// runtime every [`FANOUT_CHUNK`] enqueues. Sessions that join or log in
+    /// meanwhile may miss the push, as they would a moment later; sessions
+    /// present throughout all get it.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped midway, the push has reached only some of its
+    /// recipients.
+    pub async fn push_paced(&self, target: &PushTarget, push: &SharedPush) -> PushOutcome {
+        let mut f = FanOut::new(self, target, push);
+        while f.step(FANOUT_CHUNK) {
+            metrics::counter!(m::FANOUT_YIELDS).increment(1);
+            tokio::task::yield_now().await;
+        }
+        f.finish()
+    }
+
+    fn take_buffer(&self) -> Vec<SessionHandle> {
+        self.spare.lock().pop().unwrap_or_default()
+    }
+
+    fn return_buffer(&self, mut buf: Vec<SessionHandle>) {
+        buf.clear();
+        buf.shrink_to(SPARE_CAPACITY);
+        let mut spare = self.spare.lock();
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
         }
     }
 
     /// Asks every session to close with `cmd` (drain).
     pub fn close_all(&self, cmd: &CloseCmd) -> usize {
         self.registry.for_each(|h| h.request_close(cmd.clone()))
+    }
+}
+
+/// Where a fan-out finds its next recipients.
+enum Walk<'a> {
+    /// The sessions of these users, one user at a time from `next`.
+    Users { users: &'a [UserId], next: usize },
+    /// Every session, one registry shard at a time from `next`.
+    Shards { next: usize },
+    /// Nothing more to copy: the buffer holds the rest (a room), or all done.
+    Done,
+}
+
+/// One push on its way to its local recipients: a walk that copies handles
+/// into a buffer under a registry lock, releases it, and enqueues from the
+/// buffer, `step` by `step`. The payload is encoded once; each recipient
+/// gets a clone of the same [`SharedPush`].
+pub struct FanOut<'a> {
+    router: &'a Router,
+    push: &'a SharedPush,
+    walk: Walk<'a>,
+    buf: Vec<SessionHandle>,
+    /// The next handle of `buf` to enqueue for.
+    pos: usize,
+    tally: Tally,
+    /// Targeted users with no session with a connection (see `user`).
+    missing: Vec<UserId>,
+    kind: &'static str,
+}
+
+impl<'a> FanOut<'a> {
+    /// Starts a fan-out. A room's members are copied here, under the room's
+    /// read lock (one `Arc` clone each, held for the copy only).
+    pub fn new(router: &'a Router, target: &'a PushTarget, push: &'a SharedPush) -> Self {
+        let mut f = Self {
+            router,
+            push,
+            walk: Walk::Done,
+            buf: router.take_buffer(),
+            pos: 0,
+            tally: Tally::new(router.hooks(), router.write_delay.get().cloned()),
+            missing: Vec::new(),
+            kind: "",
+        };
+        match target {
+            PushTarget::User(u) => {
+                f.kind = "user";
+                f.walk = Walk::Users {
+                    users: std::slice::from_ref(u),
+                    next: 0,
+                };
+            }
+            PushTarget::Device(u, d) => {
+                f.kind = "device";
+                let live = f.tally.live;
+                if let Some(h) = router.registry.device(u.as_str(), d) {
+                    f.tally.add(&h, push, &router.delivery, &router.budget);
+                }
+                if f.tally.live == live {
+                    f.missing.push(u.clone());
+                }
+            }
+            PushTarget::Users(us) => {
+                f.kind = "users";
+                f.walk = Walk::Users { users: us, next: 0 };
+            }
+            PushTarget::Room(r) => {
+                f.kind = "room";
+                if let Some(room) = router.registry.room(r) {
+                    room.copy_members(&mut f.buf);
+                }
+            }
+            PushTarget::Everyone => {
+                f.kind = "everyone";
+                f.walk = Walk::Shards { next: 0 };
+            }
+        }
+        f
+    }
+
+    /// Enqueues the push for up to about `max` more recipients (a user's
+    /// sessions are not split). Returns whether recipients remain.
+    pub fn step(&mut self, max: usize) -> bool {
+        let r = self.router;
+        let mut done = 0usize;
+        loop {
+            while self.pos < self.buf.len() && done < max {
+                self.tally
+                    .add(&self.buf[self.pos], self.push, &r.delivery, &r.budget);
+                self.pos += 1;
+                done += 1;
+            }
+            if self.pos < self.buf.len() {
+                return true;
+            }
+            self.buf.clear();
+            self.pos = 0;
+            match &mut self.walk {
+                Walk::Done => return false,
+                Walk::Shards { next } => {
+                    if *next >= r.registry.shard_count() {
+                        self.walk = Walk::Done;
+                        return false;
+                    }
+                    r.registry.copy_shard(*next, &mut self.buf);
+                    *next += 1;
+                }
+                Walk::Users { users, next } => {
+                    let Some(u) = users.get(*next) else {
+                        self.walk = Walk::Done;
+                        return false;
+                    };
+                    *next += 1;
+                    // A user counts as missing (undelivered) when no session
+                    // of theirs has a connection: pushes parked in detached
+                    // sessions wait for a resume that may never come, so the
+                    // logic layer hears about them at once.
+                    let buf = &mut self.buf;
+                    r.registry.for_user(u.as_str(), |h| buf.push(h.clone()));
+                    let live = self.tally.live;
+                    for h in self.buf.drain(..) {
+                        self.tally.add(&h, self.push, &r.delivery, &r.budget);
+                        done += 1;
+                    }
+                    if self.tally.live == live {
+                        self.missing.push(u.clone());
+                    }
+                }
+            }
+            if done >= max {
+                return true;
+            }
+        }
+    }
+
+    /// Ends the fan-out (whatever `step` left is not delivered) and returns
+    /// what it did.
+    pub fn finish(mut self) -> PushOutcome {
+        metrics::counter!(m::PUSHES, "target" => self.kind).increment(1);
+        metrics::counter!(m::DELIVERIES).increment(self.tally.sessions);
+        self.router.return_buffer(std::mem::take(&mut self.buf));
+        PushOutcome {
+            sessions: self.tally.sessions,
+            dropped: self.tally.dropped,
+            missing_users: std::mem::take(&mut self.missing),
+        }
     }
 }

@@ -104,21 +104,21 @@ fn serve_with_bad_value_names_the_key() {
         dir.path(),
         "zero.toml",
         port,
-        "[session]\nqueue_capacity = 0\n",
+        "[delivery]\nqueue_bytes = 0\n",
     );
     let out = run(&["serve", "--config", &cfg], Duration::from_secs(10));
     let err = text(&out.stderr);
     assert!(!out.status.success(), "exit status {:?}", out.status);
     assert!(
-        err.contains("session.queue_capacity"),
-        "stderr does not name session.queue_capacity: {err}"
+        err.contains("delivery.queue_bytes"),
+        "stderr does not name delivery.queue_bytes: {err}"
     );
     assert!(!err.contains("cannot bind"), "it tried to bind: {err}");
 
     // check-config agrees, and accepts a good file.
     let out = run(&["check-config", "--config", &cfg], Duration::from_secs(10));
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("session.queue_capacity"));
+    assert!(text(&out.stderr).contains("delivery.queue_bytes"));
     let good = write_config(dir.path(), "good.toml", port, "");
     let out = run(
         &["check-config", "--config", &good],

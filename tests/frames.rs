@@ -150,12 +150,14 @@ async fn garbage_inside_a_valid_prefix_is_bad_frame() {
 }
 
 #[tokio::test]
-async fn garbage_before_login_keeps_the_connection_usable() {
+async fn garbage_before_login_closes_the_connection() {
     let g = start(test_config()).await;
     let mut c = g.client().await;
     c.send_raw(&raw_frame(b"\xff\xfe garbage")).await.unwrap();
-    let f = next(&mut c).await;
-    assert_eq!(error_of(&f), Code::BadFrame);
+    expect_refused(&mut c, 0, Code::BadFrame).await;
+
+    // A frame without a body: its request id is echoed, then the close.
+    let mut c = g.client().await;
     let empty = pb::ClientFrame {
         request_id: 3,
         body: None,
@@ -163,12 +165,75 @@ async fn garbage_before_login_keeps_the_connection_usable() {
     c.send_raw(&raw_frame(&empty.encode_to_vec()))
         .await
         .unwrap();
-    let f = next(&mut c).await;
-    assert_eq!(error_of(&f), Code::BadFrame);
-    assert_eq!(f.request_id, 3);
-    let ok = c.login(&token("alice", "phone"), "phone").await.unwrap();
-    assert_eq!(ok.user_id, "alice");
-    ping_pong(&mut c).await;
+    expect_refused(&mut c, 3, Code::BadFrame).await;
+    assert_eq!(g.gw.registry().len(), 0);
+}
+
+/// Reads `c` until the gateway closes it; returns the frames it sent.
+/// Panics if the connection is still open after `within`.
+async fn frames_until_closed(c: &mut Client, within: Duration) -> Vec<pb::ServerFrame> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut frames = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.recv_timeout(left).await {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => return frames,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => panic!(
+                "still open after {within:?}, {} frames received",
+                frames.len()
+            ),
+            // A reset is the gateway closing too.
+            Err(_) => return frames,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_connections_before_login_are_closed_at_once() {
+    let g = start(test_config()).await;
+    // 100 connections that each send 4,096 zero-length frames and no Login.
+    let flood = raw_frame(&[]).repeat(4096);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let flood = flood.clone();
+        let mut c = g.client().await;
+        tasks.push(tokio::spawn(async move {
+            c.send_raw(&flood).await.unwrap();
+            // Generous: this waits for the close, it does not time it.
+            frames_until_closed(&mut c, Duration::from_secs(30)).await
+        }));
+    }
+    for t in tasks {
+        let frames = t.await.unwrap();
+        // The first frame is refused, the connection closes with its code,
+        // and the other 4,095 are never answered.
+        assert_eq!(
+            frames.len(),
+            2,
+            "expected Error and Close, got {} frames, starting {:?}",
+            frames.len(),
+            &frames[..frames.len().min(3)]
+        );
+        assert_eq!(error_of(&frames[0]), Code::BadFrame);
+        assert_eq!(close_of(&frames[1]), Code::BadFrame);
+    }
+    assert_eq!(g.gw.registry().len(), 0);
+}
+
+#[tokio::test]
+async fn a_run_of_invalid_frames_after_login_closes_at_the_bound() {
+    let g = start(test_config()).await;
+    let (mut c, _) = g.login("mallory", "phone").await;
+    c.send_raw(&raw_frame(&[]).repeat(4096)).await.unwrap();
+    let frames = frames_until_closed(&mut c, Duration::from_secs(30)).await;
+    let bound = usize::from(tether::session::MAX_INVALID_FRAMES);
+    assert_eq!(frames.len(), bound + 1, "{bound} errors, then the close");
+    for f in &frames[..bound] {
+        assert_eq!(error_of(f), Code::BadFrame);
+    }
+    assert_eq!(close_of(&frames[bound]), Code::BadFrame);
+    g.wait_sessions(0).await;
 }
 
 #[tokio::test]

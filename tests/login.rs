@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use prost::Message;
 use tether::auth::{mint_claims, mint_hs256, Claims};
 use tether::config::MultiLogin;
 use tether::wire::pb::{self, client_frame::Body as Req, server_frame::Body as Resp, Code};
@@ -117,43 +118,52 @@ async fn unsupported_protocol_versions_are_refused() {
 }
 
 #[tokio::test]
-async fn requests_before_login_are_refused_and_do_not_run() {
+async fn requests_before_login_close_the_connection_and_do_not_run() {
     let g = start(test_config()).await;
     let (_up, mut events) = g.upstream(true).await;
+
     let mut c = g.client().await;
-
     let ping = c.ping().await.unwrap();
-    let f = next_nonpong_or_pong(&mut c).await;
-    assert_eq!(error_of(&f), Code::NotLoggedIn);
-    assert_eq!(f.request_id, ping);
+    expect_refused(&mut c, ping, Code::NotLoggedIn).await;
 
+    let mut c = g.client().await;
     let send = c.send_up("m-1", "chat.send", "early").await.unwrap();
-    let f = next(&mut c).await;
-    assert_eq!(error_of(&f), Code::NotLoggedIn);
-    assert_eq!(f.request_id, send);
+    expect_refused(&mut c, send, Code::NotLoggedIn).await;
 
+    let mut c = g.client().await;
     let join = c.join("lobby").await.unwrap();
-    let f = next(&mut c).await;
-    assert_eq!(error_of(&f), Code::NotLoggedIn);
-    assert_eq!(f.request_id, join);
+    expect_refused(&mut c, join, Code::NotLoggedIn).await;
 
     // Nothing reached the upstream: the Send did not run.
     let evs = drain_events(&mut events, QUIET).await;
     assert!(evs.is_empty(), "unexpected events before login: {evs:?}");
     assert_eq!(g.gw.registry().len(), 0);
 
-    // The connection is still usable: a Login afterwards succeeds.
+    // A Login right after a refused request in the same write is not read.
+    let mut c = g.client().await;
+    let mut bytes = raw_frame(
+        &pb::ClientFrame {
+            request_id: 1,
+            body: Some(Req::Ping(pb::Ping { client_time_ms: 1 })),
+        }
+        .encode_to_vec(),
+    );
+    bytes.extend_from_slice(&raw_frame(
+        &pb::ClientFrame {
+            request_id: 2,
+            body: Some(login_req(&token("alice", "phone"), "phone")),
+        }
+        .encode_to_vec(),
+    ));
+    c.send_raw(&bytes).await.unwrap();
+    expect_refused(&mut c, 1, Code::NotLoggedIn).await;
+    assert_eq!(g.gw.registry().len(), 0);
+
+    // A Login on a fresh connection is fine; a second Login on it is refused
+    // and the session lives on.
+    let mut c = g.client().await;
     let ok = c.login(&token("alice", "phone"), "phone").await.unwrap();
     assert_eq!(ok.user_id, "alice");
-    let evs = drain_events(&mut events, QUIET).await;
-    assert_eq!(evs.len(), 1, "only SessionOpened expected: {evs:?}");
-    assert!(
-        matches!(&evs[0], pb::event::Kind::Opened(o)
-            if o.session.as_ref().is_some_and(|s| s.session_id == ok.session_id)),
-        "{evs:?}"
-    );
-
-    // A second Login on the same connection is refused, and the session lives on.
     let again = c
         .request(login_req(&token("alice", "phone"), "phone"))
         .await
@@ -165,12 +175,173 @@ async fn requests_before_login_are_refused_and_do_not_run() {
     assert_eq!(g.gw.registry().len(), 1);
 }
 
-/// The next frame, Pong included (before login a Ping must not get a Pong).
-async fn next_nonpong_or_pong(c: &mut tether::client::Client) -> pb::ServerFrame {
-    c.recv_timeout(Duration::from_secs(3))
+/// A token with the header `header` (JSON) over valid claims, signed HS256.
+fn token_with_header(header: &str) -> String {
+    let honest = token("alice", "phone");
+    let rest = honest.split_once('.').unwrap().1;
+    format!("{}.{rest}", b64url(header.as_bytes()))
+}
+
+fn b64url(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &x)| n | (u32::from(x) << (16 - 8 * i)));
+        for i in 0..=c.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn alg_none_and_unknown_algorithms_are_token_invalid_without_internals() {
+    let g = start(test_config()).await;
+    for header in [
+        r#"{"alg":"none","typ":"JWT"}"#,
+        r#"{"alg":"XS999","typ":"JWT"}"#,
+        r#"{"alg":"HS512","typ":"JWT"}"#,
+    ] {
+        let mut c = g.client().await;
+        let rid = c
+            .request(login_req(&token_with_header(header), "phone"))
+            .await
+            .unwrap();
+        let f = next(&mut c).await;
+        let Some(Resp::Error(e)) = &f.body else {
+            panic!("{header}: expected an Error, got {f:?}")
+        };
+        assert_eq!(
+            (f.request_id, Code::try_from(e.code).unwrap()),
+            (rid, Code::TokenInvalid),
+            "{header}: {e:?}"
+        );
+        // Neither the library's list of algorithms nor its parser's words.
+        for leak in ["HS256", "RS256", "EdDSA", "variant", "expected", "column"] {
+            assert!(!e.message.contains(leak), "{header}: {:?}", e.message);
+        }
+        let f = next(&mut c).await;
+        assert_eq!(close_of(&f), Code::TokenInvalid);
+        expect_eof(&mut c).await;
+    }
+    g.wait_sessions(0).await;
+}
+
+/// A token of `user` for `device` expiring `secs` seconds from now.
+fn token_for(user: &str, device: &str, secs: u64) -> String {
+    mint_hs256(
+        SECRET,
+        user,
+        Some(device),
+        Duration::from_secs(secs),
+        vec![],
+    )
+    .unwrap()
+}
+
+fn refresh(token: &str) -> Req {
+    Req::Refresh(pb::Refresh {
+        token: token.into(),
+    })
+}
+
+#[tokio::test]
+async fn refresh_keeps_the_session_alive_past_the_first_tokens_exp() {
+    let mut cfg = test_config();
+    // No grace: the sessions end at their tokens' exp.
+    cfg.auth.leeway = Duration::ZERO;
+    let g = start(cfg).await;
+
+    // `kept` refreshes its 2 s token at once; `control` does not, and its
+    // token expires a second after kept's first one.
+    let mut kept = g.client().await;
+    let ok = kept
+        .login(&token_for("alice", "phone", 2), "phone")
         .await
-        .expect("recv")
-        .expect("connection closed")
+        .unwrap();
+    let exp_ms = (unix_secs() + 2) * 1000;
+    assert!(ok.token_exp_ms.abs_diff(exp_ms) <= 1000, "{ok:?}");
+    let mut control = g.client().await;
+    control
+        .login(&token_for("bob", "phone", 3), "phone")
+        .await
+        .unwrap();
+
+    let rid = kept
+        .request(refresh(&token_for("alice", "phone", 600)))
+        .await
+        .unwrap();
+    let f = next(&mut kept).await;
+    assert_eq!(f.request_id, rid);
+    let Some(Resp::RefreshOk(r)) = &f.body else {
+        panic!("expected RefreshOk, got {f:?}")
+    };
+    assert!(r.token_exp_ms / 1000 >= unix_secs() + 590, "{r:?}");
+
+    // The control session is closed when its token runs out...
+    assert_eq!(expect_closed(&mut control).await, Code::TokenExpired);
+    // ...by when kept's first token had expired too: kept lives on.
+    ping_pong(&mut kept).await;
+    g.wait_sessions(1).await;
+}
+
+#[tokio::test]
+async fn a_resumed_session_is_bounded_by_the_resume_logins_token() {
+    let mut cfg = test_config();
+    cfg.auth.leeway = Duration::ZERO;
+    let g = start(cfg).await;
+    let mut first = g.client().await;
+    let ok = first
+        .login(&token_for("alice", "phone", 600), "phone")
+        .await
+        .unwrap();
+    drop(first);
+
+    // The resume presents a token that runs out in 2 s.
+    let mut c = g.client().await;
+    let resumed = c
+        .login_with(pb::Login {
+            token: token_for("alice", "phone", 2),
+            device_id: "phone".into(),
+            platform: pb::Platform::Desktop as i32,
+            protocol_version: 1,
+            resume: Some(pb::Resume {
+                session_id: ok.session_id,
+                resume_token: ok.resume_token.clone(),
+                last_seq: 0,
+                last_bulk_seq: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(resumed.session_id, ok.session_id, "{resumed:?}");
+    assert_eq!(resumed.resume.map(|r| r.code), Some(Code::Ok as i32));
+    let exp_ms = (unix_secs() + 2) * 1000;
+    assert!(resumed.token_exp_ms.abs_diff(exp_ms) <= 1000, "{resumed:?}");
+    assert_eq!(expect_closed(&mut c).await, Code::TokenExpired);
+}
+
+#[tokio::test]
+async fn refresh_with_another_users_or_devices_token_is_refused() {
+    let g = start(test_config()).await;
+    let (mut c, _) = g.login("alice", "phone").await;
+    let rid = c
+        .request(refresh(&token_for("bob", "phone", 600)))
+        .await
+        .unwrap();
+    let f = next(&mut c).await;
+    assert_eq!((f.request_id, error_of(&f)), (rid, Code::TokenInvalid));
+    let rid = c
+        .request(refresh(&token_for("alice", "tablet", 600)))
+        .await
+        .unwrap();
+    let f = next(&mut c).await;
+    assert_eq!((f.request_id, error_of(&f)), (rid, Code::DeviceMismatch));
+    // The session goes on under its first token.
+    ping_pong(&mut c).await;
 }
 
 #[tokio::test]

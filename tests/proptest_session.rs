@@ -10,10 +10,13 @@
 //! agree with it. In particular:
 //!
 //! - nothing panics;
-//! - before a successful login every request gets exactly one `Error` with
-//!   `CODE_NOT_LOGGED_IN` and has no side effect; only Login (answered by
-//!   `LoginOk`, or by its own `Error` followed by a close) and Close (no reply)
-//!   do anything; undecodable frames get `CODE_BAD_FRAME`/`CODE_BAD_REQUEST`;
+//! - before a successful login any request but Login and Close gets exactly
+//!   one `Error` with `CODE_NOT_LOGGED_IN`, then the Close with that code, and
+//!   has no side effect; undecodable frames likewise close with
+//!   `CODE_BAD_FRAME`/`CODE_BAD_REQUEST`; Login is answered by `LoginOk`, or
+//!   by its own `Error` followed by a close; Close closes without a reply;
+//! - after login, invalid frames may run at most `MAX_INVALID_FRAMES` ahead of
+//!   valid ones: the refusal that reaches it is followed by the Close;
 //! - once closing, no step produces output; only replies produced before the
 //!   close and then the Close frame (last, once) come out;
 //! - `poll_timeout` is `Some` until the session is Closed, and equals the
@@ -30,10 +33,13 @@ use prost::Message;
 use tether::auth::Identity;
 use tether::config::ClientJoin;
 use tether::ids::{RoomId, SessionId, UserId};
-use tether::session::{LoginGrant, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER};
+use tether::session::{
+    LoginGrant, Refreshed, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER,
+    MAX_INVALID_FRAMES,
+};
 use tether::wire::{
     pb, pb::client_frame::Body, ClientMsg, ClientRequest, Code, FrameError, LoginRequest,
-    SendRequest,
+    RefreshRequest, SendRequest,
 };
 
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +61,7 @@ struct Calls {
     join: u64,
     leave: u64,
     ack: u64,
+    refresh: u64,
 }
 
 #[derive(Default)]
@@ -76,9 +83,25 @@ impl SessionEnv for FakeEnv {
                 resume_token: bytes::Bytes::from_static(b"rt"),
                 resume: None,
                 next_uplink_seq: 1,
+                token_exp: None,
             })
         } else if req.token == "limit" {
             Err((Code::TooManyConnections, "too many".into()))
+        } else {
+            Err((Code::TokenInvalid, "bad token".into()))
+        }
+    }
+    fn refresh(
+        &mut self,
+        _now: Instant,
+        req: &RefreshRequest,
+    ) -> Result<Refreshed, (Code, String)> {
+        self.calls.refresh += 1;
+        if req.token.starts_with("ok") {
+            Ok(Refreshed {
+                token_exp: None,
+                rooms: vec!["lobby".into(), "team-*".into()].into_boxed_slice(),
+            })
         } else {
             Err((Code::TokenInvalid, "bad token".into()))
         }
@@ -147,6 +170,9 @@ enum Out {
         room: String,
         joined: bool,
     },
+    RefreshOk {
+        rid: u64,
+    },
     Close {
         code: Code,
     },
@@ -193,6 +219,7 @@ fn summarize(frame: &Bytes) -> Out {
             room: r.room,
             joined: r.joined,
         },
+        Some(S::RefreshOk(_)) => Out::RefreshOk { rid: f.request_id },
         Some(S::Close(c)) => {
             assert_eq!(f.request_id, 0, "Close is unsolicited");
             Out::Close { code: code(c.code) }
@@ -217,6 +244,8 @@ struct Model {
     close: Option<Code>,
     calls: Calls,
     client_join: ClientJoin,
+    /// Invalid frames ahead of valid ones, after login.
+    invalid: u8,
 }
 
 impl Model {
@@ -229,6 +258,23 @@ impl Model {
             close: None,
             calls: Calls::default(),
             client_join,
+            invalid: 0,
+        }
+    }
+
+    /// A frame refused before it ran: before login it closes; after it, it
+    /// counts, and the refusal that reaches the bound closes.
+    fn refuse(&mut self, now: Instant, rid: u64, code: Code) {
+        self.out.push_back(Out::Error { rid, code });
+        match self.st {
+            St::Awaiting { .. } => self.close(now, code),
+            St::Active { .. } => {
+                self.invalid += 1;
+                if self.invalid >= MAX_INVALID_FRAMES {
+                    self.close(now, code);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -251,18 +297,21 @@ impl Model {
         if self.closing() {
             return;
         }
+        let was_active = matches!(self.st, St::Active { .. });
+        let before = self.invalid;
+        self.frame_inner(now, body);
+        if was_active && self.invalid <= before {
+            self.invalid = self.invalid.saturating_sub(1);
+        }
+    }
+
+    fn frame_inner(&mut self, now: Instant, body: &[u8]) {
         if let St::Active { idle } = &mut self.st {
             *idle = now + IDLE_TIMEOUT;
         }
         let msg = match ClientMsg::decode(body) {
             Ok(m) => m,
-            Err(e) => {
-                self.out.push_back(Out::Error {
-                    rid: e.request_id,
-                    code: e.code,
-                });
-                return;
-            }
+            Err(e) => return self.refuse(now, e.request_id, e.code),
         };
         let rid = msg.request_id;
         let active = matches!(self.st, St::Active { .. });
@@ -305,14 +354,16 @@ impl Model {
                     }
                 }
             }
-            _ if !active => self.out.push_back(Out::Error {
-                rid,
-                code: Code::NotLoggedIn,
-            }),
-            ClientRequest::Login(_) => self.out.push_back(Out::Error {
-                rid,
-                code: Code::AlreadyLoggedIn,
-            }),
+            _ if !active => self.refuse(now, rid, Code::NotLoggedIn),
+            ClientRequest::Login(_) => self.refuse(now, rid, Code::AlreadyLoggedIn),
+            ClientRequest::Refresh(req) => {
+                self.calls.refresh += 1;
+                if req.token.starts_with("ok") {
+                    self.out.push_back(Out::RefreshOk { rid });
+                } else {
+                    self.refuse(now, rid, Code::TokenInvalid);
+                }
+            }
             ClientRequest::Ping { client_time_ms } => self.out.push_back(Out::Pong {
                 rid,
                 client_time_ms,
@@ -333,6 +384,9 @@ impl Model {
                 });
             }
             ClientRequest::Ack { .. } => self.calls.ack += 1,
+            ClientRequest::Join(_) if self.client_join == ClientJoin::Off => {
+                self.refuse(now, rid, Code::Unsupported)
+            }
             ClientRequest::Join(room) => {
                 let r = room.as_str();
                 let allowed = match self.client_join {
@@ -360,10 +414,7 @@ impl Model {
             }
             ClientRequest::Leave(room) => {
                 if self.client_join == ClientJoin::Off {
-                    self.out.push_back(Out::Error {
-                        rid,
-                        code: Code::Unsupported,
-                    });
+                    self.refuse(now, rid, Code::Unsupported);
                 } else {
                     self.calls.leave += 1;
                     self.out.push_back(Out::RoomOk {
@@ -503,6 +554,12 @@ fn client_frame() -> impl Strategy<Value = pb::ClientFrame> {
         })),
         2 => name().prop_map(|room| Body::Join(pb::Join { room })),
         1 => name().prop_map(|room| Body::Leave(pb::Leave { room })),
+        1 => prop_oneof![
+            Just("ok-new".to_owned()),
+            Just("bad".to_owned()),
+            Just(String::new()),
+        ]
+        .prop_map(|token| Body::Refresh(pb::Refresh { token })),
         1 => (any::<i32>(), ".{0,8}").prop_map(|(code, reason)| Body::Close(pb::Close {
             code,
             reason,
@@ -557,6 +614,8 @@ fn params(client_join: ClientJoin) -> Arc<SessionParams> {
         max_frame: MAX_FRAME,
         client_join,
         node_id: "node-test".into(),
+        token_grace: Duration::from_secs(30),
+        epoch: Instant::now(),
     })
 }
 
@@ -734,38 +793,40 @@ proptest! {
         prop_assert!(h.s.poll_close_frame().is_none());
     }
 
-    /// Focused: before a successful login, every non-Login, non-Close request
-    /// gets exactly one Error with CODE_NOT_LOGGED_IN and its request id, runs
-    /// no side effect, and leaves the login deadline where it was.
+    /// Focused: before a successful login, a non-Login, non-Close request (or
+    /// an invalid frame) gets exactly one Error with its code and request id
+    /// (CODE_NOT_LOGGED_IN for a valid request), then the Close with that
+    /// code; it runs no side effect, and nothing after it is read.
     #[test]
-    fn requests_before_login_are_refused(
+    fn requests_before_login_are_refused_and_close(
         frames in proptest::collection::vec(client_frame(), 1..40),
     ) {
-        let mut h = Harness::new(ClientJoin::Any);
-        let deadline = h.s.poll_timeout();
-        for f in &frames {
-            let b = f.encode_to_vec();
-            let msg = ClientMsg::decode(&b);
-            if matches!(
-                &msg,
+        let frames: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| f.encode_to_vec())
+            .filter(|b| !matches!(
+                ClientMsg::decode(b),
                 Ok(ClientMsg { request: ClientRequest::Login(_) | ClientRequest::Close { .. }, .. })
-            ) {
-                continue;
-            }
-            h.now += Duration::from_millis(100);
-            h.s.handle_frame(h.now, &b, &mut h.env);
-            let out: Vec<Out> = std::iter::from_fn(|| h.s.poll_transmit())
-                .map(|f| summarize(&f))
-                .collect();
-            let want = match msg {
-                Ok(m) => Out::Error { rid: m.request_id, code: Code::NotLoggedIn },
-                Err(e) => Out::Error { rid: e.request_id, code: e.code },
-            };
-            prop_assert_eq!(out, vec![want]);
-            prop_assert!(!h.s.is_active() && !h.s.is_closing());
-            prop_assert_eq!(&h.env.calls, &Calls::default());
-            prop_assert_eq!(h.s.poll_timeout(), deadline);
+            ))
+            .collect();
+        let Some(first) = frames.first() else { return Ok(()) };
+        let mut h = Harness::new(ClientJoin::Any);
+        h.now += Duration::from_millis(100);
+        for b in &frames {
+            h.s.handle_frame(h.now, b, &mut h.env);
         }
+        let out: Vec<Out> = std::iter::from_fn(|| h.s.poll_transmit())
+            .map(|f| summarize(&f))
+            .collect();
+        let (rid, code) = match ClientMsg::decode(first) {
+            Ok(m) => (m.request_id, Code::NotLoggedIn),
+            Err(e) => (e.request_id, e.code),
+        };
+        prop_assert_eq!(out, vec![Out::Error { rid, code }]);
+        let close = h.s.poll_close_frame().map(|f| summarize(&f));
+        prop_assert_eq!(close, Some(Out::Close { code }));
+        prop_assert_eq!(h.s.close_code(), Some(code));
+        prop_assert_eq!(&h.env.calls, &Calls::default());
     }
 
     /// Focused: after the session starts closing (by any cause), nothing a

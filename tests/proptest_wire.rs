@@ -216,6 +216,7 @@ fn expected_code(f: &pb::ClientFrame) -> Option<Code> {
         Some(Body::Send(s)) => ok(&s.client_msg_id, 1, 64) && ok(&s.route, 0, 128),
         Some(Body::Join(j)) => ok(&j.room, 1, 128),
         Some(Body::Leave(l)) => ok(&l.room, 1, 128),
+        Some(Body::Refresh(r)) => ok(&r.token, 1, 8192),
         Some(Body::Ping(_) | Body::Ack(_) | Body::Close(_)) => true,
     };
     (!good).then_some(Code::BadRequest)
@@ -243,6 +244,7 @@ fn assert_matches(f: &pb::ClientFrame, m: &ClientMsg) {
         (Body::Ack(a), ClientRequest::Ack { up_to_seq, .. }) => assert_eq!(*up_to_seq, a.up_to_seq),
         (Body::Join(j), ClientRequest::Join(r)) => assert_eq!(r.as_str(), j.room),
         (Body::Leave(l), ClientRequest::Leave(r)) => assert_eq!(r.as_str(), l.room),
+        (Body::Refresh(f), ClientRequest::Refresh(r)) => assert_eq!(r.token, f.token),
         (Body::Close(c), ClientRequest::Close { code, reason }) => {
             assert_eq!(
                 *code,

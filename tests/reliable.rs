@@ -254,7 +254,8 @@ async fn kill_mid_stream_and_resume_delivers_every_push_once_in_order() {
     let _heavy = HEAVY.lock().await;
     let mut cfg = test_config();
     // Nothing may be dropped while the session waits detached.
-    cfg.session.queue_capacity = 20_000;
+    cfg.delivery.queue_bytes = 64 << 20;
+    cfg.delivery.detached_bytes = 64 << 20;
     let g = start(cfg).await;
     let (up, _) = g.upstream(false).await;
     let (mut c, ok) = g.login("kim", "phone").await;
@@ -392,9 +393,11 @@ async fn kill_mid_stream_and_resume_delivers_every_push_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_overflow_reports_the_gap_and_replays_what_is_held() {
-    const CAP: u64 = 8;
+    // Pushes of 32 B are charged 32 B + their ids + 96 B each: this holds
+    // between 10 and 16 of them.
+    const HELD: u64 = 2048;
     let mut cfg = test_config();
-    cfg.session.queue_capacity = CAP as u32;
+    cfg.delivery.detached_bytes = HELD;
     let g = start(cfg).await;
     let (up, _) = g.upstream(false).await;
     let (mut c, ok) = g.login("gap", "phone").await;
@@ -416,7 +419,7 @@ async fn resume_after_overflow_reports_the_gap_and_replays_what_is_held() {
     })
     .await;
 
-    // 50 pushes while detached: seqs 3..=52, of which the last CAP are held.
+    // 50 pushes while detached: seqs 3..=52, of which the newest within the detached bound are held.
     for i in 2..52 {
         let r = up
             .push(indexed_push("gap", "phone", i, base, 32, Lane::Interactive))
@@ -433,8 +436,12 @@ async fn resume_after_overflow_reports_the_gap_and_replays_what_is_held() {
     assert_eq!(code, Code::ResumeGap, "{r:?}");
     assert_eq!(ok2.session_id, ok.session_id);
     assert!(r.first_seq > 2 + 1, "{r:?}");
-    assert_eq!(r.first_seq, 52 - CAP + 1, "{r:?}");
-    assert_eq!(r.replayed, CAP, "{r:?}");
+    assert_eq!(r.first_seq, 52 - r.replayed + 1, "{r:?}");
+    assert!(
+        (HELD / 192..=HELD / 128).contains(&r.replayed),
+        "the detached bound holds {} pushes: {r:?}",
+        r.replayed
+    );
     assert_eq!(
         r.first_bulk_seq, 1,
         "nothing was pushed in the bulk lane: {r:?}"
@@ -961,7 +968,10 @@ async fn stubborn_client(g: &TestGateway) -> Client {
 async fn slow_client_beside_100_fast_ones() {
     let _heavy = HEAVY.lock().await;
     let cfg = test_config();
-    let cap = cfg.session.queue_capacity as usize;
+    let (queue_bytes, detached_bytes) = (
+        cfg.delivery.queue_bytes as usize,
+        cfg.delivery.detached_bytes as usize,
+    );
     let window = cfg.delivery.window as usize;
     let g = start(cfg).await;
     let (up, mut events) = g.upstream(true).await;
@@ -1069,11 +1079,13 @@ async fn slow_client_beside_100_fast_ones() {
     stop.store(true, Ordering::Relaxed);
     let (max_used, max_items) = monitor.await.unwrap();
 
-    // Per session, a queue holds at most capacity x OVERFLOW items (while the
-    // socket is writable) plus a full window; each item is charged its
-    // encoded push and a fixed overhead (well under 256 bytes here).
+    // Per session, the queue holds at most its byte bound (one more push
+    // trips it) plus a full window, or, detached, the detached bound; each
+    // item is charged at least its payload and the fixed overhead (and well
+    // under 256 bytes more here).
     let per_item = FAN_SIZE + 256;
-    let per_session_items = cap * tether::session::OVERFLOW + window;
+    let charged = FAN_SIZE + tether::session::ITEM_OVERHEAD;
+    let per_session_items = (queue_bytes / charged + 1 + window).max(detached_bytes / charged);
     let bound = (64 << 20).min((FAST + 1) * per_session_items * per_item);
     let slow_h =
         g.gw.registry()
@@ -1126,7 +1138,7 @@ async fn a_bulk_flood_does_not_delay_interactive_pushes() {
     let mut cfg = test_config();
     cfg.delivery.bulk_window = 8;
     // Queue the whole flood: this test is about latency, not drops.
-    cfg.delivery.bulk_queue_capacity = 8_192;
+    cfg.delivery.bulk_queue_bytes = 64 << 20;
     let g = start(cfg).await;
     let (int_up, _) = g.upstream(false).await;
     let (mut c, ok) = g.login("lane", "phone").await;

@@ -16,7 +16,7 @@ const MAX_PUSHES: usize = 3000;
 
 fn slow_config(policy: SlowConsumerPolicy) -> tether::config::Config {
     let mut cfg = test_config();
-    cfg.session.queue_capacity = 4;
+    cfg.delivery.queue_bytes = 4 * (PAYLOAD as u64 + tether::session::ITEM_OVERHEAD as u64);
     cfg.session.slow_consumer = policy;
     // A fixed, small send buffer on the gateway's client sockets, so a client
     // that does not read fills it quickly.

@@ -33,6 +33,22 @@ impl SessionEnv for Env {
                 resume_token: bytes::Bytes::from_static(b"rt"),
                 resume: None,
                 next_uplink_seq: 1,
+                // 60 s after the fake wall clock: time advances reach it.
+                token_exp: Some(1_700_000_060),
+            })
+        } else {
+            Err((Code::TokenInvalid, "refused".into()))
+        }
+    }
+    fn refresh(
+        &mut self,
+        _now: Instant,
+        req: &tether::wire::RefreshRequest,
+    ) -> Result<tether::session::Refreshed, (Code, String)> {
+        if req.token.starts_with("ok") {
+            Ok(tether::session::Refreshed {
+                token_exp: Some(1_700_003_600),
+                rooms: vec!["lobby".into()].into_boxed_slice(),
             })
         } else {
             Err((Code::TokenInvalid, "refused".into()))
@@ -101,6 +117,8 @@ fuzz_target!(|data: &[u8]| {
         max_frame: 65536,
         client_join,
         node_id: "fuzz".into(),
+        token_grace: Duration::from_secs(30),
+        epoch: Instant::now(),
     });
     let mut now = Instant::now();
     let mut s = Session::new(now, params);

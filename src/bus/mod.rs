@@ -14,7 +14,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-pub use local::{EventHub, LocalBus, Subscription};
+pub use local::{EventHub, EventKind, LocalBus, QueueLimits, Subscription};
 
 use crate::ids::{DeviceId, NodeId, RoomId, UserId};
 use crate::session::CloseCmd;
@@ -102,7 +102,12 @@ pub trait Bus: Send + Sync + 'static {
     /// This node's id.
     fn node_id(&self) -> &NodeId;
 
-    /// Runs `cmd` on the nodes `to` names and gathers their outcomes.
+    /// Runs `cmd` on the nodes `to` names and gathers their outcomes. A
+    /// push to many sessions yields to the runtime while it fans out.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a push dropped midway has reached some of its
+    /// recipients and its outcomes are lost. Await it to the end.
     fn request(
         &self,
         to: Destination,
@@ -113,6 +118,7 @@ pub trait Bus: Send + Sync + 'static {
     /// one subscriber accepted it (uplinks answer the client with this).
     fn emit(&self, event: pb::Event) -> bool;
 
-    /// Subscribes an upstream connection to events.
-    fn subscribe(&self, group: &str, capacity: usize) -> Subscription;
+    /// Subscribes an upstream connection to events, with a queue bounded by
+    /// `limits`.
+    fn subscribe(&self, group: &str, limits: QueueLimits) -> Subscription;
 }

@@ -1,15 +1,27 @@
 //! The sans-IO session state machine.
 //!
 //! States: `AwaitingLogin` → `Active` → `Closing` → `Closed`.
-//! - `AwaitingLogin`: only `Login` runs; every other request gets
-//!   `CODE_NOT_LOGGED_IN` and does not run. The login deadline closes the
-//!   connection with `CODE_LOGIN_TIMEOUT` (slowloris).
+//! - `AwaitingLogin`: only `Login` and `Close` are valid. Any other frame
+//!   (another request, an undecodable frame, a frame without a body, a Login
+//!   with a field out of range) is answered with `Error{code}` and
+//!   `Close{code}` at once (`CODE_NOT_LOGGED_IN`, `CODE_BAD_FRAME`,
+//!   `CODE_BAD_REQUEST`), so a peer that has not logged in costs one reply.
+//!   A refused Login closes the same way with its own code. The login
+//!   deadline closes the connection with `CODE_LOGIN_TIMEOUT` (slowloris).
 //! - `Active`: any frame from the peer resets the idle deadline; silence for
-//!   `idle_timeout` closes with `CODE_HEARTBEAT_TIMEOUT`.
+//!   `idle_timeout` closes with `CODE_HEARTBEAT_TIMEOUT`. A frame refused
+//!   before it runs (`CODE_BAD_FRAME`, `CODE_BAD_REQUEST`,
+//!   `CODE_ALREADY_LOGGED_IN`, `CODE_UNSUPPORTED`, a refused `Refresh`) adds
+//!   one to an invalid-frame count, every other frame takes one off (never
+//!   below 0); the refusal that brings the count to [`MAX_INVALID_FRAMES`] is
+//!   followed by `Close` with its code. The token's `exp` plus the grace
+//!   (`auth.leeway`) is a deadline too: it closes with `CODE_TOKEN_EXPIRED`
+//!   unless a `Refresh` with a new token of the same user and device moved it.
 //! - `Closing`: a `Close` frame is queued last; input is ignored; after
 //!   [`CLOSE_LINGER`] the state becomes `Closed` even if the peer never read it.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +32,7 @@ use crate::ids::{RoomId, SessionId};
 use crate::session::CloseCmd;
 use crate::wire::{
     self, frame_bytes, pb, pb::server_frame::Body, ClientMsg, ClientRequest, Code, FrameError,
-    LoginRequest, RequestError, SendRequest,
+    LoginRequest, RefreshRequest, RequestError, SendRequest,
 };
 
 /// How long a closing session waits for its Close frame to be written and the
@@ -31,6 +43,13 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// peer (backpressure on a client that sends requests but does not read).
 const MAX_PENDING_CONTROL: usize = 64;
 
+/// How far invalid frames of a logged-in session may run ahead of its valid
+/// ones: each invalid frame adds one, each valid frame takes one off, and the
+/// refusal that reaches this closes the connection. A correct client never
+/// gets near it; a buggy or hostile one costs at most this many error replies
+/// beyond its valid traffic, instead of one per frame for ever.
+pub const MAX_INVALID_FRAMES: u8 = 16;
+
 /// The per-session settings, taken from [`Config`] once.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
@@ -40,10 +59,17 @@ pub struct SessionParams {
     pub max_frame: usize,
     pub client_join: ClientJoin,
     pub node_id: String,
+    /// How long after its token's `exp` a session is closed
+    /// (`auth.leeway`: as long as the token would still be accepted at login).
+    pub token_grace: Duration,
+    /// The instant token deadlines count from, in whole seconds (no later
+    /// than any session's `now`); it keeps the deadline at 4 bytes.
+    pub epoch: Instant,
 }
 
 impl SessionParams {
-    pub fn from_config(cfg: &Config) -> Self {
+    /// The settings of `cfg`; `epoch` is the gateway's start.
+    pub fn from_config(cfg: &Config, epoch: Instant) -> Self {
         Self {
             login_timeout: cfg.session.login_timeout,
             heartbeat_interval: cfg.session.heartbeat_interval,
@@ -51,6 +77,8 @@ impl SessionParams {
             max_frame: cfg.limits.max_frame as usize,
             client_join: cfg.session.client_join,
             node_id: cfg.node_id.clone(),
+            token_grace: cfg.auth.leeway,
+            epoch,
         }
     }
 }
@@ -65,6 +93,17 @@ pub struct LoginGrant {
     /// The outcome of the resume the login asked for, if it asked.
     pub resume: Option<pb::ResumeResult>,
     pub next_uplink_seq: u64,
+    /// The token's `exp`, seconds since the Unix epoch; `None`: unbounded.
+    pub token_exp: Option<u64>,
+}
+
+/// What an accepted `Refresh` grants.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    /// The new token's `exp`, seconds since the Unix epoch; `None`: unbounded.
+    pub token_exp: Option<u64>,
+    /// The new token's room patterns (for later Joins).
+    pub rooms: Box<[Box<str>]>,
 }
 
 /// What an accepted uplink is acknowledged with.
@@ -85,6 +124,13 @@ pub trait SessionEnv {
     /// # Errors
     /// The code and message to answer the login with; the session then closes.
     fn login(&mut self, now: Instant, req: &LoginRequest) -> Result<LoginGrant, (Code, String)>;
+    /// Verifies a new token for this logged-in session: it must name the
+    /// session's user and admit its device.
+    ///
+    /// # Errors
+    /// The code and message to answer the Refresh with; the session goes on
+    /// under its current token.
+    fn refresh(&mut self, now: Instant, req: &RefreshRequest) -> Result<Refreshed, (Code, String)>;
     /// Hands an uplink to the upstream (or recognises a retry of one).
     ///
     /// # Errors
@@ -164,6 +210,11 @@ pub struct Session {
     /// everything else (it shares this queue to keep idle sessions small).
     out: OutQueue,
     close_last: bool,
+    /// Invalid frames ahead of valid ones (see [`MAX_INVALID_FRAMES`]).
+    invalid: u8,
+    /// When the token runs out: whole seconds after `params.epoch`, rounded
+    /// up. Kept out of `State` and at 4 bytes so the session stays 56 bytes.
+    token_deadline: Option<NonZeroU32>,
 }
 
 impl Session {
@@ -176,6 +227,8 @@ impl Session {
             params,
             out: OutQueue::default(),
             close_last: false,
+            invalid: 0,
+            token_deadline: None,
         }
     }
 
@@ -184,12 +237,20 @@ impl Session {
         if matches!(self.state, State::Closing { .. } | State::Closed { .. }) {
             return;
         }
-        if let State::Active { idle_deadline, .. } = &mut self.state {
+        let was_active = if let State::Active { idle_deadline, .. } = &mut self.state {
             *idle_deadline = now + self.params.idle_timeout;
-        }
+            true
+        } else {
+            false
+        };
+        let invalid_before = self.invalid;
         match ClientMsg::decode(body) {
             Ok(msg) => self.handle_msg(now, msg, env),
-            Err(e) => self.reply_error(e),
+            Err(e) => self.refuse(now, e),
+        }
+        if was_active && self.invalid <= invalid_before {
+            // A valid frame earns one invalid frame back.
+            self.invalid = self.invalid.saturating_sub(1);
         }
     }
 
@@ -223,6 +284,13 @@ impl Session {
             State::AwaitingLogin { deadline } if now >= *deadline => self.close(
                 now,
                 CloseCmd::new(Code::LoginTimeout, "no login within the login timeout"),
+            ),
+            State::Active { .. } if self.token_deadline().is_some_and(|t| now >= t) => self.close(
+                now,
+                CloseCmd::new(
+                    Code::TokenExpired,
+                    "the token expired; refresh it before its exp",
+                ),
             ),
             State::Active { idle_deadline, .. } if now >= *idle_deadline => self.close(
                 now,
@@ -263,7 +331,10 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.state {
             State::AwaitingLogin { deadline } => Some(*deadline),
-            State::Active { idle_deadline, .. } => Some(*idle_deadline),
+            State::Active { idle_deadline, .. } => Some(match self.token_deadline() {
+                Some(t) => t.min(*idle_deadline),
+                None => *idle_deadline,
+            }),
             State::Closing { deadline, .. } => Some(*deadline),
             State::Closed { .. } => None,
         }
@@ -285,6 +356,30 @@ impl Session {
         } else {
             None
         }
+    }
+
+    /// When the session's token runs out (its `exp` plus the grace), while
+    /// logged in with a token that has an expiry.
+    pub fn token_deadline(&self) -> Option<Instant> {
+        let secs = self.token_deadline?.get();
+        self.params
+            .epoch
+            .checked_add(Duration::from_secs(u64::from(secs)))
+    }
+
+    /// The coarse deadline of a token expiring at `exp` (Unix seconds), seen
+    /// at `now` when the wall clock reads `wall_ms`: `exp` plus the grace,
+    /// rounded up to whole seconds after the epoch (so never early).
+    fn deadline_of(&self, now: Instant, wall_ms: u64, exp: Option<u64>) -> Option<NonZeroU32> {
+        let end_ms = exp?
+            .saturating_mul(1000)
+            .saturating_add(self.params.token_grace.as_millis() as u64);
+        let left = Duration::from_millis(end_ms.saturating_sub(wall_ms));
+        let since = now
+            .saturating_duration_since(self.params.epoch)
+            .saturating_add(left);
+        let secs = since.as_secs() + u64::from(since.subsec_nanos() > 0);
+        NonZeroU32::new(secs.clamp(1, u64::from(u32::MAX)) as u32)
     }
 
     fn drop_output(&mut self) {
@@ -343,16 +438,23 @@ impl Session {
             | (State::Active { .. }, ClientRequest::Close { .. }) => {
                 self.close(now, CloseCmd::new(Code::NormalClose, "goodbye"));
             }
-            (State::AwaitingLogin { .. }, _) => self.reply_error(RequestError {
-                request_id: rid,
-                code: Code::NotLoggedIn,
-                message: "log in first".into(),
-            }),
-            (State::Active { .. }, ClientRequest::Login(_)) => self.reply_error(RequestError {
-                request_id: rid,
-                code: Code::AlreadyLoggedIn,
-                message: "this connection is already logged in".into(),
-            }),
+            (State::AwaitingLogin { .. }, _) => self.refuse(
+                now,
+                RequestError {
+                    request_id: rid,
+                    code: Code::NotLoggedIn,
+                    message: "log in first".into(),
+                },
+            ),
+            (State::Active { .. }, ClientRequest::Login(_)) => self.refuse(
+                now,
+                RequestError {
+                    request_id: rid,
+                    code: Code::AlreadyLoggedIn,
+                    message: "this connection is already logged in".into(),
+                },
+            ),
+            (State::Active { .. }, ClientRequest::Refresh(req)) => self.refresh(now, rid, req, env),
             (State::Active { .. }, ClientRequest::Ping { client_time_ms }) => self.reply(
                 rid,
                 Body::Pong(pb::Pong {
@@ -387,7 +489,18 @@ impl Session {
                 },
             ) => env.ack(now, lane, up_to_seq, &ranges),
             (State::Active { rooms, .. }, ClientRequest::Join(room)) => {
+                if self.params.client_join == ClientJoin::Off {
+                    return self.refuse(
+                        now,
+                        RequestError {
+                            request_id: rid,
+                            code: Code::Unsupported,
+                            message: "client-side rooms are disabled".into(),
+                        },
+                    );
+                }
                 let allowed = match self.params.client_join {
+                    // Refused above already, as an invalid frame.
                     ClientJoin::Off => Err(Code::Unsupported),
                     ClientJoin::Any => Ok(()),
                     ClientJoin::Token if crate::auth::room_allowed(rooms, &room) => Ok(()),
@@ -410,11 +523,14 @@ impl Session {
             }
             (State::Active { .. }, ClientRequest::Leave(room)) => {
                 if self.params.client_join == ClientJoin::Off {
-                    self.reply_error(RequestError {
-                        request_id: rid,
-                        code: Code::Unsupported,
-                        message: "client-side rooms are disabled".into(),
-                    });
+                    self.refuse(
+                        now,
+                        RequestError {
+                            request_id: rid,
+                            code: Code::Unsupported,
+                            message: "client-side rooms are disabled".into(),
+                        },
+                    );
                 } else {
                     env.leave(&room);
                     self.reply(
@@ -455,7 +571,9 @@ impl Session {
                     resume_token: grant.resume_token,
                     resume: grant.resume,
                     next_uplink_seq: grant.next_uplink_seq,
+                    token_exp_ms: exp_ms(grant.token_exp),
                 };
+                self.token_deadline = self.deadline_of(now, ok.server_time_ms, grant.token_exp);
                 self.state = State::Active {
                     rooms: grant.identity.rooms,
                     idle_deadline: now + p.idle_timeout,
@@ -463,6 +581,57 @@ impl Session {
                 self.reply(rid, Body::LoginOk(ok));
             }
             Err((code, msg)) => self.refuse_login(now, rid, code, msg),
+        }
+    }
+
+    fn refresh(&mut self, now: Instant, rid: u64, req: RefreshRequest, env: &mut dyn SessionEnv) {
+        match env.refresh(now, &req) {
+            Ok(r) => {
+                let wall_ms = env.wall_ms();
+                self.token_deadline = self.deadline_of(now, wall_ms, r.token_exp);
+                if let State::Active { rooms, .. } = &mut self.state {
+                    *rooms = r.rooms;
+                }
+                self.reply(
+                    rid,
+                    Body::RefreshOk(pb::RefreshOk {
+                        token_exp_ms: exp_ms(r.token_exp),
+                        server_time_ms: wall_ms,
+                    }),
+                );
+            }
+            Err((code, message)) => self.refuse(
+                now,
+                RequestError {
+                    request_id: rid,
+                    code,
+                    message,
+                },
+            ),
+        }
+    }
+
+    /// Answers a frame refused before it ran. Before login that closes the
+    /// connection; after it, the refusal counts towards
+    /// [`MAX_INVALID_FRAMES`], and the one that reaches it closes.
+    fn refuse(&mut self, now: Instant, e: RequestError) {
+        match self.state {
+            State::AwaitingLogin { .. } => self.refuse_login(now, e.request_id, e.code, e.message),
+            State::Active { .. } => {
+                self.invalid = self.invalid.saturating_add(1);
+                let code = e.code;
+                self.reply_error(e);
+                if self.invalid >= MAX_INVALID_FRAMES {
+                    self.close(
+                        now,
+                        CloseCmd::new(
+                            code,
+                            format!("{MAX_INVALID_FRAMES} more invalid frames than valid ones"),
+                        ),
+                    );
+                }
+            }
+            State::Closing { .. } | State::Closed { .. } => {}
         }
     }
 
@@ -493,6 +662,12 @@ impl Session {
     }
 }
 
+/// `exp` (Unix seconds) in milliseconds, as LoginOk and RefreshOk carry it;
+/// 0 for a token without expiry.
+fn exp_ms(exp: Option<u64>) -> u64 {
+    exp.map_or(0, |e| e.saturating_mul(1000))
+}
+
 #[cfg(test)]
 mod tests {
     //! Deterministic tests on virtual time: `now` is a base instant plus offsets.
@@ -509,6 +684,11 @@ mod tests {
         upstream_down: bool,
         joined: Vec<RoomId>,
         acks: Vec<u64>,
+        /// The `exp` of the login token (Unix seconds).
+        exp: Option<u64>,
+        /// What a Refresh gets: a new `exp`, or a refusal.
+        refresh: Option<Result<u64, Code>>,
+        refreshes: u32,
     }
 
     impl SessionEnv for Fake {
@@ -531,7 +711,23 @@ mod tests {
                 resume_token: Bytes::from_static(b"rt"),
                 resume: None,
                 next_uplink_seq: 1,
+                token_exp: self.exp,
             })
+        }
+        fn refresh(
+            &mut self,
+            _now: Instant,
+            _req: &RefreshRequest,
+        ) -> Result<Refreshed, (Code, String)> {
+            self.refreshes += 1;
+            match self.refresh {
+                Some(Ok(exp)) => Ok(Refreshed {
+                    token_exp: Some(exp),
+                    rooms: vec!["lobby".into(), "vip".into()].into_boxed_slice(),
+                }),
+                Some(Err(c)) => Err((c, "refused".into())),
+                None => Err((Code::TokenInvalid, "refused".into())),
+            }
         }
         fn uplink(&mut self, _now: Instant, req: SendRequest) -> Result<UplinkAck, Code> {
             if self.upstream_down {
@@ -554,8 +750,21 @@ mod tests {
             self.acks.push(up_to_seq);
         }
         fn wall_ms(&self) -> u64 {
-            1_700_000_000_000
+            WALL_MS
         }
+    }
+
+    /// The fake's wall clock: constant, so `exp` maps onto virtual time as
+    /// `t0 + (exp - WALL_S)` seconds for a session that logs in at `t0`.
+    const WALL_MS: u64 = 1_700_000_000_000;
+    const WALL_S: u64 = WALL_MS / 1000;
+    const GRACE: Duration = Duration::from_secs(30);
+
+    /// The epoch is fixed per thread, so that every test's `t0` (taken after
+    /// it) lies at or after it.
+    fn epoch() -> Instant {
+        thread_local!(static EPOCH: Instant = Instant::now());
+        EPOCH.with(|e| *e)
     }
 
     fn params() -> Arc<SessionParams> {
@@ -566,7 +775,15 @@ mod tests {
             max_frame: 65536,
             client_join: ClientJoin::Token,
             node_id: "n1".into(),
+            token_grace: GRACE,
+            epoch: epoch(),
         })
+    }
+
+    /// A `t0` a whole number of seconds after the epoch, so token deadlines
+    /// (whole seconds after the epoch) fall exactly on `exp + GRACE`.
+    fn t0() -> Instant {
+        epoch() + Duration::from_secs(1)
     }
 
     use std::sync::Arc;
@@ -643,47 +860,229 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(135)));
     }
 
+    /// Error then Close with `code`, echoing `rid`, and nothing after.
+    fn assert_refused_and_closing(s: &mut Session, rid: u64, code: Code) {
+        let o = out(s);
+        assert_eq!(o.len(), 1, "{o:?}");
+        assert_eq!((o[0].request_id, code_of(&o[0])), (rid, code));
+        assert_eq!(code_of(&decode(s.poll_close_frame().unwrap())), code);
+        assert_eq!(s.close_code(), Some(code));
+    }
+
     #[test]
-    fn requests_before_login_get_not_logged_in_and_do_not_run() {
+    fn a_request_before_login_closes_with_not_logged_in_and_does_not_run() {
         let t0 = Instant::now();
-        let mut env = Fake::default();
-        let mut s = Session::new(t0, params());
         let send = Req::Send(pb::Send {
             client_msg_id: "c1".into(),
             route: "r".into(),
             payload: Bytes::from_static(b"x"),
         });
-        s.handle_frame(t0, &frame(3, send), &mut env);
-        s.handle_frame(
-            t0,
-            &frame(4, Req::Ping(pb::Ping { client_time_ms: 1 })),
-            &mut env,
+        let refresh = Req::Refresh(pb::Refresh { token: "t".into() });
+        for req in [
+            send,
+            Req::Ping(pb::Ping { client_time_ms: 1 }),
+            Req::Join(pb::Join {
+                room: "lobby".into(),
+            }),
+            refresh,
+        ] {
+            let mut env = Fake::default();
+            let mut s = Session::new(t0, params());
+            s.handle_frame(t0, &frame(3, req), &mut env);
+            assert_refused_and_closing(&mut s, 3, Code::NotLoggedIn);
+            // Whatever follows is not read: not even a Login.
+            s.handle_frame(t0, &frame(4, login(1)), &mut env);
+            assert!(out(&mut s).is_empty());
+            assert!(env.uplinks.is_empty() && env.joined.is_empty());
+            assert_eq!((env.logins, env.refreshes), (0, 0));
+        }
+    }
+
+    #[test]
+    fn an_invalid_frame_before_login_closes_with_its_code() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        // A zero-length frame: a ClientFrame without a body.
+        let mut s = Session::new(t0, params());
+        s.handle_frame(t0, &[], &mut env);
+        assert_refused_and_closing(&mut s, 0, Code::BadFrame);
+        // Undecodable bytes.
+        let mut s = Session::new(t0, params());
+        s.handle_frame(t0, &[0xff, 0xff, 0xff], &mut env);
+        assert_refused_and_closing(&mut s, 0, Code::BadFrame);
+        // A Login with a field out of range.
+        let mut s = Session::new(t0, params());
+        let bad = Req::Login(pb::Login {
+            token: String::new(),
+            device_id: "phone".into(),
+            platform: 1,
+            protocol_version: 1,
+            resume: None,
+        });
+        s.handle_frame(t0, &frame(8, bad), &mut env);
+        assert_refused_and_closing(&mut s, 8, Code::BadRequest);
+        assert_eq!(env.logins, 0);
+    }
+
+    #[test]
+    fn close_before_login_is_a_normal_close() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = Session::new(t0, params());
+        s.handle_frame(t0, &frame(0, Req::Close(pb::Close::default())), &mut env);
+        assert!(out(&mut s).is_empty());
+        assert_eq!(s.close_code(), Some(Code::NormalClose));
+    }
+
+    #[test]
+    fn a_run_of_invalid_frames_closes_at_the_bound_not_before() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        for i in 1..MAX_INVALID_FRAMES {
+            s.handle_frame(t0, &[], &mut env);
+            assert!(s.is_active(), "closed after {i} invalid frames");
+        }
+        assert_eq!(out(&mut s).len(), usize::from(MAX_INVALID_FRAMES) - 1);
+        s.handle_frame(t0, &[], &mut env);
+        assert_refused_and_closing(&mut s, 0, Code::BadFrame);
+    }
+
+    #[test]
+    fn valid_frames_earn_invalid_ones_back() {
+        let t0 = Instant::now();
+        let mut env = Fake::default();
+        let mut s = active(t0, &mut env);
+        let ping = frame(2, Req::Ping(pb::Ping { client_time_ms: 1 }));
+        // Up to one below the bound, then one valid frame per invalid one:
+        // the count never reaches the bound.
+        for _ in 1..MAX_INVALID_FRAMES {
+            s.handle_frame(t0, &[], &mut env);
+        }
+        for _ in 0..1000 {
+            s.handle_frame(t0, &ping, &mut env);
+            s.handle_frame(t0, &frame(3, login(1)), &mut env);
+            out(&mut s);
+        }
+        assert!(s.is_active());
+        // One more invalid frame now reaches it.
+        s.handle_frame(t0, &frame(4, login(1)), &mut env);
+        assert_refused_and_closing(&mut s, 4, Code::AlreadyLoggedIn);
+    }
+
+    #[test]
+    fn token_expiry_closes_at_exp_plus_grace_not_before() {
+        let t0 = t0();
+        let exp = WALL_S + 600;
+        let mut env = Fake {
+            exp: Some(exp),
+            ..Fake::default()
+        };
+        let mut s = Session::new(t0, params());
+        s.handle_frame(t0, &frame(1, login(1)), &mut env);
+        let o = out(&mut s);
+        let Some(Body::LoginOk(ok)) = &o[0].body else {
+            panic!("{o:?}")
+        };
+        assert_eq!(ok.token_exp_ms, exp * 1000, "the client is told exp");
+        let deadline = t0 + Duration::from_secs(600) + GRACE;
+        assert_eq!(s.token_deadline(), Some(deadline));
+        // Keep the session busy so that only the token can end it.
+        let mut now = t0;
+        while now + Duration::from_secs(100) < deadline {
+            now += Duration::from_secs(100);
+            s.handle_frame(
+                now,
+                &frame(2, Req::Ping(pb::Ping { client_time_ms: 1 })),
+                &mut env,
+            );
+            s.handle_timeout(now);
+            assert!(s.is_active());
+        }
+        assert_eq!(s.poll_timeout(), Some(deadline), "the driver wakes it then");
+        s.handle_timeout(deadline - Duration::from_millis(1));
+        assert!(s.is_active());
+        s.handle_timeout(deadline);
+        assert_eq!(s.close_code(), Some(Code::TokenExpired));
+        out(&mut s);
+        assert_eq!(
+            code_of(&decode(s.poll_close_frame().unwrap())),
+            Code::TokenExpired
         );
+    }
+
+    #[test]
+    fn a_token_without_exp_does_not_bound_the_session() {
+        let t0 = t0();
+        let mut env = Fake::default();
+        let s = active(t0, &mut env);
+        assert_eq!(s.token_deadline(), None);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(135)));
+    }
+
+    #[test]
+    fn refresh_moves_the_deadline_and_adopts_the_rooms() {
+        let t0 = t0();
+        let mut env = Fake {
+            exp: Some(WALL_S + 60),
+            refresh: Some(Ok(WALL_S + 3600)),
+            ..Fake::default()
+        };
+        let mut s = active(t0, &mut env);
+        let first = t0 + Duration::from_secs(60) + GRACE;
+        assert_eq!(s.poll_timeout(), Some(first));
+        let t1 = t0 + Duration::from_secs(50);
         s.handle_frame(
-            t0,
-            &frame(
-                5,
-                Req::Join(pb::Join {
-                    room: "lobby".into(),
-                }),
-            ),
+            t1,
+            &frame(5, Req::Refresh(pb::Refresh { token: "t2".into() })),
             &mut env,
         );
         let o = out(&mut s);
+        assert_eq!(o[0].request_id, 5);
+        let Some(Body::RefreshOk(r)) = &o[0].body else {
+            panic!("{o:?}")
+        };
         assert_eq!(
-            o.iter()
-                .map(|f| (f.request_id, code_of(f)))
-                .collect::<Vec<_>>(),
-            vec![
-                (3, Code::NotLoggedIn),
-                (4, Code::NotLoggedIn),
-                (5, Code::NotLoggedIn)
-            ]
+            (r.token_exp_ms, r.server_time_ms),
+            ((WALL_S + 3600) * 1000, WALL_MS)
         );
-        assert!(env.uplinks.is_empty() && env.joined.is_empty());
-        // Still usable: the login runs afterwards.
-        s.handle_frame(t0, &frame(6, login(1)), &mut env);
-        assert!(s.is_active());
+        // The fake's wall clock stands still, so the new exp counts from t1.
+        let moved = t1 + Duration::from_secs(3600) + GRACE;
+        assert_eq!(s.token_deadline(), Some(moved));
+        s.handle_timeout(first);
+        assert!(s.is_active(), "the old deadline no longer applies");
+        // The new token's rooms claim applies to later joins.
+        s.handle_frame(
+            first,
+            &frame(6, Req::Join(pb::Join { room: "vip".into() })),
+            &mut env,
+        );
+        assert!(matches!(&out(&mut s)[0].body, Some(Body::RoomOk(r)) if r.joined));
+    }
+
+    #[test]
+    fn a_refused_refresh_keeps_the_old_deadline() {
+        let t0 = t0();
+        for code in [Code::TokenInvalid, Code::DeviceMismatch, Code::TokenExpired] {
+            let mut env = Fake {
+                exp: Some(WALL_S + 60),
+                refresh: Some(Err(code)),
+                ..Fake::default()
+            };
+            let mut s = active(t0, &mut env);
+            let deadline = s.token_deadline();
+            s.handle_frame(
+                t0,
+                &frame(5, Req::Refresh(pb::Refresh { token: "t2".into() })),
+                &mut env,
+            );
+            let o = out(&mut s);
+            assert_eq!((o[0].request_id, code_of(&o[0])), (5, code));
+            assert!(s.is_active(), "a refused refresh does not close");
+            assert_eq!(s.token_deadline(), deadline);
+            s.handle_timeout(deadline.unwrap());
+            assert_eq!(s.close_code(), Some(Code::TokenExpired));
+        }
     }
 
     #[test]
@@ -854,7 +1253,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_frames_answer_bad_frame_and_keep_the_session() {
+    fn a_few_bad_frames_answer_bad_frame_and_keep_the_session() {
         let t0 = Instant::now();
         let mut env = Fake::default();
         let mut s = active(t0, &mut env);

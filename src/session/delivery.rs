@@ -29,18 +29,28 @@ fn ix(lane: Lane) -> usize {
     }
 }
 
-/// How far past its capacity a lane's queue may grow while the socket is
-/// still writable (the session's task simply has not run yet).
-pub const OVERFLOW: usize = 4;
-
-/// Bytes a queued or unacknowledged push is charged beyond its payload.
-const ITEM_OVERHEAD: usize = 96;
+/// Bytes a queued or unacknowledged push is charged beyond its payload: the
+/// item itself, its share of the shared push and of the queue's ring buffer.
+/// Every byte bound below (queues, detached backlog, the node budget) counts
+/// payload + this, so that ten thousand tiny pushes cost what they hold.
+pub const ITEM_OVERHEAD: usize = 96;
 
 /// Delivery settings, per lane where they differ.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
-    /// Pushes waiting to be written, per lane.
-    pub queue: [usize; 2],
+    /// Charged bytes (payload + [`ITEM_OVERHEAD`] per push) waiting to be
+    /// written, per lane, before the lane's policy applies. Bytes, not a
+    /// count: a reader that keeps up still falls behind by a whole burst when
+    /// an upstream publishes faster than any phone reads, and what that costs
+    /// is memory, which bytes measure.
+    pub queue_bytes: [usize; 2],
+    /// Charged bytes a session keeps while no connection is attached (a blip,
+    /// a resume on its way); past it the oldest pushes are evicted and the
+    /// resume reports the gap. The node's budget bounds the sum.
+    pub detached_bytes: usize,
+    /// A connection whose socket accepts no byte of a pending write for this
+    /// long is closed as a slow consumer (its session kept for a resume).
+    pub stall_timeout: Duration,
     /// Pushes written but not acknowledged, per lane (flow control).
     pub window: [usize; 2],
     /// What a full queue does, per lane.
@@ -54,7 +64,9 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
-            queue: [128, 1024],
+            queue_bytes: [1 << 20, 4 << 20],
+            detached_bytes: 4 << 20,
+            stall_timeout: Duration::from_secs(30),
             window: [256, 64],
             policy: [SlowConsumerPolicy::Disconnect, SlowConsumerPolicy::Drop],
             ack_timeout: Duration::from_secs(10),
@@ -124,16 +136,41 @@ pub enum Offer {
     SlowConsumer,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LaneBufs {
     queue: VecDeque<Item>,
+    /// Charged bytes of `queue`.
+    queued_bytes: usize,
     window: VecDeque<Item>,
+    /// The highest seq ever written on any connection. Seqs are written in
+    /// order, so everything at or below it was written at least once; a
+    /// resume never takes a client's word for more (see [`Delivery::resume`]).
+    written: u64,
     /// No window item is due (retransmission or give-up) before this; a lower
     /// bound, so that most polls skip scanning the window.
     due: Option<Instant>,
 }
 
 impl LaneBufs {
+    /// Buffers for a lane whose every seq below `next_seq` is settled
+    /// (acknowledged, given up or dropped): nothing was held when they were
+    /// freed, so all of them count as written.
+    fn new(next_seq: u64) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            window: VecDeque::new(),
+            written: next_seq - 1,
+            due: None,
+        }
+    }
+
+    fn pop_queued(&mut self) -> Option<Item> {
+        let it = self.queue.pop_front()?;
+        self.queued_bytes -= it.cost();
+        Some(it)
+    }
+
     fn lower_due(&mut self, at: Instant) {
         self.due = Some(self.due.map_or(at, |d| d.min(at)));
     }
@@ -190,6 +227,13 @@ impl Delivery {
             .map_or(0, |b| b[0].queue.len() + b[1].queue.len())
     }
 
+    /// Charged bytes waiting to be written, per lane.
+    pub fn queued_bytes(&self) -> [usize; 2] {
+        self.bufs
+            .as_ref()
+            .map_or([0, 0], |b| [b[0].queued_bytes, b[1].queued_bytes])
+    }
+
     /// Pushes written and not yet acknowledged, both lanes.
     pub fn unacked(&self) -> usize {
         self.bufs
@@ -207,24 +251,23 @@ impl Delivery {
         self.bufs.is_none()
     }
 
-    /// Offers a push. `blocked`: the socket refused the last write, or no
-    /// connection is attached. `detached`: no connection is attached; a full
-    /// queue then evicts its oldest push into `evicted` (the resume reports
-    /// the gap) instead of refusing the newest. A push that trips the
-    /// "disconnect" policy is queued the same way, since the session keeps
-    /// its state for a resume.
+    /// Offers a push. `detached`: no connection is attached (or it is closing
+    /// as a slow consumer); the session then keeps at most
+    /// `cfg.detached_bytes`, evicting its oldest pushes into `evicted` (the
+    /// resume reports the gap) rather than refusing the newest. Attached, a
+    /// lane whose queued bytes would pass `cfg.queue_bytes` applies its policy:
+    /// "drop" refuses the push, "disconnect" keeps it (the session is kept for
+    /// a resume) and answers [`Offer::SlowConsumer`]. A push alone in its queue
+    /// is always accepted, whatever its size.
     pub fn enqueue(
         &mut self,
         push: &SharedPush,
-        blocked: bool,
         detached: bool,
         cfg: &DeliveryConfig,
         budget: &Budget,
         evicted: &mut Vec<Item>,
     ) -> Offer {
         let l = ix(push.lane);
-        let cap = cfg.queue[l];
-        let len = self.bufs.as_ref().map_or(0, |b| b[l].queue.len());
         let seq = self.next_seq[l];
         let item = Item {
             seq,
@@ -232,38 +275,59 @@ impl Delivery {
             sent_at: None,
             tries: 0,
         };
-        if !budget.try_take(item.cost()) {
+        let cost = item.cost();
+        if !budget.try_take(cost) {
             self.next_seq[l] += 1;
             return Offer::Dropped;
         }
         let mut result = None;
-        let full = len >= cap && (detached || blocked || len >= cap.saturating_mul(OVERFLOW));
-        if full && !detached {
+        let queued = self.bufs.as_ref().map_or(0, |b| b[l].queued_bytes);
+        if !detached && queued > 0 && queued + cost > cfg.queue_bytes[l] {
             match cfg.policy[l] {
                 SlowConsumerPolicy::Drop => {
-                    budget.give(item.cost());
+                    budget.give(cost);
                     self.next_seq[l] += 1;
                     return Offer::Dropped;
                 }
                 SlowConsumerPolicy::Disconnect => result = Some(Offer::SlowConsumer),
             }
         }
-        if full {
-            if let Some(old) = self.bufs.as_mut().and_then(|b| b[l].queue.pop_front()) {
-                self.release(old.cost(), budget);
-                evicted.push(old);
-            }
+        if detached || result.is_some() {
+            self.evict_to(cfg.detached_bytes.saturating_sub(cost), l, budget, evicted);
         }
-        self.held += item.cost();
+        let next = self.next_seq;
+        self.held += cost;
         self.next_seq[l] += 1;
-        let bufs = self.bufs.get_or_insert_with(Box::default);
+        let bufs = self
+            .bufs
+            .get_or_insert_with(|| Box::new([LaneBufs::new(next[0]), LaneBufs::new(next[1])]));
         let wake = bufs[0].queue.is_empty() && bufs[1].queue.is_empty();
         if bufs[l].queue.capacity() == 0 {
             // Most bursts are one push (a broadcast): start with room for one.
             bufs[l].queue.reserve_exact(1);
         }
+        bufs[l].queued_bytes += cost;
         bufs[l].queue.push_back(item);
         result.unwrap_or(Offer::Queued { wake })
+    }
+
+    /// Evicts the oldest queued pushes, lane `first` first, until the session
+    /// holds at most `limit` bytes.
+    fn evict_to(&mut self, limit: usize, first: usize, budget: &Budget, out: &mut Vec<Item>) {
+        let Some(bufs) = self.bufs.as_mut() else {
+            return;
+        };
+        let mut freed = 0;
+        for l in [first, 1 - first] {
+            while self.held - freed > limit {
+                let Some(old) = bufs[l].pop_queued() else {
+                    break;
+                };
+                freed += old.cost();
+                out.push(old);
+            }
+        }
+        self.release(freed, budget);
     }
 
     /// Moves what may be written now into `out` (lane, seq, push): first the
@@ -304,11 +368,12 @@ impl Delivery {
         for (l, lane) in LANES.iter().enumerate() {
             let b = &mut bufs[l];
             while out.len() < max && b.window.len() < cfg.window[l] {
-                let Some(mut it) = b.queue.pop_front() else {
+                let Some(mut it) = b.pop_queued() else {
                     break;
                 };
                 it.sent_at = Some(now);
                 it.tries = 1;
+                b.written = b.written.max(it.seq);
                 out.push((*lane, it.seq, it.push.clone()));
                 b.window.push_back(it);
                 b.lower_due(now + rto(cfg.ack_timeout, 1));
@@ -406,6 +471,7 @@ impl Delivery {
             while let Some(mut it) = b.window.pop_back() {
                 it.sent_at = None;
                 it.tries = 0;
+                b.queued_bytes += it.cost();
                 b.queue.push_front(it);
             }
             b.due = None;
@@ -413,7 +479,10 @@ impl Delivery {
     }
 
     /// A client resumes having received everything up to `last` (per lane).
-    /// Pushes at or below it are dropped as delivered; what remains will be
+    /// Pushes at or below it that were written are dropped as delivered; a
+    /// client cannot have received a push that was never written, so a
+    /// `last` beyond the highest written seq does not drop the rest (they
+    /// are replayed; the client discards seqs it has). What remains will be
     /// replayed in order. Call [`Delivery::detach`] first.
     pub fn resume(
         &mut self,
@@ -427,9 +496,9 @@ impl Delivery {
             // A client cannot have seen more than was assigned.
             let last = last[l].min(self.next_seq[l] - 1);
             if let Some(b) = self.bufs.as_mut() {
-                let q = &mut b[l].queue;
-                while q.front().is_some_and(|it| it.seq <= last) {
-                    if let Some(it) = q.pop_front() {
+                let cut = last.min(b[l].written);
+                while b[l].queue.front().is_some_and(|it| it.seq <= cut) {
+                    if let Some(it) = b[l].pop_queued() {
                         freed += it.cost();
                         delivered.push(it);
                     }
@@ -495,9 +564,21 @@ mod tests {
         SharedPush::with(id, b"x", "t", "", lane, true)
     }
 
+    /// What one test push is charged.
+    fn one() -> usize {
+        push(Lane::Interactive, "m").body.len() + ITEM_OVERHEAD
+    }
+
+    /// What one test bulk push is charged (the lane is encoded in the body).
+    fn one_bulk() -> usize {
+        push(Lane::Bulk, "b").body.len() + ITEM_OVERHEAD
+    }
+
     fn cfg() -> DeliveryConfig {
         DeliveryConfig {
-            queue: [4, 8],
+            queue_bytes: [8 * one(), 8 * one_bulk()],
+            detached_bytes: 8 * one(),
+            stall_timeout: Duration::from_secs(30),
             window: [3, 2],
             policy: [SlowConsumerPolicy::Disconnect, SlowConsumerPolicy::Drop],
             ack_timeout: Duration::from_secs(1),
@@ -512,7 +593,7 @@ mod tests {
     }
 
     fn offer(d: &mut Delivery, lane: Lane, c: &DeliveryConfig, b: &Budget) -> Offer {
-        d.enqueue(&push(lane, "m"), false, false, c, b, &mut Vec::new())
+        d.enqueue(&push(lane, "m"), false, c, b, &mut Vec::new())
     }
 
     #[test]
@@ -598,52 +679,73 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_applies_the_lane_policy_and_overflow_allowance() {
+    fn full_queue_applies_the_lane_policy_by_bytes() {
         let (c, b) = (cfg(), Budget::new(1 << 20));
         let mut d = Delivery::default();
-        for _ in 0..4 {
-            offer(&mut d, Lane::Interactive, &c, &b);
-        }
-        // Socket writable: up to OVERFLOW x capacity.
-        for _ in 4..4 * OVERFLOW {
+        for _ in 0..8 {
             assert!(matches!(
                 offer(&mut d, Lane::Interactive, &c, &b),
                 Offer::Queued { .. }
             ));
         }
-        let before = d.queued();
+        assert_eq!(d.queued_bytes(), [8 * one(), 0]);
         let mut evicted = Vec::new();
         assert_eq!(
-            d.enqueue(
-                &push(Lane::Interactive, "m"),
-                false,
-                false,
-                &c,
-                &b,
-                &mut evicted
-            ),
+            d.enqueue(&push(Lane::Interactive, "m"), false, &c, &b, &mut evicted),
             Offer::SlowConsumer
         );
+        assert_eq!(d.queued(), 8, "the tripping push is kept for the resume");
         assert_eq!(
-            d.queued(),
-            before,
-            "the tripping push is kept, the oldest evicted"
+            evicted.iter().map(|i| i.seq).collect::<Vec<_>>(),
+            vec![1],
+            "within the detached bound: the oldest is evicted for it"
         );
-        assert_eq!(evicted.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![1]);
-        // Blocked socket: the capacity itself.
+        // Bulk drops at its own bound; the seq is used up.
         let mut d2 = Delivery::default();
         for _ in 0..8 {
-            d2.enqueue(&push(Lane::Bulk, "b"), true, false, &c, &b, &mut Vec::new());
+            offer(&mut d2, Lane::Bulk, &c, &b);
         }
-        assert_eq!(
-            d2.enqueue(&push(Lane::Bulk, "b"), true, false, &c, &b, &mut Vec::new()),
-            Offer::Dropped
-        );
+        assert_eq!(offer(&mut d2, Lane::Bulk, &c, &b), Offer::Dropped);
         assert_eq!(
             d2.next_seq(Lane::Bulk),
             10,
             "the dropped push used up seq 9: the client sees a gap"
         );
+        // Writing frees queue bytes: the lane accepts again.
+        send(&mut d2, Instant::now(), &c);
+        assert!(matches!(
+            offer(&mut d2, Lane::Bulk, &c, &b),
+            Offer::Queued { .. }
+        ));
+    }
+
+    #[test]
+    fn a_lone_push_larger_than_the_queue_bound_is_accepted() {
+        let (mut c, b) = (cfg(), Budget::new(1 << 20));
+        c.queue_bytes = [10, 10];
+        let mut d = Delivery::default();
+        assert!(matches!(
+            offer(&mut d, Lane::Interactive, &c, &b),
+            Offer::Queued { .. }
+        ));
+        assert_eq!(
+            offer(&mut d, Lane::Interactive, &c, &b),
+            Offer::SlowConsumer
+        );
+    }
+
+    #[test]
+    fn a_burst_within_the_byte_bound_is_not_a_slow_consumer() {
+        // The old rule cut a session at 128 queued items (x4 while the socket
+        // took writes) whatever their size; 2,000 pushes of 64 B in a burst
+        // are about 320 kB charged, well within the default 1 MiB.
+        let (c, b) = (DeliveryConfig::default(), Budget::new(1 << 30));
+        let mut d = Delivery::default();
+        let p = SharedPush::with("m", &[7u8; 64], "t", "", Lane::Interactive, false);
+        for i in 0..2_000 {
+            let r = d.enqueue(&p, false, &c, &b, &mut Vec::new());
+            assert!(matches!(r, Offer::Queued { .. }), "push {i}: {r:?}");
+        }
     }
 
     #[test]
@@ -715,19 +817,14 @@ mod tests {
 
     #[test]
     fn overflow_while_detached_drops_oldest_and_resume_reports_the_gap() {
-        let (c, b) = (cfg(), Budget::new(1 << 20));
+        let (mut c, b) = (cfg(), Budget::new(1 << 20));
+        c.detached_bytes = 4 * one();
         let mut d = Delivery::default();
         d.detach();
         for _ in 0..6 {
-            d.enqueue(
-                &push(Lane::Interactive, "m"),
-                true,
-                true,
-                &c,
-                &b,
-                &mut Vec::new(),
-            );
+            d.enqueue(&push(Lane::Interactive, "m"), true, &c, &b, &mut Vec::new());
         }
+        assert_eq!(d.held(), c.detached_bytes, "the detached bound holds");
         let r = d.resume([0, 0], &b, &mut Vec::new());
         assert_eq!(
             r[0],
@@ -748,6 +845,65 @@ mod tests {
                 replay: 0
             }
         );
+    }
+
+    #[test]
+    fn detached_eviction_takes_the_pushes_lane_first_then_the_other() {
+        let (mut c, b) = (cfg(), Budget::new(1 << 20));
+        c.detached_bytes = 4 * one_bulk();
+        let mut d = Delivery::default();
+        d.detach();
+        for _ in 0..4 {
+            d.enqueue(&push(Lane::Bulk, "b"), true, &c, &b, &mut Vec::new());
+        }
+        let mut evicted = Vec::new();
+        d.enqueue(&push(Lane::Interactive, "i"), true, &c, &b, &mut evicted);
+        assert_eq!(
+            evicted
+                .iter()
+                .map(|i| (i.push.lane, i.seq))
+                .collect::<Vec<_>>(),
+            vec![(Lane::Bulk, 1)]
+        );
+        assert_eq!(d.queued_bytes(), [one(), 3 * one_bulk()]);
+    }
+
+    #[test]
+    fn resume_does_not_take_the_clients_word_for_pushes_never_written() {
+        let (c, b, t0) = (cfg(), Budget::new(1 << 20), Instant::now());
+        let mut d = Delivery::default();
+        offer(&mut d, Lane::Interactive, &c, &b);
+        send(&mut d, t0, &c); // seq 1 written
+        offer(&mut d, Lane::Interactive, &c, &b); // 2 and 3 never written
+        offer(&mut d, Lane::Interactive, &c, &b);
+        d.detach();
+        let mut delivered = Vec::new();
+        let r = d.resume([3, 0], &b, &mut delivered);
+        assert_eq!(
+            delivered.iter().map(|i| i.seq).collect::<Vec<_>>(),
+            vec![1],
+            "only what was written can have been received"
+        );
+        assert_eq!(
+            r[0],
+            LaneResume {
+                first_held: 2,
+                gap: false,
+                replay: 2
+            }
+        );
+        assert_eq!(d.queued_bytes(), [2 * one(), 0]);
+        // After everything settles and the buffers are freed, a new push is
+        // not written either.
+        send(&mut d, t0, &c);
+        d.ack(Lane::Interactive, 3, &[], &b, &mut Vec::new());
+        assert!(d.is_idle());
+        offer(&mut d, Lane::Interactive, &c, &b); // seq 4
+        d.detach();
+        let mut delivered = Vec::new();
+        d.resume([4, 0], &b, &mut delivered);
+        assert!(delivered.is_empty());
+        assert_eq!(d.queued(), 1);
     }
 
     #[test]

@@ -24,8 +24,6 @@ use crate::ids::{DeviceId, NodeId, RoomId, SessionId, TransportKind, UserId};
 use crate::wire::pb::Lane;
 use crate::wire::{pb, Code, SharedPush};
 
-pub use super::delivery::OVERFLOW;
-
 /// Who a logged-in session belongs to. Set once, at login.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -132,8 +130,6 @@ struct Outbox {
     closed: bool,
     /// No connection is attached (waiting for a resume).
     detached: bool,
-    /// The socket refused the last write: the peer is not reading.
-    blocked: bool,
     /// Generation of the attached connection.
     gen: u32,
     waker: Option<Waker>,
@@ -198,7 +194,6 @@ impl SessionHandle {
                 closing: Closing::No,
                 closed: false,
                 detached: false,
-                blocked: false,
                 gen: 0,
                 waker: None,
             }),
@@ -275,11 +270,7 @@ impl SessionHandle {
             // A slow consumer whose connection is going keeps queueing as if
             // detached: oldest out, the resume reports the gap.
             let detached = o.detached || o.closing == Closing::KeepState;
-            let blocked = o.blocked || detached;
-            match o
-                .delivery
-                .enqueue(push, blocked, detached, cfg, budget, evicted)
-            {
+            match o.delivery.enqueue(push, detached, cfg, budget, evicted) {
                 Offer::Queued { wake } => {
                     waker = if wake { o.waker.take() } else { None };
                     if detached {
@@ -292,7 +283,7 @@ impl SessionHandle {
                 Offer::SlowConsumer => {
                     o.close = Some(Box::new(CloseCmd::new(
                         Code::SlowConsumer,
-                        "outbound queue full: the client is not reading fast enough",
+                        "outbound queue over its byte bound: the client is not reading fast enough",
                     )));
                     o.closing = Closing::KeepState;
                     // The close is not deferred: the task acts on it at once.
@@ -418,17 +409,14 @@ impl SessionHandle {
             .ack(lane, up_to, ranges, budget, acked);
     }
 
-    /// Records whether the socket refused the last write (driver side).
-    pub fn set_blocked(&self, gen: u32, blocked: bool) {
-        let mut o = self.0.outbox.lock();
-        if o.gen == gen {
-            o.blocked = blocked;
-        }
-    }
-
     /// Pushes waiting to be written.
     pub fn queued(&self) -> usize {
         self.0.outbox.lock().delivery.queued()
+    }
+
+    /// Charged bytes waiting to be written, per lane.
+    pub fn queued_bytes(&self) -> [usize; 2] {
+        self.0.outbox.lock().delivery.queued_bytes()
     }
 
     /// Pushes written and not yet acknowledged.
@@ -519,7 +507,6 @@ impl SessionHandle {
         }
         o.delivery.detach();
         o.detached = true;
-        o.blocked = false;
         o.close = None;
         o.closing = Closing::No;
         o.waker = None;
@@ -544,7 +531,6 @@ impl SessionHandle {
         let res = o.delivery.resume(last, budget, delivered);
         o.gen = o.gen.wrapping_add(1);
         o.detached = false;
-        o.blocked = false;
         o.close = None;
         o.closing = Closing::No;
         // The previous connection's waker: wake it so it notices it is stale.
@@ -661,6 +647,16 @@ pub fn shared_size() -> usize {
 pub struct WeakSession(std::sync::Weak<Shared>);
 
 impl WeakSession {
+    /// Whether this is a reference to `h`'s session.
+    pub fn is(&self, h: &SessionHandle) -> bool {
+        std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(&h.0))
+    }
+
+    /// Whether the session is gone (the entry only keeps its allocation).
+    pub fn is_dead(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+
     /// Wakes the session's task if it still exists.
     pub fn wake(&self) -> bool {
         match self.0.upgrade() {

@@ -12,9 +12,12 @@ mod core;
 pub mod delivery;
 mod handle;
 
-pub use self::core::{LoginGrant, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER};
-pub use delivery::{Budget, DeliveryConfig};
+pub use self::core::{
+    LoginGrant, Refreshed, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER,
+    MAX_INVALID_FRAMES,
+};
+pub use delivery::{Budget, DeliveryConfig, ITEM_OVERHEAD};
 pub use handle::{
     keeps_state, shared_size, CloseCmd, End, Enqueued, SessionHandle, SessionInfo, Uplink,
-    WeakSession, OVERFLOW,
+    WeakSession,
 };

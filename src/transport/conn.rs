@@ -5,7 +5,7 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -97,12 +97,13 @@ impl Flags {
     const SHUTDOWN_DONE: u16 = 1 << 2;
     const READ_CLOSED: u16 = 1 << 3;
     const FINISHED: u16 = 1 << 4;
-    /// The socket refused a write; mirrored in the handle for the router.
-    const BLOCKED: u16 = 1 << 5;
     /// Registered in the timer wheel (at `Connection::timer`).
-    const TIMER_SET: u16 = 1 << 6;
+    const TIMER_SET: u16 = 1 << 5;
     /// Another connection resumed this session: hands off the shared state.
-    const SUPERSEDED: u16 = 1 << 7;
+    /// `Connection::handle` is then a private handle that only carries this
+    /// task's wake-ups (the wheel wakes a handle's registered waker, which
+    /// the session's handle now keeps for the new connection).
+    const SUPERSEDED: u16 = 1 << 6;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -122,6 +123,11 @@ struct WriteBatch {
     chunks: Vec<Bytes>,
     idx: usize,
     frames: u64,
+    /// Since when the socket has taken no byte of this batch (set when a
+    /// write is refused, cleared by any progress): the stall rule's clock.
+    /// Kept here, not in the connection, because it only exists while a
+    /// write is pending.
+    stalled_at: Option<Instant>,
 }
 
 impl WriteBatch {
@@ -217,6 +223,7 @@ impl BatchBuilder {
             chunks: self.chunks,
             idx: 0,
             frames: self.frames,
+            stalled_at: None,
         })
     }
 }
@@ -444,7 +451,7 @@ impl<IO: Transport> Connection<IO> {
 
     /// Writes everything that is ready. `Ready(Ok(true))` when all is written,
     /// `Ready(Ok(false))` when the budget ran out.
-    fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+    fn poll_output(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<bool>> {
         for _ in 0..WRITE_BUDGET {
             if self.wbatch.is_none() {
                 self.wbatch = self.next_batch();
@@ -453,8 +460,8 @@ impl<IO: Transport> Connection<IO> {
                 return Poll::Ready(Ok(true));
             };
             while !batch.is_done() {
-                let n = if batch.chunks.len() - batch.idx == 1 {
-                    ready!(Pin::new(&mut self.io).poll_write(cx, &batch.chunks[batch.idx]))?
+                let res = if batch.chunks.len() - batch.idx == 1 {
+                    Pin::new(&mut self.io).poll_write(cx, &batch.chunks[batch.idx])
                 } else {
                     let mut iov = [IoSlice::new(&[]); IOV];
                     let mut k = 0;
@@ -462,11 +469,19 @@ impl<IO: Transport> Connection<IO> {
                         iov[k] = IoSlice::new(c);
                         k += 1;
                     }
-                    ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..k]))?
+                    Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..k])
+                };
+                let n = match res {
+                    Poll::Ready(r) => r?,
+                    Poll::Pending => {
+                        batch.stalled_at.get_or_insert(now);
+                        return Poll::Pending;
+                    }
                 };
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                batch.stalled_at = None;
                 metrics::counter!(m::WRITES).increment(1);
                 self.gw.count_write();
                 metrics::counter!(m::BYTES_OUT).increment(n as u64);
@@ -479,6 +494,34 @@ impl<IO: Transport> Connection<IO> {
         Poll::Ready(Ok(false))
     }
 
+    /// The deadline this connection must be woken at: the session's own
+    /// (login, idle, linger), the stall rule's while a write is refused, and
+    /// the retransmission deadline only while a poll can act on it (a batch
+    /// can be started and pushes flow). A deadline the next poll cannot move
+    /// forward would make the wheel answer "due" forever: the task would wake
+    /// itself in a loop. A refused write is woken by the socket instead, and
+    /// a closing session is bounded by its linger.
+    fn next_wakeup(&self) -> Option<Instant> {
+        let closing = self.session.is_closing();
+        let stall = match &self.wbatch {
+            Some(b) if !closing => b.stalled_at.map(|at| at + self.gw.delivery().stall_timeout),
+            _ => None,
+        };
+        let retry = if self.wbatch.is_none()
+            && self.session.is_active()
+            && self.registered
+            && !self.f.has(Flags::SUPERSEDED)
+        {
+            self.handle.next_deadline(self.gw.delivery())
+        } else {
+            None
+        };
+        [self.session.poll_timeout(), stall, retry]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
     fn arm_timer(&mut self, cx: &mut Context<'_>) {
         // Ticks are kept as the low 32 bits and compared with wrapping
         // arithmetic: registrations lie within the wheel's horizon (a few
@@ -488,16 +531,7 @@ impl<IO: Transport> Connection<IO> {
         if self.f.has(Flags::TIMER_SET) && tick_after(cursor, self.timer) {
             self.f.set(Flags::TIMER_SET, false);
         }
-        let retry = if self.registered && !self.f.has(Flags::SUPERSEDED) {
-            self.handle.next_deadline(self.gw.delivery())
-        } else {
-            None
-        };
-        let Some(deadline) = [self.session.poll_timeout(), retry]
-            .into_iter()
-            .flatten()
-            .min()
-        else {
+        let Some(deadline) = self.next_wakeup() else {
             return;
         };
         let want = wheel.tick_ceil(deadline) as u32;
@@ -507,8 +541,47 @@ impl<IO: Transport> Connection<IO> {
                     self.timer = t as u32;
                     self.f.set(Flags::TIMER_SET, true);
                 }
-                Scheduled::Due => cx.waker().wake_by_ref(),
+                Scheduled::Due => {
+                    // The next poll counts as woken by the wheel, so that its
+                    // housekeeping (give-ups) runs and moves the deadline.
+                    self.f.set(Flags::TIMER_SET, false);
+                    cx.waker().wake_by_ref();
+                }
             }
+        }
+    }
+
+    /// Takes this connection's entry out of the wheel, so that an ended
+    /// session's allocation is not kept until its slot fires.
+    fn disarm_timer(&mut self) {
+        if self.f.has(Flags::TIMER_SET) {
+            self.f.set(Flags::TIMER_SET, false);
+            self.gw.wheel().cancel(self.timer, &self.handle);
+        }
+    }
+
+    /// The stall rule: a write refused for `delivery.stall_timeout` closes the
+    /// connection as a slow consumer (without flushing: nothing more would
+    /// get through). A logged-in session keeps its state for a resume.
+    fn check_stall(&mut self, now: Instant) {
+        let Some(at) = self.wbatch.as_ref().and_then(|b| b.stalled_at) else {
+            return;
+        };
+        if self.session.is_closing() || now < at + self.gw.delivery().stall_timeout {
+            return;
+        }
+        metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+        let cmd = crate::session::CloseCmd::new(
+            Code::SlowConsumer,
+            "the connection accepted no data for too long: the client is not reading",
+        );
+        if self.registered && !self.f.has(Flags::SUPERSEDED) {
+            // Through the handle, so that pushes from now on park as for a
+            // detached session; taken below like any close request.
+            self.handle.request_close(cmd);
+        } else {
+            self.f.set(Flags::FLUSH_ON_CLOSE, false);
+            self.session.close(now, cmd);
         }
     }
 
@@ -517,6 +590,7 @@ impl<IO: Transport> Connection<IO> {
             return;
         }
         self.f.set(Flags::FINISHED, true);
+        self.disarm_timer();
         self.gw.connection_settled(&self.handle);
         let code = self.session.close_code().unwrap_or(Code::ConnectionLost);
         metrics::counter!(m::CLOSES, "reason" => code.as_str_name()).increment(1);
@@ -551,9 +625,17 @@ impl<IO: Transport> Future for Connection<IO> {
         let this = self.get_mut();
         let now = this.gw.now();
         let session_before = this.handle.id();
-        if !this.f.has(Flags::SUPERSEDED) && !this.handle.register_waker(this.gen, cx.waker()) {
-            // Another connection resumed this session: stop touching it.
+        if !this.handle.register_waker(this.gen, cx.waker()) {
+            // Another connection resumed this session: stop touching it. The
+            // wheel wakes whatever waker a handle holds, and the session's
+            // handle now holds the new connection's: this connection takes a
+            // private handle (same id, registered nowhere) for its own
+            // wake-ups until its Close is written and it lingers out.
             this.f.set(Flags::SUPERSEDED, true);
+            this.f.set(Flags::TIMER_SET, false);
+            this.handle = SessionHandle::new(this.handle.id());
+            this.gen = 0;
+            this.handle.register_waker(0, cx.waker());
             this.session.close(
                 now,
                 crate::session::CloseCmd::new(
@@ -563,6 +645,7 @@ impl<IO: Transport> Future for Connection<IO> {
             );
         }
 
+        this.check_stall(now);
         if !this.session.is_closing() {
             if let Some(cmd) = this.handle.take_close(this.gen) {
                 this.f
@@ -592,12 +675,8 @@ impl<IO: Transport> Future for Connection<IO> {
             && !this.session.wants_input();
 
         if !this.session.is_closed() {
-            match this.poll_output(cx) {
+            match this.poll_output(cx, now) {
                 Poll::Ready(Ok(true)) => {
-                    if this.f.has(Flags::BLOCKED) {
-                        this.f.set(Flags::BLOCKED, false);
-                        this.handle.set_blocked(this.gen, false);
-                    }
                     if input_paused && this.session.wants_input() {
                         again = true;
                     }
@@ -618,12 +697,7 @@ impl<IO: Transport> Future for Connection<IO> {
                     tracing::debug!(remote = ?this.io.peer_addr(), error = %e, "write failed");
                     this.session.handle_peer_gone(Code::ConnectionLost);
                 }
-                Poll::Pending => {
-                    if !this.f.has(Flags::BLOCKED) && this.wbatch.is_some() {
-                        this.f.set(Flags::BLOCKED, true);
-                        this.handle.set_blocked(this.gen, true);
-                    }
-                }
+                Poll::Pending => {}
             }
         }
         // A closing session whose peer hung up while we still had frames: done.
@@ -659,6 +733,7 @@ impl<IO: Transport> Drop for Connection<IO> {
         // drops the task at shutdown: the registry must not keep a dead session.
         if !self.f.has(Flags::FINISHED) {
             self.f.set(Flags::FINISHED, true);
+            self.disarm_timer();
             self.gw.connection_settled(&self.handle);
             if self.registered && !self.f.has(Flags::SUPERSEDED) {
                 self.gw
@@ -714,5 +789,372 @@ mod tests {
             shared <= 176,
             "the shared session handle grew to {shared} bytes"
         );
+    }
+
+    // -----------------------------------------------------------------
+    // The driver's timing paths, deterministic: a scripted byte stream, the
+    // connection future polled by hand with a waker that counts, and tokio's
+    // paused clock moved by the test (the wheel is advanced by hand too).
+    // -----------------------------------------------------------------
+
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use prost::Message;
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use crate::config::Config;
+    use crate::ids::SessionId;
+
+    /// Both ends of a scripted connection.
+    #[derive(Default)]
+    struct Pipe {
+        /// Bytes the client sent, not yet read by the gateway.
+        inbound: VecDeque<u8>,
+        read_waker: Option<Waker>,
+        /// Bytes the gateway wrote.
+        outbound: BytesMut,
+        /// Bytes the socket still accepts; 0 refuses writes (a peer that
+        /// stopped reading).
+        room: usize,
+        write_waker: Option<Waker>,
+    }
+
+    #[derive(Clone)]
+    struct Scripted(Arc<Mutex<Pipe>>);
+
+    impl Scripted {
+        fn new() -> Self {
+            Self(Arc::new(Mutex::new(Pipe {
+                room: usize::MAX,
+                ..Default::default()
+            })))
+        }
+
+        fn send(&self, body: &[u8]) {
+            let mut p = self.0.lock();
+            p.inbound.extend((body.len() as u32).to_be_bytes());
+            p.inbound.extend(body);
+            if let Some(w) = p.read_waker.take() {
+                w.wake();
+            }
+        }
+
+        fn set_room(&self, room: usize) {
+            let mut p = self.0.lock();
+            p.room = room;
+            if let Some(w) = p.write_waker.take() {
+                w.wake();
+            }
+        }
+
+        /// The frames the gateway wrote since the last call.
+        fn frames(&self) -> Vec<pb::ServerFrame> {
+            let mut p = self.0.lock();
+            let mut v = Vec::new();
+            while let Ok(Some(f)) = crate::wire::decode_frame(&mut p.outbound, 1 << 20) {
+                v.push(pb::ServerFrame::decode(f).expect("the gateway writes valid frames"));
+            }
+            v
+        }
+    }
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let mut p = self.0.lock();
+            if p.inbound.is_empty() {
+                p.read_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            while buf.remaining() > 0 {
+                match p.inbound.pop_front() {
+                    Some(b) => buf.put_slice(&[b]),
+                    None => break,
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut p = self.0.lock();
+            if p.room == 0 {
+                p.write_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = buf.len().min(p.room);
+            p.room -= n;
+            p.outbound.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Transport for Scripted {
+        fn peer_addr(&self) -> Option<SocketAddr> {
+            None
+        }
+    }
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A connection polled by hand.
+    struct Driven {
+        conn: Pin<Box<Connection<Scripted>>>,
+        io: Scripted,
+        wakes: Arc<Wakes>,
+        done: bool,
+    }
+
+    impl Driven {
+        fn new(gw: &Arc<Gateway>) -> Self {
+            let io = Scripted::new();
+            let remote = SocketAddr::from(([127, 0, 0, 1], 1));
+            let guard = ConnGuard::acquire(gw, remote, TransportKind::Memory).expect("no cap");
+            Self {
+                conn: Box::pin(Connection::new(
+                    gw.clone(),
+                    io.clone(),
+                    TransportKind::Memory,
+                    guard,
+                )),
+                io,
+                wakes: Arc::default(),
+                done: false,
+            }
+        }
+
+        /// Polls once; true when the connection woke itself during the poll
+        /// (it asks to be polled again at once).
+        fn poll(&mut self) -> bool {
+            assert!(!self.done, "polled after it finished");
+            self.wakes.0.store(0, Ordering::SeqCst);
+            let waker = Waker::from(self.wakes.clone());
+            let mut cx = Context::from_waker(&waker);
+            self.done = self.conn.as_mut().poll(&mut cx).is_ready();
+            self.wakes.0.load(Ordering::SeqCst) > 0
+        }
+
+        /// Polls while it wakes itself, at most `max` times; returns the count.
+        fn settle(&mut self, max: usize) -> usize {
+            let mut n = 1;
+            while self.poll() && !self.done && n < max {
+                n += 1;
+            }
+            n
+        }
+
+        /// Whether something woke the task since the last poll.
+        fn woken(&self) -> bool {
+            self.wakes.0.load(Ordering::SeqCst) > 0
+        }
+
+        fn login(&mut self, gw: &Gateway, resume: Option<pb::Resume>) -> pb::LoginOk {
+            let token = crate::auth::mint_hs256(
+                crate::config::DEV_SECRET,
+                "ann",
+                Some("phone"),
+                Duration::from_secs(3600),
+                vec![],
+            )
+            .expect("mint");
+            let login = pb::ClientFrame {
+                request_id: 1,
+                body: Some(pb::client_frame::Body::Login(pb::Login {
+                    token,
+                    device_id: "phone".into(),
+                    platform: pb::Platform::Ios as i32,
+                    protocol_version: 1,
+                    resume,
+                })),
+            };
+            self.io.send(&login.encode_to_vec());
+            self.settle(10);
+            let _ = gw;
+            match self.io.frames().into_iter().find_map(|f| f.body) {
+                Some(pb::server_frame::Body::LoginOk(ok)) => ok,
+                other => panic!("expected LoginOk, got {other:?}"),
+            }
+        }
+    }
+
+    fn gateway() -> Arc<Gateway> {
+        let mut cfg = Config::default();
+        cfg.session.timer_tick = Duration::from_millis(100);
+        Gateway::new(cfg).expect("gateway")
+    }
+
+    /// Moves the paused clock and fires the wheel's due slots.
+    async fn advance(gw: &Gateway, d: Duration) {
+        tokio::time::advance(d).await;
+        gw.wheel().advance(gw.now());
+    }
+
+    fn push(gw: &Gateway, h: &SessionHandle, n: usize) {
+        for i in 0..n {
+            let p = SharedPush::new(&format!("m{i}"), &[0u8; 100], "t", "");
+            let r = h.enqueue(&p, gw.delivery(), gw.budget(), &mut Vec::new());
+            assert_eq!(r, crate::session::Enqueued::Queued);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_write_with_retransmissions_due_does_not_spin() {
+        let gw = gateway();
+        let mut c = Driven::new(&gw);
+        let ok = c.login(&gw, None);
+        let h = gw.registry().session(SessionId(ok.session_id)).unwrap();
+        push(&gw, &h, 4);
+        c.settle(10);
+        assert_eq!(c.io.frames().len(), 4, "four pushes written, none acked");
+        // The peer stops reading: the next pushes stay in a pending write.
+        c.io.set_room(0);
+        push(&gw, &h, 4);
+        c.settle(10);
+        // Past the first retransmission deadline (10 s): the write is still
+        // refused, so nothing can be retransmitted; the task must sleep until
+        // the socket or the stall rule wakes it, not wake itself.
+        advance(&gw, Duration::from_secs(11)).await;
+        let polls = c.settle(1000);
+        assert!(
+            polls <= 2,
+            "the connection woke itself {polls} times in a row with a retransmission due"
+        );
+        // The stall rule closes it once the socket took nothing for 30 s.
+        advance(&gw, Duration::from_secs(20)).await;
+        assert!(c.woken(), "the stall deadline wakes the connection");
+        c.settle(10);
+        assert!(!c.done, "the Close frame waits for the linger");
+        advance(
+            &gw,
+            crate::session::CLOSE_LINGER + Duration::from_millis(200),
+        )
+        .await;
+        assert!(c.woken(), "the linger deadline wakes the connection");
+        c.settle(10);
+        assert!(c.done, "a stalled connection ends after its linger");
+        assert!(
+            h.is_detached(),
+            "a slow consumer's session waits for a resume"
+        );
+        assert_eq!(h.queued(), 8, "every push is held for the resume");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_shorter_than_the_timeout_is_not_a_slow_consumer() {
+        let gw = gateway();
+        let mut c = Driven::new(&gw);
+        let ok = c.login(&gw, None);
+        let h = gw.registry().session(SessionId(ok.session_id)).unwrap();
+        c.io.set_room(0);
+        push(&gw, &h, 2);
+        c.settle(10);
+        advance(&gw, Duration::from_secs(25)).await;
+        c.settle(10);
+        // The socket takes a few bytes: progress restarts the stall clock.
+        c.io.set_room(10);
+        c.settle(10);
+        c.io.set_room(0);
+        c.settle(10);
+        advance(&gw, Duration::from_secs(25)).await;
+        c.settle(10);
+        assert!(!c.done);
+        assert!(
+            !h.is_detached(),
+            "50 s blocked, but never 30 s without progress"
+        );
+        c.io.set_room(usize::MAX);
+        c.settle(10);
+        let mut seqs: Vec<u64> =
+            c.io.frames()
+                .into_iter()
+                .filter_map(|f| match f.body {
+                    Some(pb::server_frame::Body::Push(p)) => Some(p.seq),
+                    _ => None,
+                })
+                .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(
+            seqs,
+            vec![1, 2],
+            "both pushes arrive (and are retransmitted)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_replaced_by_a_resume_lingers_out_on_a_dead_path() {
+        let gw = gateway();
+        let mut a = Driven::new(&gw);
+        let ok = a.login(&gw, None);
+        // The phone left Wi-Fi: connection A stays open and silent, and the
+        // device resumes on connection B.
+        let mut b = Driven::new(&gw);
+        let ok_b = b.login(
+            &gw,
+            Some(pb::Resume {
+                session_id: ok.session_id,
+                resume_token: ok.resume_token.clone(),
+                last_seq: 0,
+                last_bulk_seq: 0,
+            }),
+        );
+        assert_eq!(ok_b.session_id, ok.session_id, "resumed");
+        assert!(a.woken(), "the resume tells the old connection");
+        a.settle(10);
+        let closes: Vec<_> =
+            a.io.frames()
+                .into_iter()
+                .filter_map(|f| match f.body {
+                    Some(pb::server_frame::Body::Close(c)) => Some(c.code),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(closes, vec![Code::Replaced as i32]);
+        assert!(!a.done, "A lingers for the peer's EOF");
+        // Nothing comes from A's peer: the linger deadline must end A.
+        advance(
+            &gw,
+            crate::session::CLOSE_LINGER + Duration::from_millis(200),
+        )
+        .await;
+        assert!(
+            a.woken(),
+            "the wheel wakes A, not the connection that replaced it"
+        );
+        a.settle(10);
+        assert!(a.done, "the replaced connection finished after its linger");
+        drop(a);
+        assert_eq!(gw.limits().connections(), 1, "only B is left");
+        let h = gw.registry().session(SessionId(ok.session_id)).unwrap();
+        assert!(!h.is_detached(), "B still holds the session");
+        b.settle(10);
+        assert!(!b.done);
     }
 }

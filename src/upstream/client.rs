@@ -1,17 +1,26 @@
 //! A Rust client for upstream services: push, kick, rooms, presence, and the
-//! event stream. One background task owns the socket; requests are matched to
-//! responses by request id, so many may be in flight at once.
+//! event stream. Two background tasks own the socket: a reader that never
+//! waits on anything but the socket (replies go to their callers, events to a
+//! bounded buffer), and a writer that sends requests. Reading never waits on
+//! a write, so a flood of events cannot deadlock the client against a gateway
+//! that is itself waiting for the client to read. Requests are matched to
+//! replies by request id, so many may be in flight at once; a request whose
+//! caller gave up (timeout or drop) is forgotten at once.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use parking_lot::Mutex;
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
 
 use super::codec::FrameCodec;
 use crate::wire::pb::{self, gateway_frame::Body as Out, upstream_frame::Body as In};
@@ -19,6 +28,16 @@ use crate::wire::{frame_bytes, Code};
 
 /// How long a request waits for its response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events the client buffers for its [`EventStream`] at most.
+pub const EVENT_BUFFER: usize = 65_536;
+/// Bytes of events (as framed on the wire) the client buffers for its
+/// [`EventStream`] at most. When the caller reads events more slowly than
+/// they arrive, newer events are dropped, counted
+/// ([`UpstreamClient::events_dropped`]) and logged, and the socket keeps
+/// being read, so replies still arrive.
+pub const EVENT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+/// Requests queued for the writer task.
+const WRITE_QUEUE: usize = 1024;
 
 /// Where the gateway's upstream socket is.
 #[derive(Debug, Clone)]
@@ -75,19 +94,68 @@ pub enum ClientError {
     Protocol(String),
 }
 
-struct Req {
-    frame: pb::UpstreamFrame,
-    reply: oneshot::Sender<Out>,
+/// Requests awaiting their reply, by request id.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Out>>>>;
+
+/// Counters shared by the reader task, the client and the event stream.
+#[derive(Default)]
+struct EventStats {
+    /// Bytes of the events in the buffer.
+    bytes: AtomicUsize,
+    /// Events dropped because the buffer was full.
+    dropped: AtomicU64,
 }
 
-/// Events from the gateway; `None` when the connection closed.
-pub type EventStream = mpsc::Receiver<pb::Event>;
+/// Events from the gateway, buffered up to [`EVENT_BUFFER`] events and
+/// [`EVENT_BUFFER_BYTES`] bytes; `recv` gives `None` when the connection
+/// closed. Events that arrive while the buffer is full are dropped and
+/// counted ([`EventStream::dropped`]).
+pub struct EventStream {
+    rx: mpsc::Receiver<(pb::Event, usize)>,
+    stats: Arc<EventStats>,
+}
+
+impl EventStream {
+    /// The next event; `None` once the connection closed and the buffer is
+    /// empty.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an event is taken from the buffer only when returned.
+    pub async fn recv(&mut self) -> Option<pb::Event> {
+        let (ev, len) = self.rx.recv().await?;
+        self.stats.bytes.fetch_sub(len, Ordering::AcqRel);
+        Some(ev)
+    }
+
+    /// Events dropped so far because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.stats.dropped.load(Ordering::Relaxed)
+    }
+}
 
 /// A connected upstream client. Cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    tx: mpsc::Sender<Req>,
+    tx: mpsc::Sender<Bytes>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    stats: Arc<EventStats>,
+    /// Cancelled when either background task ends: the connection is over.
+    closed: CancellationToken,
     node_id: String,
+}
+
+/// Removes a request's entry from the pending map when its caller is done
+/// with it: replied, timed out, or dropped mid-wait.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.id);
+    }
 }
 
 impl UpstreamClient {
@@ -159,43 +227,28 @@ impl UpstreamClient {
                 )))
             }
         };
-        let (tx, mut rx) = mpsc::channel::<Req>(1024);
-        let (ev_tx, ev_rx) = mpsc::channel::<pb::Event>(65_536);
-        tokio::spawn(async move {
-            let mut pending: HashMap<u64, oneshot::Sender<Out>> = HashMap::new();
-            let mut next_id: u64 = 2;
-            loop {
-                tokio::select! {
-                    req = rx.recv() => {
-                        let Some(mut req) = req else { break };
-                        let id = next_id;
-                        next_id += 1;
-                        req.frame.request_id = id;
-                        if w.write_all(&frame_bytes(&req.frame)).await.is_err() {
-                            break;
-                        }
-                        pending.insert(id, req.reply);
-                    }
-                    f = frames.next() => {
-                        let Some(Ok(b)) = f else { break };
-                        let Ok(frame) = pb::GatewayFrame::decode(b) else { break };
-                        match frame.body {
-                            Some(Out::Event(ev)) => {
-                                // Never block the reader on a slow event consumer.
-                                let _ = ev_tx.try_send(ev);
-                            }
-                            Some(body) => {
-                                if let Some(tx) = pending.remove(&frame.request_id) {
-                                    let _ = tx.send(body);
-                                }
-                            }
-                            None => {}
-                        }
-                    }
-                }
-            }
-        });
-        Ok((Self { tx, node_id }, ev_rx))
+        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (ev_tx, ev_rx) = mpsc::channel(EVENT_BUFFER);
+        let pending: Pending = Arc::default();
+        let stats = Arc::new(EventStats::default());
+        let closed = CancellationToken::new();
+        tokio::spawn(write_requests(rx, w, closed.clone()));
+        tokio::spawn(read_frames(
+            frames,
+            pending.clone(),
+            ev_tx,
+            stats.clone(),
+            closed.clone(),
+        ));
+        let client = Self {
+            tx,
+            pending,
+            next_id: Arc::new(AtomicU64::new(2)),
+            stats: stats.clone(),
+            closed,
+            node_id,
+        };
+        Ok((client, EventStream { rx: ev_rx, stats }))
     }
 
     /// The node that answered Hello.
@@ -203,21 +256,45 @@ impl UpstreamClient {
         &self.node_id
     }
 
+    /// Events dropped so far because the [`EventStream`] buffer was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.stats.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent and still waiting for their reply.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.lock().len()
+    }
+
+    /// Sends one request and waits up to [`REQUEST_TIMEOUT`] for its reply.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future forgets the request (a reply that
+    /// comes later is discarded).
     async fn call(&self, body: In) -> Result<Out, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = frame_bytes(&pb::UpstreamFrame {
+            request_id: id,
+            body: Some(body),
+        });
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Req {
-                frame: pb::UpstreamFrame {
-                    request_id: 0,
-                    body: Some(body),
-                },
-                reply,
-            })
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+        self.pending.lock().insert(id, reply);
+        let _guard = PendingGuard {
+            pending: &self.pending,
+            id,
+        };
+        // The reader cancels `closed` before it clears the map: an entry
+        // inserted after the clear is caught here.
+        if self.closed.is_cancelled() {
+            return Err(ClientError::Closed);
+        }
+        let exchange = async {
+            self.tx.send(frame).await.map_err(|_| ClientError::Closed)?;
+            rx.await.map_err(|_| ClientError::Closed)
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
             Err(_) => Err(ClientError::Timeout),
-            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(Out::Error(e))) => Err(ClientError::Refused {
                 code: Code::try_from(e.code).unwrap_or(Code::Internal),
                 message: e.message,
@@ -337,4 +414,101 @@ impl UpstreamClient {
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
+}
+
+/// The writer task: sends queued requests, coalescing what is ready into one
+/// flush. Ends when every client handle is gone (then it closes the write
+/// side), when the socket fails, or when the reader ended; it cancels
+/// `closed` on its way out.
+async fn write_requests<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<Bytes>,
+    w: W,
+    closed: CancellationToken,
+) {
+    let mut w = BufWriter::new(w);
+    let run = async {
+        while let Some(first) = rx.recv().await {
+            w.write_all(&first).await?;
+            while let Ok(more) = rx.try_recv() {
+                w.write_all(&more).await?;
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await
+    };
+    // A write cut short here is abandoned with the connection.
+    tokio::select! {
+        _ = closed.cancelled() => {}
+        _ = run => {}
+    }
+    closed.cancel();
+}
+
+/// The reader task: hands replies to their callers and events to the
+/// bounded buffer; it waits on nothing but the socket. When the connection
+/// ends, every caller still waiting gets [`ClientError::Closed`] and the
+/// event stream ends.
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut frames: FramedRead<R, FrameCodec>,
+    pending: Pending,
+    events: mpsc::Sender<(pb::Event, usize)>,
+    stats: Arc<EventStats>,
+    closed: CancellationToken,
+) {
+    // Whether events are being dropped now: warn once per run of drops.
+    let mut dropping = false;
+    loop {
+        // Cancel safe: `FramedRead` keeps partial frames in its buffer.
+        let next = tokio::select! {
+            _ = closed.cancelled() => break,
+            f = frames.next() => f,
+        };
+        let Some(Ok(b)) = next else { break };
+        let len = b.len();
+        let Ok(frame) = pb::GatewayFrame::decode(b) else {
+            break;
+        };
+        match frame.body {
+            Some(Out::Event(ev)) => {
+                let fits = stats
+                    .bytes
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        n.checked_add(len).filter(|t| *t <= EVENT_BUFFER_BYTES)
+                    })
+                    .is_ok();
+                let kept = fits
+                    && match events.try_send((ev, len)) {
+                        Ok(()) => true,
+                        Err(_) => {
+                            stats.bytes.fetch_sub(len, Ordering::AcqRel);
+                            false
+                        }
+                    };
+                if kept {
+                    dropping = false;
+                } else {
+                    let n = stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if !dropping {
+                        tracing::warn!(
+                            dropped_total = n,
+                            "upstream client: event buffer full, dropping events (read the EventStream faster)"
+                        );
+                        dropping = true;
+                    }
+                }
+            }
+            Some(body) => {
+                // The guard in `call` removes entries whose caller left, so
+                // a missing id is a late reply: discard it.
+                let tx = pending.lock().remove(&frame.request_id);
+                if let Some(tx) = tx {
+                    let _ = tx.send(body);
+                }
+            }
+            None => {}
+        }
+    }
+    // Waiting callers see their sender dropped: ClientError::Closed.
+    closed.cancel();
+    pending.lock().clear();
 }

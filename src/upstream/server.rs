@@ -1,8 +1,14 @@
-//! The upstream socket server: one task per upstream connection (there are few),
-//! a reader that runs requests in order, and a writer that coalesces responses
-//! and events. Responses are never dropped (the reader waits for room: back
-//! pressure on the upstream); events are dropped and counted when the
-//! connection's event queue is full, so a stuck upstream cannot stall sessions.
+//! The upstream socket server: one task per upstream connection (there are few,
+//! and `upstream.max_connections` caps them from accept), a reader that runs
+//! requests in order, and a writer that coalesces responses and events.
+//!
+//! Before authentication a connection is read with a small frame bound
+//! ([`UPSTREAM_HELLO_MAX`]) and a deadline (`upstream.hello_timeout`); only an
+//! authenticated connection gets `upstream.max_frame`. Responses are never
+//! dropped (the reader waits for room: back pressure on the upstream); events
+//! are dropped, counted by kind and reported to the subscriber in an
+//! `EventsDropped` notice when its queue is full (in events or in bytes), so a
+//! stuck upstream can neither stall sessions nor hold unbounded memory.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,15 +19,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::FrameCodec;
-use crate::bus::{Command, Destination, Outcome, PushTarget};
-use crate::config::UpstreamConfig;
+use crate::bus::{Command, Destination, Outcome, PushTarget, QueueLimits};
+use crate::config::{UpstreamConfig, UPSTREAM_HELLO_MAX};
 use crate::gateway::Gateway;
 use crate::ids::UserId;
 use crate::metrics as m;
@@ -29,7 +35,12 @@ use crate::session::CloseCmd;
 use crate::wire::pb::{gateway_frame::Body as Out, upstream_frame::Body as In};
 use crate::wire::{frame_bytes, pb, Code, SharedPush};
 
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused connection gets to read its `Error` (and how long the
+/// gateway reads and discards what it was sending) before it is closed.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Bytes read and discarded from a refused connection before it is closed, so
+/// that the close is a FIN after the `Error` rather than a reset.
+const REFUSAL_DRAIN: usize = 64 * 1024;
 const MAX_USERS_PER_REQUEST: usize = 100_000;
 /// Deliveries queued by one upstream connection before it yields to sessions.
 const YIELD_DELIVERIES: u64 = 16_384;
@@ -39,9 +50,7 @@ pub struct UpstreamListeners {
     tcp: Option<TcpListener>,
     #[cfg(unix)]
     unix: Option<(tokio::net::UnixListener, PathBuf)>,
-    max_frame: usize,
-    secret: String,
-    queue: usize,
+    params: ConnParams,
 }
 
 impl UpstreamListeners {
@@ -84,9 +93,16 @@ impl UpstreamListeners {
             tcp,
             #[cfg(unix)]
             unix,
-            max_frame: cfg.max_frame as usize,
-            secret: cfg.secret.clone(),
-            queue: cfg.event_queue as usize,
+            params: ConnParams {
+                max_frame: cfg.max_frame as usize,
+                secret: cfg.secret.clone(),
+                queue: QueueLimits {
+                    events: cfg.event_queue as usize,
+                    bytes: usize::try_from(cfg.event_queue_bytes).unwrap_or(usize::MAX),
+                },
+                hello_timeout: cfg.hello_timeout,
+                slots: Arc::new(Semaphore::new(cfg.max_connections as usize)),
+            },
         })
     }
 
@@ -103,13 +119,11 @@ impl UpstreamListeners {
         None
     }
 
-    /// Accepts upstream connections until `stop`.
+    /// Accepts upstream connections until `stop`. A connection past
+    /// `upstream.max_connections` gets `Error{CODE_TOO_MANY_CONNECTIONS}` and is
+    /// closed at once.
     pub async fn run(self, gw: Arc<Gateway>, stop: CancellationToken) {
-        let shared = Arc::new(ConnParams {
-            max_frame: self.max_frame,
-            secret: self.secret,
-            queue: self.queue,
-        });
+        let shared = Arc::new(self.params);
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(l) = self.tcp {
             let (gw, p, stop) = (gw.clone(), shared.clone(), stop.clone());
@@ -118,6 +132,9 @@ impl UpstreamListeners {
                     let r = tokio::select! { _ = stop.cancelled() => break, r = l.accept() => r };
                     match r {
                         Ok((s, peer)) => {
+                            let Some(slot) = p.slot(|b| s.try_write(b)) else {
+                                continue;
+                            };
                             let _ = s.set_nodelay(true);
                             tokio::spawn(serve(
                                 gw.clone(),
@@ -125,6 +142,7 @@ impl UpstreamListeners {
                                 s,
                                 peer.to_string(),
                                 stop.clone(),
+                                slot,
                             ));
                         }
                         Err(e) => {
@@ -143,12 +161,16 @@ impl UpstreamListeners {
                     let r = tokio::select! { _ = stop.cancelled() => break, r = l.accept() => r };
                     match r {
                         Ok((s, _)) => {
+                            let Some(slot) = p.slot(|b| s.try_write(b)) else {
+                                continue;
+                            };
                             tokio::spawn(serve(
                                 gw.clone(),
                                 p.clone(),
                                 s,
                                 format!("unix:{}", path.display()),
                                 stop.clone(),
+                                slot,
                             ));
                         }
                         Err(e) => {
@@ -167,7 +189,35 @@ impl UpstreamListeners {
 struct ConnParams {
     max_frame: usize,
     secret: String,
-    queue: usize,
+    queue: QueueLimits,
+    hello_timeout: Duration,
+    /// One permit per open upstream connection (`upstream.max_connections`).
+    slots: Arc<Semaphore>,
+}
+
+impl ConnParams {
+    /// A connection slot, or `None` after refusing the connection: its
+    /// `Error{CODE_TOO_MANY_CONNECTIONS}` goes out with one non-blocking
+    /// write (a fresh socket's buffer has room for it), so the accept loop
+    /// never waits and spawns nothing for a refused connection.
+    fn slot(
+        &self,
+        try_write: impl FnOnce(&[u8]) -> std::io::Result<usize>,
+    ) -> Option<OwnedSemaphorePermit> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                metrics::counter!(m::UPSTREAM_REFUSED, "reason" => Code::TooManyConnections.as_str_name())
+                    .increment(1);
+                let _ = try_write(&error(
+                    0,
+                    Code::TooManyConnections,
+                    "too many upstream connections",
+                ));
+                None
+            }
+        }
+    }
 }
 
 fn reply(request_id: u64, body: Out) -> Bytes {
@@ -187,67 +237,91 @@ fn error(request_id: u64, code: Code, message: impl Into<String>) -> Bytes {
     )
 }
 
-/// Compares secrets in time independent of where they differ.
+/// Compares secrets in time independent of where they differ (a different
+/// length is refused at once).
 fn secret_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
+/// Refuses a connection before or at Hello: counts it, writes `Error{code}`,
+/// closes the write side, and reads and discards what the peer was still
+/// sending (up to [`REFUSAL_DRAIN`]) so that the close does not reset the
+/// connection before the peer reads the error. All within [`REFUSAL_LINGER`].
+async fn refuse<R, W>(mut r: R, mut w: W, rid: u64, code: Code, message: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    metrics::counter!(m::UPSTREAM_REFUSED, "reason" => code.as_str_name()).increment(1);
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        w.write_all(&error(rid, code, message)).await?;
+        w.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        let mut left = REFUSAL_DRAIN;
+        while left > 0 {
+            match r.read(&mut buf).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Serves one upstream connection; `_slot` is its place under
+/// `upstream.max_connections`, given back when it ends.
 async fn serve<S>(
     gw: Arc<Gateway>,
     p: Arc<ConnParams>,
     stream: S,
     peer: String,
     stop: CancellationToken,
+    _slot: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (r, w) = tokio::io::split(stream);
-    let mut frames = FramedRead::new(r, FrameCodec::new(p.max_frame));
-    let mut w = BufWriter::new(w);
+    // Unauthenticated: a Hello-sized bound, raised once the secret checks out.
+    let mut frames = FramedRead::new(r, FrameCodec::new(UPSTREAM_HELLO_MAX));
 
     // Hello first, with the shared secret.
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, frames.next()).await {
-        Ok(Some(Ok(b))) => pb::UpstreamFrame::decode(b).ok(),
-        _ => None,
+    let first = match tokio::time::timeout(p.hello_timeout, frames.next()).await {
+        Ok(Some(Ok(b))) => Ok(pb::UpstreamFrame::decode(b).ok()),
+        Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::InvalidData => Err(()),
+        // The peer went away (or reset) before a whole Hello.
+        Ok(Some(Err(_)) | None) => return,
+        Err(_) => Ok(None),
     };
-    let (rid, hello) = match hello {
-        Some(pb::UpstreamFrame {
+    let (rid, hello) = match first {
+        Err(()) => {
+            tracing::warn!(%peer, "upstream refused: Hello larger than {UPSTREAM_HELLO_MAX} bytes");
+            let msg = "Hello larger than 4096 bytes";
+            return refuse(frames.into_inner(), w, 0, Code::FrameTooLarge, msg).await;
+        }
+        Ok(Some(pb::UpstreamFrame {
             request_id,
             body: Some(In::Hello(h)),
-        }) => (request_id, h),
-        _ => {
-            let _ = w
-                .write_all(&error(0, Code::UpstreamAuthFailed, "expected Hello"))
-                .await;
-            let _ = w.flush().await;
-            return;
+        })) => (request_id, h),
+        Ok(_) => {
+            let msg = "expected Hello";
+            return refuse(frames.into_inner(), w, 0, Code::UpstreamAuthFailed, msg).await;
         }
     };
     if !secret_eq(&hello.secret, &p.secret) {
         tracing::warn!(%peer, "upstream refused: bad secret");
-        let _ = w
-            .write_all(&error(rid, Code::UpstreamAuthFailed, "bad secret"))
-            .await;
-        let _ = w.flush().await;
-        return;
+        let msg = "bad secret";
+        return refuse(frames.into_inner(), w, rid, Code::UpstreamAuthFailed, msg).await;
     }
     if hello.protocol_version != 0
         && !crate::wire::PROTOCOL_VERSIONS.contains(&hello.protocol_version)
     {
-        let _ = w
-            .write_all(&error(
-                rid,
-                Code::UnsupportedVersion,
-                "unsupported protocol version",
-            ))
-            .await;
-        let _ = w.flush().await;
-        return;
+        let msg = "unsupported protocol version";
+        return refuse(frames.into_inner(), w, rid, Code::UnsupportedVersion, msg).await;
     }
+    *frames.decoder_mut() = FrameCodec::new(p.max_frame);
+    let mut w = BufWriter::new(w);
     let mut sub = hello
         .subscribe
         .then(|| gw.bus().subscribe(&hello.group, p.queue));
@@ -273,9 +347,11 @@ async fn serve<S>(
                 biased;
                 _ = writer_stop.cancelled() => None,
                 r = resp_rx.recv() => r,
+                // Cancel safe: `Subscription::recv` takes a frame only when
+                // it returns it.
                 e = async {
                     match sub.as_mut() {
-                        Some(s) => s.rx.recv().await.map(|f| f.0),
+                        Some(s) => s.recv().await.map(|f| f.0),
                         None => std::future::pending().await,
                     }
                 } => e,
@@ -288,7 +364,7 @@ async fn serve<S>(
             loop {
                 let more = match resp_rx.try_recv() {
                     Ok(b) => Some(b),
-                    Err(_) => sub.as_mut().and_then(|s| s.rx.try_recv().ok()).map(|f| f.0),
+                    Err(_) => sub.as_mut().and_then(|s| s.try_recv()).map(|f| f.0),
                 };
                 let Some(b) = more else { break };
                 if w.write_all(&b).await.is_err() {
@@ -302,7 +378,9 @@ async fn serve<S>(
         let _ = w.shutdown().await;
     });
 
-    let yield_pushes = u64::from(gw.config().session.queue_capacity / 2).max(1);
+    // About a quarter of what a reader that keeps up can have queued of
+    // small pushes: the woken sessions write before the queues fill.
+    let yield_pushes: u64 = 64;
     let (mut reached_since_yield, mut pushes_since_yield) = (0u64, 0u64);
     loop {
         let next = tokio::select! { _ = stop.cancelled() => break, f = frames.next() => f };
@@ -361,210 +439,230 @@ fn users(ids: &[String]) -> Result<Vec<UserId>, String> {
 /// Runs one upstream request and encodes its response; also returns how many
 /// sessions a push was queued for (0 for other requests).
 async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> (Bytes, u64) {
-    let mut reached = 0;
-    let out = handle_inner(gw, f, &mut reached).await;
-    (out, reached)
-}
-
-async fn handle_inner(gw: &Arc<Gateway>, f: pb::UpstreamFrame, reached: &mut u64) -> Bytes {
     let rid = f.request_id;
-    let bad = |m: String| error(rid, Code::BadRequest, m);
     match f.body {
-        None => error(rid, Code::BadFrame, "UpstreamFrame has no body"),
-        Some(In::Hello(_)) => error(rid, Code::AlreadyLoggedIn, "already authenticated"),
-        Some(In::Ping(p)) => reply(
-            rid,
-            Out::Pong(pb::Pong {
-                client_time_ms: p.client_time_ms,
-                server_time_ms: crate::unix_ms(),
-            }),
+        None => (error(rid, Code::BadFrame, "UpstreamFrame has no body"), 0),
+        Some(In::Hello(_)) => (
+            error(rid, Code::AlreadyLoggedIn, "already authenticated"),
+            0,
         ),
-        Some(In::Push(p)) => {
-            let target = match p.target {
-                Some(pb::push_request::Target::UserId(u)) => match user(&u) {
-                    Ok(u) => PushTarget::User(u),
-                    Err(e) => return bad(e),
-                },
-                Some(pb::push_request::Target::Device(d)) => {
-                    match (user(&d.user_id), crate::wire::device(&d.device_id)) {
-                        (Ok(u), Ok(d)) => PushTarget::Device(u, d),
-                        (Err(e), _) | (_, Err(e)) => return bad(e),
-                    }
-                }
-                Some(pb::push_request::Target::Users(l)) => match users(&l.user_ids) {
-                    Ok(us) => PushTarget::Users(us),
-                    Err(e) => return bad(e),
-                },
-                Some(pb::push_request::Target::Room(r)) => match crate::wire::room(&r) {
-                    Ok(r) => PushTarget::Room(r),
-                    Err(e) => return bad(e),
-                },
-                Some(pb::push_request::Target::Everyone(true)) => PushTarget::Everyone,
-                Some(pb::push_request::Target::Everyone(false)) | None => {
-                    return bad("push needs a target".into())
-                }
-            };
-            if p.message_id.len() > 128 || p.source.len() > 128 {
-                return bad("message_id and source must be at most 128 bytes".into());
-            }
-            let message_id = if p.message_id.is_empty() {
-                gw.new_message_id()
-            } else {
-                p.message_id
-            };
-            let room = match &target {
-                PushTarget::Room(r) => r.as_str(),
-                _ => "",
-            };
-            let lane = pb::Lane::try_from(p.lane).unwrap_or(pb::Lane::Interactive);
-            let shared = SharedPush::with(
-                &message_id,
-                &p.payload,
-                &p.source,
-                room,
-                lane,
-                p.report_delivery,
-            );
-            let device = match &target {
-                PushTarget::Device(_, d) => d.to_string(),
-                _ => String::new(),
-            };
-            let outcomes = match gw
-                .bus()
-                .request(
-                    Destination::All,
-                    Command::Push {
-                        target,
-                        push: shared,
-                    },
-                )
-                .await
-            {
-                Ok(o) => o,
-                Err(e) => return error(rid, Code::Internal, e.to_string()),
-            };
-            let (mut sessions, mut dropped) = (0, 0);
-            // A user is undelivered when no node had a session for them.
-            let mut missing: HashMap<UserId, usize> = HashMap::new();
-            let nodes = outcomes.len();
-            for (_, o) in outcomes {
-                if let Outcome::Push(po) = o {
-                    sessions += po.sessions;
-                    dropped += po.dropped;
-                    for u in po.missing_users {
-                        *missing.entry(u).or_default() += 1;
-                    }
-                }
-            }
-            for (u, n) in missing {
-                if n < nodes {
-                    continue;
-                }
-                metrics::counter!(m::UNDELIVERED).increment(1);
-                if p.report_undelivered {
-                    gw.bus().emit(pb::Event {
-                        kind: Some(pb::event::Kind::Undelivered(pb::Undelivered {
-                            message_id: message_id.clone(),
-                            user_id: u.to_string(),
-                            device_id: device.clone(),
-                            code: Code::NotLoggedIn as i32,
-                        })),
-                    });
-                }
-            }
-            *reached = sessions;
+        Some(In::Ping(p)) => (
             reply(
                 rid,
-                Out::PushReply(pb::PushReply {
-                    message_id,
-                    sessions,
-                    dropped,
+                Out::Pong(pb::Pong {
+                    client_time_ms: p.client_time_ms,
+                    server_time_ms: crate::unix_ms(),
                 }),
-            )
-        }
-        Some(In::Kick(k)) => {
-            let u = match user(&k.user_id) {
-                Ok(u) => u,
-                Err(e) => return bad(e),
-            };
-            // A kick ends the session: codes that mean "keep it for a resume"
-            // (or unknown ones) become CODE_KICKED.
-            let code = match Code::try_from(k.code) {
-                Ok(c) if c != Code::Ok && !crate::session::keeps_state(c) => c,
-                _ => Code::Kicked,
-            };
-            let reason = if k.reason.is_empty() {
-                "kicked by the server".to_owned()
-            } else {
-                k.reason.chars().take(256).collect()
-            };
-            let device = if k.device_id.is_empty() {
-                None
-            } else {
-                match crate::wire::device(&k.device_id) {
-                    Ok(d) => Some(d),
-                    Err(e) => return bad(e),
-                }
-            };
-            let cmd = Command::Kick {
-                user: u,
-                device,
-                close: CloseCmd::new(code, reason),
-            };
-            count_reply(gw, rid, cmd).await
-        }
-        Some(In::Room(r)) => {
-            let room = match crate::wire::room(&r.room) {
-                Ok(r) => r,
-                Err(e) => return bad(e),
-            };
-            let us = match users(&r.user_ids) {
-                Ok(u) => u,
-                Err(e) => return bad(e),
-            };
-            count_reply(
-                gw,
-                rid,
-                Command::Room {
-                    room,
-                    users: us,
-                    remove: r.remove,
-                },
-            )
-            .await
-        }
-        Some(In::Presence(q)) => {
-            let us = match users(&q.user_ids) {
-                Ok(u) => u,
-                Err(e) => return bad(e),
-            };
-            let order: Vec<String> = us.iter().map(ToString::to_string).collect();
-            match gw
-                .bus()
-                .request(Destination::All, Command::Presence { users: us })
-                .await
-            {
-                Ok(outcomes) => {
-                    let mut merged: HashMap<String, Vec<pb::DevicePresence>> = HashMap::new();
-                    for (_, o) in outcomes {
-                        if let Outcome::Presence(list) = o {
-                            for up in list {
-                                merged.entry(up.user_id).or_default().extend(up.devices);
-                            }
-                        }
-                    }
-                    let users = order
-                        .into_iter()
-                        .map(|u| pb::UserPresence {
-                            devices: merged.remove(&u).unwrap_or_default(),
-                            user_id: u,
-                        })
-                        .collect();
-                    reply(rid, Out::PresenceReply(pb::PresenceReply { users }))
-                }
-                Err(e) => error(rid, Code::Internal, e.to_string()),
+            ),
+            0,
+        ),
+        Some(In::Push(p)) => handle_push(gw, rid, p).await,
+        Some(In::Kick(k)) => (handle_kick(gw, rid, k).await, 0),
+        Some(In::Room(r)) => (handle_room(gw, rid, r).await, 0),
+        Some(In::Presence(q)) => (handle_presence(gw, rid, q).await, 0),
+    }
+}
+
+fn bad_request(rid: u64, message: String) -> Bytes {
+    error(rid, Code::BadRequest, message)
+}
+
+/// A push: validates the target, runs it on every node, reports undelivered
+/// users when asked; returns the reply and the sessions it was queued for.
+async fn handle_push(gw: &Arc<Gateway>, rid: u64, p: pb::PushRequest) -> (Bytes, u64) {
+    let bad = |m: String| (bad_request(rid, m), 0);
+    let target = match p.target {
+        Some(pb::push_request::Target::UserId(u)) => match user(&u) {
+            Ok(u) => PushTarget::User(u),
+            Err(e) => return bad(e),
+        },
+        Some(pb::push_request::Target::Device(d)) => {
+            match (user(&d.user_id), crate::wire::device(&d.device_id)) {
+                (Ok(u), Ok(d)) => PushTarget::Device(u, d),
+                (Err(e), _) | (_, Err(e)) => return bad(e),
             }
         }
+        Some(pb::push_request::Target::Users(l)) => match users(&l.user_ids) {
+            Ok(us) => PushTarget::Users(us),
+            Err(e) => return bad(e),
+        },
+        Some(pb::push_request::Target::Room(r)) => match crate::wire::room(&r) {
+            Ok(r) => PushTarget::Room(r),
+            Err(e) => return bad(e),
+        },
+        Some(pb::push_request::Target::Everyone(true)) => PushTarget::Everyone,
+        Some(pb::push_request::Target::Everyone(false)) | None => {
+            return bad("push needs a target".into())
+        }
+    };
+    if p.message_id.len() > 128 || p.source.len() > 128 {
+        return bad("message_id and source must be at most 128 bytes".into());
+    }
+    let message_id = if p.message_id.is_empty() {
+        gw.new_message_id()
+    } else {
+        p.message_id
+    };
+    let room = match &target {
+        PushTarget::Room(r) => r.as_str(),
+        _ => "",
+    };
+    let lane = pb::Lane::try_from(p.lane).unwrap_or(pb::Lane::Interactive);
+    let shared = SharedPush::with(
+        &message_id,
+        &p.payload,
+        &p.source,
+        room,
+        lane,
+        p.report_delivery,
+    );
+    let device = match &target {
+        PushTarget::Device(_, d) => d.to_string(),
+        _ => String::new(),
+    };
+    let outcomes = match gw
+        .bus()
+        .request(
+            Destination::All,
+            Command::Push {
+                target,
+                push: shared,
+            },
+        )
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => return (error(rid, Code::Internal, e.to_string()), 0),
+    };
+    let (mut sessions, mut dropped) = (0, 0);
+    // A user is undelivered when no node had a session for them.
+    let mut missing: HashMap<UserId, usize> = HashMap::new();
+    let nodes = outcomes.len();
+    for (_, o) in outcomes {
+        if let Outcome::Push(po) = o {
+            sessions += po.sessions;
+            dropped += po.dropped;
+            for u in po.missing_users {
+                *missing.entry(u).or_default() += 1;
+            }
+        }
+    }
+    for (u, n) in missing {
+        if n < nodes {
+            continue;
+        }
+        metrics::counter!(m::UNDELIVERED).increment(1);
+        if p.report_undelivered {
+            gw.bus().emit(pb::Event {
+                kind: Some(pb::event::Kind::Undelivered(pb::Undelivered {
+                    message_id: message_id.clone(),
+                    user_id: u.to_string(),
+                    device_id: device.clone(),
+                    code: Code::NotLoggedIn as i32,
+                })),
+            });
+        }
+    }
+    let out = reply(
+        rid,
+        Out::PushReply(pb::PushReply {
+            message_id,
+            sessions,
+            dropped,
+        }),
+    );
+    (out, sessions)
+}
+
+/// A kick of one device or every device of a user.
+async fn handle_kick(gw: &Arc<Gateway>, rid: u64, k: pb::KickRequest) -> Bytes {
+    let bad = |m: String| bad_request(rid, m);
+    let u = match user(&k.user_id) {
+        Ok(u) => u,
+        Err(e) => return bad(e),
+    };
+    // A kick ends the session: codes that mean "keep it for a resume"
+    // (or unknown ones) become CODE_KICKED.
+    let code = match Code::try_from(k.code) {
+        Ok(c) if c != Code::Ok && !crate::session::keeps_state(c) => c,
+        _ => Code::Kicked,
+    };
+    let reason = if k.reason.is_empty() {
+        "kicked by the server".to_owned()
+    } else {
+        k.reason.chars().take(256).collect()
+    };
+    let device = if k.device_id.is_empty() {
+        None
+    } else {
+        match crate::wire::device(&k.device_id) {
+            Ok(d) => Some(d),
+            Err(e) => return bad(e),
+        }
+    };
+    let cmd = Command::Kick {
+        user: u,
+        device,
+        close: CloseCmd::new(code, reason),
+    };
+    count_reply(gw, rid, cmd).await
+}
+
+/// Adds sessions to a room, or removes them.
+async fn handle_room(gw: &Arc<Gateway>, rid: u64, r: pb::RoomRequest) -> Bytes {
+    let bad = |m: String| bad_request(rid, m);
+    let room = match crate::wire::room(&r.room) {
+        Ok(r) => r,
+        Err(e) => return bad(e),
+    };
+    let us = match users(&r.user_ids) {
+        Ok(u) => u,
+        Err(e) => return bad(e),
+    };
+    count_reply(
+        gw,
+        rid,
+        Command::Room {
+            room,
+            users: us,
+            remove: r.remove,
+        },
+    )
+    .await
+}
+
+/// Which devices of some users are online, merged over every node.
+async fn handle_presence(gw: &Arc<Gateway>, rid: u64, q: pb::PresenceRequest) -> Bytes {
+    let bad = |m: String| bad_request(rid, m);
+    let us = match users(&q.user_ids) {
+        Ok(u) => u,
+        Err(e) => return bad(e),
+    };
+    let order: Vec<String> = us.iter().map(ToString::to_string).collect();
+    match gw
+        .bus()
+        .request(Destination::All, Command::Presence { users: us })
+        .await
+    {
+        Ok(outcomes) => {
+            let mut merged: HashMap<String, Vec<pb::DevicePresence>> = HashMap::new();
+            for (_, o) in outcomes {
+                if let Outcome::Presence(list) = o {
+                    for up in list {
+                        merged.entry(up.user_id).or_default().extend(up.devices);
+                    }
+                }
+            }
+            let users = order
+                .into_iter()
+                .map(|u| pb::UserPresence {
+                    devices: merged.remove(&u).unwrap_or_default(),
+                    user_id: u,
+                })
+                .collect();
+            reply(rid, Out::PresenceReply(pb::PresenceReply { users }))
+        }
+        Err(e) => error(rid, Code::Internal, e.to_string()),
     }
 }
 

@@ -13,7 +13,8 @@ pub use frame::{
     SharedPush, LEN_PREFIX, PUSH_HEADER_MAX,
 };
 pub use request::{
-    device, room, ClientMsg, ClientRequest, LoginRequest, RequestError, ResumeRequest, SendRequest,
+    device, room, ClientMsg, ClientRequest, LoginRequest, RefreshRequest, RequestError,
+    ResumeRequest, SendRequest,
 };
 
 /// The protocol versions this gateway speaks (inclusive).

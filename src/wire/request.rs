@@ -52,6 +52,21 @@ pub enum ClientRequest {
         code: Code,
         reason: String,
     },
+    /// A new token for the logged-in session.
+    Refresh(RefreshRequest),
+}
+
+/// A new token for a logged-in session (`Refresh`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RefreshRequest {
+    pub token: String,
+}
+
+impl std::fmt::Debug for RefreshRequest {
+    // The token is a credential: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshRequest").finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone, PartialEq)]
@@ -110,10 +125,12 @@ impl ClientMsg {
     /// `ClientFrame` or carry no body, `CODE_BAD_REQUEST` when a field is out of
     /// range. The request id is echoed whenever it could be read.
     pub fn decode(body: &[u8]) -> Result<Self, RequestError> {
-        let frame = pb::ClientFrame::decode(body).map_err(|e| RequestError {
+        // The decoder's own words stay out of the reply: it may go to a peer
+        // that has not logged in.
+        let frame = pb::ClientFrame::decode(body).map_err(|_| RequestError {
             request_id: 0,
             code: Code::BadFrame,
-            message: format!("undecodable ClientFrame: {e}"),
+            message: "undecodable ClientFrame".into(),
         })?;
         Self::try_from(frame)
     }
@@ -192,6 +209,10 @@ impl TryFrom<pb::ClientFrame> for ClientMsg {
                 code: Code::try_from(c.code).unwrap_or(Code::NormalClose),
                 reason: truncate(c.reason, 256),
             },
+            Some(Body::Refresh(r)) => {
+                check_len("token", &r.token, 1, MAX_TOKEN).map_err(bad)?;
+                ClientRequest::Refresh(RefreshRequest { token: r.token })
+            }
         };
         Ok(ClientMsg {
             request_id,
@@ -276,6 +297,26 @@ mod tests {
     fn garbage_is_bad_frame() {
         let e = ClientMsg::decode(&[0xff, 0xff, 0xff]).unwrap_err();
         assert_eq!(e.code, Code::BadFrame);
+        assert_eq!(e.message, "undecodable ClientFrame", "no decoder internals");
+    }
+
+    #[test]
+    fn refresh_token_range_is_enforced() {
+        let f = |token: String| pb::ClientFrame {
+            request_id: 5,
+            body: Some(Body::Refresh(pb::Refresh { token })),
+        };
+        let e = ClientMsg::decode(&f(String::new()).encode_to_vec()).unwrap_err();
+        assert_eq!((e.request_id, e.code), (5, Code::BadRequest));
+        let e = ClientMsg::decode(&f("t".repeat(MAX_TOKEN + 1)).encode_to_vec()).unwrap_err();
+        assert_eq!((e.request_id, e.code), (5, Code::BadRequest));
+        let m = ClientMsg::decode(&f("a.b.c".into()).encode_to_vec()).unwrap();
+        assert_eq!(
+            m.request,
+            ClientRequest::Refresh(RefreshRequest {
+                token: "a.b.c".into()
+            })
+        );
     }
 
     #[test]
