@@ -125,6 +125,9 @@ pub struct Ledger {
     /// `SessionClosed` events by code, and `SessionOpened` events.
     pub closed: BTreeMap<i32, u64>,
     pub opened: u64,
+    /// Delivery reports the gateway dropped for this subscriber's full
+    /// queue, as its `EventsDropped` notices counted them.
+    pub reports_dropped: u64,
 }
 
 impl Ledger {
@@ -153,6 +156,7 @@ impl Ledger {
             }
             Some(pb::event::Kind::Closed(c)) => *self.closed.entry(c.code).or_default() += 1,
             Some(pb::event::Kind::Opened(_)) => self.opened += 1,
+            Some(pb::event::Kind::Dropped(d)) => self.reports_dropped += d.delivery,
             _ => {}
         }
     }
@@ -172,6 +176,7 @@ impl Ledger {
             reported_expired: self.expired,
             reported_other: self.other,
             repeated_reports: self.repeated,
+            reports_dropped: self.reports_dropped,
             ..Default::default()
         };
         let empty = Fates::default();
@@ -236,6 +241,9 @@ pub struct Reconciled {
     pub reported_other: u64,
     /// Reports of a push that already had one (ignored above).
     pub repeated_reports: u64,
+    /// Reports the gateway dropped and said so (`EventsDropped`): the
+    /// pushes they were about count as unreported below.
+    pub reports_dropped: u64,
     /// Received by the devices, each (session, lane, seq) once.
     pub delivered: u64,
     /// The devices' receipts as they recorded them: more than `delivered`

@@ -201,7 +201,7 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut sub_opts = u.clone();
     sub_opts.upstreams = 1;
-    let (_sub, events) = scenario::upstreams(&sub_opts, true).await?;
+    let (sub, events) = scenario::upstreams(&sub_opts, true).await?;
     for mut ev in events {
         let ledger = ledger.clone();
         tokio::spawn(async move {
@@ -586,6 +586,21 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
         "delivered_unreported",
         "delivered, no report at all",
         rec.delivered_unreported as f64,
+        "",
+    );
+    f(
+        &mut r,
+        "reports_dropped",
+        "reports the gateway dropped (EventsDropped)",
+        rec.reports_dropped as f64,
+        "",
+    );
+    let buffer_dropped: u64 = sub.iter().flatten().map(|c| c.events_dropped()).sum();
+    f(
+        &mut r,
+        "events_dropped_here",
+        "events this tool's subscriber buffer dropped",
+        buffer_dropped as f64,
         "",
     );
     f(

@@ -420,7 +420,8 @@ async fn soak_keeps_the_books_on_every_push() {
     let gw = gateway(false, |c| {
         c.session.login_timeout = Duration::from_secs(1);
         c.delivery.ack_timeout = Duration::from_secs(1);
-        c.session.queue_capacity = 16;
+        c.delivery.queue_bytes = 16 * (128 + 96);
+        c.delivery.stall_timeout = Duration::from_secs(1);
         c.delivery.window = 16;
         c.listen.send_buffer = 4096;
     })
