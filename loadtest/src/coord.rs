@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::fleet::{self, Command, FleetSpec, Histogram, Hists, Report, Stats};
+use crate::fleet::{self, Command, FleetSpec, Histogram, Hists, Report, SessionRecord, Stats};
 
 /// Connections one worker process holds at most by default.
 pub const PER_WORKER: usize = 15_000;
@@ -57,6 +57,39 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// Reads one unlabelled metric from a Prometheus text endpoint.
 async fn scrape(addr: &str, name: &str) -> Option<f64> {
+    let text = scrape_text(addr).await?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sum of every series of metric `name` (all label sets) in a
+/// Prometheus text page; `None` when the page has none.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        let value = if let Some(r) = rest.strip_prefix(' ') {
+            r
+        } else if rest.starts_with('{') {
+            match rest.rsplit_once("} ") {
+                Some((_, v)) => v,
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// The text of a Prometheus endpoint's `/metrics` page.
+pub async fn scrape_text(addr: &str) -> Option<String> {
     use tokio::io::AsyncReadExt;
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await
@@ -72,10 +105,7 @@ async fn scrape(addr: &str, name: &str) -> Option<f64> {
     .await
     .ok()?
     .ok()?;
-    let text = String::from_utf8_lossy(&body);
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    Some(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// One second of the run, summed over workers.
@@ -105,6 +135,8 @@ pub struct Outcome {
     pub failures: Vec<String>,
     /// Worker processes used (0: the devices ran in the coordinator).
     pub workers: usize,
+    /// What each session received, when the fleet recorded it.
+    pub sessions: Vec<SessionRecord>,
 }
 
 #[derive(Default)]
@@ -114,6 +146,7 @@ struct Agg {
     done: Vec<Option<Hists>>,
     failed: Vec<Option<String>>,
     timeline: Vec<Sample>,
+    sessions: Vec<SessionRecord>,
 }
 
 impl Agg {
@@ -190,6 +223,7 @@ impl Fleet {
             done: vec![None; parts],
             failed: vec![None; parts],
             timeline: Vec::new(),
+            sessions: Vec::new(),
         }));
         let changed = Arc::new(Notify::new());
         let started = Instant::now();
@@ -303,8 +337,10 @@ impl Fleet {
             timeline: Vec::new(),
             failures: Vec::new(),
             workers: self.workers,
+            sessions: Vec::new(),
         };
-        if let Ok(a) = self.agg.lock() {
+        if let Ok(mut a) = self.agg.lock() {
+            out.sessions = std::mem::take(&mut a.sessions);
             out.stats = a.totals();
             out.timeline = a.timeline.clone();
             for (w, h) in a.done.iter().enumerate() {
@@ -426,9 +462,10 @@ async fn monitor(
                             a.latest[w] = stats;
                             a.ready[w] = true;
                         }
-                        Report::Done { stats, hists } => {
+                        Report::Done { stats, hists, sessions } => {
                             a.latest[w] = stats;
                             a.done[w] = Some(hists);
+                            a.sessions.extend(sessions);
                         }
                         Report::Failed { message } => a.failed[w] = Some(message),
                     }

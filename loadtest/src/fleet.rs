@@ -62,7 +62,37 @@ pub struct FleetSpec {
     /// `ack_delay_ms` after the first unacknowledged one.
     pub ack_every: u64,
     pub ack_delay_ms: u64,
+    /// Slow devices stall instead of reading slowly: they connect with a
+    /// receive buffer of `slow_rcvbuf` bytes (0: the system's), read nothing
+    /// for `slow_stall_ms` after each login, then read normally for
+    /// `SLOW_READ_MS` and stall again; when the gateway cuts them off they
+    /// resume their session, as a phone that came back would (0: read at
+    /// `slow_bps` and give up when cut off).
+    #[serde(default)]
+    pub slow_stall_ms: u64,
+    #[serde(default)]
+    pub slow_rcvbuf: usize,
+    /// Keep, per session, which seqs each lane received, and hand them back
+    /// with the final report ([`SessionRecord`]), so the coordinator can
+    /// match them against the gateway's delivery reports.
+    #[serde(default)]
+    pub record_sessions: bool,
 }
+
+/// What one session of one device received: the session id and, per lane
+/// (interactive, bulk), the seqs received as inclusive ranges.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub session: u64,
+    pub lanes: [Vec<(u64, u64)>; 2],
+}
+
+/// Ranges one lane of one session records at most; past that the record is
+/// cut short and `Stats::record_overflow` counts it (a session that skips
+/// this often is broken anyway).
+const MAX_RANGES: usize = 4096;
+/// How long a stalled slow device reads before it stalls again.
+const SLOW_READ_MS: u64 = 5000;
 
 /// TLS client settings.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -77,6 +107,9 @@ pub struct TlsSpec {
 pub enum Command {
     /// Every device drops its connection at once and resumes its session.
     Reconnect,
+    /// `permille` of the devices online (a different pick each time) drop
+    /// their connections at once and resume their sessions.
+    Storm { permille: u32 },
     /// Report the final figures and exit.
     Stop,
 }
@@ -95,6 +128,9 @@ pub enum Report {
     Done {
         stats: Stats,
         hists: Hists,
+        /// With `record_sessions`: what every session received.
+        #[serde(default)]
+        sessions: Vec<SessionRecord>,
     },
     Failed {
         message: String,
@@ -136,8 +172,19 @@ pub struct Stats {
     /// Closes the device chose (churn) and connections lost unexpectedly.
     pub churns: u64,
     pub drops: u64,
-    /// Slow devices whose connection the gateway ended (they do not resume).
+    /// Slow devices whose connection the gateway ended (they do not resume,
+    /// unless they stall: see `FleetSpec::slow_stall_ms`).
     pub slow_closed: u64,
+    /// Reconnect storms a device took part in (dropped and resumed).
+    #[serde(default)]
+    pub storm_drops: u64,
+    /// Session records cut short at `MAX_RANGES`.
+    #[serde(default)]
+    pub record_overflow: u64,
+    /// Devices still running when the fleet reported its end (their
+    /// session records are missing).
+    #[serde(default)]
+    pub unfinished: u64,
     /// Server Close and Error frames and login refusals, by code.
     #[serde(with = "code_map")]
     pub codes: BTreeMap<i32, u64>,
@@ -170,6 +217,9 @@ impl Stats {
         self.churns += o.churns;
         self.drops += o.drops;
         self.slow_closed += o.slow_closed;
+        self.storm_drops += o.storm_drops;
+        self.record_overflow += o.record_overflow;
+        self.unfinished += o.unfinished;
         for (k, v) in &o.codes {
             *self.codes.entry(*k).or_default() += v;
         }
@@ -274,8 +324,10 @@ pub async fn run(
         hists: Mutex::new(HistSet::default()),
         codes: Mutex::new(BTreeMap::new()),
         errors: Mutex::new(Vec::new()),
+        records: Mutex::new(Vec::new()),
+        running: AtomicU64::new(0),
     });
-    let (phase_tx, phase_rx) = watch::channel(Phase::Run(0));
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run(0, 1000));
     let spawner = tokio::spawn(spawn_devices(shared.clone(), phase_rx));
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut ready = false;
@@ -297,7 +349,11 @@ pub async fn run(
             c = commands.recv() => match c {
                 Some(Command::Reconnect) => {
                     generation += 1;
-                    let _ = phase_tx.send(Phase::Run(generation));
+                    let _ = phase_tx.send(Phase::Run(generation, 1000));
+                }
+                Some(Command::Storm { permille }) => {
+                    generation += 1;
+                    let _ = phase_tx.send(Phase::Run(generation, permille));
                 }
                 Some(Command::Stop) | None => break,
             }
@@ -305,14 +361,29 @@ pub async fn run(
     }
     let _ = phase_tx.send(Phase::Stop);
     spawner.abort();
-    // Devices notice Stop at their next poll; give them a moment to leave.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while shared.counters.online.load(Relaxed) > 0 && Instant::now() < deadline {
+    // Devices notice Stop at their next poll; give them a moment to leave
+    // (and to hand in their session records).
+    let deadline =
+        Instant::now() + Duration::from_secs(if shared.spec.record_sessions { 10 } else { 2 });
+    while (shared.counters.online.load(Relaxed) > 0 || shared.running.load(Relaxed) > 0)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stats = shared.snapshot();
     let hists = shared.hists.lock().map(|h| h.export()).unwrap_or_default();
-    let _ = reports.send(Report::Done { stats, hists }).await;
+    let sessions = shared
+        .records
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default();
+    let _ = reports
+        .send(Report::Done {
+            stats,
+            hists,
+            sessions,
+        })
+        .await;
 }
 
 /// Raises the open-file limit to the hard limit; returns the new soft limit.
@@ -325,9 +396,20 @@ pub fn raise_nofile() -> u64 {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// Connected devices stay; a new generation means reconnect now.
-    Run(u32),
+    /// Connected devices stay; a new generation means that this many per
+    /// mille of them (picked by [`storm_pick`]) reconnect now.
+    Run(u32, u32),
     Stop,
+}
+
+/// Whether device `ix` takes part in storm `generation` of `permille`: a
+/// hash, so each storm picks a different set of about that share.
+fn storm_pick(ix: usize, generation: u32, permille: u32) -> bool {
+    if permille >= 1000 {
+        return true;
+    }
+    let h = ((ix as u64) ^ (u64::from(generation) << 40)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 32) % 1000 < u64::from(permille)
 }
 
 #[derive(Default)]
@@ -354,6 +436,8 @@ struct Counters {
     churns: AtomicU64,
     drops: AtomicU64,
     slow_closed: AtomicU64,
+    storm_drops: AtomicU64,
+    record_overflow: AtomicU64,
 }
 
 #[derive(Default)]
@@ -401,6 +485,10 @@ struct Shared {
     hists: Mutex<HistSet>,
     codes: Mutex<BTreeMap<i32, u64>>,
     errors: Mutex<Vec<String>>,
+    // std Mutex: held for a push, never across an await.
+    records: Mutex<Vec<SessionRecord>>,
+    /// Device tasks still running.
+    running: AtomicU64,
 }
 
 impl Shared {
@@ -430,6 +518,9 @@ impl Shared {
             churns: l(&c.churns),
             drops: l(&c.drops),
             slow_closed: l(&c.slow_closed),
+            storm_drops: l(&c.storm_drops),
+            record_overflow: l(&c.record_overflow),
+            unfinished: self.running.load(Relaxed),
             codes: self.codes.lock().map(|m| m.clone()).unwrap_or_default(),
             errors: self.errors.lock().map(|m| m.clone()).unwrap_or_default(),
         }
@@ -533,6 +624,8 @@ struct Resumable {
 
 /// One device's delivery state.
 struct Device {
+    /// Global index.
+    ix: usize,
     user: String,
     device: String,
     slow: bool,
@@ -544,6 +637,12 @@ struct Device {
     /// Uplinks waiting for their SendAck: (id, sent at).
     inflight: VecDeque<(u64, Instant)>,
     rng: u64,
+    /// With `record_sessions`: the seqs this session received, per lane.
+    recv: [Vec<(u64, u64)>; 2],
+    /// When this session says goodbye (with `churn_ms`), and whether one
+    /// did before.
+    churn_at: Option<Instant>,
+    churned: bool,
 }
 
 impl Device {
@@ -560,11 +659,44 @@ impl Device {
         let ms = ms.max(1);
         Duration::from_millis(ms / 2 + self.next_rand() % ms)
     }
+
+    /// Notes a push received (not a duplicate) in the session's record.
+    fn note(&mut self, shared: &Shared, lane: usize, seq: u64) {
+        if !shared.spec.record_sessions {
+            return;
+        }
+        let r = &mut self.recv[lane];
+        if let Some(last) = r.last_mut().filter(|l| l.1 + 1 == seq) {
+            last.1 = seq;
+        } else if r.len() < MAX_RANGES {
+            r.push((seq, seq));
+        } else {
+            shared.counters.record_overflow.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Hands the current session's record in (the session ended, or this
+    /// device stops).
+    fn end_record(&mut self, shared: &Shared) {
+        let lanes = std::mem::take(&mut self.recv);
+        let Some(s) = &self.session else { return };
+        if !shared.spec.record_sessions || lanes.iter().all(Vec::is_empty) {
+            return;
+        }
+        if let Ok(mut r) = shared.records.lock() {
+            r.push(SessionRecord {
+                session: s.session_id,
+                lanes,
+            });
+        }
+    }
 }
 
-async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
+    shared.running.fetch_add(1, Relaxed);
     let spec = &shared.spec;
     let mut d = Device {
+        ix,
         user: format!("{}{ix}", spec.prefix),
         device: format!("d{ix}"),
         slow: spec.slow_every > 0 && ix.is_multiple_of(spec.slow_every),
@@ -574,18 +706,34 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
         uplink_no: 0,
         inflight: VecDeque::new(),
         rng: 0x9e37_79b9_7f4a_7c15 ^ (ix as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+        recv: Default::default(),
+        churn_at: None,
+        churned: false,
     };
+    device_loop(ix, &shared, &mut d, phase).await;
+    d.end_record(&shared);
+    shared.running.fetch_sub(1, Relaxed);
+}
+
+async fn device_loop(
+    ix: usize,
+    shared: &Shared,
+    d: &mut Device,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let spec = &shared.spec;
+    let stall = d.slow && spec.slow_stall_ms > 0;
     let mut settled = false;
     let mut backoff = Duration::from_millis(100);
     let mut generation = match *phase.borrow_and_update() {
-        Phase::Run(g) => g,
+        Phase::Run(g, _) => g,
         Phase::Stop => return,
     };
     loop {
         let resuming = d.session.is_some();
         let started = Instant::now();
         let conn = tokio::select! {
-            c = connect(&shared, ix) => c,
+            c = connect(shared, ix) => c,
             _ = phase.wait_for(|p| *p == Phase::Stop) => return,
         };
         let mut conn = match conn {
@@ -606,7 +754,7 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
         };
         let mut rbuf = BytesMut::with_capacity(if d.slow { 1024 } else { shared.read_size });
         let login = tokio::select! {
-            r = login(&shared, &mut d, &mut conn, &mut rbuf) => r,
+            r = login(shared, d, &mut conn, &mut rbuf) => r,
             _ = phase.wait_for(|p| *p == Phase::Stop) => return,
         };
         if !settled {
@@ -625,6 +773,9 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
                     c.logins.fetch_add(1, Relaxed);
                     shared.hist(|h| record(&mut h.login, us));
                 }
+                if d.session.as_ref().map(|s| s.session_id) != Some(ok.session_id) {
+                    d.end_record(shared);
+                }
                 d.session = Some(Resumable {
                     session_id: ok.session_id,
                     token: ok.resume_token.clone(),
@@ -633,10 +784,7 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
                     Duration::from_millis(u64::from(ok.heartbeat_interval_ms.max(1000)))
                 });
                 c.online.fetch_add(1, Relaxed);
-                let end = session(
-                    &shared, &mut d, &mut conn, rbuf, ping, &mut phase, generation,
-                )
-                .await;
+                let end = session(shared, d, &mut conn, rbuf, ping, &mut phase, generation).await;
                 c.online.fetch_sub(1, Relaxed);
                 d.inflight.clear();
                 match end {
@@ -645,16 +793,20 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
                         return;
                     }
                     End::Reconnect => {
-                        if let Phase::Run(g) = *phase.borrow() {
+                        if let Phase::Run(g, _) = *phase.borrow() {
                             generation = g;
                         }
+                        c.storm_drops.fetch_add(1, Relaxed);
                         abort(conn);
                     }
                     End::Churn => {
                         c.churns.fetch_add(1, Relaxed);
                         let _ = write_frame(&mut conn, close_frame()).await;
                         drop(conn);
+                        d.end_record(shared);
                         d.session = None;
+                        d.churn_at = None;
+                        d.churned = true;
                         d.seq = [0; 2];
                         d.acked = [0; 2];
                     }
@@ -662,7 +814,9 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
                         shared.code(code);
                         if d.slow {
                             c.slow_closed.fetch_add(1, Relaxed);
-                            return;
+                            if !stall {
+                                return;
+                            }
                         }
                         if !resumable_close(code) {
                             return;
@@ -674,7 +828,9 @@ async fn device(ix: usize, shared: Arc<Shared>, mut phase: watch::Receiver<Phase
                     End::Lost(_) if d.slow => {
                         // The gateway cut it off (its Close sat behind unread pushes).
                         c.slow_closed.fetch_add(1, Relaxed);
-                        return;
+                        if !stall || sleep_or_stop(&mut phase, d.jitter(200)).await {
+                            return;
+                        }
                     }
                     End::Lost(e) => {
                         c.drops.fetch_add(1, Relaxed);
@@ -744,6 +900,10 @@ async fn connect(shared: &Shared, ix: usize) -> std::io::Result<Box<dyn Io>> {
     };
     if !spec.sources.is_empty() {
         sock.bind(SocketAddr::new(spec.sources[ix % spec.sources.len()], 0))?;
+    }
+    if spec.slow_rcvbuf > 0 && spec.slow_every > 0 && ix.is_multiple_of(spec.slow_every) {
+        // Before connect, so the window the gateway sees is small from the start.
+        sock.set_recv_buffer_size(spec.slow_rcvbuf as u32)?;
     }
     let s = tokio::time::timeout(Duration::from_secs(10), sock.connect(addr))
         .await
@@ -919,7 +1079,7 @@ async fn session(
     mut rbuf: BytesMut,
     ping: Duration,
     phase: &mut watch::Receiver<Phase>,
-    generation: u32,
+    mut generation: u32,
 ) -> End {
     let spec = &shared.spec;
     if let Some(room) = &spec.room {
@@ -942,12 +1102,30 @@ async fn session(
     } else {
         far - Instant::now()
     });
-    let churn_at = tokio::time::sleep(if spec.churn_ms > 0 {
-        d.jitter(spec.churn_ms)
+    // The session's end is set once per session and kept across resumes,
+    // so that reconnects do not postpone it.
+    // A device's first session lives 0 to 2x churn_ms, so that goodbyes come
+    // at a steady rate from the start; later ones churn_ms ±50%.
+    let churn_deadline = if spec.churn_ms > 0 {
+        let life = if d.churned {
+            d.jitter(spec.churn_ms)
+        } else {
+            Duration::from_millis(d.next_rand() % (2 * spec.churn_ms))
+        };
+        *d.churn_at.get_or_insert_with(|| Instant::now() + life)
+    } else {
+        far
+    };
+    let churn_at = tokio::time::sleep_until(churn_deadline);
+    // A stalling slow device reads nothing until `stall_at`, then reads for
+    // SLOW_READ_MS, and so on.
+    let mut stalled = d.slow && spec.slow_stall_ms > 0;
+    let stall_at = tokio::time::sleep(if stalled {
+        Duration::from_millis(spec.slow_stall_ms)
     } else {
         far - Instant::now()
     });
-    tokio::pin!(ping_at, ack_at, uplink_at, churn_at);
+    tokio::pin!(ping_at, ack_at, uplink_at, churn_at, stall_at);
     let mut ack_armed = false;
     // Pushes that arrived with the LoginOk (a resume's replay).
     if !rbuf.is_empty() {
@@ -960,18 +1138,28 @@ async fn session(
             r = phase.changed() => {
                 match (r, *phase.borrow()) {
                     (Err(_), _) | (_, Phase::Stop) => return End::Stop,
-                    (_, Phase::Run(g)) if g != generation => return End::Reconnect,
+                    (_, Phase::Run(g, permille)) if g != generation => {
+                        generation = g;
+                        if storm_pick(d.ix, g, permille) {
+                            return End::Reconnect;
+                        }
+                    }
                     _ => {}
                 }
             }
-            r = read_some(conn, &mut rbuf, d.slow, shared.read_size) => {
+            _ = &mut stall_at => {
+                let next = if stalled { SLOW_READ_MS } else { spec.slow_stall_ms };
+                stalled = !stalled;
+                stall_at.as_mut().reset(Instant::now() + Duration::from_millis(next));
+            }
+            r = read_some(conn, &mut rbuf, d.slow && !stalled_mode(spec), shared.read_size), if !stalled => {
                 match r {
                     Ok(0) => return End::Lost("closed by the gateway".into()),
                     Ok(n) => {
                         if let Some(end) = handle_frames(shared, d, &mut rbuf) {
                             return end;
                         }
-                        if d.slow && spec.slow_bps > 0 {
+                        if d.slow && !stalled_mode(spec) && spec.slow_bps > 0 {
                             // Reading slowly is the point: this device stalls here.
                             tokio::time::sleep(Duration::from_secs_f64(n as f64 / spec.slow_bps as f64)).await;
                         }
@@ -1031,6 +1219,11 @@ async fn session(
     }
 }
 
+/// Whether slow devices stall (rather than read at `slow_bps`).
+fn stalled_mode(spec: &FleetSpec) -> bool {
+    spec.slow_stall_ms > 0
+}
+
 /// Reads what is there into `rbuf` (at most 1 KiB at a time when slow).
 ///
 /// # Cancel safety
@@ -1062,11 +1255,16 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
     // pushes per second the load side must stay cheaper than the gateway.
     let mut pos = 0;
     let buf = &rbuf[..];
+    // Set when the connection must end; the pushes before it still count.
+    let mut end = None;
     loop {
         let total = match tether::wire::frame_len(&buf[pos..], MAX_FRAME) {
             Ok(Some(total)) if buf.len() - pos >= total => total,
             Ok(_) => break,
-            Err(e) => return Some(End::Lost(e.to_string())),
+            Err(e) => {
+                end = Some(End::Lost(e.to_string()));
+                break;
+            }
         };
         let f = &buf[pos + 4..pos + total];
         pos += total;
@@ -1081,6 +1279,7 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
                 c.seq_gaps.fetch_add(p.seq - last - 1, Relaxed);
             }
             d.seq[lane] = p.seq;
+            d.note(shared, lane, p.seq);
             fresh += 1;
             bytes += p.payload_len as u64;
             if let Some(ts) = p.sent_ns {
@@ -1114,10 +1313,16 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
                     }
                 }
             }
-            Ok(Some(pb::server_frame::Body::Close(cl))) => return Some(End::Closed(cl.code)),
+            Ok(Some(pb::server_frame::Body::Close(cl))) => {
+                end = Some(End::Closed(cl.code));
+                break;
+            }
             Ok(Some(pb::server_frame::Body::Error(e))) => shared.code(e.code),
             Ok(_) => {}
-            Err(e) => return Some(End::Lost(format!("undecodable frame: {e}"))),
+            Err(e) => {
+                end = Some(End::Lost(format!("undecodable frame: {e}")));
+                break;
+            }
         }
     }
     rbuf.advance(pos);
@@ -1131,7 +1336,7 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
         c.last_push_ns.fetch_max(now_ns, Relaxed);
         record_latencies(shared, d.slow, &latencies[..nlat]);
     }
-    None
+    end
 }
 
 /// Records push latencies under one lock.

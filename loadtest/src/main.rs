@@ -8,10 +8,12 @@
 
 mod coord;
 mod fleet;
+mod ledger;
 mod plot;
 mod report;
 mod scenario;
 mod simulate;
+mod soak;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -112,6 +114,18 @@ enum Cmd {
         /// Seconds of pushes before the storm, and after every device resumed.
         #[arg(long, default_value_t = 2)]
         settle: u64,
+    },
+    /// Minutes of mixed load on one gateway: unicast and broadcast, churn,
+    /// slow consumers, a reconnect storm every period, hostile connections.
+    /// Samples the gateway's RSS and CPU (--pid, or --metrics for RSS) and
+    /// checks that every accepted push was delivered or reported.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        upstream: Upstream,
+        #[command(flatten)]
+        soak: soak::SoakOpts,
     },
     /// In one process, without sockets: N sessions over in-memory pipes
     /// through the real session, registry and router code. Reports RSS per
@@ -307,6 +321,11 @@ fn main() -> anyhow::Result<()> {
                 size,
                 settle,
             } => scenario::reconnect(common, upstream, push_rate, size, settle).await,
+            Cmd::Soak {
+                common,
+                upstream,
+                soak,
+            } => soak::soak(common, upstream, soak).await,
         }
     })
 }

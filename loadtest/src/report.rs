@@ -80,6 +80,12 @@ pub struct RunReport {
     pub stats: Stats,
     pub timeline: Vec<Sample>,
     pub failures: Vec<String>,
+    /// The soak's samples, books and verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<serde_json::Value>,
+    /// Panels a scenario adds to the plot (after the timeline's).
+    #[serde(skip)]
+    pub panels: Vec<Panel>,
 }
 
 impl RunReport {
@@ -113,6 +119,8 @@ impl RunReport {
             stats: out.stats.clone(),
             timeline: out.timeline.clone(),
             failures: out.failures.clone(),
+            soak: None,
+            panels: Vec::new(),
         }
     }
 
@@ -284,6 +292,8 @@ impl RunReport {
             },
         ];
         let mut panels = panels.to_vec();
+        let at = panels.len() - 1;
+        panels.splice(at..at, self.panels.iter().cloned());
         if rss[0].points.iter().any(|p| p.1 > 0.0) {
             panels.insert(
                 2,

@@ -423,13 +423,13 @@ pub async fn reconnect(
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
-fn gauge(c: &Common) -> Option<Gauge> {
+pub(crate) fn gauge(c: &Common) -> Option<Gauge> {
     c.pid
         .map(Gauge::Pid)
         .or_else(|| c.metrics.clone().map(Gauge::Metrics))
 }
 
-fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
+pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
     anyhow::ensure!(!c.addr.is_empty(), "--addr needs at least one address");
     let tls = if c.tls {
         let ca = c.ca.clone().context(
@@ -460,10 +460,13 @@ fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
         churn_ms: 0,
         ack_every: c.ack_every,
         ack_delay_ms: c.ack_delay_ms,
+        slow_stall_ms: 0,
+        slow_rcvbuf: 0,
+        record_sessions: false,
     })
 }
 
-async fn start(c: &Common, spec: FleetSpec) -> anyhow::Result<(Fleet, u64)> {
+pub(crate) async fn start(c: &Common, spec: FleetSpec) -> anyhow::Result<(Fleet, u64)> {
     fleet::raise_nofile();
     let workers = c.workers.unwrap_or(c.conns.div_ceil(PER_WORKER).max(1));
     let t0 = std::time::SystemTime::now()
@@ -473,7 +476,7 @@ async fn start(c: &Common, spec: FleetSpec) -> anyhow::Result<(Fleet, u64)> {
     Ok((Fleet::start(spec, workers, gauge(c), c.quiet).await?, t0))
 }
 
-async fn wait_ready(fleet: &Fleet, c: &Common) -> anyhow::Result<Stats> {
+pub(crate) async fn wait_ready(fleet: &Fleet, c: &Common) -> anyhow::Result<Stats> {
     let ramp = if c.ramp > 0.0 {
         c.conns as f64 / c.ramp
     } else {
@@ -491,7 +494,7 @@ async fn wait_ready(fleet: &Fleet, c: &Common) -> anyhow::Result<Stats> {
     Ok(s)
 }
 
-fn report(
+pub(crate) fn report(
     scenario: &str,
     title: String,
     c: &Common,
@@ -506,7 +509,7 @@ fn report(
 /// One upstream socket per gateway, in the order of `--addr` (or one for
 /// a single gateway with several listeners): unicasts go to the gateway
 /// that holds the user, broadcasts to every gateway.
-fn check_upstreams(c: &Common, u: &Upstream) -> anyhow::Result<()> {
+pub(crate) fn check_upstreams(c: &Common, u: &Upstream) -> anyhow::Result<()> {
     anyhow::ensure!(
         u.upstream.len() == 1 || u.upstream.len() == c.addr.len(),
         "--upstream lists {} sockets for {} gateway addresses: give one per --addr, in the same order (or one)",
@@ -518,7 +521,7 @@ fn check_upstreams(c: &Common, u: &Upstream) -> anyhow::Result<()> {
 
 /// Upstream clients per gateway (`upstreams` each) and, when subscribing,
 /// their event streams.
-async fn upstreams(
+pub(crate) async fn upstreams(
     u: &Upstream,
     subscribe: bool,
 ) -> anyhow::Result<(Vec<Vec<UpstreamClient>>, Vec<EventStream>)> {
@@ -550,7 +553,7 @@ async fn upstreams(
 }
 
 /// A push request with a payload of `size` bytes stamped with the send time.
-fn request(target: pb::push_request::Target, size: usize) -> pb::PushRequest {
+pub(crate) fn request(target: pb::push_request::Target, size: usize) -> pb::PushRequest {
     let mut p = vec![b'x'; size.max(8)];
     p[..8].copy_from_slice(&fleet::unix_nanos().to_le_bytes());
     pb::PushRequest {

@@ -411,3 +411,116 @@ fn simulate_runs_sessions_over_pipes_and_writes_its_figures() {
         "every session is in the registry: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_keeps_the_books_on_every_push() {
+    // A short login timeout, so silent hostile connections close soon; a
+    // short ack timeout, so stalled slow consumers see retransmissions; small
+    // queues, windows and socket buffers, so they are cut off within seconds.
+    let gw = gateway(false, |c| {
+        c.session.login_timeout = Duration::from_secs(1);
+        c.delivery.ack_timeout = Duration::from_secs(1);
+        c.delivery.queue_bytes = 16 * (128 + 96);
+        c.delivery.stall_timeout = Duration::from_secs(1);
+        c.delivery.window = 16;
+        c.listen.send_buffer = 4096;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid = std::process::id().to_string();
+    let v = run(
+        dir.path(),
+        args(&[
+            "soak",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "200",
+            "--workers",
+            "1",
+            "--pid",
+            &pid,
+            "--duration",
+            "8s",
+            "--warmup",
+            "2s",
+            "--sample-every",
+            "1s",
+            "--unicast-rate",
+            "100",
+            "--broadcast-rate",
+            "20",
+            "--slow-fraction",
+            "0.05",
+            "--slow-stall",
+            "4s",
+            "--slow-rcvbuf",
+            "2048",
+            "--churn-rate",
+            "10",
+            "--storm-every",
+            "3s",
+            "--storm-fraction",
+            "0.25",
+            "--hostile-rate",
+            "5",
+            "--hostile-deadline",
+            "6s",
+        ]),
+    )
+    .await;
+    let soak = &v["soak"];
+    let rec = &soak["reconciled"];
+    let n = |k: &str| {
+        rec[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {rec:#}"))
+    };
+    // The books balance: every accepted push is delivered, reported, or
+    // counted lost, and the two ways of counting the lost agree.
+    assert!(n("queued") > 200 * 20, "broadcasts reached the devices");
+    assert_eq!(
+        n("delivered"),
+        n("delivered_ok")
+            + n("delivered_but_failed")
+            + n("delivered_but_expired")
+            + n("delivered_unreported")
+    );
+    assert_eq!(
+        n("lost_without_report"),
+        n("ok_not_delivered") + n("unreported_not_delivered")
+    );
+    assert_eq!(
+        rec["lost_check"].as_i64(),
+        Some(n("lost_without_report") as i64)
+    );
+    assert_eq!(
+        n("queued"),
+        n("reported_ok") + n("reported_failed") + n("reported_expired") + n("unreported")
+    );
+    assert_eq!(
+        figure(&v, "delivered"),
+        (stat(&v, "pushes") + stat(&v, "slow_pushes")) as f64,
+        "the devices' counters and their session records agree: {rec:#}"
+    );
+    assert_eq!(stat(&v, "record_overflow"), 0);
+    // Every kind of load ran.
+    assert!(figure(&v, "storms") >= 2.0);
+    assert!(figure(&v, "storm_drops") > 0.0);
+    assert!(figure(&v, "churns") > 0.0);
+    assert!(figure(&v, "slow_cut") > 0.0, "slow consumers were cut off");
+    assert!(figure(&v, "hostile_opened") >= 20.0);
+    assert_eq!(
+        figure(&v, "hostile_closed"),
+        figure(&v, "hostile_opened"),
+        "the gateway closed every hostile connection: {:#}",
+        soak["hostile_codes"]
+    );
+    let samples = soak["samples"].as_array().expect("samples");
+    assert!(samples.len() >= 6);
+    assert!(samples.iter().any(|s| s["rss_bytes"].as_u64().is_some()));
+    assert!(samples.iter().any(|s| s["cpu_pct"].as_f64().is_some()));
+    assert!(soak["verdict"].as_str().is_some());
+}
