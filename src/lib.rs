@@ -16,6 +16,7 @@ pub mod config;
 pub mod gateway;
 pub mod ids;
 pub mod metrics;
+pub mod quic;
 pub mod registry;
 pub mod router;
 pub mod session;

@@ -1,0 +1,1 @@
+//! Connection IDs a QUIC load balancer can route (QUIC-LB).
