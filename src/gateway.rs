@@ -444,13 +444,21 @@ impl Gateway {
         if !same || !self.check_resume_token(&h, &r.token) {
             return Err(Code::ResumeRejected);
         }
-        let mut delivered = Vec::new();
+        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
         let (gen, lanes, old_waker) = h
-            .attach(r.last, &self.budget, &mut delivered)
+            .attach(
+                r.last,
+                &self.delivery,
+                &self.budget,
+                &mut delivered,
+                &mut failed,
+            )
             .ok_or(Code::ResumeExpired)?;
         self.detached.remove(&h.id());
         // Pushes the client says it has: delivered.
         self.report(&h, &delivered, Code::Ok);
+        // Written on `max_tries` connections and never acknowledged.
+        self.report(&h, &failed, Code::DeliveryFailed);
         if let Some(w) = old_waker {
             // The previous connection, if alive, must notice it lost the session.
             w.wake();
@@ -628,18 +636,19 @@ impl crate::router::RouterHooks for Gateway {
 }
 
 /// The [`SessionEnv`] of a real connection.
-pub struct GatewayEnv<'a, IO> {
+pub struct GatewayEnv<'a> {
     pub gw: &'a Arc<Gateway>,
     /// The connection's session handle; a resume replaces it.
     pub handle: &'a mut SessionHandle,
     /// The connection's generation on that handle.
     pub gen: &'a mut u32,
     pub kind: TransportKind,
-    pub io: &'a IO,
+    /// The peer's address (asked only when a login succeeds).
+    pub peer: &'a dyn Fn() -> Option<std::net::SocketAddr>,
     pub registered: &'a mut bool,
 }
 
-impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
+impl SessionEnv for GatewayEnv<'_> {
     fn login(&mut self, now: Instant, req: &LoginRequest) -> Result<LoginGrant, (Code, String)> {
         let gw = self.gw;
         let result = (|| {
@@ -725,11 +734,7 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
         gw.bus.emit(pb::Event {
             kind: Some(pb::event::Kind::Opened(pb::SessionOpened {
                 session: gw.session_info(self.handle),
-                remote_addr: self
-                    .io
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
+                remote_addr: (self.peer)().map(|a| a.to_string()).unwrap_or_default(),
             })),
         });
         Ok(LoginGrant {
@@ -830,10 +835,10 @@ impl<IO: crate::transport::Transport> SessionEnv for GatewayEnv<'_, IO> {
         metrics::gauge!(m::ROOMS).set(self.gw.registry.room_count() as f64);
     }
 
-    fn ack(&mut self, _now: Instant, lane: pb::Lane, up_to_seq: u64, ranges: &[(u64, u64)]) {
+    fn ack(&mut self, now: Instant, lane: pb::Lane, up_to_seq: u64, ranges: &[(u64, u64)]) {
         let mut acked = Vec::new();
         self.handle
-            .ack(lane, up_to_seq, ranges, &self.gw.budget, &mut acked);
+            .ack(lane, up_to_seq, ranges, now, &self.gw.budget, &mut acked);
         if !acked.is_empty() {
             metrics::counter!(m::ACKED).increment(acked.len() as u64);
             self.gw.report(self.handle, &acked, Code::Ok);

@@ -27,6 +27,9 @@ pub const PUSHES: &str = "tether_pushes_total";
 pub const DELIVERIES: &str = "tether_push_deliveries_total";
 pub const DROPS: &str = "tether_push_drops_total";
 pub const SLOW_CONSUMERS: &str = "tether_slow_consumers_total";
+pub const ACK_TIMEOUTS: &str = "tether_ack_timeouts_total";
+pub const QUIC_MIGRATIONS: &str = "tether_quic_migrations_total";
+pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const UPLINKS: &str = "tether_uplinks_total";
 pub const UPSTREAM_CONNECTIONS: &str = "tether_upstream_connections";
@@ -88,6 +91,18 @@ pub fn describe() {
         "Pushes a session did not keep, by policy: drop (full queue or spent replay budget), evicted (a disconnected or slow session's oldest push made room)."
     );
     describe_counter!(SLOW_CONSUMERS, "Sessions closed as slow consumers.");
+    describe_counter!(
+        ACK_TIMEOUTS,
+        "Connections closed because pushes went unacknowledged for delivery.ack_timeout (dead path)."
+    );
+    describe_counter!(
+        QUIC_MIGRATIONS,
+        "QUIC connections whose client address changed (migration or NAT rebinding)."
+    );
+    describe_counter!(
+        QUIC_HANDSHAKES,
+        "QUIC handshakes, by result (ok, retry, refused, failed, timeout)."
+    );
     describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");
     describe_counter!(UPLINKS, "Uplink sends from clients, by result.");
     describe_gauge!(UPSTREAM_CONNECTIONS, "Connected upstream services.");

@@ -800,52 +800,58 @@ fn reported_push(id: &str) -> pb::PushRequest {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unacked_pushes_are_retransmitted_then_reported() {
+async fn an_unacked_push_closes_the_connection_and_is_given_up_after_max_tries_connections() {
     let mut cfg = test_config();
     cfg.delivery.ack_timeout = Duration::from_millis(200);
     cfg.delivery.max_tries = 3;
     let g = start(cfg).await;
     let (up, mut events) = g.upstream(true).await;
-    let (mut c, ok) = g.login("rt", "phone").await;
+    let (mut c, mut ok) = g.login("rt", "phone").await;
+    let session_id = ok.session_id;
     let mut reports = Vec::new();
 
-    // Never acked: written 3 times (200 ms, then 400 ms apart), then failed.
+    // Never acked: written once per connection, and each connection is
+    // closed as a dead path after the ack timeout; the resume replays it.
     up.push(reported_push("rt-1")).await.unwrap();
-    let mut copies = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(2_000) {
-        let left = Duration::from_millis(2_000).saturating_sub(t0.elapsed());
-        match c.recv_timeout(left).await {
-            Ok(Some(f)) => match f.body {
-                Some(Resp::Push(p)) => {
-                    assert_eq!((p.seq, p.message_id.as_str()), (1, "rt-1"));
-                    assert_eq!(&p.payload[..], b"payload of rt-1");
-                    copies.push(t0.elapsed());
-                }
-                other => panic!("unexpected frame {other:?}"),
-            },
-            Ok(None) => panic!("connection closed"),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
-            Err(e) => panic!("{e}"),
+    for conn in 1..=3 {
+        let t0 = Instant::now();
+        let p = recv_push_within(&mut c, Duration::from_secs(3), "the push").await;
+        assert_eq!(
+            (p.seq, p.message_id.as_str()),
+            (1, "rt-1"),
+            "connection {conn}"
+        );
+        assert_eq!(&p.payload[..], b"payload of rt-1");
+        // Nothing more arrives on this connection but its Close: the push is
+        // never written twice on one connection.
+        match c.recv_timeout(Duration::from_secs(3)).await {
+            Ok(Some(pb::ServerFrame {
+                body: Some(Resp::Close(cl)),
+                ..
+            })) => assert_eq!(cl.code, Code::AckTimeout as i32, "connection {conn}"),
+            other => panic!("connection {conn}: expected Close, got {other:?}"),
+        }
+        let after = t0.elapsed();
+        assert!(
+            after >= Duration::from_millis(150),
+            "closed {after:?} after the write, before the ack timeout"
+        );
+        let (c2, ok2) = resume(&g, "rt", "phone", session_id, ok.resume_token.clone(), 0).await;
+        (c, ok) = (c2, ok2);
+        let (code, r) = resume_result(&ok);
+        if conn < 3 {
+            assert_eq!(code, Code::Ok, "connection {conn}: {r:?}");
+            assert_eq!((r.first_seq, r.replayed), (1, 1), "{r:?}");
+        } else {
+            // Written on three connections: given up at this resume.
+            assert_eq!(code, Code::ResumeGap, "{r:?}");
+            assert_eq!((r.first_seq, r.replayed), (2, 0), "{r:?}");
         }
     }
-    eprintln!("copies of an unacked push at {copies:?}");
-    assert_eq!(copies.len(), 3, "max_tries = 3 writes: {copies:?}");
-    assert!(
-        copies[1] - copies[0] >= Duration::from_millis(150),
-        "retransmitted too early: {copies:?}"
-    );
-    assert!(
-        copies[2] - copies[1] >= Duration::from_millis(300),
-        "no backoff: {copies:?}"
-    );
     let r = report_for(&mut events, &mut reports, "rt-1", Duration::from_secs(3)).await;
     assert_eq!(r.code, Code::DeliveryFailed as i32, "{r:?}");
     assert_eq!((r.seq, r.lane), (1, Lane::Interactive as i32), "{r:?}");
-    assert_eq!(
-        r.session.as_ref().map(|s| s.session_id),
-        Some(ok.session_id)
-    );
+    assert_eq!(r.session.as_ref().map(|s| s.session_id), Some(session_id));
 
     // Acked: delivered.
     up.push(reported_push("rt-2")).await.unwrap();

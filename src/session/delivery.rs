@@ -1,14 +1,24 @@
 //! Reliable delivery for one session, sans-IO: per-lane sequence numbers, the
 //! queue of pushes not yet written, the window of pushes written but not yet
-//! acknowledged, retransmission timers with backoff, replay for resume, and
-//! the byte budget that bounds all of it.
+//! acknowledged, the ack deadline that judges a connection's liveness, replay
+//! for resume, and the byte budget that bounds all of it.
 //!
 //! Every push of a session gets the next sequence number of its lane. It
 //! waits in the lane's queue until the connection writes it, then sits in the
 //! lane's window until the client acknowledges it (cumulatively, or by range).
-//! Unacknowledged pushes are written again after `ack_timeout`, doubling each
-//! time, up to `max_tries` writes; then they are given up and reported.
-//! A session with nothing in flight holds no buffers at all (8 bytes).
+//!
+//! A push is never written twice on one connection. Every transport Tether
+//! speaks is a reliable stream (TCP, TLS, a QUIC stream): a byte the peer has
+//! not acknowledged is already being retransmitted by the transport, and
+//! writing the push again would only add bytes to a congested or dead path.
+//! Instead the ack timeout is a liveness signal: when a lane has had pushes
+//! unacknowledged for `ack_timeout` with no ack progress at all, the
+//! connection is judged dead and closed (`CODE_ACK_TIMEOUT`), the session is
+//! kept, and the client's resume replays the window on a new connection.
+//! A push counts one try per connection it was written on; one written on
+//! `max_tries` connections without an ack is given up at the next resume and
+//! reported, so a push that makes a client fail (and reconnect) cannot loop
+//! for ever. A session with nothing in flight holds no buffers at all.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,9 +65,10 @@ pub struct DeliveryConfig {
     pub window: [usize; 2],
     /// What a full queue does, per lane.
     pub policy: [SlowConsumerPolicy; 2],
-    /// First retransmission after this long without an ack; doubles per try.
+    /// A lane with pushes unacknowledged this long, with no ack progress
+    /// meanwhile, closes the connection as dead (the session is kept).
     pub ack_timeout: Duration,
-    /// Writes of one push before it is given up.
+    /// Connections one push may be written on before it is given up.
     pub max_tries: u8,
 }
 
@@ -114,7 +125,7 @@ impl Budget {
 pub struct Item {
     pub seq: u64,
     pub push: SharedPush,
-    sent_at: Option<Instant>,
+    /// Connections this push was written on.
     tries: u8,
 }
 
@@ -146,9 +157,11 @@ struct LaneBufs {
     /// order, so everything at or below it was written at least once; a
     /// resume never takes a client's word for more (see [`Delivery::resume`]).
     written: u64,
-    /// No window item is due (retransmission or give-up) before this; a lower
-    /// bound, so that most polls skip scanning the window.
-    due: Option<Instant>,
+    /// Since when the window has held pushes with no ack progress: set when
+    /// a push enters an empty window, moved to now by every ack that frees
+    /// something (and by a stalled write that moves again), cleared when the
+    /// window empties. The ack deadline is this plus `ack_timeout`.
+    waiting: Option<Instant>,
 }
 
 impl LaneBufs {
@@ -161,7 +174,7 @@ impl LaneBufs {
             queued_bytes: 0,
             window: VecDeque::new(),
             written: next_seq - 1,
-            due: None,
+            waiting: None,
         }
     }
 
@@ -170,17 +183,20 @@ impl LaneBufs {
         self.queued_bytes -= it.cost();
         Some(it)
     }
+}
 
-    fn lower_due(&mut self, at: Instant) {
-        self.due = Some(self.due.map_or(at, |d| d.min(at)));
-    }
+/// A set of lanes: which a connection's output carries (both on a byte
+/// stream; one per stream on QUIC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lanes(pub [bool; 2]);
 
-    fn recompute_due(&mut self, base: Duration) {
-        self.due = self
-            .window
-            .iter()
-            .filter_map(|it| it.sent_at.map(|at| at + rto(base, it.tries)))
-            .min();
+impl Lanes {
+    pub const ALL: Lanes = Lanes([true, true]);
+    pub const INTERACTIVE: Lanes = Lanes([true, false]);
+    pub const BULK: Lanes = Lanes([false, true]);
+
+    fn has(self, l: usize) -> bool {
+        self.0[l]
     }
 }
 
@@ -272,7 +288,6 @@ impl Delivery {
         let item = Item {
             seq,
             push: push.clone(),
-            sent_at: None,
             tries: 0,
         };
         let cost = item.cost();
@@ -330,53 +345,39 @@ impl Delivery {
         self.release(freed, budget);
     }
 
-    /// Moves what may be written now into `out` (lane, seq, push): first the
-    /// retransmissions that are due, then interactive pushes while the
-    /// interactive window has room, then bulk pushes likewise. Returns how
-    /// many remain queued that the windows would still admit (0: wait for
-    /// acks or new pushes).
+    /// Moves what may be written now on an output carrying `lanes` into `out`
+    /// (lane, seq, push): interactive pushes while the interactive window has
+    /// room, then bulk pushes likewise. Returns how many remain queued in
+    /// those lanes that the windows would still admit (0: wait for acks or
+    /// new pushes).
     pub fn poll_send(
         &mut self,
         now: Instant,
         max: usize,
+        lanes: Lanes,
         cfg: &DeliveryConfig,
         out: &mut Vec<(Lane, u64, SharedPush)>,
     ) -> usize {
         let Some(bufs) = self.bufs.as_mut() else {
             return 0;
         };
-        for (l, lane) in LANES.iter().enumerate() {
-            let b = &mut bufs[l];
-            if b.due.is_none_or(|d| now < d) {
-                continue;
-            }
-            for it in b.window.iter_mut() {
-                if out.len() >= max {
-                    break;
-                }
-                if let Some(at) = it.sent_at {
-                    if it.tries < cfg.max_tries && now >= at + rto(cfg.ack_timeout, it.tries) {
-                        it.sent_at = Some(now);
-                        it.tries += 1;
-                        out.push((*lane, it.seq, it.push.clone()));
-                    }
-                }
-            }
-            b.recompute_due(cfg.ack_timeout);
-        }
         let mut sendable = 0;
         for (l, lane) in LANES.iter().enumerate() {
+            if !lanes.has(l) {
+                continue;
+            }
             let b = &mut bufs[l];
             while out.len() < max && b.window.len() < cfg.window[l] {
                 let Some(mut it) = b.pop_queued() else {
                     break;
                 };
-                it.sent_at = Some(now);
-                it.tries = 1;
+                it.tries = it.tries.saturating_add(1);
                 b.written = b.written.max(it.seq);
                 out.push((*lane, it.seq, it.push.clone()));
+                if b.window.is_empty() {
+                    b.waiting = Some(now);
+                }
                 b.window.push_back(it);
-                b.lower_due(now + rto(cfg.ack_timeout, 1));
             }
             sendable += b
                 .queue
@@ -386,44 +387,28 @@ impl Delivery {
         sendable
     }
 
-    /// When the next retransmission or give-up is due.
-    /// (A lower bound: an early wake finds nothing due and re-arms.)
-    pub fn next_deadline(&self, _cfg: &DeliveryConfig) -> Option<Instant> {
+    /// When a lane of `lanes` will have gone `ack_timeout` with pushes
+    /// unacknowledged and no ack progress: the connection is then dead.
+    pub fn ack_deadline(&self, lanes: Lanes, cfg: &DeliveryConfig) -> Option<Instant> {
         let bufs = self.bufs.as_ref()?;
-        bufs.iter().filter_map(|b| b.due).min()
+        (0..2)
+            .filter(|&l| lanes.has(l))
+            .filter_map(|l| bufs[l].waiting)
+            .min()
+            .map(|at| at + cfg.ack_timeout)
     }
 
-    /// Removes pushes written `max_tries` times whose last timeout passed.
-    pub fn poll_failed(
-        &mut self,
-        now: Instant,
-        cfg: &DeliveryConfig,
-        budget: &Budget,
-        out: &mut Vec<Item>,
-    ) {
-        let Some(bufs) = self.bufs.as_mut() else {
-            return;
-        };
-        let mut freed = 0;
-        for b in bufs.iter_mut() {
-            if b.due.is_none_or(|d| now < d) {
-                continue;
-            }
-            b.window.retain(|it| {
-                let dead = it.tries >= cfg.max_tries
-                    && it
-                        .sent_at
-                        .is_some_and(|at| now >= at + rto(cfg.ack_timeout, it.tries));
-                if dead {
-                    freed += it.cost();
-                    out.push(it.clone());
+    /// The output carrying `lanes` moved again after the socket had refused
+    /// it: the client is reading, so the pushes waiting in those windows get a
+    /// full `ack_timeout` from now (they may only just have reached it).
+    pub fn progress(&mut self, lanes: Lanes, now: Instant) {
+        if let Some(bufs) = self.bufs.as_mut() {
+            for (l, b) in bufs.iter_mut().enumerate() {
+                if lanes.has(l) && b.waiting.is_some() {
+                    b.waiting = Some(now);
                 }
-                !dead
-            });
-            b.recompute_due(cfg.ack_timeout);
+            }
         }
-        self.release(freed, budget);
-        self.shrink();
     }
 
     /// Applies an acknowledgement of `lane`: every seq <= `up_to`, and every
@@ -433,13 +418,15 @@ impl Delivery {
         lane: Lane,
         up_to: u64,
         ranges: &[(u64, u64)],
+        now: Instant,
         budget: &Budget,
         acked: &mut Vec<Item>,
     ) {
         let Some(bufs) = self.bufs.as_mut() else {
             return;
         };
-        let w = &mut bufs[ix(lane)].window;
+        let b = &mut bufs[ix(lane)];
+        let w = &mut b.window;
         let mut freed = 0;
         while w.front().is_some_and(|it| it.seq <= up_to) {
             if let Some(it) = w.pop_front() {
@@ -457,6 +444,9 @@ impl Delivery {
                 !hit
             });
         }
+        if freed > 0 {
+            b.waiting = (!b.window.is_empty()).then_some(now);
+        }
         self.release(freed, budget);
         self.shrink();
     }
@@ -468,13 +458,11 @@ impl Delivery {
             return;
         };
         for b in bufs.iter_mut() {
-            while let Some(mut it) = b.window.pop_back() {
-                it.sent_at = None;
-                it.tries = 0;
+            while let Some(it) = b.window.pop_back() {
                 b.queued_bytes += it.cost();
                 b.queue.push_front(it);
             }
-            b.due = None;
+            b.waiting = None;
         }
     }
 
@@ -482,13 +470,16 @@ impl Delivery {
     /// Pushes at or below it that were written are dropped as delivered; a
     /// client cannot have received a push that was never written, so a
     /// `last` beyond the highest written seq does not drop the rest (they
-    /// are replayed; the client discards seqs it has). What remains will be
-    /// replayed in order. Call [`Delivery::detach`] first.
+    /// are replayed; the client discards seqs it has). Pushes already written on
+    /// `cfg.max_tries` connections are given up into `failed`. What remains
+    /// will be replayed in order. Call [`Delivery::detach`] first.
     pub fn resume(
         &mut self,
         last: [u64; 2],
+        cfg: &DeliveryConfig,
         budget: &Budget,
         delivered: &mut Vec<Item>,
+        failed: &mut Vec<Item>,
     ) -> [LaneResume; 2] {
         let mut res = [LaneResume::default(); 2];
         let mut freed = 0;
@@ -502,6 +493,22 @@ impl Delivery {
                         freed += it.cost();
                         delivered.push(it);
                     }
+                }
+                // Pushes written before sit at the front, in seq order.
+                let tried = b[l].queue.iter().take_while(|it| it.tries > 0).count();
+                let mut kept = VecDeque::with_capacity(tried);
+                for _ in 0..tried {
+                    let Some(it) = b[l].pop_queued() else { break };
+                    if it.tries >= cfg.max_tries {
+                        freed += it.cost();
+                        failed.push(it);
+                    } else {
+                        kept.push_back(it);
+                    }
+                }
+                while let Some(it) = kept.pop_back() {
+                    b[l].queued_bytes += it.cost();
+                    b[l].queue.push_front(it);
                 }
             }
             let first = self
@@ -549,11 +556,6 @@ impl Delivery {
     }
 }
 
-/// Retransmission timeout after `tries` writes: `base`, then doubling.
-fn rto(base: Duration, tries: u8) -> Duration {
-    base.saturating_mul(1u32 << tries.saturating_sub(1).min(16))
-}
-
 #[cfg(test)]
 mod tests {
     //! Deterministic tests on virtual time: loss, duplication, reordering,
@@ -588,7 +590,7 @@ mod tests {
 
     fn send(d: &mut Delivery, now: Instant, c: &DeliveryConfig) -> Vec<(Lane, u64)> {
         let mut out = Vec::new();
-        d.poll_send(now, 100, c, &mut out);
+        d.poll_send(now, 100, Lanes::ALL, c, &mut out);
         out.into_iter().map(|(l, s, _)| (l, s)).collect()
     }
 
@@ -622,35 +624,73 @@ mod tests {
         );
         assert!(send(&mut d, t0, &c).is_empty(), "windows are full");
         let mut acked = Vec::new();
-        d.ack(Lane::Interactive, 2, &[], &b, &mut acked);
+        d.ack(Lane::Interactive, 2, &[], t0, &b, &mut acked);
         assert_eq!(acked.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(send(&mut d, t0, &c), vec![(Lane::Interactive, 4)]);
     }
 
     #[test]
-    fn lost_ack_retransmits_with_backoff_then_gives_up() {
+    fn a_push_is_written_once_per_connection_and_the_ack_deadline_follows_progress() {
         let (c, b, t0) = (cfg(), Budget::new(1 << 20), Instant::now());
         let mut d = Delivery::default();
+        assert_eq!(d.ack_deadline(Lanes::ALL, &c), None, "nothing in flight");
         offer(&mut d, Lane::Interactive, &c, &b);
-        assert_eq!(send(&mut d, t0, &c).len(), 1);
-        assert_eq!(d.next_deadline(&c), Some(t0 + Duration::from_secs(1)));
-        assert!(send(&mut d, t0 + Duration::from_millis(999), &c).is_empty());
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(
-            send(&mut d, t1, &c),
-            vec![(Lane::Interactive, 1)],
-            "second try"
+        offer(&mut d, Lane::Interactive, &c, &b);
+        assert_eq!(send(&mut d, t0, &c).len(), 2);
+        let s = Duration::from_secs(1);
+        assert_eq!(d.ack_deadline(Lanes::ALL, &c), Some(t0 + s));
+        assert_eq!(d.ack_deadline(Lanes::BULK, &c), None, "per lane");
+        assert!(
+            send(&mut d, t0 + 10 * s, &c).is_empty(),
+            "never written again on the same connection"
         );
-        // Backoff: the third try waits 2 s.
-        assert_eq!(d.next_deadline(&c), Some(t1 + Duration::from_secs(2)));
-        let t2 = t1 + Duration::from_secs(2);
-        assert_eq!(send(&mut d, t2, &c).len(), 1, "third try");
+        // An ack that frees something restarts the clock for the rest.
+        let t1 = t0 + Duration::from_millis(700);
+        d.ack(Lane::Interactive, 1, &[], t1, &b, &mut Vec::new());
+        assert_eq!(d.ack_deadline(Lanes::ALL, &c), Some(t1 + s));
+        // A stale ack frees nothing and moves nothing.
+        d.ack(Lane::Interactive, 1, &[], t1 + s, &b, &mut Vec::new());
+        assert_eq!(d.ack_deadline(Lanes::ALL, &c), Some(t1 + s));
+        // A stalled write that moves again counts as progress.
+        let t2 = t1 + Duration::from_millis(900);
+        d.progress(Lanes::INTERACTIVE, t2);
+        assert_eq!(d.ack_deadline(Lanes::ALL, &c), Some(t2 + s));
+        d.ack(Lane::Interactive, 2, &[], t2, &b, &mut Vec::new());
+        assert_eq!(d.ack_deadline(Lanes::ALL, &c), None, "window empty");
+        assert!(d.is_idle() && b.used() == 0);
+    }
+
+    #[test]
+    fn a_push_written_on_max_tries_connections_is_given_up_at_the_resume() {
+        let (c, b, t0) = (cfg(), Budget::new(1 << 20), Instant::now());
+        let mut d = Delivery::default();
+        offer(&mut d, Lane::Interactive, &c, &b); // 1: the poison push
+        for conn in 1..=3u8 {
+            let mut failed = Vec::new();
+            let r = d.resume([0, 0], &c, &b, &mut Vec::new(), &mut failed);
+            assert!(failed.is_empty(), "connection {conn}: still tried");
+            assert_eq!(r[0].first_held, 1);
+            assert_eq!(send(&mut d, t0, &c), vec![(Lane::Interactive, 1)]);
+            d.detach(); // the connection died without an ack
+        }
+        offer(&mut d, Lane::Interactive, &c, &b); // 2: never written
         let mut failed = Vec::new();
-        d.poll_failed(t2 + Duration::from_secs(3), &c, &b, &mut failed);
-        assert!(failed.is_empty(), "the last try still has its 4 s");
-        d.poll_failed(t2 + Duration::from_secs(4), &c, &b, &mut failed);
-        assert_eq!(failed.len(), 1);
-        assert!(d.is_idle() && b.used() == 0, "given up: nothing held");
+        let r = d.resume([0, 0], &c, &b, &mut Vec::new(), &mut failed);
+        assert_eq!(
+            failed.iter().map(|i| i.seq).collect::<Vec<_>>(),
+            vec![1],
+            "written on three connections: given up"
+        );
+        assert_eq!(
+            r[0],
+            LaneResume {
+                first_held: 2,
+                gap: true,
+                replay: 1
+            },
+            "the client learns of the gap"
+        );
+        assert_eq!(send(&mut d, t0, &c), vec![(Lane::Interactive, 2)]);
     }
 
     #[test]
@@ -662,11 +702,11 @@ mod tests {
         }
         send(&mut d, t0, &c);
         let mut acked = Vec::new();
-        d.ack(Lane::Interactive, 0, &[(3, 3)], &b, &mut acked); // selective, out of order
-        d.ack(Lane::Interactive, 2, &[], &b, &mut acked);
-        d.ack(Lane::Interactive, 1, &[], &b, &mut acked); // stale
-        d.ack(Lane::Interactive, 3, &[(1, 3)], &b, &mut acked); // duplicate
-        d.ack(Lane::Bulk, 99, &[], &b, &mut acked); // nothing in that lane
+        d.ack(Lane::Interactive, 0, &[(3, 3)], t0, &b, &mut acked); // selective, out of order
+        d.ack(Lane::Interactive, 2, &[], t0, &b, &mut acked);
+        d.ack(Lane::Interactive, 1, &[], t0, &b, &mut acked); // stale
+        d.ack(Lane::Interactive, 3, &[(1, 3)], t0, &b, &mut acked); // duplicate
+        d.ack(Lane::Bulk, 99, &[], t0, &b, &mut acked); // nothing in that lane
         let mut seqs: Vec<u64> = acked.iter().map(|i| i.seq).collect();
         seqs.sort_unstable();
         assert_eq!(seqs, vec![1, 2, 3], "each push acknowledged exactly once");
@@ -765,7 +805,7 @@ mod tests {
         assert_eq!(offer(&mut d2, Lane::Interactive, &c, &b), Offer::Dropped);
         send(&mut d1, t0, &c);
         let mut acked = Vec::new();
-        d1.ack(Lane::Interactive, 1, &[], &b, &mut acked);
+        d1.ack(Lane::Interactive, 1, &[], t0, &b, &mut acked);
         assert!(matches!(
             offer(&mut d2, Lane::Interactive, &c, &b),
             Offer::Queued { .. }
@@ -784,7 +824,7 @@ mod tests {
         d.detach();
         offer(&mut d, Lane::Interactive, &c, &b); // 5 arrives while detached
         let mut delivered = Vec::new();
-        let r = d.resume([2, 0], &b, &mut delivered);
+        let r = d.resume([2, 0], &c, &b, &mut delivered, &mut Vec::new());
         assert_eq!(
             delivered.iter().map(|i| i.seq).collect::<Vec<_>>(),
             vec![1, 2]
@@ -825,7 +865,7 @@ mod tests {
             d.enqueue(&push(Lane::Interactive, "m"), true, &c, &b, &mut Vec::new());
         }
         assert_eq!(d.held(), c.detached_bytes, "the detached bound holds");
-        let r = d.resume([0, 0], &b, &mut Vec::new());
+        let r = d.resume([0, 0], &c, &b, &mut Vec::new(), &mut Vec::new());
         assert_eq!(
             r[0],
             LaneResume {
@@ -836,7 +876,7 @@ mod tests {
         );
         // A client claiming more than was ever sent is clamped.
         let mut d2 = Delivery::default();
-        let r2 = d2.resume([1000, 0], &b, &mut Vec::new());
+        let r2 = d2.resume([1000, 0], &c, &b, &mut Vec::new(), &mut Vec::new());
         assert_eq!(
             r2[0],
             LaneResume {
@@ -878,7 +918,7 @@ mod tests {
         offer(&mut d, Lane::Interactive, &c, &b);
         d.detach();
         let mut delivered = Vec::new();
-        let r = d.resume([3, 0], &b, &mut delivered);
+        let r = d.resume([3, 0], &c, &b, &mut delivered, &mut Vec::new());
         assert_eq!(
             delivered.iter().map(|i| i.seq).collect::<Vec<_>>(),
             vec![1],
@@ -896,12 +936,12 @@ mod tests {
         // After everything settles and the buffers are freed, a new push is
         // not written either.
         send(&mut d, t0, &c);
-        d.ack(Lane::Interactive, 3, &[], &b, &mut Vec::new());
+        d.ack(Lane::Interactive, 3, &[], t0, &b, &mut Vec::new());
         assert!(d.is_idle());
         offer(&mut d, Lane::Interactive, &c, &b); // seq 4
         d.detach();
         let mut delivered = Vec::new();
-        d.resume([4, 0], &b, &mut delivered);
+        d.resume([4, 0], &c, &b, &mut delivered, &mut Vec::new());
         assert!(delivered.is_empty());
         assert_eq!(d.queued(), 1);
     }

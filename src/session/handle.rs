@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::delivery::{Budget, Delivery, DeliveryConfig, Item, LaneResume, Offer};
+use super::delivery::{Budget, Delivery, DeliveryConfig, Item, LaneResume, Lanes, Offer};
 use crate::ids::{DeviceId, NodeId, RoomId, SessionId, TransportKind, UserId};
 use crate::wire::pb::Lane;
 use crate::wire::{pb, Code, SharedPush};
@@ -69,7 +69,7 @@ pub enum End {
 pub fn keeps_state(code: Code) -> bool {
     matches!(
         code,
-        Code::ConnectionLost | Code::HeartbeatTimeout | Code::SlowConsumer
+        Code::ConnectionLost | Code::HeartbeatTimeout | Code::SlowConsumer | Code::AckTimeout
     )
 }
 
@@ -356,13 +356,15 @@ impl SessionHandle {
         o.close.take().map(|b| *b)
     }
 
-    /// Moves what may be written now into `out` (driver side); see
-    /// [`Delivery::poll_send`]. Nothing for a stale generation.
+    /// Moves what may be written now on an output carrying `lanes` into
+    /// `out` (driver side); see [`Delivery::poll_send`]. Nothing for a stale
+    /// generation.
     pub fn poll_send(
         &self,
         gen: u32,
         now: Instant,
         max: usize,
+        lanes: Lanes,
         cfg: &DeliveryConfig,
         out: &mut Vec<(Lane, u64, SharedPush)>,
     ) -> usize {
@@ -370,27 +372,25 @@ impl SessionHandle {
         if o.gen != gen || o.closed {
             return 0;
         }
-        o.delivery.poll_send(now, max, cfg, out)
+        o.delivery.poll_send(now, max, lanes, cfg, out)
     }
 
-    /// Removes pushes given up after every retry (driver side).
-    pub fn poll_failed(
-        &self,
-        gen: u32,
-        now: Instant,
-        cfg: &DeliveryConfig,
-        budget: &Budget,
-        out: &mut Vec<Item>,
-    ) {
+    /// When the pushes in flight on `lanes` will have waited `ack_timeout`
+    /// without ack progress (see [`Delivery::ack_deadline`]).
+    pub fn ack_deadline(&self, gen: u32, lanes: Lanes, cfg: &DeliveryConfig) -> Option<Instant> {
+        let o = self.0.outbox.lock();
+        if o.gen != gen || o.closed {
+            return None;
+        }
+        o.delivery.ack_deadline(lanes, cfg)
+    }
+
+    /// A refused write on the output carrying `lanes` moved again.
+    pub fn progress(&self, gen: u32, lanes: Lanes, now: Instant) {
         let mut o = self.0.outbox.lock();
         if o.gen == gen && !o.closed {
-            o.delivery.poll_failed(now, cfg, budget, out);
+            o.delivery.progress(lanes, now);
         }
-    }
-
-    /// When the next retransmission is due.
-    pub fn next_deadline(&self, cfg: &DeliveryConfig) -> Option<Instant> {
-        self.0.outbox.lock().delivery.next_deadline(cfg)
     }
 
     /// Applies a client acknowledgement; acknowledged pushes go to `acked`.
@@ -399,6 +399,7 @@ impl SessionHandle {
         lane: Lane,
         up_to: u64,
         ranges: &[(u64, u64)],
+        now: Instant,
         budget: &Budget,
         acked: &mut Vec<Item>,
     ) {
@@ -406,7 +407,7 @@ impl SessionHandle {
             .outbox
             .lock()
             .delivery
-            .ack(lane, up_to, ranges, budget, acked);
+            .ack(lane, up_to, ranges, now, budget, acked);
     }
 
     /// Pushes waiting to be written.
@@ -516,19 +517,22 @@ impl SessionHandle {
     /// A new connection takes the session over (resume): the previous one,
     /// if still attached, is told to close and no longer touches the state.
     /// Replays start from `last` (per lane). Returns the new generation and
-    /// what the resume found; pushes found delivered go to `delivered`.
+    /// what the resume found; pushes found delivered go to `delivered`, pushes
+    /// given up after `cfg.max_tries` connections go to `failed`.
     pub fn attach(
         &self,
         last: [u64; 2],
+        cfg: &DeliveryConfig,
         budget: &Budget,
         delivered: &mut Vec<Item>,
+        failed: &mut Vec<Item>,
     ) -> Option<(u32, [LaneResume; 2], Option<Waker>)> {
         let mut o = self.0.outbox.lock();
         if o.closed || o.closing == Closing::Final {
             return None;
         }
         o.delivery.detach();
-        let res = o.delivery.resume(last, budget, delivered);
+        let res = o.delivery.resume(last, cfg, budget, delivered, failed);
         o.gen = o.gen.wrapping_add(1);
         o.detached = false;
         o.close = None;

@@ -16,7 +16,7 @@ pub use self::core::{
     LoginGrant, Refreshed, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER,
     MAX_INVALID_FRAMES,
 };
-pub use delivery::{Budget, DeliveryConfig, ITEM_OVERHEAD};
+pub use delivery::{Budget, DeliveryConfig, Lanes, ITEM_OVERHEAD};
 pub use handle::{
     keeps_state, shared_size, CloseCmd, End, Enqueued, SessionHandle, SessionInfo, Uplink,
     WeakSession,

@@ -1,24 +1,115 @@
-//! Transports: drive one [`Session`](crate::session::Session) over a byte stream.
+//! Transports: drive one [`Session`](crate::session::Session) over a wire.
 //!
-//! [`Connection`] is a hand-written future that works over any
-//! `AsyncRead + AsyncWrite` (plain TCP, TLS, an in-memory pipe; later QUIC
-//! streams). It holds no read buffer while a connection is idle (reads go
-//! through a stack buffer; only a partial frame is kept), no write buffer
-//! unless a write is blocked, and no per-connection timer (deadlines go to the
-//! shared [`TimerWheel`](crate::timer::TimerWheel)).
+//! Three layers, thinnest at the bottom:
+//! - [`Link`] (link.rs) is the connection machine: every protocol decision
+//!   about one connection (what to write on which output, closing, lingering,
+//!   the stall rule, the ack deadline, the timer), with no IO in it.
+//! - [`Connection`] (conn.rs) is the hand-written future that moves bytes
+//!   between a [`Wire`] and its link. It holds no read buffer while a
+//!   connection is idle (reads go through a stack buffer; only a partial
+//!   frame is kept), no write buffer unless a write is blocked, and no
+//!   per-connection timer (deadlines go to the shared
+//!   [`TimerWheel`](crate::timer::TimerWheel)).
+//! - A [`Wire`] is how bytes move: any [`Transport`] byte stream (TCP, TLS,
+//!   an in-memory pipe) with one output, or QUIC streams (quic.rs) with two.
 
 mod conn;
+mod link;
 
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use conn::{ConnGuard, Connection};
+pub use link::{Link, Outputs, WriteBatch};
 
 /// A byte stream a session can run over.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin {
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     /// The peer's address, for logs and events (not stored per connection).
     fn peer_addr(&self) -> Option<SocketAddr>;
+
+    /// Whether large push bodies go out as slices of their own (`writev`).
+    fn vectored(&self) -> bool {
+        self.is_write_vectored()
+    }
+}
+
+/// How a connection's bytes move: one input, and one output per
+/// [`Outputs`] slot. Only moves bytes; every decision is the [`Link`]'s.
+pub trait Wire: Unpin + Send {
+    /// 1: both lanes on one stream; 2: the bulk lane on output 1.
+    const OUTPUTS: usize;
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>>;
+
+    fn poll_write(
+        &mut self,
+        out: usize,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>>;
+
+    fn poll_write_vectored(
+        &mut self,
+        out: usize,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>>;
+
+    /// Whether output `out` takes large push bodies as slices of their own
+    /// (`writev`) rather than copied into one flat buffer.
+    fn vectored(&self, out: usize) -> bool;
+
+    /// Ends every output (the Close frame is written).
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The peer's address.
+    fn peer_addr(&self) -> Option<SocketAddr>;
+
+    /// Transport events a poll should notice (QUIC: the peer's address
+    /// changed). Nothing for a byte stream.
+    fn poll_events(&mut self, _cx: &mut Context<'_>, _link: &Link) {}
+}
+
+impl<T: Transport> Wire for T {
+    const OUTPUTS: usize = 1;
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_read(cx, buf)
+    }
+
+    fn poll_write(
+        &mut self,
+        _out: usize,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        _out: usize,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write_vectored(cx, bufs)
+    }
+
+    fn vectored(&self, _out: usize) -> bool {
+        Transport::vectored(self)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
+    }
+
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        Transport::peer_addr(self)
+    }
 }
 
 impl Transport for tokio::net::TcpStream {
@@ -27,9 +118,15 @@ impl Transport for tokio::net::TcpStream {
     }
 }
 
+/// TLS: each slice of a `writev` would cost a TLS record of its own, so a
+/// TLS stream reports that it is not vectored and gets one flat buffer.
 impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     fn peer_addr(&self) -> Option<SocketAddr> {
         self.get_ref().0.peer_addr().ok()
+    }
+
+    fn vectored(&self) -> bool {
+        false
     }
 }
 

@@ -1,0 +1,1197 @@
+//! The connection machine: every decision about one connection that does not
+//! depend on how its bytes move.
+//!
+//! A [`Link`] owns a connection's [`Session`] (the protocol state machine) and
+//! its hold on the session's shared handle, and decides: whether pushes may
+//! flow, what goes into the next write on each output, that a `Close` waits
+//! for the pushes of its output (unless the connection is being cut), what a
+//! superseded connection does, how a draining connection that never logged in
+//! closes, the linger byte budget, the stall rule, the ack deadline, when the
+//! cheap housekeeping runs, and which deadline the timer wheel is armed with.
+//!
+//! A driver ([`Connection`](super::Connection) over a [`Wire`](super::Wire))
+//! only moves bytes, wake-ups and time: it reads into a stack buffer and
+//! calls [`Link::on_read`], asks [`Link::batch`] for what to write on each
+//! output and reports what the socket took ([`Link::on_written`],
+//! [`Link::on_refused`]), and brackets each poll with [`Link::begin`] and
+//! [`Link::end`]. Nothing here touches a socket, so the timing paths are
+//! tested on virtual time by calling these methods (see the tests below).
+//!
+//! Outputs: a byte stream (TCP, TLS) has one, and both lanes interleave on
+//! it. QUIC has two: output 0 (the client's bidirectional stream) carries
+//! control frames and the interactive lane, output 1 (a server-opened
+//! unidirectional stream) the bulk lane, so a bulk stream stalled by its
+//! small flow-control window never delays an interactive push. Each output
+//! has its own pending write, stall clock and ack deadline.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::config::SlowConsumerPolicy;
+use crate::gateway::{Gateway, GatewayEnv};
+use crate::ids::TransportKind;
+use crate::metrics as m;
+use crate::session::{CloseCmd, Lanes, Session, SessionHandle};
+use crate::timer::Scheduled;
+use crate::wire::pb::Lane;
+use crate::wire::{encode_push_header, frame_len, Code, FrameError, SharedPush, LEN_PREFIX};
+
+/// Frames coalesced into one batch of writes.
+const BATCH_FRAMES: usize = 256;
+/// Bytes coalesced into one batch of writes (soft limit).
+const BATCH_BYTES: usize = 256 * 1024;
+/// Bytes discarded while lingering on close, before giving up on EOF.
+pub(crate) const LINGER_BYTES: usize = 256 * 1024;
+
+/// Small state flags of a connection, packed into bits (the connection's
+/// future must stay within 152 bytes; see the `sizes` test).
+#[derive(Default, Clone, Copy)]
+struct Flags(u16);
+
+impl Flags {
+    const FLUSH_ON_CLOSE: u16 = 1;
+    const CLOSE_WRITTEN: u16 = 1 << 1;
+    const SHUTDOWN_DONE: u16 = 1 << 2;
+    const READ_CLOSED: u16 = 1 << 3;
+    const FINISHED: u16 = 1 << 4;
+    /// Registered in the timer wheel (at `Link::timer`).
+    const TIMER_SET: u16 = 1 << 5;
+    /// Another connection resumed this session: hands off the shared state.
+    /// `Link::handle` is then a private handle that only carries this task's
+    /// wake-ups (the wheel wakes a handle's registered waker, which the
+    /// session's handle now keeps for the new connection).
+    const SUPERSEDED: u16 = 1 << 6;
+    /// Logged in: the session is in the registry.
+    const REGISTERED: u16 = 1 << 7;
+    /// The bulk lane has its own output (QUIC).
+    const TWO_OUTPUTS: u16 = 1 << 8;
+
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn set(&mut self, bit: u16, on: bool) {
+        if on {
+            self.0 |= bit;
+        } else {
+            self.0 &= !bit;
+        }
+    }
+}
+
+/// How a transport carries the lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outputs {
+    /// One byte stream: control frames and both lanes interleave.
+    One,
+    /// Output 0 carries control frames and the interactive lane, output 1 the
+    /// bulk lane.
+    Two,
+}
+
+/// Frames waiting to be written on one output, coalesced.
+pub struct WriteBatch {
+    chunks: Vec<Bytes>,
+    idx: usize,
+    frames: u64,
+    /// Since when the socket has taken no byte of this batch (set when a
+    /// write is refused, cleared by any progress): the stall rule's clock.
+    stalled_at: Option<Instant>,
+}
+
+impl WriteBatch {
+    /// The slices still to write, in order.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks[self.idx..]
+    }
+
+    fn is_done(&self) -> bool {
+        self.idx >= self.chunks.len()
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.idx < self.chunks.len() {
+            let c = &mut self.chunks[self.idx];
+            if n >= c.len() {
+                n -= c.len();
+                self.idx += 1;
+            } else {
+                c.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+/// Pushes with a body at most this long are copied into the batch's flat
+/// buffer; longer bodies go out as their own shared slice (`writev`). Copying
+/// 64 bytes costs less than a slice of its own (measured in the codec bench:
+/// about 8 ns a frame flat against 40 ns as separate slices).
+const COPY_MAX: usize = 512;
+
+/// Builds a batch of frames for one `writev`: small frames are copied into a
+/// flat buffer, large push bodies are shared slices. Streams that encrypt
+/// (TLS) get everything flat, since each slice would cost a TLS record.
+struct BatchBuilder {
+    vectored: bool,
+    chunks: Vec<Bytes>,
+    flat: BytesMut,
+    frames: u64,
+    bytes: usize,
+}
+
+impl BatchBuilder {
+    fn new(vectored: bool) -> Self {
+        Self {
+            vectored,
+            chunks: Vec::new(),
+            flat: BytesMut::new(),
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.frames as usize >= BATCH_FRAMES || self.bytes >= BATCH_BYTES
+    }
+
+    /// Ends the flat run so far as one slice.
+    fn cut(&mut self) {
+        if !self.flat.is_empty() {
+            self.chunks.push(self.flat.split().freeze());
+        }
+    }
+
+    fn frame(&mut self, b: Bytes) {
+        self.frames += 1;
+        self.bytes += b.len();
+        if self.vectored && b.len() > COPY_MAX {
+            self.cut();
+            self.chunks.push(b);
+        } else {
+            self.flat.extend_from_slice(&b);
+        }
+    }
+
+    fn push(&mut self, seq: u64, p: &SharedPush) {
+        self.frames += 1;
+        self.bytes += p.wire_len();
+        // Amortized: the flat buffer grows by doubling.
+        self.flat
+            .reserve(crate::wire::PUSH_HEADER_MAX + p.body.len().min(COPY_MAX));
+        encode_push_header(seq, p.body.len(), &mut self.flat);
+        if self.vectored && p.body.len() > COPY_MAX {
+            self.cut();
+            self.chunks.push(p.body.clone());
+        } else {
+            self.flat.extend_from_slice(&p.body);
+        }
+    }
+
+    fn finish(mut self) -> Option<WriteBatch> {
+        if self.frames == 0 {
+            return None;
+        }
+        self.cut();
+        Some(WriteBatch {
+            chunks: self.chunks,
+            idx: 0,
+            frames: self.frames,
+            stalled_at: None,
+        })
+    }
+}
+
+/// The pending writes of a connection's outputs; allocated only while one is
+/// pending, so an idle connection pays 8 bytes for it.
+#[derive(Default)]
+struct Pending([Option<WriteBatch>; 2]);
+
+/// Whether tick `a` comes after tick `b` (both the low 32 bits of ticks less
+/// than 2^31 apart).
+pub(crate) fn tick_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// One connection's machine. See the module documentation.
+pub struct Link {
+    session: Session,
+    handle: SessionHandle,
+    gw: Arc<Gateway>,
+    /// Set when per-IP accounting counted this connection (boxed: per-IP
+    /// accounting is off by default, and then a connection pays 8 bytes).
+    ip: Option<Box<IpAddr>>,
+    /// A partial frame, only while one is in flight (boxed: idle costs 8 bytes).
+    rbuf: Option<Box<BytesMut>>,
+    /// Pending writes, only while the socket refuses to take one.
+    out: Option<Box<Pending>>,
+    /// Low 32 bits of the wheel tick this connection is registered to wake
+    /// at, when `TIMER_SET`.
+    timer: u32,
+    /// Generation of this connection's hold on the session (see SessionHandle).
+    gen: u32,
+    /// KiB discarded while lingering on close (u16 keeps the future small).
+    lingered_kib: u16,
+    f: Flags,
+    kind: TransportKind,
+}
+
+impl Link {
+    /// A new connection of `kind`, whose accounting `ip` was taken by a
+    /// [`ConnGuard`](super::ConnGuard); the link releases it when dropped.
+    pub(crate) fn new(
+        gw: Arc<Gateway>,
+        kind: TransportKind,
+        outputs: Outputs,
+        ip: Option<Box<IpAddr>>,
+    ) -> Self {
+        let now = gw.now();
+        let handle = SessionHandle::new(gw.next_session_id());
+        gw.connection_opened(&handle);
+        let mut f = Flags(Flags::FLUSH_ON_CLOSE);
+        f.set(Flags::TWO_OUTPUTS, outputs == Outputs::Two);
+        Self {
+            session: Session::new(now, gw.params().clone()),
+            handle,
+            gw,
+            ip,
+            rbuf: None,
+            out: None,
+            timer: 0,
+            gen: 0,
+            lingered_kib: 0,
+            f,
+            kind,
+        }
+    }
+
+    /// The session handle (tests and the in-memory transport use it).
+    pub fn handle(&self) -> &SessionHandle {
+        &self.handle
+    }
+
+    /// The gateway's clock.
+    pub fn now(&self) -> Instant {
+        self.gw.now()
+    }
+
+    pub fn kind(&self) -> TransportKind {
+        self.kind
+    }
+
+    /// Outputs this connection writes to (1 or 2).
+    pub fn outputs(&self) -> usize {
+        if self.f.has(Flags::TWO_OUTPUTS) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The lanes output `out` carries.
+    fn lanes_of(&self, out: usize) -> Lanes {
+        match (self.f.has(Flags::TWO_OUTPUTS), out) {
+            (false, _) => Lanes::ALL,
+            (true, 0) => Lanes::INTERACTIVE,
+            (true, _) => Lanes::BULK,
+        }
+    }
+
+    fn registered(&self) -> bool {
+        self.f.has(Flags::REGISTERED) && !self.f.has(Flags::SUPERSEDED)
+    }
+
+    fn pending(&self, out: usize) -> Option<&WriteBatch> {
+        self.out.as_ref().and_then(|p| p.0[out].as_ref())
+    }
+
+    fn any_pending(&self) -> bool {
+        self.out.is_some()
+    }
+
+    // -----------------------------------------------------------------
+    // A poll: begin, input, output, end.
+    // -----------------------------------------------------------------
+
+    /// Starts a poll at `now`: notices a takeover by another connection,
+    /// applies the stall rule, the ack deadline and requests from outside
+    /// (close, drain), the session's timeouts, and the wheel's housekeeping.
+    pub fn begin(&mut self, now: Instant, waker: &Waker) {
+        if !self.handle.register_waker(self.gen, waker) {
+            // Another connection resumed this session: stop touching it. The
+            // wheel wakes whatever waker a handle holds, and the session's
+            // handle now holds the new connection's: this connection takes a
+            // private handle (same id, registered nowhere) for its own
+            // wake-ups until its Close is written and it lingers out.
+            self.f.set(Flags::SUPERSEDED, true);
+            self.f.set(Flags::TIMER_SET, false);
+            self.handle = SessionHandle::new(self.handle.id());
+            self.gen = 0;
+            self.handle.register_waker(0, waker);
+            self.session.close(
+                now,
+                CloseCmd::new(
+                    Code::Replaced,
+                    "the session was resumed on another connection",
+                ),
+            );
+        }
+        let wheel_fired = !self.f.has(Flags::TIMER_SET)
+            || tick_after(self.gw.wheel().cursor() as u32, self.timer);
+        self.check_stall(now);
+        if wheel_fired {
+            // Woken by the wheel (or never armed): the checks that only a
+            // deadline can make due.
+            self.check_acks(now);
+        }
+        if !self.session.is_closing() {
+            if let Some(cmd) = self.handle.take_close(self.gen) {
+                // A connection cut for not reading (or for a dead path) gets
+                // its Close at once: pushes queued behind it would not get
+                // through, and they are kept for the resume.
+                let cut = matches!(cmd.code, Code::SlowConsumer | Code::AckTimeout);
+                self.f.set(Flags::FLUSH_ON_CLOSE, !cut);
+                self.session.close(now, cmd);
+            } else if !self.f.has(Flags::REGISTERED) && self.gw.is_draining() {
+                self.session.close(now, self.gw.drain_close());
+            }
+        }
+        self.session.handle_timeout(now);
+        if wheel_fired && self.registered() {
+            self.handle
+                .prune_uplinks(now, self.gw.config().delivery.dedup_window);
+        }
+    }
+
+    /// Whether the driver should read: more input while the session takes
+    /// it, or bytes to discard while lingering on close, within the budget.
+    pub fn wants_read(&self) -> bool {
+        if self.f.has(Flags::READ_CLOSED) {
+            return false;
+        }
+        if self.session.is_closing() {
+            !self.lingered_done()
+        } else {
+            self.session.wants_input()
+        }
+    }
+
+    /// Reading is paused while replies pile up (no read waker is armed then,
+    /// so once the replies are written the driver must poll input again).
+    pub fn input_paused(&self) -> bool {
+        !self.f.has(Flags::READ_CLOSED) && !self.session.is_closing() && !self.session.wants_input()
+    }
+
+    /// Bytes the peer sent (`peer` gives its address, asked only at login).
+    pub fn on_read(&mut self, now: Instant, data: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
+        metrics::counter!(m::BYTES_IN).increment(data.len() as u64);
+        if self.session.is_closing() {
+            self.lingered_kib = self
+                .lingered_kib
+                .saturating_add(data.len().div_ceil(1024) as u16);
+        } else {
+            self.feed(now, data, peer);
+        }
+    }
+
+    /// The peer's side ended: EOF (`failed` false) or an error.
+    pub fn on_read_closed(&mut self, failed: bool) {
+        let lingering = self.session.is_closing();
+        self.f.set(Flags::READ_CLOSED, true);
+        if failed || !lingering {
+            self.session.handle_peer_gone(Code::ConnectionLost);
+        }
+    }
+
+    /// What to write next on output `out`: the pending batch, or a new one
+    /// (`vectored`: large push bodies as their own slices). `None`: nothing.
+    pub fn batch(&mut self, out: usize, vectored: bool, now: Instant) -> Option<&WriteBatch> {
+        if self.pending(out).is_none() {
+            let b = self.next_batch(out, vectored, now)?;
+            self.out.get_or_insert_with(Box::default).0[out] = Some(b);
+        }
+        self.pending(out)
+    }
+
+    /// The socket took `n` bytes of output `out`'s batch.
+    pub fn on_written(&mut self, out: usize, n: usize, now: Instant) {
+        metrics::counter!(m::WRITES).increment(1);
+        metrics::counter!(m::BYTES_OUT).increment(n as u64);
+        self.gw.count_write();
+        let lanes = self.lanes_of(out);
+        let Some(p) = self.out.as_mut() else { return };
+        let Some(b) = p.0[out].as_mut() else { return };
+        if b.stalled_at.take().is_some() && self.f.has(Flags::REGISTERED) {
+            // The client reads again: what waits in the window may only now
+            // reach it, so its ack deadline starts over.
+            self.handle.progress(self.gen, lanes, now);
+        }
+        b.advance(n);
+        if b.is_done() {
+            metrics::counter!(m::FRAMES_OUT, "transport" => self.kind.as_str()).increment(b.frames);
+            p.0[out] = None;
+            if p.0.iter().all(Option::is_none) {
+                self.out = None;
+            }
+        }
+    }
+
+    /// The socket refused output `out`'s batch: the stall clock starts.
+    pub fn on_refused(&mut self, out: usize, now: Instant) {
+        if let Some(b) = self.out.as_mut().and_then(|p| p.0[out].as_mut()) {
+            b.stalled_at.get_or_insert(now);
+        }
+    }
+
+    /// A write failed: the connection is gone.
+    pub fn on_write_failed(&mut self) {
+        self.session.handle_peer_gone(Code::ConnectionLost);
+    }
+
+    /// Every output is written: the Close (if any) is out, so the driver
+    /// shuts its sending side; once shut and the peer hung up (or lingered
+    /// out), the connection is done. Returns whether the driver should shut
+    /// its sending side now.
+    pub fn on_flushed(&mut self) -> bool {
+        let shut = self.f.has(Flags::CLOSE_WRITTEN) && !self.f.has(Flags::SHUTDOWN_DONE);
+        if self.f.has(Flags::SHUTDOWN_DONE)
+            && (self.f.has(Flags::READ_CLOSED) || self.lingered_done())
+        {
+            self.session.handle_flushed_and_gone();
+        }
+        shut
+    }
+
+    /// The driver shut its sending side.
+    pub fn on_shutdown(&mut self) {
+        self.f.set(Flags::SHUTDOWN_DONE, true);
+        if self.f.has(Flags::READ_CLOSED) || self.lingered_done() {
+            self.session.handle_flushed_and_gone();
+        }
+    }
+
+    /// Nothing more will be written: the driver may drop the connection.
+    pub fn is_closed(&self) -> bool {
+        self.session.is_closed()
+    }
+
+    /// The close code, once closing.
+    pub fn close_code(&self) -> Option<Code> {
+        self.session.close_code()
+    }
+
+    /// Ends a poll: `Ready` when the connection is done; otherwise arms the
+    /// wheel for the next deadline (and wakes the task at once if `again`).
+    pub fn end(
+        &mut self,
+        cx: &mut Context<'_>,
+        again: bool,
+        session_before: crate::ids::SessionId,
+    ) -> Poll<()> {
+        // A closing session whose peer hung up while we still had frames: done.
+        if self.session.is_closing()
+            && self.f.has(Flags::READ_CLOSED)
+            && !self.any_pending()
+            && self.f.has(Flags::CLOSE_WRITTEN)
+        {
+            self.session.handle_flushed_and_gone();
+        }
+        if self.session.is_closed() {
+            self.finish();
+            return Poll::Ready(());
+        }
+        if self.handle.id() != session_before {
+            // A resume swapped in another session's handle during this poll:
+            // pushes and timers must wake this task from now on.
+            self.handle.register_waker(self.gen, cx.waker());
+            self.f.set(Flags::TIMER_SET, false);
+        }
+        if again {
+            cx.waker().wake_by_ref();
+        }
+        self.arm_timer(cx);
+        Poll::Pending
+    }
+
+    // -----------------------------------------------------------------
+    // Input.
+    // -----------------------------------------------------------------
+
+    fn feed(&mut self, now: Instant, mut data: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
+        let max = self.gw.params().max_frame;
+        if let Some(mut buf) = self.rbuf.take() {
+            buf.extend_from_slice(data);
+            return self.feed_owned(now, buf, peer);
+        }
+        while !data.is_empty() && !self.session.is_closing() {
+            match frame_len(data, max) {
+                Err(e) => return self.frame_error(now, e),
+                Ok(Some(total)) if data.len() >= total => {
+                    let (frame, rest) = data.split_at(total);
+                    self.on_frame(now, &frame[LEN_PREFIX..], peer);
+                    data = rest;
+                }
+                Ok(Some(total)) => {
+                    // The prefix was checked against the maximum above.
+                    let mut buf = BytesMut::with_capacity(total);
+                    buf.extend_from_slice(data);
+                    self.rbuf = Some(Box::new(buf));
+                    return;
+                }
+                Ok(None) => {
+                    let mut buf = BytesMut::with_capacity(LEN_PREFIX);
+                    buf.extend_from_slice(data);
+                    self.rbuf = Some(Box::new(buf));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn feed_owned(
+        &mut self,
+        now: Instant,
+        mut buf: Box<BytesMut>,
+        peer: &dyn Fn() -> Option<SocketAddr>,
+    ) {
+        let max = self.gw.params().max_frame;
+        while !self.session.is_closing() {
+            match crate::wire::decode_frame(&mut buf, max) {
+                Err(e) => return self.frame_error(now, e),
+                Ok(Some(frame)) => self.on_frame(now, &frame, peer),
+                Ok(None) => break,
+            }
+        }
+        if !buf.is_empty() && !self.session.is_closing() {
+            self.rbuf = Some(buf);
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, body: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
+        metrics::counter!(m::FRAMES_IN, "transport" => self.kind.as_str()).increment(1);
+        let mut registered = self.f.has(Flags::REGISTERED);
+        let mut env = GatewayEnv {
+            gw: &self.gw,
+            handle: &mut self.handle,
+            gen: &mut self.gen,
+            kind: self.kind,
+            peer,
+            registered: &mut registered,
+        };
+        self.session.handle_frame(now, body, &mut env);
+        self.f.set(Flags::REGISTERED, registered);
+    }
+
+    fn frame_error(&mut self, now: Instant, e: FrameError) {
+        tracing::debug!(session = ?self.handle.id(), error = %e, "closing on frame error");
+        self.rbuf = None;
+        self.session.handle_frame_error(now, e);
+    }
+
+    fn lingered_done(&self) -> bool {
+        usize::from(self.lingered_kib) * 1024 >= LINGER_BYTES
+    }
+
+    // -----------------------------------------------------------------
+    // Output.
+    // -----------------------------------------------------------------
+
+    fn next_batch(&mut self, out: usize, vectored: bool, now: Instant) -> Option<WriteBatch> {
+        let mut b = BatchBuilder::new(vectored);
+        let main = out == 0;
+        if main {
+            while !b.full() {
+                match self.session.poll_transmit() {
+                    Some(f) => b.frame(f),
+                    None => break,
+                }
+            }
+        }
+        let pushes_flow = self.registered()
+            && (self.session.is_active()
+                || (self.session.is_closing() && self.f.has(Flags::FLUSH_ON_CLOSE)));
+        let mut remaining = 0;
+        if pushes_flow && !b.full() && !self.f.has(Flags::CLOSE_WRITTEN) {
+            let mut items: Vec<(Lane, u64, SharedPush)> = Vec::new();
+            remaining = self.handle.poll_send(
+                self.gen,
+                now,
+                BATCH_FRAMES - b.frames as usize,
+                self.lanes_of(out),
+                self.gw.delivery(),
+                &mut items,
+            );
+            if !items.is_empty() {
+                metrics::histogram!(m::QUEUE_DEPTH).record((items.len() + remaining) as f64);
+            }
+            for (_, seq, p) in &items {
+                b.push(*seq, p);
+            }
+        }
+        // The Close goes last on output 0, once the pushes of that output
+        // are out (when flushing).
+        if main
+            && self.session.is_closing()
+            && remaining == 0
+            && !b.full()
+            && !self.f.has(Flags::CLOSE_WRITTEN)
+        {
+            if let Some(cf) = self.session.poll_close_frame() {
+                b.frame(cf);
+                self.f.set(Flags::CLOSE_WRITTEN, true);
+            }
+        }
+        b.finish()
+    }
+
+    /// Whether a stall of output `out` closes the connection: always for the
+    /// output of control frames and interactive pushes; for a bulk-only
+    /// output, only when the bulk lane's policy is to disconnect (otherwise
+    /// the bulk queue's byte bound drops what does not fit, and interactive
+    /// pushes go on).
+    fn stall_closes(&self, out: usize) -> bool {
+        out == 0 || self.gw.delivery().policy[1] == SlowConsumerPolicy::Disconnect
+    }
+
+    /// The stall rule: a write refused for `delivery.stall_timeout` closes the
+    /// connection as a slow consumer (without flushing: nothing more would
+    /// get through). A logged-in session keeps its state for a resume.
+    fn check_stall(&mut self, now: Instant) {
+        if self.session.is_closing() {
+            return;
+        }
+        let timeout = self.gw.delivery().stall_timeout;
+        let stalled = (0..self.outputs()).any(|out| {
+            self.stall_closes(out)
+                && self
+                    .pending(out)
+                    .and_then(|b| b.stalled_at)
+                    .is_some_and(|at| now >= at + timeout)
+        });
+        if stalled {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+            self.cut(
+                now,
+                CloseCmd::new(
+                    Code::SlowConsumer,
+                    "the connection accepted no data for too long: the client is not reading",
+                ),
+            );
+        }
+    }
+
+    /// The ack deadline: pushes in flight on an output whose writes are not
+    /// refused, with no ack progress for `delivery.ack_timeout`, mean a dead
+    /// path; the connection closes and the resume replays them elsewhere.
+    /// (An output with a refused write is judged by the stall rule instead.)
+    fn check_acks(&mut self, now: Instant) {
+        if !self.session.is_active() || !self.registered() {
+            return;
+        }
+        let Some(deadline) = self.ack_deadline() else {
+            return;
+        };
+        if now >= deadline {
+            metrics::counter!(m::ACK_TIMEOUTS).increment(1);
+            self.cut(
+                now,
+                CloseCmd::new(
+                    Code::AckTimeout,
+                    "pushes went unacknowledged for the ack timeout: resume on a new connection",
+                ),
+            );
+        }
+    }
+
+    /// The earliest ack deadline of the outputs without a refused write.
+    fn ack_deadline(&self) -> Option<Instant> {
+        let mut lanes = [false, false];
+        for out in 0..self.outputs() {
+            if self.pending(out).is_none_or(|b| b.stalled_at.is_none()) {
+                let l = self.lanes_of(out).0;
+                lanes = [lanes[0] || l[0], lanes[1] || l[1]];
+            }
+        }
+        if lanes == [false, false] {
+            return None;
+        }
+        self.handle
+            .ack_deadline(self.gen, Lanes(lanes), self.gw.delivery())
+    }
+
+    /// Closes without flushing, keeping a logged-in session for a resume.
+    fn cut(&mut self, now: Instant, cmd: CloseCmd) {
+        if self.registered() {
+            // Through the handle, so that pushes from now on park as for a
+            // detached session; taken in `begin` like any close request.
+            self.handle.request_close(cmd);
+        } else {
+            self.f.set(Flags::FLUSH_ON_CLOSE, false);
+            self.session.close(now, cmd);
+        }
+    }
+
+    // -----------------------------------------------------------------
+    // Time.
+    // -----------------------------------------------------------------
+
+    /// The deadline this connection must be woken at: the session's own
+    /// (login, idle, token, linger), the stall rule's while a write is
+    /// refused, and the ack deadline of the outputs that are not refused.
+    /// Each of them is acted on when it comes (a close), so none can make the
+    /// wheel answer "due" for ever: a deadline a poll cannot move would have
+    /// the task wake itself in a loop.
+    fn next_wakeup(&self) -> Option<Instant> {
+        let closing = self.session.is_closing();
+        let timeout = self.gw.delivery().stall_timeout;
+        let stall = if closing {
+            None
+        } else {
+            (0..self.outputs())
+                .filter(|&out| self.stall_closes(out))
+                .filter_map(|out| self.pending(out).and_then(|b| b.stalled_at))
+                .min()
+                .map(|at| at + timeout)
+        };
+        let acks = if self.session.is_active() && self.registered() {
+            self.ack_deadline()
+        } else {
+            None
+        };
+        [self.session.poll_timeout(), stall, acks]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn arm_timer(&mut self, cx: &mut Context<'_>) {
+        // Ticks are kept as the low 32 bits and compared with wrapping
+        // arithmetic: registrations lie within the wheel's horizon (a few
+        // thousand ticks) of its cursor, so the difference always fits.
+        let wheel = self.gw.wheel();
+        let cursor = wheel.cursor() as u32;
+        if self.f.has(Flags::TIMER_SET) && tick_after(cursor, self.timer) {
+            self.f.set(Flags::TIMER_SET, false);
+        }
+        let Some(deadline) = self.next_wakeup() else {
+            return;
+        };
+        let want = wheel.tick_ceil(deadline) as u32;
+        if !self.f.has(Flags::TIMER_SET) || tick_after(self.timer, want) {
+            match wheel.schedule(deadline, &self.handle) {
+                Scheduled::At(t) => {
+                    self.timer = t as u32;
+                    self.f.set(Flags::TIMER_SET, true);
+                }
+                Scheduled::Due => {
+                    // The next poll counts as woken by the wheel, so that its
+                    // deadline checks run and move the deadline.
+                    self.f.set(Flags::TIMER_SET, false);
+                    cx.waker().wake_by_ref();
+                }
+            }
+        }
+    }
+
+    /// Takes this connection's entry out of the wheel, so that an ended
+    /// session's allocation is not kept until its slot fires.
+    fn disarm_timer(&mut self) {
+        if self.f.has(Flags::TIMER_SET) {
+            self.f.set(Flags::TIMER_SET, false);
+            self.gw.wheel().cancel(self.timer, &self.handle);
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.f.has(Flags::FINISHED) {
+            return;
+        }
+        self.f.set(Flags::FINISHED, true);
+        self.disarm_timer();
+        self.gw.connection_settled(&self.handle);
+        let code = self.session.close_code().unwrap_or(Code::ConnectionLost);
+        metrics::counter!(m::CLOSES, "reason" => code.as_str_name()).increment(1);
+        if self.registered() {
+            self.gw.connection_ended(&self.handle, self.gen, code);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Runs on normal completion (already finished) and when the runtime
+        // drops the task at shutdown: the registry must not keep a dead session.
+        if !self.f.has(Flags::FINISHED) {
+            self.f.set(Flags::FINISHED, true);
+            self.disarm_timer();
+            self.gw.connection_settled(&self.handle);
+            if self.registered() {
+                self.gw
+                    .connection_ended(&self.handle, self.gen, Code::ServerDraining);
+            }
+        }
+        super::conn::release(&self.gw, self.ip.as_deref().copied(), self.kind);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection machine on virtual time, with no socket at all: the
+    //! test plays the driver (what the socket took, refused, or read), and
+    //! tokio's paused clock and a hand-advanced wheel play time.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+    use std::time::Duration;
+
+    use prost::Message;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::ids::SessionId;
+    use crate::session::Enqueued;
+    use crate::wire::pb;
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A link and the driver's side of it.
+    struct T {
+        link: Link,
+        gw: Arc<Gateway>,
+        wakes: Arc<Wakes>,
+        done: bool,
+    }
+
+    fn gateway(f: impl FnOnce(&mut Config)) -> Arc<Gateway> {
+        let mut cfg = Config::default();
+        cfg.session.timer_tick = Duration::from_millis(100);
+        f(&mut cfg);
+        Gateway::new(cfg).expect("gateway")
+    }
+
+    fn frame(body: pb::client_frame::Body) -> Vec<u8> {
+        let f = pb::ClientFrame {
+            request_id: 1,
+            body: Some(body),
+        };
+        let b = f.encode_to_vec();
+        let mut v = (b.len() as u32).to_be_bytes().to_vec();
+        v.extend(b);
+        v
+    }
+
+    fn decode_all(mut bytes: BytesMut) -> Vec<pb::ServerFrame> {
+        let mut v = Vec::new();
+        while let Ok(Some(f)) = crate::wire::decode_frame(&mut bytes, 1 << 20) {
+            v.push(pb::ServerFrame::decode(f).expect("valid frame"));
+        }
+        v
+    }
+
+    impl T {
+        fn new(gw: &Arc<Gateway>, outputs: Outputs) -> Self {
+            let remote = SocketAddr::from(([127, 0, 0, 1], 1));
+            let ip = super::super::ConnGuard::acquire(gw, remote, TransportKind::Memory)
+                .expect("no cap")
+                .disarm_for_test();
+            Self {
+                link: Link::new(gw.clone(), TransportKind::Memory, outputs, ip),
+                gw: gw.clone(),
+                wakes: Arc::default(),
+                done: false,
+            }
+        }
+
+        /// One poll with no socket activity; true when the task woke itself.
+        fn poll(&mut self) -> bool {
+            assert!(!self.done, "polled after it finished");
+            self.wakes.0.store(0, Ordering::SeqCst);
+            let waker = Waker::from(self.wakes.clone());
+            let mut cx = Context::from_waker(&waker);
+            let before = self.link.handle().id();
+            self.link.begin(self.gw.now(), &waker);
+            self.done = self.link.end(&mut cx, false, before).is_ready();
+            self.wakes.0.load(Ordering::SeqCst) > 0
+        }
+
+        fn woken(&self) -> bool {
+            self.wakes.0.load(Ordering::SeqCst) > 0
+        }
+
+        fn read(&mut self, bytes: &[u8]) {
+            let waker = Waker::from(self.wakes.clone());
+            self.link.begin(self.gw.now(), &waker);
+            self.link.on_read(self.gw.now(), bytes, &|| None);
+        }
+
+        /// Everything output `out` has to write, as if the socket took it all.
+        fn write(&mut self, out: usize) -> Vec<pb::ServerFrame> {
+            let mut bytes = BytesMut::new();
+            let now = self.gw.now();
+            while let Some(b) = self.link.batch(out, true, now) {
+                let n: usize = b.chunks().iter().map(|c| c.len()).sum();
+                for c in b.chunks() {
+                    bytes.extend_from_slice(c);
+                }
+                self.link.on_written(out, n, now);
+            }
+            decode_all(bytes)
+        }
+
+        /// Output `out` has a batch and the socket refuses it.
+        fn refuse(&mut self, out: usize) -> bool {
+            let now = self.gw.now();
+            if self.link.batch(out, true, now).is_none() {
+                return false;
+            }
+            self.link.on_refused(out, now);
+            true
+        }
+
+        fn login(&mut self) -> pb::LoginOk {
+            let token = crate::auth::mint_hs256(
+                crate::config::DEV_SECRET,
+                "ann",
+                Some("phone"),
+                Duration::from_secs(3600),
+                vec![],
+            )
+            .expect("mint");
+            self.read(&frame(pb::client_frame::Body::Login(pb::Login {
+                token,
+                device_id: "phone".into(),
+                platform: pb::Platform::Ios as i32,
+                protocol_version: 1,
+                resume: None,
+            })));
+            match self.write(0).into_iter().find_map(|f| f.body) {
+                Some(pb::server_frame::Body::LoginOk(ok)) => ok,
+                other => panic!("expected LoginOk, got {other:?}"),
+            }
+        }
+
+        fn session(&self, ok: &pb::LoginOk) -> SessionHandle {
+            self.gw
+                .registry()
+                .session(SessionId(ok.session_id))
+                .expect("registered")
+        }
+    }
+
+    fn push(gw: &Gateway, h: &SessionHandle, lane: Lane, n: usize) {
+        for i in 0..n {
+            let p = SharedPush::with(&format!("m{i}"), &[0u8; 100], "t", "", lane, false);
+            let r = h.enqueue(&p, gw.delivery(), gw.budget(), &mut Vec::new());
+            assert_eq!(r, Enqueued::Queued);
+        }
+    }
+
+    fn seqs(frames: &[pb::ServerFrame]) -> Vec<(i32, u64)> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.body {
+                Some(pb::server_frame::Body::Push(p)) => Some((p.lane, p.seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn close_code(frames: &[pb::ServerFrame]) -> Option<i32> {
+        frames.iter().find_map(|f| match &f.body {
+            Some(pb::server_frame::Body::Close(c)) => Some(c.code),
+            _ => None,
+        })
+    }
+
+    async fn advance(gw: &Gateway, d: Duration) {
+        tokio::time::advance(d).await;
+        gw.wheel().advance(gw.now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kick_writes_the_queued_pushes_before_the_close() {
+        let gw = gateway(|_| {});
+        let mut t = T::new(&gw, Outputs::One);
+        let ok = t.login();
+        let h = t.session(&ok);
+        push(&gw, &h, Lane::Interactive, 3);
+        h.request_close(CloseCmd::new(Code::Kicked, "bye"));
+        t.poll();
+        let out = t.write(0);
+        assert_eq!(seqs(&out), vec![(0, 1), (0, 2), (0, 3)]);
+        assert_eq!(close_code(&out), Some(Code::Kicked as i32));
+        assert!(
+            matches!(
+                out.last().and_then(|f| f.body.as_ref()),
+                Some(pb::server_frame::Body::Close(_))
+            ),
+            "the Close comes last"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_consumer_is_cut_without_a_flush_and_keeps_its_session() {
+        let gw = gateway(|_| {});
+        let mut t = T::new(&gw, Outputs::One);
+        let ok = t.login();
+        let h = t.session(&ok);
+        push(&gw, &h, Lane::Interactive, 2);
+        assert!(t.refuse(0), "the socket refuses the pushes");
+        push(&gw, &h, Lane::Interactive, 2);
+        t.poll();
+        advance(&gw, Duration::from_secs(31)).await;
+        assert!(t.woken(), "the stall deadline is armed");
+        t.poll();
+        // The refused batch is what the socket would still take; then only
+        // the Close, not the two pushes queued behind it.
+        let out = t.write(0);
+        assert_eq!(seqs(&out), vec![(0, 1), (0, 2)]);
+        assert_eq!(close_code(&out), Some(Code::SlowConsumer as i32));
+        t.link.on_read_closed(false);
+        t.poll();
+        assert!(t.done);
+        assert!(h.is_detached(), "kept for a resume");
+        assert_eq!(h.queued(), 4, "the window went back to the queue");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unacknowledged_window_closes_a_dead_path_and_nothing_is_written_twice() {
+        let gw = gateway(|c| c.delivery.ack_timeout = Duration::from_secs(10));
+        let mut t = T::new(&gw, Outputs::One);
+        let ok = t.login();
+        let h = t.session(&ok);
+        push(&gw, &h, Lane::Interactive, 2);
+        t.poll();
+        assert_eq!(seqs(&t.write(0)), vec![(0, 1), (0, 2)]);
+        t.poll();
+        // An ack of the first at 6 s restarts the clock for the second.
+        advance(&gw, Duration::from_secs(6)).await;
+        t.read(&frame(pb::client_frame::Body::Ack(pb::Ack {
+            lane: pb::Lane::Interactive as i32,
+            up_to_seq: 1,
+            ranges: vec![],
+        })));
+        t.poll();
+        advance(&gw, Duration::from_secs(6)).await;
+        t.poll();
+        assert!(t.write(0).is_empty(), "12 s in, 6 s since the ack: open");
+        advance(&gw, Duration::from_millis(4_200)).await;
+        assert!(t.woken(), "the ack deadline wakes the connection");
+        t.poll();
+        let out = t.write(0);
+        assert!(seqs(&out).is_empty(), "seq 2 is not written again");
+        assert_eq!(close_code(&out), Some(Code::AckTimeout as i32));
+        t.link.on_read_closed(false);
+        t.poll();
+        assert!(t.done);
+        assert!(h.is_detached(), "kept for a resume");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_write_suspends_the_ack_deadline_and_progress_restarts_it() {
+        let gw = gateway(|c| c.delivery.ack_timeout = Duration::from_secs(10));
+        let mut t = T::new(&gw, Outputs::One);
+        let ok = t.login();
+        let h = t.session(&ok);
+        push(&gw, &h, Lane::Interactive, 1);
+        assert!(t.refuse(0));
+        t.poll();
+        // 20 s refused: past the ack timeout but within the stall timeout.
+        advance(&gw, Duration::from_secs(20)).await;
+        t.poll();
+        assert!(
+            !t.link.session.is_closing(),
+            "a refused write is the stall rule's"
+        );
+        // The socket takes it: the client reads, so the push gets 10 s from now.
+        assert_eq!(seqs(&t.write(0)), vec![(0, 1)]);
+        t.poll();
+        advance(&gw, Duration::from_secs(9)).await;
+        t.poll();
+        assert!(!t.link.session.is_closing());
+        advance(&gw, Duration::from_secs(2)).await;
+        t.poll();
+        assert_eq!(close_code(&t.write(0)), Some(Code::AckTimeout as i32));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_bulk_stream_does_not_stop_interactive_pushes() {
+        let gw = gateway(|_| {});
+        let mut t = T::new(&gw, Outputs::Two);
+        let ok = t.login();
+        let h = t.session(&ok);
+        push(&gw, &h, Lane::Bulk, 3);
+        push(&gw, &h, Lane::Interactive, 2);
+        assert!(t.refuse(1), "the bulk stream's window is shut");
+        let out = t.write(0);
+        assert_eq!(
+            seqs(&out),
+            vec![(0, 1), (0, 2)],
+            "interactive only on output 0"
+        );
+        // Far past the stall timeout: a stalled bulk stream (policy drop) is
+        // not a slow consumer, and interactive pushes keep flowing.
+        for _ in 0..10 {
+            advance(&gw, Duration::from_secs(5)).await;
+            t.poll();
+            push(&gw, &h, Lane::Interactive, 1);
+            assert_eq!(seqs(&t.write(0)).len(), 1);
+            t.read(&frame(pb::client_frame::Body::Ack(pb::Ack {
+                lane: pb::Lane::Interactive as i32,
+                up_to_seq: h.next_seq(Lane::Interactive) - 1,
+                ranges: vec![],
+            })));
+        }
+        assert!(!t.link.session.is_closing());
+        // The bulk stream opens again: its pushes go out on output 1.
+        let bulk = t.write(1);
+        assert_eq!(seqs(&bulk), vec![(1, 1), (1, 2), (1, 3)]);
+        assert!(close_code(&bulk).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_gateway_closes_a_connection_that_never_logged_in() {
+        let gw = gateway(|_| {});
+        let mut t = T::new(&gw, Outputs::One);
+        t.poll();
+        gw.start_drain();
+        t.poll();
+        assert_eq!(close_code(&t.write(0)), Some(Code::ServerDraining as i32));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lingering_reads_at_most_the_linger_budget() {
+        let gw = gateway(|_| {});
+        let mut t = T::new(&gw, Outputs::One);
+        let _ = t.login();
+        t.read(&frame(pb::client_frame::Body::Close(pb::Close::default())));
+        assert_eq!(close_code(&t.write(0)), Some(Code::NormalClose as i32));
+        assert!(t.link.on_flushed(), "shut the sending side");
+        t.link.on_shutdown();
+        let chunk = [0u8; 8 * 1024];
+        let mut read = 0;
+        while t.link.wants_read() {
+            t.link.on_read(gw.now(), &chunk, &|| None);
+            read += chunk.len();
+            assert!(read <= LINGER_BYTES, "read past the linger budget");
+        }
+        assert_eq!(read, LINGER_BYTES);
+        t.link.on_flushed();
+        t.poll();
+        assert!(
+            t.done,
+            "done once the budget is spent, before the linger deadline"
+        );
+    }
+}
