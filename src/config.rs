@@ -62,7 +62,8 @@ pub struct DeliveryConfig {
     /// long is closed as a slow consumer.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
-    /// First retransmission of an unacknowledged push; doubles per try.
+    /// Pushes unacknowledged this long with no ack progress close the
+    /// connection as dead (`CODE_ACK_TIMEOUT`); the session is kept.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
     /// Writes of one push before it is given up (and reported).
@@ -615,8 +616,10 @@ detached_bytes = 4194304
 # A connection whose socket accepts no byte of a pending write for this long
 # is closed with CODE_SLOW_CONSUMER (its session is kept for a resume).
 stall_timeout = "30s"
-# An unacknowledged push is written again after ack_timeout, then 2x, 4x, ...
-# up to max_tries writes in all; then it is given up and reported.
+# A push is written once per connection. Pushes unacknowledged for ack_timeout,
+# with no ack progress meanwhile, close the connection as a dead path
+# (CODE_ACK_TIMEOUT; the session is kept and the resume replays them). A push
+# written on max_tries connections without an ack is given up and reported.
 ack_timeout = "10s"
 max_tries = 3
 # A session whose connection dropped keeps its queues this long for a resume.
