@@ -713,4 +713,306 @@ mod tests {
         );
         assert_vector(&cfg(3, &sid, 9, Some(k)), nonce, &format!("72{tail}"));
     }
+
+    /// Every server ID and nonce length the draft allows, with a key (single-
+    /// and four-pass) and without.
+    fn all_layouts() -> impl Iterator<Item = (usize, u8)> {
+        (1..=MAX_SERVER_ID_LEN).flat_map(|sid| {
+            (MIN_NONCE_LEN..=MAX_BLOCK_LEN - sid).map(move |nonce| (sid, nonce as u8))
+        })
+    }
+
+    fn sid_of(len: usize, salt: u8) -> Vec<u8> {
+        (0..len as u8).map(|i| i.wrapping_mul(37) ^ salt).collect()
+    }
+
+    #[test]
+    fn roundtrip_every_layout_with_and_without_key() {
+        let mut layouts = 0;
+        for (sid_len, nonce_len) in all_layouts() {
+            for k in [None, Some(key(VECTOR_KEY))] {
+                let c = cfg(5, &sid_of(sid_len, 0xa5), nonce_len, k);
+                let mut generator = QuicLbGenerator::new(&c).expect("valid layout");
+                assert_eq!(generator.cid_len(), 1 + sid_len + usize::from(nonce_len));
+                for _ in 0..4 {
+                    let cid = generator.generate_cid();
+                    assert_eq!(cid.len(), generator.cid_len());
+                    assert_eq!(cid[0], 5 << 5 | (sid_len as u8 + nonce_len));
+                    let d = decode(&c, &cid).expect("own CID decodes");
+                    assert_eq!(
+                        d.server_id(),
+                        &c.server_id[..],
+                        "layout {sid_len}+{nonce_len}"
+                    );
+                    assert_eq!(d.config_id, 5);
+                    assert!(generator.validate(&cid).is_ok());
+                }
+            }
+            layouts += 1;
+        }
+        // 15 server ID lengths; nonce 4..=18 within 19 bytes in all.
+        assert_eq!(layouts, (1..=15).map(|s| 19 - s - 4 + 1).sum::<usize>());
+    }
+
+    #[test]
+    fn validate_refuses_other_nodes_other_configs_and_wrong_lengths() {
+        let k = Some(key(VECTOR_KEY));
+        for (sid_len, nonce_len) in [(2, 6), (4, 12), (8, 8), (10, 5)] {
+            let ours = cfg(2, &sid_of(sid_len, 1), nonce_len, k.clone());
+            let generator = QuicLbGenerator::new(&ours).expect("valid");
+
+            let other_node = cfg(2, &sid_of(sid_len, 2), nonce_len, k.clone());
+            let mut theirs = QuicLbGenerator::new(&other_node).expect("valid");
+            let cid = theirs.generate_cid();
+            assert!(generator.validate(&cid).is_err(), "another node's CID");
+            assert_eq!(
+                decode(&ours, &cid).map(|d| d.server_id().to_vec()),
+                Ok(other_node.server_id.clone()),
+                "the load balancer still routes it, to the other node"
+            );
+
+            let other_config = cfg(3, &sid_of(sid_len, 1), nonce_len, k.clone());
+            let cid = QuicLbGenerator::new(&other_config)
+                .expect("valid")
+                .generate_cid();
+            assert!(generator.validate(&cid).is_err(), "another config id");
+            assert_eq!(
+                decode(&ours, &cid),
+                Err(CidError::ConfigId {
+                    expected: 2,
+                    actual: 3
+                })
+            );
+
+            let longer = cfg(2, &sid_of(sid_len, 1), nonce_len + 1, k.clone());
+            let cid = QuicLbGenerator::new(&longer).expect("valid").generate_cid();
+            assert!(generator.validate(&cid).is_err(), "another length");
+            assert!(matches!(decode(&ours, &cid), Err(CidError::Length { .. })));
+
+            // Right length and config id, but the length bits lie.
+            let mut own = generator.clone().generate_cid().to_vec();
+            own[0] ^= 0x01;
+            assert!(generator.validate(&ConnectionId::new(&own)).is_err());
+
+            let mut unroutable = generator.clone().generate_cid().to_vec();
+            unroutable[0] |= 0xe0;
+            assert!(generator.validate(&ConnectionId::new(&unroutable)).is_err());
+            assert_eq!(decode(&ours, &unroutable), Err(CidError::Unroutable));
+        }
+        assert!(matches!(
+            decode(&cfg(0, &[1], 4, None), &[]),
+            Err(CidError::Length {
+                expected: 6,
+                actual: 0
+            })
+        ));
+    }
+
+    #[test]
+    fn with_a_key_the_server_id_is_not_visible() {
+        // Server IDs of 4 bytes and more: a random match of the whole field
+        // has a chance of 2^-32 at most per CID.
+        for (sid_len, nonce_len) in [(4, 4), (4, 12), (6, 10), (8, 8), (9, 10), (15, 4)] {
+            let sid = sid_of(sid_len, 0x3c);
+            let plain = cfg(1, &sid, nonce_len, None);
+            let sealed = cfg(1, &sid, nonce_len, Some(key(VECTOR_KEY)));
+            let window = 1..1 + sid_len;
+
+            // Without a key the server ID is right there, in every CID.
+            let mut generator = QuicLbGenerator::new(&plain).expect("valid");
+            let (a, b) = (generator.generate_cid(), generator.generate_cid());
+            assert_eq!(&a[window.clone()], &sid[..]);
+            assert_eq!(&a[window.clone()], &b[window.clone()]);
+
+            // With one, neither CID shows it, and they share nothing there.
+            let mut generator = QuicLbGenerator::new(&sealed).expect("valid");
+            let (a, b) = (generator.generate_cid(), generator.generate_cid());
+            assert_ne!(a, b);
+            for cid in [&a, &b] {
+                assert_ne!(
+                    &cid[window.clone()],
+                    &sid[..],
+                    "layout {sid_len}+{nonce_len}"
+                );
+                assert_eq!(decode(&sealed, cid).expect("decodes").server_id(), &sid[..]);
+            }
+            assert_ne!(&a[window.clone()], &b[window.clone()]);
+
+            // And for one nonce, the key changes every byte range a reader
+            // could use: the encrypted CID is not the plaintext one.
+            let nonce = vec![0x42; usize::from(nonce_len)];
+            let p = CidCodec::new(&plain).expect("valid").encode(&sid, &nonce);
+            let e = CidCodec::new(&sealed).expect("valid").encode(&sid, &nonce);
+            assert_eq!(p[0], e[0], "the first octet is never encrypted");
+            assert_ne!(&p[window.clone()], &e[window.clone()]);
+        }
+    }
+
+    #[test]
+    fn three_pass_decode_agrees_with_four() {
+        let k = key(VECTOR_KEY);
+        let cipher = Aes128::new(&Array::from(k.0));
+        for len in (5..=MAX_BLOCK_LEN).filter(|&l| l != 16) {
+            let plain: Vec<u8> = (0..len as u8).map(|i| i ^ 0x5a).collect();
+            let mut block = plain.clone();
+            four_pass_encrypt(&cipher, &mut block);
+            assert_ne!(block, plain);
+            let mut four = block.clone();
+            four_pass_decrypt(&cipher, &mut four, 4);
+            assert_eq!(four, plain, "length {len}");
+            let mut three = block;
+            four_pass_decrypt(&cipher, &mut three, 3);
+            assert_eq!(three[..len / 2], plain[..len / 2], "length {len}");
+        }
+    }
+
+    /// The example of docs/OPERATIONS.md, as the gateway will read it.
+    const OPERATIONS_EXAMPLE: &str = r#"
+[quic.cid]
+config_id = 1
+server_id = "0a17"
+nonce_len = 8
+key = "8f95f09245765f80256934e50c66207f"
+lifetime = "1h"
+"#;
+
+    #[derive(Deserialize)]
+    struct Root {
+        quic: Quic,
+    }
+
+    #[derive(Deserialize)]
+    struct Quic {
+        cid: CidConfig,
+    }
+
+    fn parse(toml_text: &str) -> Result<CidConfig, String> {
+        toml::from_str::<Root>(toml_text)
+            .map(|r| r.quic.cid)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn config_parses_from_toml_and_hides_the_key() {
+        let c = parse(OPERATIONS_EXAMPLE).expect("the documented example parses");
+        c.validate().expect("the documented example is valid");
+        assert_eq!(c.config_id, 1);
+        assert_eq!(c.server_id, vec![0x0a, 0x17]);
+        assert_eq!(c.nonce_len, 8);
+        assert_eq!(c.key, Some(key(VECTOR_KEY)));
+        assert_eq!(c.lifetime, Some(Duration::from_secs(3600)));
+
+        let shown = format!("{c:?}");
+        assert!(shown.contains("0a17"), "{shown}");
+        assert!(!shown.to_lowercase().contains("8f95"), "{shown}");
+        assert!(!format!("{:?}", QuicLbGenerator::new(&c)).contains("8f95"));
+
+        let minimal = parse("[quic.cid]\nconfig_id = 0\nserver_id = \"01\"\nnonce_len = 4\n")
+            .expect("key and lifetime are optional");
+        assert_eq!((minimal.key, minimal.lifetime), (None, None));
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let base = "[quic.cid]\nconfig_id = 0\nnonce_len = 4\n";
+        for (extra, needle) in [
+            ("server_id = \"01\"\ncolour = 1\n", "colour"),
+            ("server_id = \"0g\"\n", "hex"),
+            ("server_id = \"012\"\n", "even number"),
+            ("server_id = \"01\"\nkey = \"00ff\"\n", "16 bytes"),
+            ("server_id = \"01\"\nlifetime = \"soon\"\n", "lifetime"),
+        ] {
+            let err = parse(&format!("{base}{extra}")).expect_err(extra);
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
+
+        for (c, field) in [
+            (cfg(7, &[1], 4, None), "quic.cid.config_id"),
+            (cfg(0, &[], 4, None), "quic.cid.server_id"),
+            (cfg(0, &[1; 16], 4, None), "quic.cid.server_id"),
+            (cfg(0, &[1], 3, None), "quic.cid.nonce_len"),
+            (cfg(0, &[1], 19, None), "quic.cid.nonce_len"),
+            (cfg(0, &[1; 2], 18, None), "quic.cid.nonce_len"),
+            (
+                CidConfig {
+                    lifetime: Some(Duration::ZERO),
+                    ..cfg(0, &[1], 4, None)
+                },
+                "quic.cid.lifetime",
+            ),
+        ] {
+            let err = c.validate().expect_err(field).to_string();
+            assert!(err.starts_with(field), "{err}");
+            assert!(QuicLbGenerator::new(&c).is_err());
+            assert!(matches!(
+                decode(&c, &[0; 20]),
+                Err(CidError::InvalidConfig(_))
+            ));
+        }
+    }
+
+    fn any_config() -> impl Strategy<Value = CidConfig> {
+        (
+            any::<u8>(),
+            proptest::collection::vec(any::<u8>(), 0..24),
+            any::<u8>(),
+            proptest::option::of(any::<[u8; 16]>()),
+        )
+            .prop_map(|(config_id, server_id, nonce_len, key)| CidConfig {
+                config_id,
+                server_id,
+                nonce_len,
+                key: key.map(CidKey),
+                lifetime: None,
+            })
+    }
+
+    fn valid_config() -> impl Strategy<Value = CidConfig> {
+        (0u8..7, 1..=MAX_SERVER_ID_LEN)
+            .prop_flat_map(|(config_id, sid_len)| {
+                (
+                    Just(config_id),
+                    proptest::collection::vec(any::<u8>(), sid_len),
+                    MIN_NONCE_LEN as u8..=(MAX_BLOCK_LEN - sid_len) as u8,
+                    proptest::option::of(any::<[u8; 16]>()),
+                )
+            })
+            .prop_map(|(config_id, server_id, nonce_len, key)| CidConfig {
+                config_id,
+                server_id,
+                nonce_len,
+                key: key.map(CidKey),
+                lifetime: None,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(c in any_config(), cid in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let _ = decode(&c, &cid);
+        }
+
+        #[test]
+        fn decode_of_arbitrary_bytes_under_a_valid_config(
+            c in valid_config(),
+            cid in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            if let Ok(d) = decode(&c, &cid) {
+                prop_assert_eq!(d.server_id().len(), c.server_id.len());
+                prop_assert_eq!(d.config_id, c.config_id);
+                prop_assert_eq!(cid.len(), 1 + c.server_id.len() + usize::from(c.nonce_len));
+            }
+        }
+
+        #[test]
+        fn encode_then_decode_gives_the_server_id(
+            c in valid_config(),
+            nonce in proptest::collection::vec(any::<u8>(), MAX_BLOCK_LEN),
+        ) {
+            let codec = CidCodec::new(&c).expect("valid by construction");
+            let cid = codec.encode(&c.server_id, &nonce[..usize::from(c.nonce_len)]);
+            let d = codec.decode(&cid).expect("own CID decodes");
+            prop_assert_eq!(d.server_id(), &c.server_id[..]);
+        }
+    }
 }
