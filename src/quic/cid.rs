@@ -140,7 +140,7 @@ impl From<[u8; 16]> for CidKey {
 
 impl fmt::Debug for CidKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CidKey(<redacted>)")
+        f.write_str("<hidden>")
     }
 }
 
@@ -611,7 +611,7 @@ mod tests {
         let codec = CidCodec::new(cfg).expect("valid vector config");
         let got = codec.encode(&cfg.server_id, &hex(nonce));
         assert_eq!(
-            Hex(&got).to_string_lossy(),
+            format!("{:?}", Hex(&got)),
             cid,
             "encoding of sid {:?}",
             Hex(&cfg.server_id)
@@ -619,12 +619,6 @@ mod tests {
         let d = codec.decode(&got).expect("vector decodes");
         assert_eq!(d.server_id(), &cfg.server_id[..]);
         assert_eq!(d.config_id, cfg.config_id);
-    }
-
-    impl Hex<'_> {
-        fn to_string_lossy(&self) -> String {
-            format!("{self:?}")
-        }
     }
 
     // Test vectors of draft-ietf-quic-load-balancers-21, appendix "Load
@@ -869,11 +863,11 @@ mod tests {
     /// The example of docs/OPERATIONS.md, as the gateway will read it.
     const OPERATIONS_EXAMPLE: &str = r#"
 [quic.cid]
-config_id = 1
-server_id = "0a17"
-nonce_len = 8
-key = "8f95f09245765f80256934e50c66207f"
-lifetime = "1h"
+config_id = 1                                  # 0..=6, the same on every node
+server_id = "0a17"                             # hex, 1..=15 bytes, unique per node
+nonce_len = 8                                  # 4..=18, the same on every node
+key = "8f95f09245765f80256934e50c66207f"       # optional; 32 hex digits, the same on every node
+lifetime = "1h"                                # optional; retire and replace CIDs after this long
 "#;
 
     #[derive(Deserialize)]
@@ -905,6 +899,7 @@ lifetime = "1h"
         let shown = format!("{c:?}");
         assert!(shown.contains("0a17"), "{shown}");
         assert!(!shown.to_lowercase().contains("8f95"), "{shown}");
+        assert!(shown.contains("key: Some(<hidden>)"), "{shown}");
         assert!(!format!("{:?}", QuicLbGenerator::new(&c)).contains("8f95"));
 
         let minimal = parse("[quic.cid]\nconfig_id = 0\nserver_id = \"01\"\nnonce_len = 4\n")
