@@ -129,7 +129,7 @@ impl CidConfig {
 }
 
 /// A 16-byte AES-128 key. Its `Debug` does not show it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct CidKey([u8; 16]);
 
 impl From<[u8; 16]> for CidKey {
@@ -893,7 +893,7 @@ lifetime = "1h"                                # optional; retire and replace CI
         assert_eq!(c.config_id, 1);
         assert_eq!(c.server_id, vec![0x0a, 0x17]);
         assert_eq!(c.nonce_len, 8);
-        assert_eq!(c.key, Some(key(VECTOR_KEY)));
+        assert_eq!(c.key.as_ref().map(|k| k.0), Some(key(VECTOR_KEY).0));
         assert_eq!(c.lifetime, Some(Duration::from_secs(3600)));
 
         let shown = format!("{c:?}");
@@ -904,7 +904,7 @@ lifetime = "1h"                                # optional; retire and replace CI
 
         let minimal = parse("[quic.cid]\nconfig_id = 0\nserver_id = \"01\"\nnonce_len = 4\n")
             .expect("key and lifetime are optional");
-        assert_eq!((minimal.key, minimal.lifetime), (None, None));
+        assert!(minimal.key.is_none() && minimal.lifetime.is_none());
     }
 
     #[test]
