@@ -1,6 +1,6 @@
-//! A small device client over TCP, TLS or any byte stream: the `tether client`
-//! command, the integration tests and the load tool use it. It speaks the
-//! protocol documented in docs/PROTOCOL.md and nothing more.
+//! A small device client over TCP, TLS, QUIC or any byte stream: the
+//! `tether client` command, the integration tests and the load tool use it.
+//! It speaks the protocol documented in docs/PROTOCOL.md and nothing more.
 
 use std::io;
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::FramedRead;
 
 use crate::upstream::FrameCodec;
@@ -20,11 +20,115 @@ use crate::wire::{frame_bytes, Code};
 pub trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ClientIo for T {}
 
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The largest frame the client accepts.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+
 /// A device's connection to the gateway.
 pub struct Client {
-    frames: FramedRead<ReadHalf<Box<dyn ClientIo>>, FrameCodec>,
-    w: WriteHalf<Box<dyn ClientIo>>,
+    frames: FramedRead<Reader, FrameCodec>,
+    w: Writer,
     next_id: u64,
+    /// Over QUIC: the connection and the bulk stream.
+    quic: Option<Box<QuicParts>>,
+}
+
+struct QuicParts {
+    conn: quinn::Connection,
+    /// The gateway's bulk stream, once it opened it (with its first push).
+    bulk: Option<FramedRead<quinn::RecvStream, FrameCodec>>,
+    /// The bulk stream ended (the gateway finished it).
+    bulk_done: bool,
+    /// The bulk stream is not read (tests: a device that stalls it).
+    bulk_paused: bool,
+    /// Whether the login went out as 0-RTT data, and the server's verdict.
+    zero_rtt: Option<quinn::ZeroRttAccepted>,
+}
+
+/// Makes QUIC connections from one UDP socket, remembering TLS sessions so
+/// that a reconnect can log in with 0-RTT data.
+pub struct QuicConnector {
+    endpoint: quinn::Endpoint,
+}
+
+impl QuicConnector {
+    /// A connector on an ephemeral UDP port of `bind` (e.g. `127.0.0.1:0`),
+    /// trusting only the certificates in `ca`.
+    ///
+    /// # Errors
+    /// The socket cannot be bound, or `ca` cannot be read.
+    pub fn new(bind: std::net::SocketAddr, ca: &Path) -> io::Result<Self> {
+        let tls = crate::tls::client_config_pinned(ca).map_err(io::Error::other)?;
+        let cfg = crate::quic::client_config(&crate::config::Config::default(), tls)
+            .map_err(io::Error::other)?;
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(cfg);
+        Ok(Self { endpoint })
+    }
+
+    /// The local UDP address.
+    ///
+    /// # Errors
+    /// The socket is gone.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Moves every connection of this connector to a new UDP socket on
+    /// `bind` (what a phone does when it changes networks); returns its
+    /// address. The connections migrate: no reconnect.
+    ///
+    /// # Errors
+    /// The new socket cannot be bound.
+    pub fn rebind(&self, bind: std::net::SocketAddr) -> io::Result<std::net::SocketAddr> {
+        let socket = std::net::UdpSocket::bind(bind)?;
+        let addr = socket.local_addr()?;
+        self.endpoint.rebind(socket)?;
+        Ok(addr)
+    }
+
+    /// Connects to `addr`, verifying `server_name`. With `early`, and a TLS
+    /// session remembered from an earlier connection, the connection is
+    /// usable at once and what is sent before the handshake completes goes
+    /// as 0-RTT data ([`Client::zero_rtt_accepted`] tells whether the
+    /// gateway took it).
+    ///
+    /// # Errors
+    /// Connection or handshake failures.
+    pub async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        server_name: &str,
+        early: bool,
+    ) -> io::Result<Client> {
+        let connecting = self
+            .endpoint
+            .connect(addr, server_name)
+            .map_err(io::Error::other)?;
+        let (conn, zero_rtt) = if early {
+            match connecting.into_0rtt() {
+                Ok((c, accepted)) => (c, Some(accepted)),
+                Err(connecting) => (connecting.await.map_err(io::Error::other)?, None),
+            }
+        } else {
+            (connecting.await.map_err(io::Error::other)?, None)
+        };
+        let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
+        Ok(Client {
+            frames: FramedRead::new(Box::new(recv), FrameCodec::new(MAX_FRAME)),
+            w: Box::new(send),
+            next_id: 1,
+            quic: Some(Box::new(QuicParts {
+                conn,
+                bulk: None,
+                bulk_done: false,
+                bulk_paused: false,
+                zero_rtt,
+            })),
+        })
+    }
 }
 
 /// What can go wrong in [`Client::login`].
@@ -71,15 +175,66 @@ impl Client {
         Ok(Self::over(tls))
     }
 
+    /// Connects over QUIC from a new UDP socket (see [`QuicConnector`] to
+    /// share one, to rebind it, or for 0-RTT).
+    ///
+    /// # Errors
+    /// Connection, certificate or handshake failures.
+    pub async fn connect_quic(
+        addr: std::net::SocketAddr,
+        server_name: &str,
+        ca: &Path,
+    ) -> io::Result<Self> {
+        let bind = if addr.is_ipv4() {
+            std::net::SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            std::net::SocketAddr::from(([0u16; 8], 0))
+        };
+        QuicConnector::new(bind, ca)?
+            .connect(addr, server_name, false)
+            .await
+    }
+
     /// Wraps an already connected stream.
     pub fn over(io: impl ClientIo) -> Self {
         let boxed: Box<dyn ClientIo> = Box::new(io);
         let (r, w) = tokio::io::split(boxed);
         Self {
-            frames: FramedRead::new(r, FrameCodec::new(64 * 1024 * 1024)),
-            w,
+            frames: FramedRead::new(Box::new(r), FrameCodec::new(MAX_FRAME)),
+            w: Box::new(w),
             next_id: 1,
+            quic: None,
         }
+    }
+
+    /// Over QUIC, whether the login went out as 0-RTT data and was
+    /// accepted: `None` when 0-RTT was not tried (no remembered session, or
+    /// not asked); otherwise waits for the handshake.
+    pub async fn zero_rtt_accepted(&mut self) -> Option<bool> {
+        let z = self.quic.as_mut()?.zero_rtt.take()?;
+        Some(z.await)
+    }
+
+    /// Over QUIC, stops (or resumes) reading the bulk stream: its
+    /// flow-control window then fills and the gateway's bulk writes stall,
+    /// as with a device that reads bulk data slowly.
+    pub fn pause_bulk(&mut self, paused: bool) {
+        if let Some(q) = self.quic.as_mut() {
+            q.bulk_paused = paused;
+        }
+    }
+
+    /// Over QUIC, the connection (tests look at its addresses and stats).
+    pub fn quic_connection(&self) -> Option<&quinn::Connection> {
+        self.quic.as_ref().map(|q| &q.conn)
+    }
+
+    /// Ends the sending side (TCP: shutdown; QUIC: FIN on the stream).
+    ///
+    /// # Errors
+    /// Write failures.
+    pub async fn finish(&mut self) -> io::Result<()> {
+        self.w.shutdown().await
     }
 
     /// Sends a request with a fresh request id; returns the id.
@@ -119,7 +274,22 @@ impl Client {
     /// # Errors
     /// Read failures and undecodable frames.
     pub async fn recv(&mut self) -> io::Result<Option<pb::ServerFrame>> {
-        match self.frames.next().await {
+        let next = match self.quic.as_deref_mut() {
+            None => self.frames.next().await,
+            Some(q) => {
+                let frames = &mut self.frames;
+                loop {
+                    tokio::select! {
+                        f = frames.next() => break f,
+                        b = next_bulk(q), if !q.bulk_done && !q.bulk_paused => match b {
+                            Some(f) => break Some(f),
+                            None => q.bulk_done = true,
+                        },
+                    }
+                }
+            }
+        };
+        match next {
             None => Ok(None),
             Some(Err(e)) => Err(e),
             Some(Ok(b)) => pb::ServerFrame::decode(b)
@@ -235,4 +405,14 @@ impl Client {
         })
         .await
     }
+}
+
+/// The next frame of the gateway's bulk stream, accepting the stream first;
+/// `None` once it ended (or the connection did).
+async fn next_bulk(q: &mut QuicParts) -> Option<io::Result<Bytes>> {
+    if q.bulk.is_none() {
+        let s = q.conn.accept_uni().await.ok()?;
+        q.bulk = Some(FramedRead::new(s, FrameCodec::new(MAX_FRAME)));
+    }
+    q.bulk.as_mut()?.next().await
 }

@@ -41,6 +41,41 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
     pub delivery: DeliveryConfig,
+    pub quic: QuicConfig,
+}
+
+/// The QUIC listener's settings (`listen.quic` binds it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// New QUIC handshakes per second taken without proof of the client's
+    /// address; past it, a new client first gets a stateless Retry (one
+    /// round trip more, no state kept), which a spoofed source cannot answer.
+    pub handshake_rate: u32,
+    /// Bytes a client may send ahead on its stream, and on the whole
+    /// connection: what a client can make the gateway buffer before it reads.
+    pub stream_window: u32,
+    /// Bytes of pushes the gateway hands to QUIC per connection that the
+    /// client has not acknowledged yet (QUIC's send buffer).
+    pub send_window: u32,
+    /// TLS sessions the gateway remembers for resumption and 0-RTT; about
+    /// 200 bytes each while used. 0 turns 0-RTT off.
+    pub session_cache: u32,
+    /// Connection IDs a load balancer can route (QUIC-LB); random when unset.
+    #[serde(skip_serializing)]
+    pub cid: Option<crate::quic::cid::CidConfig>,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            handshake_rate: 2_000,
+            stream_window: 64 * 1024,
+            send_window: 256 * 1024,
+            session_cache: 65_536,
+            cid: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +158,8 @@ pub struct ListenConfig {
     pub tcp: Vec<SocketAddr>,
     /// TLS 1.3 listeners.
     pub tls: Vec<SocketAddr>,
+    /// QUIC listeners (UDP), with the TLS certificate.
+    pub quic: Vec<SocketAddr>,
     /// Listen backlog.
     pub backlog: u32,
     /// SO_RCVBUF for client sockets in bytes; 0 keeps the kernel's autotuning.
@@ -375,6 +412,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             shutdown: ShutdownConfig::default(),
             delivery: DeliveryConfig::default(),
+            quic: QuicConfig::default(),
         }
     }
 }
@@ -384,6 +422,7 @@ impl Default for ListenConfig {
         Self {
             tcp: vec![SocketAddr::from(([0, 0, 0, 0], 7400))],
             tls: vec![SocketAddr::from(([0, 0, 0, 0], 7443))],
+            quic: vec![SocketAddr::from(([0, 0, 0, 0], 7443))],
             backlog: 4096,
             recv_buffer: 0,
             send_buffer: 0,
@@ -492,6 +531,8 @@ node_id = "node-1"
 tcp = ["0.0.0.0:7400"]
 # TLS 1.3 listeners for clients.
 tls = ["0.0.0.0:7443"]
+# QUIC listeners for clients (UDP; ALPN "tether/1", the TLS certificate).
+quic = ["0.0.0.0:7443"]
 backlog = 4096
 # SO_RCVBUF / SO_SNDBUF of client sockets in bytes; 0 keeps the kernel's autotuning,
 # which allocates buffer memory only while data is in flight.
@@ -631,6 +672,26 @@ replay_budget = 1073741824
 # remembered per session.
 dedup_window = "5m"
 dedup_max = 128
+
+[quic]
+# New handshakes per second taken without proof of the client's address; past
+# it, new clients first get a stateless Retry (one round trip more).
+handshake_rate = 2000
+# Bytes a client may send ahead on its stream and connection (what it can make
+# the gateway buffer before the gateway reads).
+stream_window = 65536
+# Bytes of pushes per connection handed to QUIC and not yet acknowledged by the
+# client's QUIC stack.
+send_window = 262144
+# TLS sessions remembered for resumption and 0-RTT (about 200 bytes each while
+# used); 0 turns 0-RTT off.
+session_cache = 65536
+# Connection IDs a UDP load balancer can route (QUIC-LB); see OPERATIONS.md.
+# [quic.cid]
+# config_id = 0
+# server_id = "0a01"
+# nonce_len = 12
+# key = "00112233445566778899aabbccddeeff"
 "#;
 
 impl Config {
@@ -674,11 +735,23 @@ impl Config {
         if self.node_id.is_empty() || self.node_id.len() > 64 {
             return bad("node_id", "must be 1..=64 bytes");
         }
-        if self.listen.tcp.is_empty() && self.listen.tls.is_empty() {
+        if self.listen.tcp.is_empty() && self.listen.tls.is_empty() && self.listen.quic.is_empty() {
             return bad(
                 "listen",
-                "at least one of listen.tcp or listen.tls is needed",
+                "at least one of listen.tcp, listen.tls or listen.quic is needed",
             );
+        }
+        let q = &self.quic;
+        if q.stream_window < 4096 || q.stream_window > 64 * 1024 * 1024 {
+            return bad("quic.stream_window", "must be 4096..=67108864 bytes");
+        }
+        if q.send_window < 4096 || q.send_window > 64 * 1024 * 1024 {
+            return bad("quic.send_window", "must be 4096..=67108864 bytes");
+        }
+        if let Some(cid) = &q.cid {
+            if let Err(e) = cid.validate() {
+                return bad("quic.cid", e.to_string());
+            }
         }
         if !(16..=16 * 1024 * 1024).contains(&self.limits.max_frame) {
             return bad("limits.max_frame", "must be 16..=16777216 bytes");

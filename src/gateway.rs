@@ -126,7 +126,7 @@ impl Limits {
 
     /// Whether a new connection would exceed `limits.max_pending_logins`
     /// (checked at accept, before any per-connection state exists).
-    fn pending_full(&self) -> bool {
+    pub(crate) fn pending_full(&self) -> bool {
         self.max_pending > 0 && self.pending.load(Ordering::Relaxed) >= self.max_pending
     }
 
@@ -183,6 +183,7 @@ pub struct Gateway {
     pending: DashMap<SessionId, SessionHandle>,
     write_delay: std::sync::OnceLock<Arc<crate::router::WriteDelay>>,
     writes: AtomicU64,
+    migrations: AtomicU64,
     /// Sessions without a connection, waiting for a resume until their deadline.
     detached: DashMap<SessionId, (SessionHandle, Instant)>,
     /// The same sessions in deadline order, so a sweep visits only the
@@ -239,6 +240,7 @@ impl Gateway {
             pending: DashMap::new(),
             write_delay: std::sync::OnceLock::new(),
             writes: AtomicU64::new(0),
+            migrations: AtomicU64::new(0),
             detached: DashMap::new(),
             expiry: Mutex::new(DetachQueue::default()),
             delivery,
@@ -297,6 +299,16 @@ impl Gateway {
 
     pub(crate) fn count_write(&self) {
         self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// QUIC clients seen at a new address so far (tests use it; the metric
+    /// `tether_quic_migrations_total` counts the same).
+    pub fn quic_migrations(&self) -> u64 {
+        self.migrations.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_migration(&self) {
+        self.migrations.fetch_add(1, Ordering::Relaxed);
     }
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
@@ -855,6 +867,8 @@ impl SessionEnv for GatewayEnv<'_> {
 pub struct BoundAddrs {
     pub tcp: Vec<SocketAddr>,
     pub tls: Vec<SocketAddr>,
+    /// QUIC listeners (UDP).
+    pub quic: Vec<SocketAddr>,
     pub upstream_tcp: Option<SocketAddr>,
     pub upstream_unix: Option<PathBuf>,
 }
@@ -864,6 +878,7 @@ pub struct Server {
     gw: Arc<Gateway>,
     tcp: Vec<TcpListener>,
     tls: Vec<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    quic: Vec<quinn::Endpoint>,
     upstream: crate::upstream::UpstreamListeners,
     addrs: BoundAddrs,
 }
@@ -892,7 +907,7 @@ impl Server {
     /// Invalid config, unreadable certificate or key (named), or a port in use.
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let tls_config = if cfg.listen.tls.is_empty() {
+        let tls_config = if cfg.listen.tls.is_empty() && cfg.listen.quic.is_empty() {
             None
         } else {
             let (c, k) = crate::tls::resolve_paths(
@@ -911,11 +926,20 @@ impl Server {
             tcp.push(l);
         }
         let mut tls = Vec::new();
+        let mut quic = Vec::new();
         if let Some(tc) = tls_config {
             for a in &cfg.listen.tls {
                 let l = bind_tcp(*a, &cfg)?;
                 addrs.tls.push(l.local_addr()?);
                 tls.push((l, tokio_rustls::TlsAcceptor::from(tc.clone())));
+            }
+            if !cfg.listen.quic.is_empty() {
+                let server = crate::quic::server_config(&cfg, &tc)?;
+                for a in &cfg.listen.quic {
+                    let ep = crate::quic::bind(*a, &cfg, server.clone())?;
+                    addrs.quic.push(ep.local_addr()?);
+                    quic.push(ep);
+                }
             }
         }
         let upstream = crate::upstream::UpstreamListeners::bind(&cfg.upstream).await?;
@@ -925,6 +949,7 @@ impl Server {
             gw,
             tcp,
             tls,
+            quic,
             upstream,
             addrs,
         })
@@ -969,6 +994,14 @@ impl Server {
                 stop_accept.clone(),
             ));
         }
+        for ep in self.quic.iter().cloned() {
+            tasks.spawn(crate::quic::accept_loop(
+                gw.clone(),
+                ep,
+                handshakes.clone(),
+                stop_accept.clone(),
+            ));
+        }
         let upstream_stop = CancellationToken::new();
         tasks.spawn(self.upstream.run(gw.clone(), upstream_stop.clone()));
         tracing::info!(node = %gw.node, addrs = ?self.addrs, "tether serving");
@@ -990,6 +1023,10 @@ impl Server {
             );
         } else {
             tracing::info!("all connections closed");
+        }
+        for ep in &self.quic {
+            // Whatever is left after the drain is closed with the endpoint.
+            ep.close(0u32.into(), b"server shutting down");
         }
         upstream_stop.cancel();
         stop_ticker.cancel();

@@ -71,6 +71,7 @@ impl fmt::Display for SessionId {
 pub enum TransportKind {
     Tcp,
     Tls,
+    Quic,
     Memory,
 }
 
@@ -79,6 +80,7 @@ impl TransportKind {
         match self {
             TransportKind::Tcp => "tcp",
             TransportKind::Tls => "tls",
+            TransportKind::Quic => "quic",
             TransportKind::Memory => "memory",
         }
     }

@@ -36,6 +36,9 @@ enum Cmd {
         /// TLS listen address (overrides listen.tls).
         #[arg(long)]
         tls: Vec<std::net::SocketAddr>,
+        /// QUIC (UDP) listen address (overrides listen.quic).
+        #[arg(long)]
+        quic: Vec<std::net::SocketAddr>,
         /// Upstream TCP address (overrides upstream.tcp).
         #[arg(long)]
         upstream: Option<std::net::SocketAddr>,
@@ -139,6 +142,9 @@ enum Cmd {
         /// Use TLS, trusting the certificate(s) in this PEM file.
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// Connect over QUIC (UDP) instead of TCP; needs --tls-ca.
+        #[arg(long, requires = "tls_ca")]
+        quic: bool,
         /// Server name to verify with TLS.
         #[arg(long, default_value = "localhost")]
         server_name: String,
@@ -230,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node_id,
             tcp,
             tls,
+            quic,
             upstream,
             metrics,
         } => {
@@ -242,6 +249,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !tls.is_empty() {
                 cfg.listen.tls = tls;
+            }
+            if !quic.is_empty() {
+                cfg.listen.quic = quic;
             }
             if upstream.is_some() {
                 cfg.upstream.tcp = upstream;
@@ -412,20 +422,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Client {
             addr,
             tls_ca,
+            quic,
             server_name,
             token,
             user,
             device,
             join,
             config,
-        } => run_client(addr, tls_ca, server_name, token, user, device, join, config).await,
+        } => {
+            let transport = match (tls_ca, quic) {
+                (Some(ca), true) => ClientTransport::Quic(ca),
+                (Some(ca), false) => ClientTransport::Tls(ca),
+                (None, _) => ClientTransport::Tcp,
+            };
+            run_client(
+                addr,
+                transport,
+                server_name,
+                token,
+                user,
+                device,
+                join,
+                config,
+            )
+            .await
+        }
     }
+}
+
+/// How `tether client` connects.
+enum ClientTransport {
+    Tcp,
+    Tls(PathBuf),
+    Quic(PathBuf),
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn run_client(
     addr: String,
-    tls_ca: Option<PathBuf>,
+    transport: ClientTransport,
     server_name: String,
     token: Option<String>,
     user: String,
@@ -447,9 +482,16 @@ async fn run_client(
             )?
         }
     };
-    let mut c = match &tls_ca {
-        Some(ca) => Client::connect_tls(&addr, &server_name, ca).await?,
-        None => Client::connect_tcp(&addr).await?,
+    let mut c = match &transport {
+        ClientTransport::Quic(ca) => {
+            let to = tokio::net::lookup_host(&addr)
+                .await?
+                .next()
+                .with_context(|| format!("{addr} resolves to no address"))?;
+            Client::connect_quic(to, &server_name, ca).await?
+        }
+        ClientTransport::Tls(ca) => Client::connect_tls(&addr, &server_name, ca).await?,
+        ClientTransport::Tcp => Client::connect_tcp(&addr).await?,
     };
     let ok = c.login(&token, &device).await?;
     println!(

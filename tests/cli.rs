@@ -59,7 +59,7 @@ fn run(args: &[&str], limit: Duration) -> Output {
 fn write_config(dir: &Path, name: &str, held: u16, extra: &str) -> String {
     let path = dir.join(name);
     let text = format!(
-        "node_id = \"cli-test\"\n{extra}\n[listen]\ntcp = [\"127.0.0.1:{held}\"]\ntls = []\n\n[upstream]\ntcp = \"127.0.0.1:0\"\n"
+        "node_id = \"cli-test\"\n{extra}\n[listen]\ntcp = [\"127.0.0.1:{held}\"]\ntls = []\nquic = []\n\n[upstream]\ntcp = \"127.0.0.1:0\"\n"
     );
     std::fs::write(&path, text).unwrap();
     path.display().to_string()

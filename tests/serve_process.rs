@@ -49,7 +49,7 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
     std::fs::write(
         &cfg,
         format!(
-            "[listen]\ntcp = [\"127.0.0.1:{tcp}\"]\ntls = []\n\n[upstream]\ntcp = \"\"\nunix = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[shutdown]\ndrain_timeout = \"3s\"\n",
+            "[listen]\ntcp = [\"127.0.0.1:{tcp}\"]\ntls = []\nquic = []\n\n[upstream]\ntcp = \"\"\nunix = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[shutdown]\ndrain_timeout = \"3s\"\n",
             sock.display()
         ),
     )

@@ -36,6 +36,7 @@ async fn gateway(tls: bool, tweak: impl FnOnce(&mut Config)) -> Gw {
     } else {
         vec![]
     };
+    cfg.listen.quic = vec![];
     cfg.upstream.tcp = Some("127.0.0.1:0".parse().expect("addr"));
     cfg.metrics.listen = None;
     cfg.limits.login_rate = 0;

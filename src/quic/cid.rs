@@ -59,7 +59,7 @@ pub const MAX_BLOCK_LEN: usize = 19;
 ///
 /// All nodes behind one load balancer share `config_id`, `nonce_len`, the
 /// server ID length and `key`; each has its own `server_id`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CidConfig {
     /// Config rotation codepoint written in the top 3 bits of the first octet,
@@ -129,7 +129,7 @@ impl CidConfig {
 }
 
 /// A 16-byte AES-128 key. Its `Debug` does not show it.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct CidKey([u8; 16]);
 
 impl From<[u8; 16]> for CidKey {

@@ -1,4 +1,346 @@
-//! QUIC: the endpoint, its configuration, and connection IDs a load balancer
-//! can route.
+//! QUIC: the endpoint, its configuration, the accept loop, and connection IDs
+//! a load balancer can route.
+//!
+//! A QUIC connection carries one session, as a TCP connection does, with the
+//! same frames and length prefixes inside its streams (docs/PROTOCOL.md,
+//! section 20): the client opens one bidirectional stream for login, control
+//! frames, acks, uplinks and interactive pushes; the gateway opens one
+//! unidirectional stream for the bulk lane. [`crate::transport::quic`] is the
+//! wire that moves those bytes; everything else is the transport-neutral
+//! [`Link`](crate::transport::Link).
+//!
+//! What QUIC settings are chosen, and why:
+//! - **Streams.** A client may open one bidirectional stream and no
+//!   unidirectional one: stream state is allocated per stream the peer may
+//!   open, and a session needs one. More is a protocol error that closes the
+//!   connection.
+//! - **Windows.** `quic.stream_window` is both the per-stream and the
+//!   connection receive window: a client can make the gateway buffer at most
+//!   that much unread input. `quic.send_window` bounds what the gateway hands
+//!   to QUIC per connection before the client acknowledges it; pushes beyond
+//!   it stay in the session's queue (where they are counted and bounded). The
+//!   interactive stream has a higher send priority than the bulk stream, and
+//!   the bulk stream's flow-control window is the client's to keep small, so a
+//!   bulk flood never delays an interactive push.
+//! - **Liveness.** One mechanism: the application heartbeat (`Ping` every
+//!   `heartbeat_interval`) keeps the connection and any NAT binding alive,
+//!   and `session.idle_timeout` judges silence. QUIC's own keep-alive is off
+//!   and its idle timeout is the session's idle timeout plus a margin, so it
+//!   only ever cleans up after a client that never logged in or vanished.
+//! - **Address validation.** Past `quic.handshake_rate` new handshakes a
+//!   second, a client must answer a stateless Retry first, so a flood of
+//!   spoofed Initial packets costs no connection state. Path validation and
+//!   the anti-amplification limit are quinn's and stay on; migration is on.
+//! - **0-RTT.** The TLS session cache holds `quic.session_cache` sessions. A
+//!   returning client may log in or resume in 0-RTT data; only idempotent
+//!   requests run before the handshake is confirmed
+//!   ([`Link::set_early`](crate::transport::Link::set_early)).
 
 pub mod cid;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::ids::TransportKind;
+use crate::metrics as m;
+use crate::transport::quic::QuicWire;
+use crate::transport::{ConnGuard, Connection};
+
+/// The ALPN protocol id of Tether's frames over QUIC.
+pub const ALPN: &[u8] = b"tether/1";
+
+/// How long past the session's idle timeout QUIC's own idle timeout fires.
+const IDLE_MARGIN: Duration = Duration::from_secs(15);
+
+/// The QUIC server configuration: the TLS certificate's `rustls` config with
+/// ALPN `tether/1`, 0-RTT and a session cache of `quic.session_cache`, and
+/// the transport settings described in the module documentation.
+///
+/// # Errors
+/// A TLS configuration QUIC cannot use.
+pub fn server_config(
+    cfg: &Config,
+    tls: &rustls::ServerConfig,
+) -> anyhow::Result<quinn::ServerConfig> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let cache = cfg.quic.session_cache as usize;
+    if cache > 0 {
+        // QUIC allows 0 or u32::MAX here: the amount is bounded by flow control.
+        tls.max_early_data_size = u32::MAX;
+        tls.session_storage = rustls::server::ServerSessionMemoryCache::new(cache);
+    } else {
+        tls.max_early_data_size = 0;
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .context("the TLS configuration cannot be used for QUIC")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(cfg, false)));
+    server.migration(true);
+    Ok(server)
+}
+
+/// Transport settings shared by the gateway and the Rust client (`client`:
+/// the client's side, which may not open a stream but takes the bulk one).
+pub fn transport_config(cfg: &Config, client: bool) -> quinn::TransportConfig {
+    let q = &cfg.quic;
+    let mut t = quinn::TransportConfig::default();
+    if client {
+        // The gateway opens one unidirectional stream (bulk) and no other.
+        t.max_concurrent_bidi_streams(0u32.into());
+        t.max_concurrent_uni_streams(1u32.into());
+    } else {
+        t.max_concurrent_bidi_streams(1u32.into());
+        t.max_concurrent_uni_streams(0u32.into());
+    }
+    t.stream_receive_window(q.stream_window.into());
+    if client {
+        // The connection's window must hold a full bulk stream and leave
+        // room for the interactive one, or a bulk stream the app reads
+        // slowly would stall interactive pushes at the connection level.
+        t.receive_window(
+            (u64::from(q.stream_window) * 4)
+                .try_into()
+                .unwrap_or(quinn::VarInt::MAX),
+        );
+    } else {
+        // One client stream: the connection window is the stream's.
+        t.receive_window(q.stream_window.into());
+    }
+    t.send_window(u64::from(q.send_window));
+    t.keep_alive_interval(None);
+    let idle = cfg.session.idle_timeout + IDLE_MARGIN;
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    // No unreliable datagrams: their receive buffer is per connection.
+    t.datagram_receive_buffer_size(None);
+    t
+}
+
+/// The endpoint's configuration: connection IDs from `quic.cid` when set.
+///
+/// # Errors
+/// An invalid `[quic.cid]` table.
+pub fn endpoint_config(cfg: &Config) -> anyhow::Result<quinn::EndpointConfig> {
+    let mut ep = quinn::EndpointConfig::default();
+    if let Some(c) = &cfg.quic.cid {
+        let generator = cid::QuicLbGenerator::new(c).context("quic.cid")?;
+        ep.cid_generator(move || Box::new(generator.clone()));
+    }
+    Ok(ep)
+}
+
+/// Binds a QUIC endpoint on `addr`.
+///
+/// # Errors
+/// The address is in use or cannot be bound.
+pub fn bind(
+    addr: SocketAddr,
+    cfg: &Config,
+    server: quinn::ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
+    let socket =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
+    quinn::Endpoint::new(
+        endpoint_config(cfg)?,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("cannot start QUIC on {addr}"))
+}
+
+/// Counts handshakes per second to decide when new clients must prove
+/// their address first (a stateless Retry).
+struct HandshakeRate {
+    limit: u64,
+    window: Instant,
+    count: u64,
+}
+
+impl HandshakeRate {
+    fn new(limit: u32, now: Instant) -> Self {
+        Self {
+            limit: u64::from(limit),
+            window: now,
+            count: 0,
+        }
+    }
+
+    /// Counts one handshake at `now`; false once the second's budget is spent.
+    fn admit(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= self.limit
+    }
+}
+
+/// Accepts QUIC connections on `endpoint` until `stop`: limits, address
+/// validation under load, the handshake within `tls.handshake_timeout` (a
+/// handshake slot shared with TLS), then one task per connection.
+pub async fn accept_loop(
+    gw: Arc<Gateway>,
+    endpoint: quinn::Endpoint,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    stop: CancellationToken,
+) {
+    let mut rate = HandshakeRate::new(gw.config().quic.handshake_rate, Instant::now());
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let remote = incoming.remote_address();
+        if !incoming.remote_address_validated() && !rate.admit(Instant::now()) {
+            // Over the rate: prove the address first. A retry keeps no state.
+            metrics::counter!(m::QUIC_HANDSHAKES, "result" => "retry").increment(1);
+            if incoming.may_retry() {
+                let _ = incoming.retry();
+            } else {
+                incoming.refuse();
+            }
+            continue;
+        }
+        let guard = if gw.limits().pending_full() {
+            metrics::counter!(m::PENDING_LOGINS_REFUSED).increment(1);
+            Err(crate::wire::Code::TooManyConnections)
+        } else {
+            ConnGuard::acquire(&gw, remote, TransportKind::Quic)
+        };
+        let guard = match guard {
+            Ok(g) => g,
+            Err(code) => {
+                metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => code.as_str_name())
+                    .increment(1);
+                metrics::counter!(m::QUIC_HANDSHAKES, "result" => "refused").increment(1);
+                // CONNECTION_REFUSED, before any state: what a storm costs.
+                incoming.refuse();
+                continue;
+            }
+        };
+        tokio::spawn(serve(gw.clone(), incoming, handshakes.clone(), guard));
+    }
+    // Draining: new connections are refused; the connections of the
+    // endpoint keep running until they drain (the server closes it after).
+    endpoint.set_server_config(None);
+}
+
+/// One connection: the handshake, the client's stream, then the driver.
+async fn serve(
+    gw: Arc<Gateway>,
+    incoming: quinn::Incoming,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    guard: ConnGuard,
+) {
+    let remote = incoming.remote_address();
+    let timeout = gw.config().tls.handshake_timeout;
+    let handshake = async {
+        let _permit = handshakes.acquire().await.ok()?;
+        let connecting = incoming
+            .accept()
+            .map_err(|e| tracing::debug!(%remote, error = %e, "QUIC accept failed"))
+            .ok()?;
+        // 0-RTT: on the server this always succeeds; `confirmed` resolves
+        // when the handshake completes, and until then the link runs only
+        // idempotent requests.
+        match connecting.into_0rtt() {
+            Ok((conn, confirmed)) => Some((conn, Some(confirmed))),
+            Err(connecting) => connecting
+                .await
+                .map(|c| (c, None))
+                .map_err(|e| tracing::debug!(%remote, error = %e, "QUIC handshake failed"))
+                .ok(),
+        }
+    };
+    let (conn, confirmed) = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            metrics::counter!(m::QUIC_HANDSHAKES, "result" => "failed").increment(1);
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(m::QUIC_HANDSHAKES, "result" => "timeout").increment(1);
+            return;
+        }
+    };
+    metrics::counter!(m::QUIC_HANDSHAKES, "result" => "ok").increment(1);
+    // The client's stream comes with its first bytes (the Login): wait for
+    // it as long as a login may take.
+    let login = gw.config().session.login_timeout;
+    let (send, recv) = match tokio::time::timeout(login, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "QUIC connection ended before its stream");
+            return;
+        }
+        Err(_) => {
+            conn.close(
+                (crate::wire::Code::LoginTimeout as u32).into(),
+                b"no stream within the login timeout",
+            );
+            return;
+        }
+    };
+    let bulk = match conn.open_uni().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "cannot open the bulk stream");
+            return;
+        }
+    };
+    // Interactive frames first when both streams have data to send.
+    let _ = send.set_priority(1);
+    let _ = bulk.set_priority(0);
+    let wire = QuicWire::new(conn, send, recv, bulk, confirmed);
+    Connection::new(gw, wire, TransportKind::Quic, guard).await;
+}
+
+/// The Rust client's QUIC configuration, trusting the certificates in
+/// `roots`.
+///
+/// # Errors
+/// A TLS configuration QUIC cannot use.
+pub fn client_config(
+    cfg: &Config,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = true;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .context("the TLS configuration cannot be used for QUIC")?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(Arc::new(transport_config(cfg, true)));
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handshake_rate_admits_its_budget_per_second() {
+        let t0 = Instant::now();
+        let mut r = HandshakeRate::new(3, t0);
+        assert!((0..3).all(|_| r.admit(t0)));
+        assert!(
+            !r.admit(t0),
+            "the fourth in one second must prove its address"
+        );
+        assert!(r.admit(t0 + Duration::from_millis(1_000)), "a new second");
+        let mut none = HandshakeRate::new(0, t0);
+        assert!(!none.admit(t0), "0: every new client gets a Retry");
+    }
+}

@@ -12,7 +12,8 @@
 //! not acknowledged is already being retransmitted by the transport, and
 //! writing the push again would only add bytes to a congested or dead path.
 //! Instead the ack timeout is a liveness signal: when a lane has had pushes
-//! unacknowledged for `ack_timeout` with no ack progress at all, the
+//! unacknowledged for `ack_timeout` with no ack progress at all (in any
+//! lane), the
 //! connection is judged dead and closed (`CODE_ACK_TIMEOUT`), the session is
 //! kept, and the client's resume replays the window on a new connection.
 //! A push counts one try per connection it was written on; one written on
@@ -138,7 +139,7 @@ impl Item {
 /// What [`Delivery::enqueue`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
-    /// Queued; `wake` when the queue was empty (the task must be woken).
+    /// Queued; `wake` when the lane's queue was empty (the task must be woken).
     Queued { wake: bool },
     /// Dropped for this session (policy "drop", or the node budget is spent).
     /// Its seq is used up, so the client sees the gap.
@@ -159,8 +160,8 @@ struct LaneBufs {
     written: u64,
     /// Since when the window has held pushes with no ack progress: set when
     /// a push enters an empty window, moved to now by every ack that frees
-    /// something (and by a stalled write that moves again), cleared when the
-    /// window empties. The ack deadline is this plus `ack_timeout`.
+    /// something in either lane (and by a stalled write that moves again),
+    /// cleared when the window empties. The ack deadline is this plus `ack_timeout`.
     waiting: Option<Instant>,
 }
 
@@ -316,7 +317,10 @@ impl Delivery {
         let bufs = self
             .bufs
             .get_or_insert_with(|| Box::new([LaneBufs::new(next[0]), LaneBufs::new(next[1])]));
-        let wake = bufs[0].queue.is_empty() && bufs[1].queue.is_empty();
+        // Wake the task when this lane's queue was empty: the other lane's
+        // queue may be stuck behind a full window or a stalled stream, and
+        // must not keep this lane's push from waking the writer.
+        let wake = bufs[l].queue.is_empty();
         if bufs[l].queue.capacity() == 0 {
             // Most bursts are one push (a broadcast): start with room for one.
             bufs[l].queue.reserve_exact(1);
@@ -425,8 +429,7 @@ impl Delivery {
         let Some(bufs) = self.bufs.as_mut() else {
             return;
         };
-        let b = &mut bufs[ix(lane)];
-        let w = &mut b.window;
+        let w = &mut bufs[ix(lane)].window;
         let mut freed = 0;
         while w.front().is_some_and(|it| it.seq <= up_to) {
             if let Some(it) = w.pop_front() {
@@ -445,7 +448,12 @@ impl Delivery {
             });
         }
         if freed > 0 {
-            b.waiting = (!b.window.is_empty()).then_some(now);
+            // Any ack that releases a push proves the path alive: every
+            // lane's clock starts over (a lane the client reads slowly is
+            // the stall rule's and the queue bound's business, not this).
+            for b in bufs.iter_mut() {
+                b.waiting = (!b.window.is_empty()).then_some(now);
+            }
         }
         self.release(freed, budget);
         self.shrink();
@@ -658,6 +666,42 @@ mod tests {
         d.ack(Lane::Interactive, 2, &[], t2, &b, &mut Vec::new());
         assert_eq!(d.ack_deadline(Lanes::ALL, &c), None, "window empty");
         assert!(d.is_idle() && b.used() == 0);
+    }
+
+    #[test]
+    fn a_push_wakes_the_writer_when_its_lane_was_empty_whatever_the_other_lane_holds() {
+        let (c, b, t0) = (cfg(), Budget::new(1 << 20), Instant::now());
+        let mut d = Delivery::default();
+        for _ in 0..4 {
+            offer(&mut d, Lane::Bulk, &c, &b);
+        }
+        send(&mut d, t0, &c); // the bulk window (2) is full; 2 stay queued
+        assert_eq!(d.queued(), 2);
+        assert_eq!(
+            offer(&mut d, Lane::Interactive, &c, &b),
+            Offer::Queued { wake: true },
+            "bulk stuck behind its window must not swallow the wake-up"
+        );
+        assert_eq!(
+            offer(&mut d, Lane::Interactive, &c, &b),
+            Offer::Queued { wake: false }
+        );
+    }
+
+    #[test]
+    fn an_ack_in_either_lane_restarts_both_ack_clocks() {
+        let (c, b, t0) = (cfg(), Budget::new(1 << 20), Instant::now());
+        let mut d = Delivery::default();
+        offer(&mut d, Lane::Interactive, &c, &b);
+        offer(&mut d, Lane::Bulk, &c, &b);
+        send(&mut d, t0, &c);
+        let t1 = t0 + Duration::from_millis(800);
+        d.ack(Lane::Bulk, 1, &[], t1, &b, &mut Vec::new());
+        assert_eq!(
+            d.ack_deadline(Lanes::INTERACTIVE, &c),
+            Some(t1 + Duration::from_secs(1)),
+            "the path is alive: the interactive push gets a full timeout"
+        );
     }
 
     #[test]

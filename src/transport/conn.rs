@@ -103,10 +103,11 @@ impl<W: Wire> Connection<W> {
         } else {
             Outputs::One
         };
-        Self {
-            link: Link::new(gw, kind, outputs, guard.disarm()),
-            wire,
+        let mut link = Link::new(gw, kind, outputs, guard.disarm());
+        if wire.early() {
+            link.set_early();
         }
+        Self { link, wire }
     }
 
     /// The session handle (tests and the in-memory transport use it).
@@ -203,7 +204,7 @@ impl<W: Wire> Future for Connection<W> {
         let now = this.link.now();
         let session_before = this.link.handle().id();
         this.link.begin(now, cx.waker());
-        this.wire.poll_events(cx, &this.link);
+        this.wire.poll_events(cx, &mut this.link);
 
         let mut again = this.poll_input(cx, now);
         let paused = this.link.input_paused();

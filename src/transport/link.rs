@@ -69,6 +69,12 @@ impl Flags {
     const REGISTERED: u16 = 1 << 7;
     /// The bulk lane has its own output (QUIC).
     const TWO_OUTPUTS: u16 = 1 << 8;
+    /// The handshake is not confirmed yet (QUIC 0-RTT): input may be a
+    /// replay, so only idempotent requests run.
+    const EARLY: u16 = 1 << 9;
+    /// A request that must wait for the handshake's confirmation is held in
+    /// `rbuf` (with everything after it); reading stops until then.
+    const DEFERRED: u16 = 1 << 10;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -274,6 +280,10 @@ impl Link {
         &self.handle
     }
 
+    pub fn gateway(&self) -> &Gateway {
+        &self.gw
+    }
+
     /// The gateway's clock.
     pub fn now(&self) -> Instant {
         self.gw.now()
@@ -367,10 +377,45 @@ impl Link {
         }
     }
 
+    /// The connection starts before its handshake is confirmed (0-RTT data
+    /// may be a replay by an attacker): until [`Link::confirm`], only
+    /// idempotent requests run (`Login`, with or without a resume, `Ping`,
+    /// `Ack`, `Close`); the first other request, and everything after it,
+    /// waits. So a replayed 0-RTT flight can log in again (which replaces or
+    /// resumes, as a reconnect would) but never yields an uplink twice.
+    pub fn set_early(&mut self) {
+        self.f.set(Flags::EARLY, true);
+    }
+
+    /// The handshake is confirmed: requests held back run now.
+    pub fn confirm(&mut self, now: Instant, peer: &dyn Fn() -> Option<SocketAddr>) {
+        self.f.set(Flags::EARLY, false);
+        if self.f.has(Flags::DEFERRED) {
+            self.f.set(Flags::DEFERRED, false);
+            if let Some(buf) = self.rbuf.take() {
+                if !self.session.is_closing() {
+                    self.feed_owned(now, buf, peer);
+                }
+            }
+        }
+    }
+
+    /// Whether a frame may run before the handshake is confirmed.
+    fn idempotent(body: &[u8]) -> bool {
+        use crate::wire::pb::client_frame::Body;
+        use prost::Message;
+        matches!(
+            crate::wire::pb::ClientFrame::decode(body).map(|f| f.body),
+            Ok(Some(
+                Body::Login(_) | Body::Ping(_) | Body::Ack(_) | Body::Close(_)
+            )) | Err(_)
+        )
+    }
+
     /// Whether the driver should read: more input while the session takes
     /// it, or bytes to discard while lingering on close, within the budget.
     pub fn wants_read(&self) -> bool {
-        if self.f.has(Flags::READ_CLOSED) {
+        if self.f.has(Flags::READ_CLOSED) || self.f.has(Flags::DEFERRED) {
             return false;
         }
         if self.session.is_closing() {
@@ -532,6 +577,9 @@ impl Link {
                 Err(e) => return self.frame_error(now, e),
                 Ok(Some(total)) if data.len() >= total => {
                     let (frame, rest) = data.split_at(total);
+                    if self.f.has(Flags::EARLY) && !Self::idempotent(&frame[LEN_PREFIX..]) {
+                        return self.defer(data);
+                    }
                     self.on_frame(now, &frame[LEN_PREFIX..], peer);
                     data = rest;
                 }
@@ -560,6 +608,15 @@ impl Link {
     ) {
         let max = self.gw.params().max_frame;
         while !self.session.is_closing() {
+            if self.f.has(Flags::EARLY) {
+                if let Ok(Some(total)) = frame_len(&buf, max) {
+                    if buf.len() >= total && !Self::idempotent(&buf[LEN_PREFIX..total]) {
+                        self.f.set(Flags::DEFERRED, true);
+                        self.rbuf = Some(buf);
+                        return;
+                    }
+                }
+            }
             match crate::wire::decode_frame(&mut buf, max) {
                 Err(e) => return self.frame_error(now, e),
                 Ok(Some(frame)) => self.on_frame(now, &frame, peer),
@@ -584,6 +641,15 @@ impl Link {
         };
         self.session.handle_frame(now, body, &mut env);
         self.f.set(Flags::REGISTERED, registered);
+    }
+
+    /// Holds `data` (a request that must wait for the handshake, and what
+    /// follows it) until [`Link::confirm`].
+    fn defer(&mut self, data: &[u8]) {
+        let mut buf = BytesMut::with_capacity(data.len());
+        buf.extend_from_slice(data);
+        self.rbuf = Some(Box::new(buf));
+        self.f.set(Flags::DEFERRED, true);
     }
 
     fn frame_error(&mut self, now: Instant, e: FrameError) {
@@ -1158,6 +1224,40 @@ mod tests {
         let bulk = t.write(1);
         assert_eq!(seqs(&bulk), vec![(1, 1), (1, 2), (1, 3)]);
         assert!(close_code(&bulk).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_the_handshake_is_confirmed_only_idempotent_requests_run() {
+        let gw = gateway(|_| {});
+        let mut t = T::new(&gw, Outputs::Two);
+        t.link.set_early();
+        // A 0-RTT flight: a login, an uplink, a ping.
+        let ok = t.login();
+        let h = t.session(&ok);
+        let send = frame(pb::client_frame::Body::Send(pb::Send {
+            client_msg_id: "once".into(),
+            route: "r".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+        }));
+        let ping = frame(pb::client_frame::Body::Ping(pb::Ping { client_time_ms: 1 }));
+        t.read(&[send.clone(), ping].concat());
+        assert!(t.write(0).is_empty(), "the Send and what follows it wait");
+        assert!(!t.link.wants_read(), "no more input while a request waits");
+        // A replay of the flight is never confirmed: nothing more happens.
+        // The real one is: the Send runs once, then the Ping.
+        t.link.confirm(gw.now(), &|| None);
+        let out = t.write(0);
+        let kinds: Vec<&str> = out
+            .iter()
+            .map(|f| match &f.body {
+                Some(pb::server_frame::Body::SendAck(_)) => "SendAck",
+                Some(pb::server_frame::Body::Pong(_)) => "Pong",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, vec!["SendAck", "Pong"]);
+        assert!(t.link.wants_read());
+        assert!(!h.is_detached());
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@
 
 mod conn;
 mod link;
+pub mod quic;
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -69,9 +70,16 @@ pub trait Wire: Unpin + Send {
     /// The peer's address.
     fn peer_addr(&self) -> Option<SocketAddr>;
 
-    /// Transport events a poll should notice (QUIC: the peer's address
-    /// changed). Nothing for a byte stream.
-    fn poll_events(&mut self, _cx: &mut Context<'_>, _link: &Link) {}
+    /// Whether the connection starts before its handshake is confirmed
+    /// (QUIC 0-RTT): the link then runs only idempotent requests until
+    /// [`Link::confirm`].
+    fn early(&self) -> bool {
+        false
+    }
+
+    /// Transport events a poll should notice (QUIC: the handshake was
+    /// confirmed, the peer's address changed). Nothing for a byte stream.
+    fn poll_events(&mut self, _cx: &mut Context<'_>, _link: &mut Link) {}
 }
 
 impl<T: Transport> Wire for T {

@@ -18,6 +18,7 @@ pub const SECRET: &str = tether::config::DEV_SECRET;
 pub struct TestGateway {
     pub tcp: SocketAddr,
     pub tls: Option<SocketAddr>,
+    pub quic: Option<SocketAddr>,
     pub upstream: SocketAddr,
     pub gw: Arc<Gateway>,
     pub stop: CancellationToken,
@@ -30,6 +31,7 @@ pub fn test_config() -> Config {
     let mut cfg = Config::default();
     cfg.listen.tcp = vec!["127.0.0.1:0".parse().unwrap()];
     cfg.listen.tls = vec![];
+    cfg.listen.quic = vec![];
     cfg.upstream.tcp = Some("127.0.0.1:0".parse().unwrap());
     cfg.metrics.listen = None;
     cfg.session.timer_tick = Duration::from_millis(20);
@@ -47,6 +49,7 @@ pub async fn start(mut cfg: Config) -> TestGateway {
     TestGateway {
         tcp: addrs.tcp[0],
         tls: addrs.tls.first().copied(),
+        quic: addrs.quic.first().copied(),
         upstream: addrs.upstream_tcp.unwrap(),
         gw,
         stop,
@@ -291,5 +294,34 @@ impl TestGateway {
             .await
             .expect("login");
         (c, ok)
+    }
+}
+
+impl TestGateway {
+    /// The development certificate the gateway generated (its own CA).
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.certs.path().join(tether::tls::DEV_CERT)
+    }
+
+    /// A QUIC connector on a fresh loopback UDP socket trusting the gateway.
+    pub fn quic_connector(&self) -> tether::client::QuicConnector {
+        tether::client::QuicConnector::new("127.0.0.1:0".parse().unwrap(), &self.ca())
+            .expect("QUIC connector")
+    }
+
+    /// Logs in over QUIC with a new connector (returned, for rebinds).
+    pub async fn login_quic(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> (tether::client::QuicConnector, Client, pb::LoginOk) {
+        let q = self.quic_connector();
+        let addr = self.quic.expect("a QUIC listener");
+        let mut c = q
+            .connect(addr, "localhost", false)
+            .await
+            .expect("QUIC connect");
+        let ok = c.login(&token(user, device), device).await.expect("login");
+        (q, c, ok)
     }
 }

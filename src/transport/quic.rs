@@ -1,0 +1,134 @@
+//! The QUIC wire: a session's bytes over QUIC streams.
+//!
+//! Input is the client's bidirectional stream. Output 0 is the same stream
+//! (control frames and interactive pushes), output 1 the unidirectional
+//! stream the gateway opened for the bulk lane. The frames inside are the
+//! same length-prefixed frames as over TCP; the [`Link`] decides everything.
+//! This wire also tells the link when a 0-RTT handshake is confirmed, and
+//! counts the client's address changes (connection migration).
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{Link, Wire};
+use crate::metrics as m;
+
+/// One QUIC connection carrying one session.
+pub struct QuicWire {
+    conn: quinn::Connection,
+    recv: quinn::RecvStream,
+    send: quinn::SendStream,
+    bulk: quinn::SendStream,
+    /// Until the handshake is confirmed: its outcome (the link runs only
+    /// idempotent requests before). Boxed: it is gone after the first RTT.
+    confirmed: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
+    /// The client's address as last seen.
+    remote: SocketAddr,
+}
+
+impl QuicWire {
+    pub fn new(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        bulk: quinn::SendStream,
+        confirmed: Option<quinn::ZeroRttAccepted>,
+    ) -> Self {
+        let remote = conn.remote_address();
+        Self {
+            conn,
+            recv,
+            send,
+            bulk,
+            confirmed: confirmed.map(Box::pin),
+            remote,
+        }
+    }
+
+    fn out(&mut self, out: usize) -> Pin<&mut quinn::SendStream> {
+        if out == 0 {
+            Pin::new(&mut self.send)
+        } else {
+            Pin::new(&mut self.bulk)
+        }
+    }
+}
+
+impl Wire for QuicWire {
+    const OUTPUTS: usize = 2;
+
+    fn early(&self) -> bool {
+        self.confirmed.is_some()
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+
+    fn poll_write(
+        &mut self,
+        out: usize,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(self.out(out), cx, buf)
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        out: usize,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write_vectored(self.out(out), cx, bufs)
+    }
+
+    /// QUIC copies what it is given into its own send buffer, and a slice
+    /// per call would be a write per slice: one flat buffer per batch.
+    fn vectored(&self, _out: usize) -> bool {
+        false
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // FIN on both streams; the connection itself closes when the driver
+        // drops it (after the linger, or once the client hung up).
+        let _ = self.send.finish();
+        let _ = self.bulk.finish();
+        Poll::Ready(Ok(()))
+    }
+
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        Some(self.conn.remote_address())
+    }
+
+    fn poll_events(&mut self, cx: &mut Context<'_>, link: &mut Link) {
+        if let Some(c) = self.confirmed.as_mut() {
+            if let Poll::Ready(accepted) = c.as_mut().poll(cx) {
+                tracing::trace!(zero_rtt = accepted, "QUIC handshake confirmed");
+                self.confirmed = None;
+                let conn = &self.conn;
+                link.confirm(link.now(), &|| Some(conn.remote_address()));
+            }
+        }
+        let now = self.conn.remote_address();
+        if now != self.remote {
+            metrics::counter!(m::QUIC_MIGRATIONS).increment(1);
+            link.gateway().count_migration();
+            tracing::debug!(from = %self.remote, to = %now, session = ?link.handle().id(), "QUIC client migrated");
+            self.remote = now;
+        }
+    }
+}
+
+impl Drop for QuicWire {
+    fn drop(&mut self) {
+        // The session is over on this connection: close it now rather than
+        // waiting for the idle timeout.
+        self.conn.close(0u32.into(), b"");
+    }
+}

@@ -1,0 +1,449 @@
+//! QUIC over real UDP sockets on loopback: login, pushes on both lanes and
+//! acks; a client that migrates to a new address mid-stream; resume across
+//! QUIC and TCP; a stalled bulk stream beside interactive pushes; a
+//! handshake and garbage flood beside an established session; 0-RTT.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use tether::client::Client;
+use tether::wire::pb::{self, push_request::Target, server_frame::Body as Resp};
+use tether::wire::Code;
+
+fn quic_config() -> tether::config::Config {
+    let mut cfg = test_config();
+    cfg.listen.quic = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.limits.login_rate = 0;
+    cfg
+}
+
+fn to_device(user: &str, device: &str, payload: Bytes, lane: pb::Lane) -> pb::PushRequest {
+    pb::PushRequest {
+        target: Some(Target::Device(pb::DeviceTarget {
+            user_id: user.into(),
+            device_id: device.into(),
+        })),
+        payload,
+        source: "test".into(),
+        lane: lane as i32,
+        ..Default::default()
+    }
+}
+
+/// The next push within `d`, skipping Pongs.
+async fn push_within(c: &mut Client, d: Duration) -> pb::Push {
+    let deadline = Instant::now() + d;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv_timeout(left).await {
+            Ok(Some(f)) => match f.body {
+                Some(Resp::Push(p)) => return p,
+                Some(Resp::Pong(_)) => {}
+                other => panic!("expected a push, got {other:?}"),
+            },
+            Ok(None) => panic!("the connection closed"),
+            Err(e) => panic!("no push within {d:?}: {e}"),
+        }
+    }
+}
+
+fn resume_login(
+    user: &str,
+    device: &str,
+    ok: &pb::LoginOk,
+    last: u64,
+    last_bulk: u64,
+) -> pb::Login {
+    pb::Login {
+        token: token(user, device),
+        device_id: device.into(),
+        platform: pb::Platform::Ios as i32,
+        protocol_version: 1,
+        resume: Some(pb::Resume {
+            session_id: ok.session_id,
+            resume_token: ok.resume_token.clone(),
+            last_seq: last,
+            last_bulk_seq: last_bulk,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_push_and_ack_over_quic_with_bulk_on_its_own_stream() {
+    let g = start(quic_config()).await;
+    let (up, mut events) = g.upstream(true).await;
+    let (_q, mut c, ok) = g.login_quic("qa", "phone").await;
+    assert_eq!(ok.user_id, "qa");
+
+    let mut req = to_device(
+        "qa",
+        "phone",
+        Bytes::from_static(b"hi"),
+        pb::Lane::Interactive,
+    );
+    req.report_delivery = true;
+    req.message_id = "i-1".into();
+    assert_eq!(up.push(req).await.unwrap().sessions, 1);
+    let mut req = to_device("qa", "phone", Bytes::from_static(b"feed"), pb::Lane::Bulk);
+    req.report_delivery = true;
+    req.message_id = "b-1".into();
+    up.push(req).await.unwrap();
+
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let p = push_within(&mut c, Duration::from_secs(5)).await;
+        got.push((p.lane, p.seq, p.message_id.clone(), p.payload.clone()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (
+                pb::Lane::Interactive as i32,
+                1,
+                "i-1".into(),
+                Bytes::from_static(b"hi")
+            ),
+            (
+                pb::Lane::Bulk as i32,
+                1,
+                "b-1".into(),
+                Bytes::from_static(b"feed")
+            ),
+        ]
+    );
+    c.ack_lane(pb::Lane::Interactive, 1).await.unwrap();
+    c.ack_lane(pb::Lane::Bulk, 1).await.unwrap();
+    let mut reported = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reported.len() < 2 && Instant::now() < deadline {
+        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+        {
+            if let Some(pb::event::Kind::Delivery(r)) = ev.kind {
+                assert_eq!(r.code, Code::Ok as i32, "{r:?}");
+                reported.push(r.message_id);
+            }
+        }
+    }
+    reported.sort();
+    assert_eq!(reported, vec!["b-1", "i-1"], "both acknowledged over QUIC");
+
+    // Presence says QUIC; a ping is answered on the stream.
+    let h =
+        g.gw.registry()
+            .session(tether::ids::SessionId(ok.session_id))
+            .unwrap();
+    assert_eq!(h.info().unwrap().transport.as_str(), "quic");
+    c.ping().await.unwrap();
+    let f = c
+        .recv_timeout(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(f.body, Some(Resp::Pong(_))), "{f:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_migrates_mid_stream_keeps_its_session_and_loses_nothing() {
+    const N: u64 = 10_000;
+    let g = start(quic_config()).await;
+    let (up, _events) = g.upstream(false).await;
+    let (q, mut c, ok) = g.login_quic("mig", "phone").await;
+    let before = q.local_addr().unwrap();
+
+    let pusher = tokio::spawn(async move {
+        for i in 1..=N {
+            let req = to_device(
+                "mig",
+                "phone",
+                Bytes::from(i.to_be_bytes().to_vec()),
+                pb::Lane::Interactive,
+            );
+            let r = up.push(req).await.expect("push");
+            assert_eq!(r.sessions, 1, "push {i}: the session is reachable");
+        }
+    });
+    let mut last = 0;
+    let mut rebound = None;
+    while last < N {
+        let p = push_within(&mut c, Duration::from_secs(10)).await;
+        let idx = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
+        assert_eq!(p.seq, last + 1, "each push exactly once, in order");
+        assert_eq!(idx, p.seq);
+        last = p.seq;
+        if last % 64 == 0 {
+            c.ack(last).await.unwrap();
+        }
+        if last == N / 2 {
+            // The phone leaves Wi-Fi: a new socket, a new address.
+            rebound = Some(q.rebind("127.0.0.1:0".parse().unwrap()).unwrap());
+        }
+    }
+    c.ack(last).await.unwrap();
+    pusher.await.unwrap();
+    let after = rebound.unwrap();
+    assert_ne!(before, after);
+    assert!(
+        g.gw.quic_migrations() >= 1,
+        "the gateway saw the client's new address"
+    );
+    let h =
+        g.gw.registry()
+            .session(tether::ids::SessionId(ok.session_id))
+            .unwrap();
+    assert!(!h.is_detached(), "same connection, same session");
+    assert_eq!(g.gw.registry().len(), 1, "no second session");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.unacked(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_from_quic_to_tcp_and_back() {
+    let g = start(quic_config()).await;
+    let (up, _events) = g.upstream(false).await;
+    let (q, mut c, ok) = g.login_quic("rs", "phone").await;
+    for i in 1..=3u8 {
+        up.push(to_device(
+            "rs",
+            "phone",
+            Bytes::from(vec![i]),
+            pb::Lane::Interactive,
+        ))
+        .await
+        .unwrap();
+    }
+    for seq in 1..=3 {
+        assert_eq!(push_within(&mut c, Duration::from_secs(5)).await.seq, seq);
+    }
+    c.ack(2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // UDP is blocked on this network: the QUIC connection dies silently.
+    drop(c);
+    drop(q);
+    // Over TCP, resuming from seq 2: seq 3 comes again, then what is new.
+    let mut t = g.client().await;
+    let ok_t = t
+        .login_with(resume_login("rs", "phone", &ok, 2, 0))
+        .await
+        .unwrap();
+    assert_eq!(ok_t.session_id, ok.session_id, "the same session");
+    let r = ok_t.resume.unwrap();
+    assert_eq!((r.code, r.first_seq, r.replayed), (Code::Ok as i32, 3, 1));
+    assert_eq!(push_within(&mut t, Duration::from_secs(5)).await.seq, 3);
+    up.push(to_device(
+        "rs",
+        "phone",
+        Bytes::from_static(b"4"),
+        pb::Lane::Interactive,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(push_within(&mut t, Duration::from_secs(5)).await.seq, 4);
+    drop(t);
+    // Back to QUIC, resuming from seq 4.
+    let q2 = g.quic_connector();
+    let mut c2 = q2
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    let ok_q = c2
+        .login_with(resume_login("rs", "phone", &ok_t, 4, 0))
+        .await
+        .unwrap();
+    assert_eq!(ok_q.session_id, ok.session_id);
+    assert_eq!(ok_q.resume.unwrap().code, Code::Ok as i32);
+    up.push(to_device(
+        "rs",
+        "phone",
+        Bytes::from_static(b"5"),
+        pb::Lane::Interactive,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(push_within(&mut c2, Duration::from_secs(5)).await.seq, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_bulk_stream_does_not_delay_interactive_pushes() {
+    let g = start(quic_config()).await;
+    let (up, _events) = g.upstream(false).await;
+    let (_q, mut c, _ok) = g.login_quic("bk", "phone").await;
+    // The device does not read its bulk stream: its 64 KiB window fills.
+    c.pause_bulk(true);
+    let flood = Bytes::from(vec![7u8; 4096]);
+    for _ in 0..200 {
+        up.push(to_device("bk", "phone", flood.clone(), pb::Lane::Bulk))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut worst = Duration::ZERO;
+    for i in 1..=50u64 {
+        let t0 = Instant::now();
+        up.push(to_device(
+            "bk",
+            "phone",
+            Bytes::from(i.to_be_bytes().to_vec()),
+            pb::Lane::Interactive,
+        ))
+        .await
+        .unwrap();
+        let p = push_within(&mut c, Duration::from_secs(2)).await;
+        assert_eq!((p.lane, p.seq), (pb::Lane::Interactive as i32, i));
+        worst = worst.max(t0.elapsed());
+        c.ack(i).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("slowest interactive push beside a stalled bulk stream: {worst:?}");
+    assert!(worst < Duration::from_millis(500), "{worst:?}");
+    // The bulk stream opens again: every bulk push arrives, in order.
+    c.pause_bulk(false);
+    let mut seq = 0;
+    while seq < 200 {
+        let p = push_within(&mut c, Duration::from_secs(5)).await;
+        assert_eq!(p.lane, pb::Lane::Bulk as i32);
+        assert_eq!(p.seq, seq + 1);
+        seq = p.seq;
+        if seq % 32 == 0 {
+            c.ack_lane(pb::Lane::Bulk, seq).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_and_garbage_flood_leaves_established_sessions_receiving() {
+    let mut cfg = quic_config();
+    cfg.quic.handshake_rate = 50;
+    cfg.session.login_timeout = Duration::from_secs(1);
+    let g = start(cfg).await;
+    let (up, _events) = g.upstream(false).await;
+    let (_q, mut c, _ok) = g.login_quic("fl", "phone").await;
+    let target: SocketAddr = g.quic.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+
+    // Garbage: random datagrams, and truncated Initial-looking packets.
+    let garbage = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut n = 0u64;
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            while !stop.is_cancelled() {
+                for _ in 0..64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = 1 + (x % 1400) as usize;
+                    let mut d: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
+                    if n % 2 == 0 {
+                        d[0] = 0xc3; // long header, Initial
+                        d.truncate(len.min(40));
+                    }
+                    let _ = s.send_to(&d, target).await;
+                    n += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+            n
+        })
+    };
+    // Handshakes that never log in, from many sockets.
+    let ca = g.ca();
+    let handshakes = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut ok = 0u32;
+            while !stop.is_cancelled() {
+                let q = tether::client::QuicConnector::new("127.0.0.1:0".parse().unwrap(), &ca)
+                    .unwrap();
+                if let Ok(Ok(_c)) = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    q.connect(target, "localhost", false),
+                )
+                .await
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+    };
+    // Meanwhile the established session keeps receiving.
+    let mut worst = Duration::ZERO;
+    for i in 1..=100u64 {
+        let t0 = Instant::now();
+        up.push(to_device(
+            "fl",
+            "phone",
+            Bytes::from(i.to_be_bytes().to_vec()),
+            pb::Lane::Interactive,
+        ))
+        .await
+        .unwrap();
+        let p = push_within(&mut c, Duration::from_secs(2)).await;
+        assert_eq!(p.seq, i, "no push lost during the flood");
+        worst = worst.max(t0.elapsed());
+        c.ack(i).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let sent = garbage.await.unwrap();
+    let shaken = handshakes.await.unwrap();
+    eprintln!("{sent} garbage datagrams, {shaken} handshakes; slowest push {worst:?}");
+    assert!(sent > 1000, "the flood ran ({sent} datagrams)");
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+    // The flood's connections never logged in: they are gone after the
+    // login timeout; only the established session is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.gw.limits().connections() > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(g.gw.limits().connections(), 1, "flood connections released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_client_logs_in_with_0rtt_and_falls_back_when_refused() {
+    let g = start(quic_config()).await;
+    let addr = g.quic.unwrap();
+    let q = g.quic_connector();
+    // First visit: a full handshake; the gateway sends session tickets.
+    let mut c = q.connect(addr, "localhost", true).await.unwrap();
+    assert_eq!(c.zero_rtt_accepted().await, None, "nothing remembered yet");
+    let ok = c.login(&token("z", "phone"), "phone").await.unwrap();
+    c.ping().await.unwrap();
+    let _ = c.recv_timeout(Duration::from_secs(5)).await.unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Second visit: the login (a resume) goes out in 0-RTT data.
+    let mut c = q.connect(addr, "localhost", true).await.unwrap();
+    let ok2 = c
+        .login_with(resume_login("z", "phone", &ok, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(ok2.session_id, ok.session_id);
+    assert_eq!(c.zero_rtt_accepted().await, Some(true), "0-RTT accepted");
+    drop(c);
+
+    // Another gateway with the same certificate does not know the session:
+    // 0-RTT is refused, and a plain reconnect works.
+    let mut cfg = quic_config();
+    cfg.tls.dev_cert_dir = g.certs.path().to_owned();
+    let server = tether::gateway::Server::bind(cfg).await.unwrap();
+    let other = server.addrs().quic[0];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(server.run(stop.clone()));
+    let mut c = q.connect(other, "localhost", true).await.unwrap();
+    let tried = c.login(&token("z", "phone"), "phone").await;
+    let verdict = c.zero_rtt_accepted().await;
+    assert_eq!(verdict, Some(false), "refused by a node that never saw it");
+    assert!(tried.is_err(), "the 0-RTT login is lost with the refusal");
+    let mut c = q.connect(other, "localhost", false).await.unwrap();
+    c.login(&token("z", "phone"), "phone").await.unwrap();
+    stop.cancel();
+    let _ = run.await;
+}
