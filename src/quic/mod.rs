@@ -75,6 +75,12 @@ pub fn server_config(
         // QUIC allows 0 or u32::MAX here: the amount is bounded by flow control.
         tls.max_early_data_size = u32::MAX;
         tls.session_storage = rustls::server::ServerSessionMemoryCache::new(cache);
+        // One ticket per connection: a reconnect uses one, and its
+        // connection hands out the next (the default of 2 fills the cache
+        // twice as fast). Tickets are stateful and single use: the cache
+        // takes an entry when a client presents it, so a replayed 0-RTT
+        // flight finds nothing and its early data is refused.
+        tls.send_tls13_tickets = 1;
     } else {
         tls.max_early_data_size = 0;
         tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -120,6 +126,12 @@ pub fn transport_config(cfg: &Config, client: bool) -> quinn::TransportConfig {
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     // No unreliable datagrams: their receive buffer is per connection.
     t.datagram_receive_buffer_size(None);
+    if !client {
+        // No path MTU discovery: its probes keep a send buffer of the probe
+        // size per connection (about 2.5 KB idle, measured), and pushes are
+        // small; datagrams stay at QUIC's 1200-byte minimum.
+        t.mtu_discovery_config(None);
+    }
     t
 }
 
@@ -304,7 +316,9 @@ async fn serve(
     let _ = send.set_priority(1);
     let _ = bulk.set_priority(0);
     let wire = QuicWire::new(conn, send, recv, bulk, confirmed);
-    Connection::new(gw, wire, TransportKind::Quic, guard).await;
+    // A task of its own: this setup's future (handshake, timeouts) is about
+    // 1.7 KB, and a task keeps the size of its largest state for its life.
+    tokio::spawn(Connection::new(gw, wire, TransportKind::Quic, guard));
 }
 
 /// The Rust client's QUIC configuration, trusting the certificates in
