@@ -451,3 +451,176 @@ async fn a_returning_client_logs_in_with_0rtt_and_falls_back_when_refused() {
     stop.cancel();
     let _ = run.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_inside_a_quic_stream_are_refused_as_over_tcp() {
+    let g = start(quic_config()).await;
+    let q = g.quic_connector();
+    // Not a protobuf envelope, before login: Error + Close(BAD_FRAME).
+    let mut c = q
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    c.send_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+    let mut codes = Vec::new();
+    while let Ok(Some(f)) = c.recv_timeout(Duration::from_secs(5)).await {
+        match f.body {
+            Some(Resp::Error(e)) => codes.push(e.code),
+            Some(Resp::Close(cl)) => {
+                codes.push(cl.code);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(codes, vec![Code::BadFrame as i32, Code::BadFrame as i32]);
+    // A length prefix over the maximum: Close(FRAME_TOO_LARGE), nothing read.
+    let mut c = q
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    c.send_raw(&u32::MAX.to_be_bytes()).await.unwrap();
+    let f = c
+        .recv_timeout(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(close_of(&f), Code::FrameTooLarge);
+    // The gateway carries on.
+    let (_q, mut ok_c, _) = g.login_quic("h", "phone").await;
+    ok_c.ping().await.unwrap();
+    assert!(ok_c
+        .recv_timeout(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_applies_to_quic() {
+    let mut cfg = quic_config();
+    cfg.limits.max_connections = 1;
+    let g = start(cfg).await;
+    let (_q, mut first, _) = g.login_quic("cap", "a").await;
+    let q = g.quic_connector();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        q.connect(g.quic.unwrap(), "localhost", false),
+    )
+    .await
+    .expect("refused at once, not left to time out");
+    assert!(refused.is_err(), "the second connection is refused");
+    first.ping().await.unwrap();
+    assert!(first
+        .recv_timeout(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(g.gw.limits().connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_client_that_never_reads_holds_only_what_the_bounds_allow() {
+    let mut cfg = quic_config();
+    cfg.delivery.stall_timeout = Duration::from_secs(1);
+    let (queue, detached) = (cfg.delivery.queue_bytes, cfg.delivery.detached_bytes);
+    let g = start(cfg).await;
+    let (up, _events) = g.upstream(false).await;
+    let (_q, c, ok) = g.login_quic("nr", "phone").await;
+    // 8 MiB of pushes to a device that reads nothing: QUIC flow control
+    // stops the stream at the device's window, the session's queue bound
+    // cuts the connection, and the detached bound caps what waits.
+    let body = Bytes::from(vec![1u8; 4096]);
+    for _ in 0..2048 {
+        up.push(to_device(
+            "nr",
+            "phone",
+            body.clone(),
+            pb::Lane::Interactive,
+        ))
+        .await
+        .unwrap();
+    }
+    let h =
+        g.gw.registry()
+            .session(tether::ids::SessionId(ok.session_id))
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.is_detached() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.is_detached(), "cut as a slow consumer, kept for a resume");
+    let held = g.gw.budget().used() as u64;
+    eprintln!("held for a device that never reads: {held} bytes (queue bound {queue}, detached bound {detached})");
+    assert!(held <= detached, "{held} bytes held");
+    drop(c);
+}
+
+/// A UDP relay between a client and the gateway that decodes the
+/// destination connection ID of every short-header packet the client sends
+/// (those carry a connection ID the gateway issued).
+async fn cid_relay(
+    gateway: SocketAddr,
+    cfg: tether::quic::cid::CidConfig,
+) -> (SocketAddr, tokio::sync::watch::Receiver<(usize, usize)>) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(gateway).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel((0usize, 0usize));
+    let len = 1 + cfg.server_id.len() + usize::from(cfg.nonce_len);
+    tokio::spawn(async move {
+        let (mut buf, mut back_buf) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let mut client = None;
+        let (mut ok, mut bad) = (0, 0);
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut buf) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    let p = &buf[..n];
+                    if n > len && p[0] & 0x80 == 0 {
+                        match tether::quic::cid::decode(&cfg, &p[1..1 + len]) {
+                            Ok(d) if d.server_id() == cfg.server_id.as_slice() => ok += 1,
+                            _ => bad += 1,
+                        }
+                        let _ = tx.send((ok, bad));
+                    }
+                    let _ = back.send(p).await;
+                }
+                r = back.recv(&mut back_buf) => {
+                    let Ok(n) = r else { return };
+                    if let Some(c) = client {
+                        let _ = front.send_to(&back_buf[..n], c).await;
+                    }
+                }
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_id_the_gateway_issues_routes_to_its_node() {
+    let cid: tether::quic::cid::CidConfig = toml::from_str(
+        "config_id = 1\nserver_id = \"0a17\"\nnonce_len = 8\nkey = \"8f95f09245765f80256934e50c66207f\"\n",
+    )
+    .unwrap();
+    let mut cfg = quic_config();
+    cfg.quic.cid = Some(cid.clone());
+    let g = start(cfg).await;
+    let (relay, seen) = cid_relay(g.quic.unwrap(), cid).await;
+    let q = g.quic_connector();
+    let mut c = q.connect(relay, "localhost", false).await.unwrap();
+    c.login(&token("cid", "phone"), "phone").await.unwrap();
+    for _ in 0..10 {
+        c.ping().await.unwrap();
+        let _ = c.recv_timeout(Duration::from_secs(5)).await.unwrap();
+    }
+    let (ok, bad) = *seen.borrow();
+    assert!(ok >= 10, "{ok} short-header packets seen");
+    assert_eq!(
+        bad, 0,
+        "every connection ID decodes to this node's server ID"
+    );
+}
