@@ -224,6 +224,32 @@ impl Client {
         }
     }
 
+    /// Over QUIC, the next frame of the bulk stream only (whether or not
+    /// it is paused); `Ok(None)` once it ended or over TCP. With the bulk
+    /// stream paused, [`Client::recv`] reads only the other stream: a
+    /// device can then take bulk pushes at its own pace.
+    ///
+    /// # Errors
+    /// Read failures and undecodable frames.
+    pub async fn recv_bulk(&mut self) -> io::Result<Option<pb::ServerFrame>> {
+        let Some(q) = self.quic.as_deref_mut() else {
+            return Ok(None);
+        };
+        if q.bulk_done {
+            return Ok(None);
+        }
+        match next_bulk(q).await {
+            None => {
+                q.bulk_done = true;
+                Ok(None)
+            }
+            Some(Err(e)) => Err(e),
+            Some(Ok(b)) => pb::ServerFrame::decode(b)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+
     /// Over QUIC, the connection (tests look at its addresses and stats).
     pub fn quic_connection(&self) -> Option<&quinn::Connection> {
         self.quic.as_ref().map(|q| &q.conn)
