@@ -20,6 +20,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -73,8 +74,16 @@ impl Endpoints {
                 n => sources[(first + k) % n],
             };
             let bind = SocketAddr::new(ip, 0);
-            let mut endpoint =
-                quinn::Endpoint::client(bind).map_err(|e| format!("QUIC bind {bind}: {e}"))?;
+            let mut endpoint = udp_socket(bind)
+                .and_then(|s| {
+                    quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        None,
+                        s,
+                        Arc::new(quinn::TokioRuntime),
+                    )
+                })
+                .map_err(|e| format!("QUIC bind {bind}: {e}"))?;
             endpoint.set_default_client_config(cfg.clone());
             eps.push(Ep { endpoint, bind });
         }
@@ -114,9 +123,30 @@ impl Endpoints {
     /// The new socket cannot be bound.
     pub fn rebind(&self, k: usize) -> io::Result<()> {
         let ep = &self.eps[k % self.eps.len()];
-        let socket = std::net::UdpSocket::bind(ep.bind)?;
-        ep.endpoint.rebind(socket)
+        ep.endpoint.rebind(udp_socket(ep.bind)?)
     }
+}
+
+/// Bytes of datagrams a client socket buffers (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`).
+const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket for an endpoint, with large buffers: the socket carries
+/// hundreds of connections, and with the system's default (about 200 KB) a
+/// burst of pushes to all of them overflows it while the worker's one
+/// thread is busy; every datagram lost then costs a QUIC loss recovery.
+fn udp_socket(bind: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    if bind.is_ipv6() {
+        // Dual stack, as quinn's own client endpoints are.
+        let _ = s.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer than asked still works.
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    s.bind(&bind.into())?;
+    Ok(s.into())
 }
 
 /// Endpoints a fleet part of `count` devices gets when the whole run of
