@@ -155,7 +155,9 @@ pub fn share(endpoints: usize, count: usize, total: usize) -> usize {
     if endpoints == 0 {
         return count.div_ceil(PER_ENDPOINT).max(1);
     }
-    (endpoints * count).div_ceil(total.max(1)).clamp(1, count.max(1))
+    (endpoints * count)
+        .div_ceil(total.max(1))
+        .clamp(1, count.max(1))
 }
 
 /// One stream of the gateway's, and the bytes of a frame not yet whole.
@@ -179,8 +181,11 @@ impl Source {
     /// `Ready(Ok)` when something happened (bytes, or the stream's end).
     fn poll_fill(&mut self, cx: &mut Context<'_>, out: &mut BytesMut) -> Poll<io::Result<()>> {
         self.partial.reserve(READ_CHUNK);
-        let n = match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.partial)
-        {
+        let n = match tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.partial,
+        ) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(r) => r?,
         };
@@ -366,14 +371,21 @@ mod tests {
         b.extend_from_slice(&[0, 0, 0, 3, 1]);
         assert_eq!(whole_frames(&b).expect("ok"), 12, "the third is not whole");
         assert_eq!(whole_frames(&[0, 0]).expect("ok"), 0);
-        assert!(whole_frames(&[0xff, 0xff, 0xff, 0xff]).is_err(), "too large");
+        assert!(
+            whole_frames(&[0xff, 0xff, 0xff, 0xff]).is_err(),
+            "too large"
+        );
     }
 
     #[test]
     fn endpoints_are_shared_by_devices() {
         assert_eq!(share(0, 1000, 1000), 4, "one per 256 devices");
         assert_eq!(share(0, 10, 10), 1);
-        assert_eq!(share(8, 500, 1000), 4, "half the devices, half the endpoints");
+        assert_eq!(
+            share(8, 500, 1000),
+            4,
+            "half the devices, half the endpoints"
+        );
         assert_eq!(share(8, 1, 1000), 1, "at least one");
         assert_eq!(share(50, 3, 3), 3, "never more than devices");
     }

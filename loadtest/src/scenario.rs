@@ -551,12 +551,7 @@ pub async fn migrate(c: Common, u: Upstream, o: MigrateOpts) -> anyhow::Result<(
         out.stats.connects.saturating_sub(c.conns as u64) as f64,
         "",
     );
-    r.figure(
-        "drops",
-        "connections lost",
-        out.stats.drops as f64,
-        "",
-    );
+    r.figure("drops", "connections lost", out.stats.drops as f64, "");
     r.figure("endpoints", "QUIC client endpoints", endpoints as f64, "");
     r.figure(
         "rebinds",
