@@ -31,7 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const PER_ENDPOINT: usize = 256;
 
 /// Bytes read from one stream at a time: small, because a device holds one
-/// such buffer per stream for as long as a frame is incomplete.
+/// such buffer per stream for as long as a frame is incomplete (and none
+/// once it is whole).
 const READ_CHUNK: usize = 8192;
 
 /// The fleet's QUIC client endpoints; device `k` of the fleet uses endpoint
@@ -198,6 +199,12 @@ impl Source {
         let whole = whole_frames(&self.partial)?;
         out.extend_from_slice(&self.partial[..whole]);
         self.partial.advance(whole);
+        if self.partial.is_empty() {
+            // Most reads end on a frame boundary: an idle device then holds
+            // no buffer (an allocation per read is cheap next to QUIC's
+            // decryption of the same bytes).
+            self.partial = BytesMut::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -320,6 +327,9 @@ impl AsyncRead for QuicIo {
         let n = this.ready.len().min(buf.remaining());
         buf.put_slice(&this.ready[..n]);
         this.ready.advance(n);
+        if this.ready.is_empty() {
+            this.ready = BytesMut::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
