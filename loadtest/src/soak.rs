@@ -452,7 +452,8 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
         o.churn_rate,
         o.storm_fraction * 100.0,
         fmt_dur(o.storm_every),
-        o.hostile_rate
+        // None are opened over QUIC (see above).
+        if c.quic { 0.0 } else { o.hostile_rate }
     );
     let mut r = scenario::report(
         "soak",
