@@ -198,6 +198,9 @@ impl Fleet {
             part.first = first;
             part.count = count;
             part.rate = spec.rate / parts as f64;
+            if let Some(q) = &mut part.quic {
+                q.endpoints = crate::quic::share(q.endpoints, count, spec.count);
+            }
             first += count;
             let (ctx, crx) = mpsc::channel::<Command>(8);
             cmds.push(ctx);

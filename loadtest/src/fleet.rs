@@ -1,6 +1,6 @@
 //! The client fleet: N simulated devices in one process (a worker).
 //!
-//! Each device is one task that connects (TCP or TLS), logs in with a minted
+//! Each device is one task that connects (TCP, TLS or QUIC), logs in with a minted
 //! token, heartbeats, counts and acknowledges pushes, tracks per-lane sequence
 //! numbers (so loss and duplicates show), and, by its [`FleetSpec`], sends
 //! uplinks, churns, reads slowly, or resumes its session when told to
@@ -33,6 +33,9 @@ pub struct FleetSpec {
     pub addrs: Vec<SocketAddr>,
     /// Connect over TLS, trusting this CA file, verifying this name.
     pub tls: Option<TlsSpec>,
+    /// Connect over QUIC instead of TCP (`addrs` are UDP addresses).
+    #[serde(default)]
+    pub quic: Option<QuicSpec>,
     /// HS256 secret the tokens are minted with.
     pub secret: String,
     /// User ids are `{prefix}{i}`, device ids `d{i}`.
@@ -101,6 +104,16 @@ pub struct TlsSpec {
     pub server_name: String,
 }
 
+/// QUIC client settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuicSpec {
+    pub ca: PathBuf,
+    pub server_name: String,
+    /// Client endpoints (UDP sockets) this fleet's devices share (at least
+    /// one; the coordinator splits `--quic-endpoints` over its workers).
+    pub endpoints: usize,
+}
+
 /// Coordinator to fleet.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -110,6 +123,10 @@ pub enum Command {
     /// `permille` of the devices online (a different pick each time) drop
     /// their connections at once and resume their sessions.
     Storm { permille: u32 },
+    /// Every QUIC endpoint moves to a new UDP socket (a new local port),
+    /// the rebinds spread evenly over `spread_ms`: every connection on it
+    /// migrates. Without QUIC, nothing happens.
+    Rebind { spread_ms: u64 },
     /// Report the final figures and exit.
     Stop,
 }
@@ -181,6 +198,14 @@ pub struct Stats {
     /// Session records cut short at `MAX_RANGES`.
     #[serde(default)]
     pub record_overflow: u64,
+    /// QUIC endpoints the fleet holds, the rebinds done on them, and those
+    /// that failed (the new socket could not be bound).
+    #[serde(default)]
+    pub endpoints: u64,
+    #[serde(default)]
+    pub rebinds: u64,
+    #[serde(default)]
+    pub rebind_errors: u64,
     /// Devices still running when the fleet reported its end (their
     /// session records are missing).
     #[serde(default)]
@@ -219,6 +244,9 @@ impl Stats {
         self.slow_closed += o.slow_closed;
         self.storm_drops += o.storm_drops;
         self.record_overflow += o.record_overflow;
+        self.endpoints += o.endpoints;
+        self.rebinds += o.rebinds;
+        self.rebind_errors += o.rebind_errors;
         self.unfinished += o.unfinished;
         for (k, v) in &o.codes {
             *self.codes.entry(*k).or_default() += v;
@@ -315,11 +343,32 @@ pub async fn run(
             }
         },
     };
+    let quic = match &spec.quic {
+        None => None,
+        Some(q) => {
+            let v6 = spec.addrs.iter().any(SocketAddr::is_ipv6);
+            match crate::quic::Endpoints::new(
+                &q.ca,
+                &q.server_name,
+                q.endpoints,
+                &spec.sources,
+                spec.first,
+                v6,
+            ) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    let _ = reports.send(Report::Failed { message: e }).await;
+                    return;
+                }
+            }
+        }
+    };
     let read_size = ((64usize << 20) / spec.count.max(1)).clamp(4096, 65536);
     let shared = Arc::new(Shared {
         read_size,
         spec,
         tls,
+        quic,
         counters: Counters::default(),
         hists: Mutex::new(HistSet::default()),
         codes: Mutex::new(BTreeMap::new()),
@@ -355,6 +404,9 @@ pub async fn run(
                     generation += 1;
                     let _ = phase_tx.send(Phase::Run(generation, permille));
                 }
+                Some(Command::Rebind { spread_ms }) => {
+                    tokio::spawn(rebind_all(shared.clone(), Duration::from_millis(spread_ms)));
+                }
                 Some(Command::Stop) | None => break,
             }
         }
@@ -384,6 +436,24 @@ pub async fn run(
             sessions,
         })
         .await;
+}
+
+/// Moves every QUIC endpoint to a new UDP socket, the moves spread evenly
+/// over `spread` (all at once when zero).
+async fn rebind_all(shared: Arc<Shared>, spread: Duration) {
+    let Some(eps) = &shared.quic else { return };
+    let n = eps.len();
+    let start = Instant::now();
+    for k in 0..n {
+        tokio::time::sleep_until(start + spread.mul_f64(k as f64 / n as f64)).await;
+        match eps.rebind(k) {
+            Ok(()) => shared.counters.rebinds.fetch_add(1, Relaxed),
+            Err(e) => {
+                shared.error(format!("rebind: {e}"));
+                shared.counters.rebind_errors.fetch_add(1, Relaxed)
+            }
+        };
+    }
 }
 
 /// Raises the open-file limit to the hard limit; returns the new soft limit.
@@ -438,6 +508,8 @@ struct Counters {
     slow_closed: AtomicU64,
     storm_drops: AtomicU64,
     record_overflow: AtomicU64,
+    rebinds: AtomicU64,
+    rebind_errors: AtomicU64,
 }
 
 #[derive(Default)]
@@ -480,6 +552,8 @@ struct Shared {
         tokio_rustls::TlsConnector,
         tokio_rustls::rustls::pki_types::ServerName<'static>,
     )>,
+    /// With QUIC: the endpoints the devices share.
+    quic: Option<crate::quic::Endpoints>,
     counters: Counters,
     // std Mutex: held for a record() call, never across an await.
     hists: Mutex<HistSet>,
@@ -520,6 +594,9 @@ impl Shared {
             slow_closed: l(&c.slow_closed),
             storm_drops: l(&c.storm_drops),
             record_overflow: l(&c.record_overflow),
+            endpoints: self.quic.as_ref().map_or(0, |q| q.len() as u64),
+            rebinds: l(&c.rebinds),
+            rebind_errors: l(&c.rebind_errors),
             unfinished: self.running.load(Relaxed),
             codes: self.codes.lock().map(|m| m.clone()).unwrap_or_default(),
             errors: self.errors.lock().map(|m| m.clone()).unwrap_or_default(),
@@ -579,31 +656,46 @@ async fn spawn_devices(shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
     }
 }
 
-/// A device's connection: TCP or TLS over TCP.
+/// A device's connection: TCP, TLS over TCP, or QUIC (both of the
+/// gateway's streams merged, see [`crate::quic::QuicIo`]).
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {
-    /// The TCP socket underneath.
-    fn tcp(&self) -> &tokio::net::TcpStream;
+    /// Drops the connection as a device that lost its network would: no
+    /// Close frame, no orderly end.
+    fn abort(self: Box<Self>);
+}
+
+/// Over TCP an abort is an RST, not a FIN handshake, so no TIME_WAIT entry
+/// either: a storm of reconnects would otherwise exhaust the ephemeral ports
+/// of one source address, and the kernel's port search gets slow long before.
+fn reset(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
 impl Io for tokio::net::TcpStream {
-    fn tcp(&self) -> &tokio::net::TcpStream {
-        self
+    fn abort(self: Box<Self>) {
+        reset(&self);
     }
 }
 
 impl Io for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    fn tcp(&self) -> &tokio::net::TcpStream {
-        self.get_ref().0
+    fn abort(self: Box<Self>) {
+        reset(self.get_ref().0);
     }
 }
 
-/// Drops a connection as a device that lost its network would: no Close
-/// frame and no FIN handshake (an RST, so no TIME_WAIT entry either: a
-/// storm of reconnects would otherwise exhaust the ephemeral ports of one
-/// source address, and the kernel's port search gets slow long before).
-fn abort(conn: Box<dyn Io>) {
-    let _ = socket2::SockRef::from(conn.tcp()).set_linger(Some(Duration::ZERO));
-    drop(conn);
+impl Io for crate::quic::QuicIo {
+    /// quinn sends a CONNECTION_CLOSE (see [`crate::quic::QuicIo::abort`]).
+    fn abort(self: Box<Self>) {
+        crate::quic::QuicIo::abort(&self);
+    }
+}
+
+/// Says goodbye: a Close frame, then the orderly end of the connection
+/// (over QUIC: until the gateway closed it, or 2 s).
+async fn goodbye(mut conn: Box<dyn Io>) {
+    if write_frame(&mut conn, close_frame()).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+    }
 }
 
 /// Why a connection ended.
@@ -789,7 +881,7 @@ async fn device_loop(
                 d.inflight.clear();
                 match end {
                     End::Stop => {
-                        let _ = write_frame(&mut conn, close_frame()).await;
+                        goodbye(conn).await;
                         return;
                     }
                     End::Reconnect => {
@@ -797,12 +889,11 @@ async fn device_loop(
                             generation = g;
                         }
                         c.storm_drops.fetch_add(1, Relaxed);
-                        abort(conn);
+                        conn.abort();
                     }
                     End::Churn => {
                         c.churns.fetch_add(1, Relaxed);
-                        let _ = write_frame(&mut conn, close_frame()).await;
-                        drop(conn);
+                        goodbye(conn).await;
                         d.end_record(shared);
                         d.session = None;
                         d.churn_at = None;
@@ -893,6 +984,10 @@ async fn connect(shared: &Shared, ix: usize) -> std::io::Result<Box<dyn Io>> {
         .addrs
         .get(ix % spec.addrs.len().max(1))
         .ok_or_else(|| std::io::Error::other("no gateway address"))?;
+    if let Some(q) = &shared.quic {
+        // The fleet's k-th device, so that devices spread over endpoints.
+        return Ok(Box::new(q.connect(ix - spec.first, addr).await?));
+    }
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

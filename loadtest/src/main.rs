@@ -10,6 +10,7 @@ mod coord;
 mod fleet;
 mod ledger;
 mod plot;
+mod quic;
 mod report;
 mod scenario;
 mod simulate;
@@ -115,6 +116,18 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         settle: u64,
     },
+    /// Devices log in over QUIC; an upstream pushes to everyone (every other
+    /// push on the bulk lane); meanwhile every QUIC endpoint moves to a new
+    /// UDP socket, --rebinds times. Checks that no push was lost or
+    /// duplicated and that no device reconnected: the connections migrate.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        upstream: Upstream,
+        #[command(flatten)]
+        migrate: scenario::MigrateOpts,
+    },
     /// Minutes of mixed load on one gateway: unicast and broadcast, churn,
     /// slow consumers, a reconnect storm every period, hostile connections.
     /// Samples the gateway's RSS and CPU (--pid, or --metrics for RSS) and
@@ -169,7 +182,17 @@ pub struct Common {
     /// Connect over TLS.
     #[arg(long)]
     pub tls: bool,
-    /// CA file to trust with --tls (e.g. the gateway's certs/dev.crt).
+    /// Connect over QUIC (needs --ca; --addr are then the gateway's UDP
+    /// addresses, e.g. 127.0.0.1:7443).
+    #[arg(long, conflicts_with = "tls")]
+    pub quic: bool,
+    /// QUIC client endpoints (UDP sockets) the devices share, over all
+    /// workers; each binds the --sources round-robin. Default: one per 256
+    /// devices.
+    #[arg(long, requires = "quic")]
+    pub quic_endpoints: Option<usize>,
+    /// CA file to trust with --tls or --quic (e.g. the gateway's
+    /// certs/dev.crt).
     #[arg(long)]
     pub ca: Option<PathBuf>,
     /// Name the gateway's certificate must carry.
@@ -321,6 +344,11 @@ fn main() -> anyhow::Result<()> {
                 size,
                 settle,
             } => scenario::reconnect(common, upstream, push_rate, size, settle).await,
+            Cmd::Migrate {
+                common,
+                upstream,
+                migrate,
+            } => scenario::migrate(common, upstream, migrate).await,
             Cmd::Soak {
                 common,
                 upstream,

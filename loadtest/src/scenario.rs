@@ -6,12 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use serde::Serialize;
 use tether::upstream::{Endpoint, EventStream, UpstreamClient, UpstreamOptions};
 use tether::wire::pb;
 use tokio::time::Instant;
 
 use crate::coord::{Fleet, Gauge, PER_WORKER};
-use crate::fleet::{self, FleetSpec, Stats, TlsSpec};
+use crate::fleet::{self, FleetSpec, QuicSpec, Stats, TlsSpec};
 use crate::report::RunReport;
 use crate::{Common, Pushes, Upstream};
 
@@ -423,6 +424,175 @@ pub async fn reconnect(
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
+/// What the `migrate` scenario does besides the common options.
+#[derive(clap::Args, Clone, Debug, Serialize)]
+pub struct MigrateOpts {
+    /// Pushes to everyone per second, before, during and after the rebinds
+    /// (every other one on the bulk lane, so both QUIC streams carry pushes).
+    #[arg(long, default_value_t = 50)]
+    pub push_rate: u64,
+    /// Push payload bytes.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Rounds of rebinds; each moves every QUIC endpoint to a new UDP socket.
+    #[arg(long, default_value_t = 1)]
+    pub rebinds: u32,
+    /// Seconds one round spreads its rebinds over, evenly (0: every endpoint
+    /// at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub migrate_secs: f64,
+    /// Seconds of pushes before the first round, between rounds and after
+    /// the last.
+    #[arg(long, default_value_t = 2)]
+    pub settle: u64,
+}
+
+/// QUIC devices migrate to new local addresses while pushes flow: every push
+/// must arrive once, and no device may reconnect.
+///
+/// # Errors
+/// Without `--quic`, or when the fleet or the upstream cannot start.
+pub async fn migrate(c: Common, u: Upstream, o: MigrateOpts) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        c.quic,
+        "migrate needs --quic (and --ca): only QUIC connections migrate"
+    );
+    check_upstreams(&c, &u)?;
+    let (fleet, t0) = start(&c, spec(&c)?).await?;
+    let ready = wait_ready(&fleet, &c).await?;
+    let migrations_before = gateway_migrations(&c).await;
+    let (ups, _) = upstreams(&u, false).await?;
+    let gateways = ups.len();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pusher = {
+        let (ups, stop, size) = (ups.clone(), stop.clone(), o.size);
+        tokio::spawn(async move {
+            let target = pb::push_request::Target::Everyone(true);
+            drive(&ups, usize::MAX, o.push_rate.max(1), 64, Some(stop), |n| {
+                let mut req = request(target.clone(), size);
+                if n % 2 == 1 {
+                    req.lane = pb::Lane::Bulk as i32;
+                }
+                (0..gateways).map(|g| (g, req.clone())).collect()
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(o.settle)).await;
+    let endpoints = ready.endpoints;
+    let spread = Duration::from_secs_f64(o.migrate_secs.max(0.0));
+    let mut all_rebound = true;
+    for round in 1..=u64::from(o.rebinds) {
+        fleet
+            .command(fleet::Command::Rebind {
+                spread_ms: spread.as_millis() as u64,
+            })
+            .await;
+        let want = endpoints * round;
+        let (_, done) = fleet
+            .wait_for(spread + Duration::from_secs(30), |s| {
+                s.rebinds + s.rebind_errors >= want
+            })
+            .await;
+        all_rebound &= done;
+        tokio::time::sleep(Duration::from_secs(o.settle)).await;
+    }
+    stop.store(true, Relaxed);
+    let tally = pusher.await.context("the pusher task")?;
+    let expected = (tally.errors == 0).then(|| everyone_expected(&c, &tally, gateways));
+    let got = settle(&fleet, tally.queued, expected).await;
+    let out = fleet.finish().await;
+    let migrations_after = gateway_migrations(&c).await;
+    let title = format!(
+        "{} devices over QUIC on {endpoints} endpoints, {} rebind round(s){}, {} pushes/s to everyone",
+        c.conns,
+        o.rebinds,
+        if o.migrate_secs > 0.0 {
+            format!(" spread over {} s", o.migrate_secs)
+        } else {
+            String::new()
+        },
+        o.push_rate
+    );
+    let mut r = report(
+        "migrate",
+        title,
+        &c,
+        serde_json::json!({"upstream": u, "migrate": o}),
+        t0,
+        &out,
+    );
+    push_figures(&mut r, &tally, &got, 0, expected);
+    if let Some(e) = expected {
+        // Everything not received is lost here, resume gaps included: a
+        // migration should need no resume at all.
+        r.figure(
+            "lost",
+            "deliveries lost (not received, resume gaps included)",
+            e.saturating_sub(got.pushes) as f64,
+            "",
+        );
+    }
+    r.figure(
+        "duplicated",
+        "deliveries received twice",
+        out.stats.seq_dups as f64,
+        "",
+    );
+    r.figure(
+        "seq_gaps",
+        "deliveries skipped (a sequence number jumped)",
+        out.stats.seq_gaps as f64,
+        "",
+    );
+    r.figure(
+        "reconnects",
+        "connections beyond each device's first",
+        out.stats.connects.saturating_sub(c.conns as u64) as f64,
+        "",
+    );
+    r.figure("drops", "connections lost", out.stats.drops as f64, "");
+    r.figure("endpoints", "QUIC client endpoints", endpoints as f64, "");
+    r.figure(
+        "rebinds",
+        "endpoint rebinds done",
+        out.stats.rebinds as f64,
+        "",
+    );
+    r.figure(
+        "migrating_conns",
+        "connections moved (online devices times rounds)",
+        (ready.online * u64::from(o.rebinds)) as f64,
+        "",
+    );
+    if out.stats.rebind_errors > 0 || !all_rebound {
+        r.figure(
+            "rebind_errors",
+            "endpoint rebinds failed",
+            out.stats.rebind_errors as f64,
+            "",
+        );
+        r.failures
+            .push("not every endpoint was rebound in time".into());
+    }
+    if let (Some(a), Some(b)) = (migrations_before, migrations_after) {
+        r.figure(
+            "gateway_migrations",
+            "migrations the gateway counted (tether_quic_migrations_total)",
+            b - a,
+            "",
+        );
+    }
+    r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// The gateway's `tether_quic_migrations_total`, with `--metrics`.
+async fn gateway_migrations(c: &Common) -> Option<f64> {
+    let text = crate::coord::scrape_text(c.metrics.as_deref()?).await?;
+    // A gateway that saw no migration yet may not list the counter.
+    Some(crate::coord::metric_sum(&text, tether::metrics::QUIC_MIGRATIONS).unwrap_or(0.0))
+}
+
 pub(crate) fn gauge(c: &Common) -> Option<Gauge> {
     c.pid
         .map(Gauge::Pid)
@@ -442,9 +612,23 @@ pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
     } else {
         None
     };
+    let quic = if c.quic {
+        let ca = c.ca.clone().context(
+            "--quic needs --ca (the gateway's certificate or its CA, e.g. certs/dev.crt)",
+        )?;
+        Some(QuicSpec {
+            ca,
+            server_name: c.server_name.clone(),
+            // 0: the default share, one endpoint per 256 devices.
+            endpoints: c.quic_endpoints.unwrap_or(0),
+        })
+    } else {
+        None
+    };
     Ok(FleetSpec {
         addrs: c.addr.clone(),
         tls,
+        quic,
         secret: c.secret.clone(),
         prefix: c.prefix.clone(),
         first: 0,

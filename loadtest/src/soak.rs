@@ -275,7 +275,11 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
             pushed.clone(),
         ));
     }
-    if o.hostile_rate > 0.0 {
+    if o.hostile_rate > 0.0 && c.quic {
+        // Hostile connections are raw TCP byte streams; --addr is a UDP
+        // address with --quic, where they would only fail to connect.
+        eprintln!("note: no hostile connections with --quic (they speak TCP)");
+    } else if o.hostile_rate > 0.0 {
         tasks.spawn(hostile_driver(
             c.addr[0],
             o.hostile_rate,
@@ -448,7 +452,8 @@ pub async fn soak(c: Common, u: Upstream, o: SoakOpts) -> anyhow::Result<()> {
         o.churn_rate,
         o.storm_fraction * 100.0,
         fmt_dur(o.storm_every),
-        o.hostile_rate
+        // None are opened over QUIC (see above).
+        if c.quic { 0.0 } else { o.hostile_rate }
     );
     let mut r = scenario::report(
         "soak",
