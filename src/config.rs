@@ -61,6 +61,10 @@ pub struct QuicConfig {
     /// TLS sessions the gateway remembers for resumption and 0-RTT; about
     /// 200 bytes each while used. 0 turns 0-RTT off.
     pub session_cache: u32,
+    /// SO_RCVBUF and SO_SNDBUF of the UDP socket, in bytes: every client's
+    /// packets share it, and the kernel drops what does not fit. 0 keeps
+    /// the kernel's default (about 208 KiB, too small under load).
+    pub socket_buffer: u32,
     /// Connection IDs a load balancer can route (QUIC-LB); random when unset.
     #[serde(skip_serializing)]
     pub cid: Option<crate::quic::cid::CidConfig>,
@@ -73,6 +77,7 @@ impl Default for QuicConfig {
             stream_window: 64 * 1024,
             send_window: 256 * 1024,
             session_cache: 65_536,
+            socket_buffer: 8 << 20,
             cid: None,
         }
     }
@@ -686,6 +691,9 @@ send_window = 262144
 # TLS sessions remembered for resumption and 0-RTT (about 200 bytes each while
 # used); 0 turns 0-RTT off.
 session_cache = 65536
+# SO_RCVBUF / SO_SNDBUF of the UDP socket that every QUIC client shares; the
+# kernel caps it at net.core.rmem_max / wmem_max (raise those; see OPERATIONS.md).
+socket_buffer = 8388608
 # Connection IDs a UDP load balancer can route (QUIC-LB); see OPERATIONS.md.
 # [quic.cid]
 # config_id = 0

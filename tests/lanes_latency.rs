@@ -40,7 +40,7 @@ fn push(user: &str, payload: Bytes, lane: pb::Lane) -> pb::PushRequest {
 async fn device(mut c: Client, base: Instant, quic: bool) -> Vec<Duration> {
     let mut lat = Vec::new();
     let mut ahead: VecDeque<u64> = VecDeque::new();
-    let (mut bulk_done, mut last_bulk) = (0usize, 0u64);
+    let mut bulk_done = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if quic {
@@ -59,9 +59,8 @@ async fn device(mut c: Client, base: Instant, quic: bool) -> Vec<Duration> {
                 }
                 if let Some(seq) = ahead.pop_front() {
                     bulk_done += 1;
-                    last_bulk = seq;
                     if bulk_done % 8 == 0 {
-                        c.ack_lane(pb::Lane::Bulk, last_bulk).await.unwrap();
+                        c.ack_lane(pb::Lane::Bulk, seq).await.unwrap();
                     }
                 }
             }
@@ -110,7 +109,9 @@ async fn interactive_latency_beside_a_bulk_flood_tcp_and_quic() {
     let flood = Bytes::from(vec![3u8; BULK_SIZE]);
     for user in ["lt-tcp", "lt-quic"] {
         for _ in 0..BULK {
-            up.push(push(user, flood.clone(), pb::Lane::Bulk)).await.unwrap();
+            up.push(push(user, flood.clone(), pb::Lane::Bulk))
+                .await
+                .unwrap();
         }
     }
     let t = tokio::spawn(device(tcp, base, false));
@@ -120,14 +121,26 @@ async fn interactive_latency_beside_a_bulk_flood_tcp_and_quic() {
         every.tick().await;
         for user in ["lt-tcp", "lt-quic"] {
             let now = base.elapsed().as_micros() as u64;
-            up.push(push(user, Bytes::from(now.to_be_bytes().to_vec()), pb::Lane::Interactive))
-                .await
-                .unwrap();
+            up.push(push(
+                user,
+                Bytes::from(now.to_be_bytes().to_vec()),
+                pb::Lane::Interactive,
+            ))
+            .await
+            .unwrap();
         }
     }
     let (t, q) = (t.await.unwrap(), q.await.unwrap());
-    assert_eq!(t.len() as u64, INTERACTIVE, "every interactive push arrived over TCP");
-    assert_eq!(q.len() as u64, INTERACTIVE, "every interactive push arrived over QUIC");
+    assert_eq!(
+        t.len() as u64,
+        INTERACTIVE,
+        "every interactive push arrived over TCP"
+    );
+    assert_eq!(
+        q.len() as u64,
+        INTERACTIVE,
+        "every interactive push arrived over QUIC"
+    );
     println!("interactive beside a bulk flood, TCP:  {}", summary(t));
     println!("interactive beside a bulk flood, QUIC: {}", summary(q));
 }

@@ -157,8 +157,29 @@ pub fn bind(
     cfg: &Config,
     server: quinn::ServerConfig,
 ) -> anyhow::Result<quinn::Endpoint> {
-    let socket =
-        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let want = cfg.quic.socket_buffer as usize;
+    if want > 0 {
+        // Every client's packets share this socket: with the kernel's
+        // default buffer (about 208 KiB) a burst of acks and pings from
+        // thousands of clients overflows it, and QUIC then retransmits.
+        let _ = sock.set_recv_buffer_size(want);
+        let _ = sock.set_send_buffer_size(want);
+        let got = sock.recv_buffer_size().unwrap_or(0);
+        // Linux reports twice the size it was asked for (bookkeeping).
+        if got < want {
+            tracing::warn!(
+                %addr,
+                wanted = want,
+                got,
+                "the QUIC socket's receive buffer is smaller than quic.socket_buffer: raise net.core.rmem_max"
+            );
+        }
+    }
+    sock.bind(&addr.into())
+        .with_context(|| format!("cannot bind UDP {addr}"))?;
+    let socket: std::net::UdpSocket = sock.into();
     quinn::Endpoint::new(
         endpoint_config(cfg)?,
         Some(server),

@@ -27,8 +27,10 @@ pub struct QuicWire {
     /// Until the handshake is confirmed: its outcome (the link runs only
     /// idempotent requests before). Boxed: it is gone after the first RTT.
     confirmed: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
-    /// The client's address as last seen.
+    /// The client's address as last seen, and the one before: a path that
+    /// flips back (a probe that failed validation) is not a new migration.
     remote: SocketAddr,
+    previous: SocketAddr,
 }
 
 impl QuicWire {
@@ -47,6 +49,7 @@ impl QuicWire {
             bulk,
             confirmed: confirmed.map(Box::pin),
             remote,
+            previous: remote,
         }
     }
 
@@ -117,9 +120,12 @@ impl Wire for QuicWire {
         }
         let now = self.conn.remote_address();
         if now != self.remote {
-            metrics::counter!(m::QUIC_MIGRATIONS).increment(1);
-            link.gateway().count_migration();
-            tracing::debug!(from = %self.remote, to = %now, session = ?link.handle().id(), "QUIC client migrated");
+            if now != self.previous {
+                metrics::counter!(m::QUIC_MIGRATIONS).increment(1);
+                link.gateway().count_migration();
+                tracing::debug!(from = %self.remote, to = %now, session = ?link.handle().id(), "QUIC client migrated");
+            }
+            self.previous = self.remote;
             self.remote = now;
         }
     }
