@@ -60,9 +60,26 @@ impl QuicConnector {
     /// # Errors
     /// The socket cannot be bound, or `ca` cannot be read.
     pub fn new(bind: std::net::SocketAddr, ca: &Path) -> io::Result<Self> {
+        Self::with_transport(bind, ca, |_| {})
+    }
+
+    /// Like [`QuicConnector::new`], with the QUIC transport settings
+    /// changed by `tweak` (tests: a client that allows no unidirectional
+    /// stream, as a minimal QUIC stack might).
+    ///
+    /// # Errors
+    /// As [`QuicConnector::new`].
+    pub fn with_transport(
+        bind: std::net::SocketAddr,
+        ca: &Path,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> io::Result<Self> {
         let tls = crate::tls::client_config_pinned(ca).map_err(io::Error::other)?;
-        let cfg = crate::quic::client_config(&crate::config::Config::default(), tls)
-            .map_err(io::Error::other)?;
+        let defaults = crate::config::Config::default();
+        let mut transport = crate::quic::transport_config(&defaults, true);
+        tweak(&mut transport);
+        let mut cfg = crate::quic::client_config(&defaults, tls).map_err(io::Error::other)?;
+        cfg.transport_config(std::sync::Arc::new(transport));
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(cfg);
         Ok(Self { endpoint })

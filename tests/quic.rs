@@ -624,3 +624,52 @@ async fn every_connection_id_the_gateway_issues_routes_to_its_node() {
         "every connection ID decodes to this node's server ID"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_allows_no_unidirectional_stream_gets_bulk_on_its_own_stream() {
+    let g = start(quic_config()).await;
+    let (up, _events) = g.upstream(false).await;
+    let q = tether::client::QuicConnector::with_transport(
+        "127.0.0.1:0".parse().unwrap(),
+        &g.ca(),
+        |t| {
+            t.max_concurrent_uni_streams(0u32.into());
+        },
+    )
+    .unwrap();
+    let mut c = q
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    c.login(&token("one", "phone"), "phone").await.unwrap();
+    up.push(to_device(
+        "one",
+        "phone",
+        Bytes::from_static(b"b"),
+        pb::Lane::Bulk,
+    ))
+    .await
+    .unwrap();
+    up.push(to_device(
+        "one",
+        "phone",
+        Bytes::from_static(b"i"),
+        pb::Lane::Interactive,
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let p = push_within(&mut c, Duration::from_secs(5)).await;
+        got.push((p.lane, p.seq));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (pb::Lane::Interactive as i32, 1),
+            (pb::Lane::Bulk as i32, 1)
+        ],
+        "both lanes arrive on the client's stream"
+    );
+}

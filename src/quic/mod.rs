@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures_util::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -326,16 +327,22 @@ async fn serve(
             return;
         }
     };
-    let bulk = match conn.open_uni().await {
-        Ok(b) => b,
-        Err(e) => {
+    // The bulk stream, if the client allows one: its transport parameters
+    // are known by now, so the open succeeds at once or never will. Without
+    // it, both lanes share the client's stream, as over TCP.
+    let bulk = match conn.open_uni().now_or_never() {
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
             tracing::debug!(%remote, error = %e, "cannot open the bulk stream");
             return;
         }
+        None => None,
     };
     // Interactive frames first when both streams have data to send.
     let _ = send.set_priority(1);
-    let _ = bulk.set_priority(0);
+    if let Some(b) = &bulk {
+        let _ = b.set_priority(0);
+    }
     let wire = QuicWire::new(conn, send, recv, bulk, confirmed);
     // A task of its own: this setup's future (handshake, timeouts) is about
     // 1.7 KB, and a task keeps the size of its largest state for its life.

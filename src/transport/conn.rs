@@ -22,7 +22,7 @@ use crate::metrics as m;
 use crate::session::SessionHandle;
 use crate::wire::Code;
 
-use super::link::{Link, Outputs};
+use super::link::Link;
 use super::Wire;
 
 /// Bytes read per poll before yielding to other connections.
@@ -98,12 +98,7 @@ pub struct Connection<W: Wire> {
 
 impl<W: Wire> Connection<W> {
     pub fn new(gw: Arc<Gateway>, wire: W, kind: TransportKind, guard: ConnGuard) -> Self {
-        let outputs = if W::OUTPUTS == 2 {
-            Outputs::Two
-        } else {
-            Outputs::One
-        };
-        let mut link = Link::new(gw, kind, outputs, guard.disarm());
+        let mut link = Link::new(gw, kind, wire.outputs(), guard.disarm());
         if wire.early() {
             link.set_early();
         }
@@ -211,7 +206,7 @@ impl<W: Wire> Future for Connection<W> {
 
         if !this.link.is_closed() {
             let mut flushed = true;
-            for out in 0..W::OUTPUTS {
+            for out in 0..this.link.outputs() {
                 match this.poll_output(out, cx, now) {
                     Poll::Ready(Ok(true)) => {}
                     Poll::Ready(Ok(false)) => {

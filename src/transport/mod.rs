@@ -41,8 +41,9 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
 /// How a connection's bytes move: one input, and one output per
 /// [`Outputs`] slot. Only moves bytes; every decision is the [`Link`]'s.
 pub trait Wire: Unpin + Send {
-    /// 1: both lanes on one stream; 2: the bulk lane on output 1.
-    const OUTPUTS: usize;
+    /// How the lanes are carried: both on one stream, or the bulk lane on
+    /// output 1.
+    fn outputs(&self) -> Outputs;
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>>;
 
@@ -83,7 +84,9 @@ pub trait Wire: Unpin + Send {
 }
 
 impl<T: Transport> Wire for T {
-    const OUTPUTS: usize = 1;
+    fn outputs(&self) -> Outputs {
+        Outputs::One
+    }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(self).poll_read(cx, buf)

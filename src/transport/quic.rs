@@ -2,7 +2,9 @@
 //!
 //! Input is the client's bidirectional stream. Output 0 is the same stream
 //! (control frames and interactive pushes), output 1 the unidirectional
-//! stream the gateway opened for the bulk lane. The frames inside are the
+//! stream the gateway opened for the bulk lane. A client whose QUIC stack
+//! allows the gateway no unidirectional stream gets both lanes on its
+//! bidirectional stream, interleaved as over TCP (one output). The frames inside are the
 //! same length-prefixed frames as over TCP; the [`Link`] decides everything.
 //! This wire also tells the link when a 0-RTT handshake is confirmed, and
 //! counts the client's address changes (connection migration).
@@ -15,7 +17,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{Link, Wire};
+use super::{Link, Outputs, Wire};
 use crate::metrics as m;
 
 /// One QUIC connection carrying one session.
@@ -23,7 +25,9 @@ pub struct QuicWire {
     conn: quinn::Connection,
     recv: quinn::RecvStream,
     send: quinn::SendStream,
-    bulk: quinn::SendStream,
+    /// The bulk lane's stream; `None` when the client allows no
+    /// unidirectional stream (both lanes then share `send`).
+    bulk: Option<quinn::SendStream>,
     /// Until the handshake is confirmed: its outcome (the link runs only
     /// idempotent requests before). Boxed: it is gone after the first RTT.
     confirmed: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
@@ -38,7 +42,7 @@ impl QuicWire {
         conn: quinn::Connection,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
-        bulk: quinn::SendStream,
+        bulk: Option<quinn::SendStream>,
         confirmed: Option<quinn::ZeroRttAccepted>,
     ) -> Self {
         let remote = conn.remote_address();
@@ -54,16 +58,21 @@ impl QuicWire {
     }
 
     fn out(&mut self, out: usize) -> Pin<&mut quinn::SendStream> {
-        if out == 0 {
-            Pin::new(&mut self.send)
-        } else {
-            Pin::new(&mut self.bulk)
+        match (out, self.bulk.as_mut()) {
+            (1, Some(b)) => Pin::new(b),
+            _ => Pin::new(&mut self.send),
         }
     }
 }
 
 impl Wire for QuicWire {
-    const OUTPUTS: usize = 2;
+    fn outputs(&self) -> Outputs {
+        if self.bulk.is_some() {
+            Outputs::Two
+        } else {
+            Outputs::One
+        }
+    }
 
     fn early(&self) -> bool {
         self.confirmed.is_some()
@@ -101,7 +110,9 @@ impl Wire for QuicWire {
         // FIN on both streams; the connection itself closes when the driver
         // drops it (after the linger, or once the client hung up).
         let _ = self.send.finish();
-        let _ = self.bulk.finish();
+        if let Some(b) = self.bulk.as_mut() {
+            let _ = b.finish();
+        }
         Poll::Ready(Ok(()))
     }
 
