@@ -445,6 +445,7 @@ impl Gateway {
         user: &crate::ids::UserId,
         device: &crate::ids::DeviceId,
         r: &crate::wire::ResumeRequest,
+        kind: TransportKind,
     ) -> Result<(SessionHandle, u32, pb::ResumeResult), Code> {
         let h = self
             .registry
@@ -459,6 +460,7 @@ impl Gateway {
         let (mut delivered, mut failed) = (Vec::new(), Vec::new());
         let (gen, lanes, old_waker) = h
             .attach(
+                kind,
                 r.last,
                 &self.delivery,
                 &self.budget,
@@ -632,7 +634,7 @@ impl Gateway {
             session_id: h.id().0,
             node_id: self.node.to_string(),
             platform: i.platform as i32,
-            transport: i.transport.as_str().into(),
+            transport: h.transport().as_str().into(),
         })
     }
 }
@@ -681,7 +683,7 @@ impl SessionEnv for GatewayEnv<'_> {
             // starts a new session and says why in LoginOk.resume.
             let mut resume = None;
             if let Some(r) = &req.resume {
-                match gw.resume(&identity.user, &identity.device, r) {
+                match gw.resume(&identity.user, &identity.device, r, self.kind) {
                     Ok((h, gen, res)) => {
                         gw.connection_settled(self.handle);
                         *self.handle = h;

@@ -234,6 +234,14 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
     let r = ok_t.resume.unwrap();
     assert_eq!((r.code, r.first_seq, r.replayed), (Code::Ok as i32, 3, 1));
     assert_eq!(push_within(&mut t, Duration::from_secs(5)).await.seq, 3);
+    let presence = |g: &TestGateway| {
+        let h =
+            g.gw.registry()
+                .session(tether::ids::SessionId(ok.session_id))
+                .unwrap();
+        h.presence(g.gw.node_id()).unwrap().transport
+    };
+    assert_eq!(presence(&g), "tcp", "presence follows the resume");
     up.push(to_device(
         "rs",
         "phone",
@@ -256,6 +264,7 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
         .unwrap();
     assert_eq!(ok_q.session_id, ok.session_id);
     assert_eq!(ok_q.resume.unwrap().code, Code::Ok as i32);
+    assert_eq!(presence(&g), "quic");
     up.push(to_device(
         "rs",
         "phone",

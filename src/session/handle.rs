@@ -132,6 +132,10 @@ struct Outbox {
     detached: bool,
     /// Generation of the attached connection.
     gen: u32,
+    /// The transport of the attached (or last attached) connection: a
+    /// resume may move the session from QUIC to TCP and back. (It fits in
+    /// the struct's padding: the shared handle stays 176 bytes.)
+    transport: TransportKind,
     waker: Option<Waker>,
 }
 
@@ -195,6 +199,7 @@ impl SessionHandle {
                 closed: false,
                 detached: false,
                 gen: 0,
+                transport: TransportKind::Memory,
                 waker: None,
             }),
             rooms: Mutex::new(Rooms {
@@ -208,14 +213,26 @@ impl SessionHandle {
         self.0.id
     }
 
-    /// Identity of the session; `None` before login.
+    /// Identity of the session; `None` before login. Its `transport` is
+    /// the login's; [`SessionHandle::transport`] is the current one.
     pub fn info(&self) -> Option<&SessionInfo> {
         self.0.info.get()
     }
 
     /// Records the identity at login. Returns false if it was already set.
     pub fn set_info(&self, info: SessionInfo) -> bool {
-        self.0.info.set(info).is_ok()
+        let kind = info.transport;
+        let ok = self.0.info.set(info).is_ok();
+        if ok {
+            self.0.outbox.lock().transport = kind;
+        }
+        ok
+    }
+
+    /// The transport of the connection attached now (or last), which a
+    /// resume may have changed since login.
+    pub fn transport(&self) -> TransportKind {
+        self.0.outbox.lock().transport
     }
 
     /// Queues a shared push, assigning the next sequence number of its lane.
@@ -521,6 +538,7 @@ impl SessionHandle {
     /// given up after `cfg.max_tries` connections go to `failed`.
     pub fn attach(
         &self,
+        kind: TransportKind,
         last: [u64; 2],
         cfg: &DeliveryConfig,
         budget: &Budget,
@@ -534,6 +552,7 @@ impl SessionHandle {
         o.delivery.detach();
         let res = o.delivery.resume(last, cfg, budget, delivered, failed);
         o.gen = o.gen.wrapping_add(1);
+        o.transport = kind;
         o.detached = false;
         o.close = None;
         o.closing = Closing::No;
@@ -623,7 +642,11 @@ impl SessionHandle {
     /// Presence record of this session (`None` before login or while detached).
     pub fn presence(&self, node: &NodeId) -> Option<pb::DevicePresence> {
         let i = self.info()?;
-        if self.is_detached() {
+        let (detached, transport) = {
+            let o = self.0.outbox.lock();
+            (o.detached, o.transport)
+        };
+        if detached {
             return None;
         }
         Some(pb::DevicePresence {
@@ -631,7 +654,7 @@ impl SessionHandle {
             session_id: self.id().0,
             node_id: node.to_string(),
             platform: i.platform as i32,
-            transport: i.transport.as_str().into(),
+            transport: transport.as_str().into(),
             since_ms: i.since_ms,
         })
     }
