@@ -1000,7 +1000,6 @@ impl Server {
             tasks.spawn(crate::quic::accept_loop(
                 gw.clone(),
                 ep,
-                handshakes.clone(),
                 stop_accept.clone(),
             ));
         }

@@ -101,7 +101,7 @@ pub fn describe() {
     );
     describe_counter!(
         QUIC_HANDSHAKES,
-        "QUIC handshakes, by result (ok, retry, refused, failed, timeout)."
+        "New QUIC clients, by result (accepted, retry, refused, failed, timeout)."
     );
     describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");
     describe_counter!(UPLINKS, "Uplink sends from clients, by result.");

@@ -218,15 +218,14 @@ impl HandshakeRate {
     }
 }
 
-/// Accepts QUIC connections on `endpoint` until `stop`: limits, address
-/// validation under load, the handshake within `tls.handshake_timeout` (a
-/// handshake slot shared with TLS), then one task per connection.
-pub async fn accept_loop(
-    gw: Arc<Gateway>,
-    endpoint: quinn::Endpoint,
-    handshakes: Arc<tokio::sync::Semaphore>,
-    stop: CancellationToken,
-) {
+/// Accepts QUIC connections on `endpoint` until `stop`: address validation
+/// under load, the connection limits, then one task per connection.
+///
+/// There is no handshake slot as for TLS: quinn runs every handshake's
+/// crypto in the endpoint's one driver task, so an endpoint's handshakes
+/// already take at most one core, and past `quic.handshake_rate` a client
+/// must prove its address before any of it runs.
+pub async fn accept_loop(gw: Arc<Gateway>, endpoint: quinn::Endpoint, stop: CancellationToken) {
     let mut rate = HandshakeRate::new(gw.config().quic.handshake_rate, Instant::now());
     loop {
         let incoming = tokio::select! {
@@ -264,7 +263,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        tokio::spawn(serve(gw.clone(), incoming, handshakes.clone(), guard));
+        tokio::spawn(serve(gw.clone(), incoming, guard));
     }
     // Draining: new connections are refused; the connections of the
     // endpoint keep running until they drain (the server closes it after).
@@ -272,44 +271,39 @@ pub async fn accept_loop(
 }
 
 /// One connection: the handshake, the client's stream, then the driver.
-async fn serve(
-    gw: Arc<Gateway>,
-    incoming: quinn::Incoming,
-    handshakes: Arc<tokio::sync::Semaphore>,
-    guard: ConnGuard,
-) {
+async fn serve(gw: Arc<Gateway>, incoming: quinn::Incoming, guard: ConnGuard) {
     let remote = incoming.remote_address();
-    let timeout = gw.config().tls.handshake_timeout;
-    let handshake = async {
-        let _permit = handshakes.acquire().await.ok()?;
-        let connecting = incoming
-            .accept()
-            .map_err(|e| tracing::debug!(%remote, error = %e, "QUIC accept failed"))
-            .ok()?;
-        // 0-RTT: on the server this always succeeds; `confirmed` resolves
-        // when the handshake completes, and until then the link runs only
-        // idempotent requests.
-        match connecting.into_0rtt() {
-            Ok((conn, confirmed)) => Some((conn, Some(confirmed))),
-            Err(connecting) => connecting
-                .await
-                .map(|c| (c, None))
-                .map_err(|e| tracing::debug!(%remote, error = %e, "QUIC handshake failed"))
-                .ok(),
-        }
-    };
-    let (conn, confirmed) = match tokio::time::timeout(timeout, handshake).await {
-        Ok(Some(c)) => c,
-        Ok(None) => {
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "QUIC accept failed");
             metrics::counter!(m::QUIC_HANDSHAKES, "result" => "failed").increment(1);
             return;
         }
-        Err(_) => {
-            metrics::counter!(m::QUIC_HANDSHAKES, "result" => "timeout").increment(1);
-            return;
+    };
+    // 0-RTT: on a server this succeeds at once, before the handshake ends;
+    // `confirmed` resolves when it completes, and until then the link runs
+    // only idempotent requests. A handshake that never completes is bounded
+    // by the wait for the client's stream below and by QUIC's idle timeout.
+    let (conn, confirmed) = match connecting.into_0rtt() {
+        Ok((conn, confirmed)) => (conn, Some(confirmed)),
+        Err(connecting) => {
+            let timeout = gw.config().tls.handshake_timeout;
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(c)) => (c, None),
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "QUIC handshake failed");
+                    metrics::counter!(m::QUIC_HANDSHAKES, "result" => "failed").increment(1);
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!(m::QUIC_HANDSHAKES, "result" => "timeout").increment(1);
+                    return;
+                }
+            }
         }
     };
-    metrics::counter!(m::QUIC_HANDSHAKES, "result" => "ok").increment(1);
+    metrics::counter!(m::QUIC_HANDSHAKES, "result" => "accepted").increment(1);
     // The client's stream comes with its first bytes (the Login): wait for
     // it as long as a login may take.
     let login = gw.config().session.login_timeout;
