@@ -58,7 +58,7 @@ async fn idle_quic_session_memory_is_bounded() {
     )
     .unwrap();
     // TETHER_GATEWAY_WRAPPER runs the gateway under a tool, e.g.
-    // "valgrind --tool=massif --massif-out-file=/tmp/massif.out" to see where
+    // "valgrind --tool=massif --massif-out-file=massif.out" to see where
     // a session's bytes are allocated.
     let wrapper = std::env::var("TETHER_GATEWAY_WRAPPER").unwrap_or_default();
     let mut argv: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
