@@ -16,22 +16,6 @@ use tether::ids::SessionId;
 use tether::upstream::UpstreamClient;
 use tether::wire::pb::{self, push_request::Target, server_frame::Body as Resp, Code};
 
-/// A Login that resumes `ok`'s session, claiming pushes up to `last_seq`.
-fn resume_login(user: &str, device: &str, ok: &pb::LoginOk, last_seq: u64) -> pb::Login {
-    pb::Login {
-        token: token(user, device),
-        device_id: device.into(),
-        platform: pb::Platform::Android as i32,
-        protocol_version: 1,
-        resume: Some(pb::Resume {
-            session_id: ok.session_id,
-            resume_token: ok.resume_token.clone(),
-            last_seq,
-            last_bulk_seq: 0,
-        }),
-    }
-}
-
 fn push_to(target: Target, i: u64, size: usize) -> pb::PushRequest {
     let mut payload = i.to_be_bytes().to_vec();
     payload.resize(size.max(8), 0x5a);
@@ -77,7 +61,7 @@ async fn a_connection_replaced_on_a_dead_path_is_released_after_its_linger() {
     let (_a, ok) = g.login("mover", "phone").await;
     let mut b = g.client().await;
     let okb = b
-        .login_with(resume_login("mover", "phone", &ok, 0))
+        .login_with(resume_login("mover", "phone", &ok, 0, 0))
         .await
         .expect("resume");
     assert_eq!(okb.session_id, ok.session_id);
@@ -181,7 +165,7 @@ async fn a_blip_during_a_burst_loses_nothing() {
 
     let mut c = g.client().await;
     let ok2 = c
-        .login_with(resume_login("blip", "phone", &ok, 0))
+        .login_with(resume_login("blip", "phone", &ok, 0, 0))
         .await
         .expect("resume");
     let r = ok2.resume.expect("a resume result");

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use tether::client::Client;
 use tether::wire::pb::{self, push_request::Target, server_frame::Body as Resp};
 use tether::wire::Code;
 
@@ -31,44 +30,6 @@ fn to_device(user: &str, device: &str, payload: Bytes, lane: pb::Lane) -> pb::Pu
         source: "test".into(),
         lane: lane as i32,
         ..Default::default()
-    }
-}
-
-/// The next push within `d`, skipping Pongs.
-async fn push_within(c: &mut Client, d: Duration) -> pb::Push {
-    let deadline = Instant::now() + d;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.recv_timeout(left).await {
-            Ok(Some(f)) => match f.body {
-                Some(Resp::Push(p)) => return p,
-                Some(Resp::Pong(_)) => {}
-                other => panic!("expected a push, got {other:?}"),
-            },
-            Ok(None) => panic!("the connection closed"),
-            Err(e) => panic!("no push within {d:?}: {e}"),
-        }
-    }
-}
-
-fn resume_login(
-    user: &str,
-    device: &str,
-    ok: &pb::LoginOk,
-    last: u64,
-    last_bulk: u64,
-) -> pb::Login {
-    pb::Login {
-        token: token(user, device),
-        device_id: device.into(),
-        platform: pb::Platform::Ios as i32,
-        protocol_version: 1,
-        resume: Some(pb::Resume {
-            session_id: ok.session_id,
-            resume_token: ok.resume_token.clone(),
-            last_seq: last,
-            last_bulk_seq: last_bulk,
-        }),
     }
 }
 
@@ -95,7 +56,7 @@ async fn login_push_and_ack_over_quic_with_bulk_on_its_own_stream() {
 
     let mut got = Vec::new();
     for _ in 0..2 {
-        let p = push_within(&mut c, Duration::from_secs(5)).await;
+        let p = push_within(&mut c, Duration::from_secs(5), "a push").await;
         got.push((p.lane, p.seq, p.message_id.clone(), p.payload.clone()));
     }
     got.sort();
@@ -170,7 +131,7 @@ async fn a_client_that_migrates_mid_stream_keeps_its_session_and_loses_nothing()
     let mut last = 0;
     let mut rebound = None;
     while last < N {
-        let p = push_within(&mut c, Duration::from_secs(10)).await;
+        let p = push_within(&mut c, Duration::from_secs(10), "a push").await;
         let idx = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
         assert_eq!(p.seq, last + 1, "each push exactly once, in order");
         assert_eq!(idx, p.seq);
@@ -217,7 +178,12 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
         .unwrap();
     }
     for seq in 1..=3 {
-        assert_eq!(push_within(&mut c, Duration::from_secs(5)).await.seq, seq);
+        assert_eq!(
+            push_within(&mut c, Duration::from_secs(5), "a push")
+                .await
+                .seq,
+            seq
+        );
     }
     c.ack(2).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -233,7 +199,12 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
     assert_eq!(ok_t.session_id, ok.session_id, "the same session");
     let r = ok_t.resume.unwrap();
     assert_eq!((r.code, r.first_seq, r.replayed), (Code::Ok as i32, 3, 1));
-    assert_eq!(push_within(&mut t, Duration::from_secs(5)).await.seq, 3);
+    assert_eq!(
+        push_within(&mut t, Duration::from_secs(5), "a push")
+            .await
+            .seq,
+        3
+    );
     let presence = |g: &TestGateway| {
         let h =
             g.gw.registry()
@@ -250,7 +221,12 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
     ))
     .await
     .unwrap();
-    assert_eq!(push_within(&mut t, Duration::from_secs(5)).await.seq, 4);
+    assert_eq!(
+        push_within(&mut t, Duration::from_secs(5), "a push")
+            .await
+            .seq,
+        4
+    );
     drop(t);
     // Back to QUIC, resuming from seq 4.
     let q2 = g.quic_connector();
@@ -273,7 +249,12 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
     ))
     .await
     .unwrap();
-    assert_eq!(push_within(&mut c2, Duration::from_secs(5)).await.seq, 5);
+    assert_eq!(
+        push_within(&mut c2, Duration::from_secs(5), "a push")
+            .await
+            .seq,
+        5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +282,7 @@ async fn a_stalled_bulk_stream_does_not_delay_interactive_pushes() {
         ))
         .await
         .unwrap();
-        let p = push_within(&mut c, Duration::from_secs(2)).await;
+        let p = push_within(&mut c, Duration::from_secs(2), "a push").await;
         assert_eq!((p.lane, p.seq), (pb::Lane::Interactive as i32, i));
         worst = worst.max(t0.elapsed());
         c.ack(i).await.unwrap();
@@ -313,7 +294,7 @@ async fn a_stalled_bulk_stream_does_not_delay_interactive_pushes() {
     c.pause_bulk(false);
     let mut seq = 0;
     while seq < 200 {
-        let p = push_within(&mut c, Duration::from_secs(5)).await;
+        let p = push_within(&mut c, Duration::from_secs(5), "a push").await;
         assert_eq!(p.lane, pb::Lane::Bulk as i32);
         assert_eq!(p.seq, seq + 1);
         seq = p.seq;
@@ -393,7 +374,7 @@ async fn a_handshake_and_garbage_flood_leaves_established_sessions_receiving() {
         ))
         .await
         .unwrap();
-        let p = push_within(&mut c, Duration::from_secs(2)).await;
+        let p = push_within(&mut c, Duration::from_secs(2), "a push").await;
         assert_eq!(p.seq, i, "no push lost during the flood");
         worst = worst.max(t0.elapsed());
         c.ack(i).await.unwrap();
@@ -669,7 +650,7 @@ async fn a_client_that_allows_no_unidirectional_stream_gets_bulk_on_its_own_stre
     .unwrap();
     let mut got = Vec::new();
     for _ in 0..2 {
-        let p = push_within(&mut c, Duration::from_secs(5)).await;
+        let p = push_within(&mut c, Duration::from_secs(5), "a push").await;
         got.push((p.lane, p.seq));
     }
     got.sort();

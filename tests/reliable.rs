@@ -134,23 +134,6 @@ async fn recv_push(c: &mut Client) -> pb::Push {
     }
 }
 
-/// The next push on `c` within `d`, skipping Pongs; fails naming `what`.
-async fn recv_push_within(c: &mut Client, d: Duration, what: &str) -> pb::Push {
-    let deadline = Instant::now() + d;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.recv_timeout(left).await {
-            Ok(Some(f)) => match f.body {
-                Some(Resp::Push(p)) => return p,
-                Some(Resp::Pong(_)) => {}
-                other => panic!("{what}: expected a push, got {other:?}"),
-            },
-            Ok(None) => panic!("{what}: the connection closed"),
-            Err(e) => panic!("{what} did not arrive within {d:?}: {e}"),
-        }
-    }
-}
-
 /// Reads what is left on `c` (pushes in order, perhaps a Close) until the
 /// gateway's close shows (EOF or reset); returns the Close code if one came.
 async fn read_until_closed(c: &mut Client) -> Option<Code> {
@@ -464,7 +447,7 @@ async fn resume_after_overflow_reports_the_gap_and_replays_what_is_held() {
     ))
     .await
     .unwrap();
-    let p = recv_push_within(
+    let p = push_within(
         &mut c,
         Duration::from_secs(2),
         "a push made after the resume",
@@ -678,7 +661,7 @@ async fn resume_takes_over_a_half_dead_connection() {
     up.push(indexed_push("hd", "phone", 1, base, 32, Lane::Interactive))
         .await
         .unwrap();
-    let p = recv_push_within(
+    let p = push_within(
         &mut b,
         Duration::from_secs(2),
         "a push made after the resume",
@@ -815,7 +798,7 @@ async fn an_unacked_push_closes_the_connection_and_is_given_up_after_max_tries_c
     up.push(reported_push("rt-1")).await.unwrap();
     for conn in 1..=3 {
         let t0 = Instant::now();
-        let p = recv_push_within(&mut c, Duration::from_secs(3), "the push").await;
+        let p = push_within(&mut c, Duration::from_secs(3), "the push").await;
         assert_eq!(
             (p.seq, p.message_id.as_str()),
             (1, "rt-1"),

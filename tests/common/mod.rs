@@ -128,6 +128,47 @@ pub async fn next(c: &mut Client) -> pb::ServerFrame {
     }
 }
 
+/// The next push on `c` within `d`, skipping Pongs; any other frame, a
+/// close or the timeout fails naming `what`.
+pub async fn push_within(c: &mut Client, d: Duration, what: &str) -> pb::Push {
+    let deadline = std::time::Instant::now() + d;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match c.recv_timeout(left).await {
+            Ok(Some(f)) => match f.body {
+                Some(pb::server_frame::Body::Push(p)) => return p,
+                Some(pb::server_frame::Body::Pong(_)) => {}
+                other => panic!("{what}: expected a push, got {other:?}"),
+            },
+            Ok(None) => panic!("{what}: the connection closed"),
+            Err(e) => panic!("{what} did not arrive within {d:?}: {e}"),
+        }
+    }
+}
+
+/// A Login of `user`'s `device` that resumes `ok`'s session, claiming the
+/// pushes up to `last_seq` and `last_bulk_seq`.
+pub fn resume_login(
+    user: &str,
+    device: &str,
+    ok: &pb::LoginOk,
+    last_seq: u64,
+    last_bulk_seq: u64,
+) -> pb::Login {
+    pb::Login {
+        token: token(user, device),
+        device_id: device.into(),
+        platform: pb::Platform::Android as i32,
+        protocol_version: 1,
+        resume: Some(pb::Resume {
+            session_id: ok.session_id,
+            resume_token: ok.resume_token.clone(),
+            last_seq,
+            last_bulk_seq,
+        }),
+    }
+}
+
 pub fn push_of(f: &pb::ServerFrame) -> &pb::Push {
     match &f.body {
         Some(pb::server_frame::Body::Push(p)) => p,
