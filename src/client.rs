@@ -255,16 +255,11 @@ impl Client {
         if q.bulk_done {
             return Ok(None);
         }
-        match next_bulk(q).await {
-            None => {
-                q.bulk_done = true;
-                Ok(None)
-            }
-            Some(Err(e)) => Err(e),
-            Some(Ok(b)) => pb::ServerFrame::decode(b)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        let next = next_bulk(q).await;
+        if next.is_none() {
+            q.bulk_done = true;
         }
+        decode_next(next)
     }
 
     /// Over QUIC, the connection (tests look at its addresses and stats).
@@ -332,13 +327,7 @@ impl Client {
                 }
             }
         };
-        match next {
-            None => Ok(None),
-            Some(Err(e)) => Err(e),
-            Some(Ok(b)) => pb::ServerFrame::decode(b)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-        }
+        decode_next(next)
     }
 
     /// Like [`Client::recv`], giving up after `d`.
@@ -447,6 +436,17 @@ impl Client {
             })),
         })
         .await
+    }
+}
+
+/// A frame read from a stream, decoded; `Ok(None)` at the stream's end.
+fn decode_next(next: Option<io::Result<Bytes>>) -> io::Result<Option<pb::ServerFrame>> {
+    match next {
+        None => Ok(None),
+        Some(Err(e)) => Err(e),
+        Some(Ok(b)) => pb::ServerFrame::decode(b)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
     }
 }
 
