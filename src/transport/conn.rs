@@ -293,16 +293,16 @@ mod tests {
     // -----------------------------------------------------------------
 
     use std::collections::VecDeque;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Wake, Waker};
+    use std::sync::atomic::Ordering;
+    use std::task::Waker;
     use std::time::Duration;
 
     use parking_lot::Mutex;
     use prost::Message;
     use tokio::io::{AsyncRead, AsyncWrite};
 
-    use crate::config::Config;
     use crate::ids::SessionId;
+    use crate::transport::testkit::{self, advance, Wakes};
 
     /// Both ends of a scripted connection.
     #[derive(Default)]
@@ -410,15 +410,6 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Wakes(AtomicUsize);
-
-    impl Wake for Wakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     /// A connection polled by hand.
     struct Driven {
         conn: Pin<Box<Connection<Scripted>>>,
@@ -471,23 +462,9 @@ mod tests {
         }
 
         fn login(&mut self, gw: &Gateway, resume: Option<pb::Resume>) -> pb::LoginOk {
-            let token = crate::auth::mint_hs256(
-                crate::config::DEV_SECRET,
-                "ann",
-                Some("phone"),
-                Duration::from_secs(3600),
-                vec![],
-            )
-            .expect("mint");
             let login = pb::ClientFrame {
                 request_id: 1,
-                body: Some(pb::client_frame::Body::Login(pb::Login {
-                    token,
-                    device_id: "phone".into(),
-                    platform: pb::Platform::Ios as i32,
-                    protocol_version: 1,
-                    resume,
-                })),
+                body: Some(testkit::login_body(resume)),
             };
             self.io.send(&login.encode_to_vec());
             self.settle(10);
@@ -500,15 +477,7 @@ mod tests {
     }
 
     fn gateway() -> Arc<Gateway> {
-        let mut cfg = Config::default();
-        cfg.session.timer_tick = Duration::from_millis(100);
-        Gateway::new(cfg).expect("gateway")
-    }
-
-    /// Moves the paused clock and fires the wheel's due slots.
-    async fn advance(gw: &Gateway, d: Duration) {
-        tokio::time::advance(d).await;
-        gw.wheel().advance(gw.now());
+        testkit::gateway(|_| {})
     }
 
     fn push(gw: &Gateway, h: &SessionHandle, n: usize) {

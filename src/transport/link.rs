@@ -910,26 +910,16 @@ mod tests {
     //! test plays the driver (what the socket took, refused, or read), and
     //! tokio's paused clock and a hand-advanced wheel play time.
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     use prost::Message;
 
     use super::*;
-    use crate::config::Config;
     use crate::ids::SessionId;
     use crate::session::Enqueued;
+    use crate::transport::testkit::{advance, gateway, login_body, Wakes};
     use crate::wire::pb;
-
-    #[derive(Default)]
-    struct Wakes(AtomicUsize);
-
-    impl Wake for Wakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     /// A link and the driver's side of it.
     struct T {
@@ -937,13 +927,6 @@ mod tests {
         gw: Arc<Gateway>,
         wakes: Arc<Wakes>,
         done: bool,
-    }
-
-    fn gateway(f: impl FnOnce(&mut Config)) -> Arc<Gateway> {
-        let mut cfg = Config::default();
-        cfg.session.timer_tick = Duration::from_millis(100);
-        f(&mut cfg);
-        Gateway::new(cfg).expect("gateway")
     }
 
     fn frame(body: pb::client_frame::Body) -> Vec<u8> {
@@ -1026,21 +1009,7 @@ mod tests {
         }
 
         fn login(&mut self) -> pb::LoginOk {
-            let token = crate::auth::mint_hs256(
-                crate::config::DEV_SECRET,
-                "ann",
-                Some("phone"),
-                Duration::from_secs(3600),
-                vec![],
-            )
-            .expect("mint");
-            self.read(&frame(pb::client_frame::Body::Login(pb::Login {
-                token,
-                device_id: "phone".into(),
-                platform: pb::Platform::Ios as i32,
-                protocol_version: 1,
-                resume: None,
-            })));
+            self.read(&frame(login_body(None)));
             match self.write(0).into_iter().find_map(|f| f.body) {
                 Some(pb::server_frame::Body::LoginOk(ok)) => ok,
                 other => panic!("expected LoginOk, got {other:?}"),
@@ -1078,11 +1047,6 @@ mod tests {
             Some(pb::server_frame::Body::Close(c)) => Some(c.code),
             _ => None,
         })
-    }
-
-    async fn advance(gw: &Gateway, d: Duration) {
-        tokio::time::advance(d).await;
-        gw.wheel().advance(gw.now());
     }
 
     #[tokio::test(start_paused = true)]

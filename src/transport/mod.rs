@@ -16,6 +16,8 @@
 mod conn;
 mod link;
 pub mod quic;
+#[cfg(test)]
+mod testkit;
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
