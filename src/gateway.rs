@@ -184,6 +184,9 @@ pub struct Gateway {
     write_delay: std::sync::OnceLock<Arc<crate::router::WriteDelay>>,
     writes: AtomicU64,
     migrations: AtomicU64,
+    /// The QUIC connection of each session attached over QUIC, so that
+    /// presence shows the address a migrating client sends from now.
+    paths: Arc<QuicPaths>,
     /// Sessions without a connection, waiting for a resume until their deadline.
     detached: DashMap<SessionId, (SessionHandle, Instant)>,
     /// The same sessions in deadline order, so a sweep visits only the
@@ -241,6 +244,7 @@ impl Gateway {
             write_delay: std::sync::OnceLock::new(),
             writes: AtomicU64::new(0),
             migrations: AtomicU64::new(0),
+            paths: Arc::default(),
             detached: DashMap::new(),
             expiry: Mutex::new(DetachQueue::default()),
             delivery,
@@ -309,6 +313,11 @@ impl Gateway {
 
     pub(crate) fn count_migration(&self) {
         self.migrations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sessions attached over QUIC, and their connections.
+    pub(crate) fn quic_paths(&self) -> &Arc<QuicPaths> {
+        &self.paths
     }
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
@@ -647,7 +656,19 @@ impl crate::router::RouterHooks for Gateway {
     fn end_detached(&self, h: &SessionHandle, code: Code) -> bool {
         self.end_session(h, End::Detached, code)
     }
+
+    fn remote_addr(&self, h: &SessionHandle) -> Option<std::net::SocketAddr> {
+        if h.transport() != TransportKind::Quic {
+            return None;
+        }
+        self.paths.get(&h.id()).map(|c| c.remote_address())
+    }
 }
+
+/// The QUIC connection a session is attached over, by session: one entry
+/// per QUIC session (TCP sessions pay nothing), read live so that presence
+/// sees a migration as soon as quinn does.
+pub(crate) type QuicPaths = DashMap<SessionId, quinn::Connection>;
 
 /// The [`SessionEnv`] of a real connection.
 pub struct GatewayEnv<'a> {

@@ -403,8 +403,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}: offline", u.user_id);
                 }
                 for d in u.devices {
+                    let from = if d.remote_addr.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" from {}", d.remote_addr)
+                    };
                     println!(
-                        "{}: device {} session {:016x} on {} via {} since {}",
+                        "{}: device {} session {:016x} on {} via {}{from} since {}",
                         u.user_id, d.device_id, d.session_id, d.node_id, d.transport, d.since_ms
                     );
                 }

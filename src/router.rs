@@ -32,6 +32,10 @@ pub trait RouterHooks: Send + Sync {
     /// Ends a session that has no connection (a kick of a detached session).
     /// Returns false if it had a connection after all.
     fn end_detached(&self, h: &SessionHandle, code: Code) -> bool;
+    /// The current address of a session whose transport can move (QUIC).
+    fn remote_addr(&self, _h: &SessionHandle) -> Option<std::net::SocketAddr> {
+        None
+    }
 }
 
 /// A write delay: sessions woken by pushes are woken in batches, every
@@ -274,20 +278,29 @@ impl Router {
                 metrics::gauge!(m::ROOMS).set(self.registry.room_count() as f64);
                 Outcome::Count(n)
             }
-            Command::Presence { users } => Outcome::Presence(
-                users
-                    .iter()
-                    .map(|u| pb::UserPresence {
-                        user_id: u.to_string(),
-                        devices: self
-                            .registry
-                            .user_sessions(u.as_str())
-                            .iter()
-                            .filter_map(|h| h.presence(&self.node))
-                            .collect(),
-                    })
-                    .collect(),
-            ),
+            Command::Presence { users } => {
+                let hooks = self.hooks();
+                Outcome::Presence(
+                    users
+                        .iter()
+                        .map(|u| pb::UserPresence {
+                            user_id: u.to_string(),
+                            devices: self
+                                .registry
+                                .user_sessions(u.as_str())
+                                .iter()
+                                .filter_map(|h| {
+                                    let mut p = h.presence(&self.node)?;
+                                    if let Some(a) = hooks.as_ref().and_then(|k| k.remote_addr(h)) {
+                                        p.remote_addr = a.to_string();
+                                    }
+                                    Some(p)
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                )
+            }
         }
     }
 

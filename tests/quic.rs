@@ -160,6 +160,14 @@ async fn a_client_that_migrates_mid_stream_keeps_its_session_and_loses_nothing()
     assert_eq!(g.gw.registry().len(), 1, "no second session");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(h.unacked(), 0);
+    // Presence shows where the phone sends from now.
+    let (up, _events) = g.upstream(false).await;
+    let p = up.presence(&["mig"]).await.unwrap();
+    let d = &p[0].devices[0];
+    assert_eq!(
+        (d.transport.as_str(), d.remote_addr.as_str()),
+        ("quic", after.to_string().as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

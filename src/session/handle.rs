@@ -656,6 +656,7 @@ impl SessionHandle {
             platform: i.platform as i32,
             transport: transport.as_str().into(),
             since_ms: i.since_ms,
+            remote_addr: String::new(),
         })
     }
 

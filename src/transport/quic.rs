@@ -17,7 +17,11 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use std::sync::Arc;
+
 use super::{Link, Outputs, Wire};
+use crate::gateway::QuicPaths;
+use crate::ids::SessionId;
 use crate::metrics as m;
 
 /// One QUIC connection carrying one session.
@@ -35,6 +39,9 @@ pub struct QuicWire {
     /// flips back (a probe that failed validation) is not a new migration.
     remote: SocketAddr,
     previous: SocketAddr,
+    /// Where presence looks up this connection's address, and the session
+    /// it is entered under (once logged in; a resume changes it).
+    paths: Option<(Arc<QuicPaths>, SessionId)>,
 }
 
 impl QuicWire {
@@ -54,6 +61,29 @@ impl QuicWire {
             confirmed: confirmed.map(Box::pin),
             remote,
             previous: remote,
+            paths: None,
+        }
+    }
+
+    /// Enters this connection under the session it carries, once logged
+    /// in, and moves the entry when a resume adopts another session.
+    fn track(&mut self, link: &Link) {
+        let h = link.handle();
+        if h.info().is_none() || self.paths.as_ref().is_some_and(|(_, id)| *id == h.id()) {
+            return;
+        }
+        self.untrack();
+        let paths = link.gateway().quic_paths().clone();
+        paths.insert(h.id(), self.conn.clone());
+        self.paths = Some((paths, h.id()));
+    }
+
+    /// Removes this connection's entry, unless a newer connection of the
+    /// same session (a resume over QUIC) has replaced it.
+    fn untrack(&mut self) {
+        if let Some((paths, id)) = self.paths.take() {
+            let me = self.conn.stable_id();
+            paths.remove_if(&id, |_, c| c.stable_id() == me);
         }
     }
 
@@ -121,6 +151,7 @@ impl Wire for QuicWire {
     }
 
     fn poll_events(&mut self, cx: &mut Context<'_>, link: &mut Link) {
+        self.track(link);
         if let Some(c) = self.confirmed.as_mut() {
             if let Poll::Ready(accepted) = c.as_mut().poll(cx) {
                 tracing::trace!(zero_rtt = accepted, "QUIC handshake confirmed");
@@ -144,6 +175,7 @@ impl Wire for QuicWire {
 
 impl Drop for QuicWire {
     fn drop(&mut self) {
+        self.untrack();
         // The session is over on this connection: close it now rather than
         // waiting for the idle timeout.
         self.conn.close(0u32.into(), b"");
