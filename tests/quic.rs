@@ -1,7 +1,8 @@
 //! QUIC over real UDP sockets on loopback: login, pushes on both lanes and
 //! acks; a client that migrates to a new address mid-stream; resume across
 //! QUIC and TCP; a stalled bulk stream beside interactive pushes; a
-//! handshake and garbage flood beside an established session; 0-RTT.
+//! handshake and garbage flood beside an established session; 0-RTT
+//! accepted, refused and replayed by an attacker.
 
 mod common;
 
@@ -450,6 +451,103 @@ async fn a_returning_client_logs_in_with_0rtt_and_falls_back_when_refused() {
     let _ = run.await;
 }
 
+/// An attacker who recorded a client's 0-RTT flight (a resume and an
+/// uplink) and sends it again gets neither: the ticket was single-use, so
+/// the replay's 0-RTT data is refused, and its handshake can never finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_0rtt_flight_neither_resumes_nor_sends_again() {
+    let g = start(quic_config()).await;
+    let addr = g.quic.unwrap();
+    let (_up, mut events) = g.upstream(true).await;
+    let q = g.quic_connector();
+    let mut c = q.connect(addr, "localhost", true).await.unwrap();
+    let ok = c.login(&token("rp", "phone"), "phone").await.unwrap();
+    c.ping().await.unwrap();
+    let _ = c.recv_timeout(Duration::from_secs(5)).await.unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // The visit that gets recorded: a resume and an uplink, both in 0-RTT.
+    let flight = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let rec = flight.clone();
+    let via = relay(addr, move |p| {
+        if p[0] & 0x80 != 0 {
+            rec.lock().unwrap().push(p.to_vec()); // long header: the handshake flight
+        }
+    })
+    .await;
+    let mut c = q.connect(via, "localhost", true).await.unwrap();
+    let login = c
+        .request(pb::client_frame::Body::Login(resume_login(
+            "rp", "phone", &ok, 0, 0,
+        )))
+        .await
+        .unwrap();
+    let send = c.send_up("once", "chat", &b"hello"[..]).await.unwrap();
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let f = c
+            .recv_timeout(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        match f.body {
+            Some(Resp::LoginOk(_)) | Some(Resp::SendAck(_)) => answered.push(f.request_id),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        answered,
+        [login, send],
+        "resumed, then the uplink once confirmed"
+    );
+    assert_eq!(c.zero_rtt_accepted().await, Some(true), "sent in 0-RTT");
+    drop(c);
+    let h =
+        g.gw.registry()
+            .session(tether::ids::SessionId(ok.session_id))
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !h.is_detached() {
+        assert!(Instant::now() < deadline, "the session detaches");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the gateway forget the recorded connection, so that the replay
+    // reaches a fresh handshake rather than a connection it still drains.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The replay, from another address.
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let recorded = flight.lock().unwrap().clone();
+    assert!(!recorded.is_empty(), "the flight was recorded");
+    for p in &recorded {
+        attacker.send_to(p, addr).await.unwrap();
+    }
+    let mut buf = vec![0u8; 65536];
+    let answer = tokio::time::timeout(Duration::from_secs(2), attacker.recv_from(&mut buf)).await;
+    assert!(answer.is_ok(), "the replay reached a new handshake");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(
+        h.is_detached(),
+        "the replayed resume did not attach the session"
+    );
+    let evs = drain_events(&mut events, Duration::from_millis(300)).await;
+    let uplinks = evs
+        .iter()
+        .filter(|e| matches!(e, pb::event::Kind::Uplink(u) if u.client_msg_id == "once"))
+        .count();
+    let opened = evs
+        .iter()
+        .filter(|e| matches!(e, pb::event::Kind::Opened(_)))
+        .count();
+    assert_eq!(uplinks, 1, "the uplink went upstream once");
+    assert_eq!(
+        opened, 2,
+        "the login and the recorded resume; no third: {evs:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_frames_inside_a_quic_stream_are_refused_as_over_tcp() {
     let g = start(quic_config()).await;
@@ -554,37 +652,23 @@ async fn a_quic_client_that_never_reads_holds_only_what_the_bounds_allow() {
     drop(c);
 }
 
-/// A UDP relay between a client and the gateway that decodes the
-/// destination connection ID of every short-header packet the client sends
-/// (those carry a connection ID the gateway issued).
-async fn cid_relay(
-    gateway: SocketAddr,
-    cfg: tether::quic::cid::CidConfig,
-) -> (SocketAddr, tokio::sync::watch::Receiver<(usize, usize)>) {
+/// A UDP relay between one client and the gateway, which shows `seen`
+/// every datagram the client sends before forwarding it.
+async fn relay(gateway: SocketAddr, mut seen: impl FnMut(&[u8]) + Send + 'static) -> SocketAddr {
     let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     back.connect(gateway).await.unwrap();
     let addr = front.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::watch::channel((0usize, 0usize));
-    let len = 1 + cfg.server_id.len() + usize::from(cfg.nonce_len);
     tokio::spawn(async move {
         let (mut buf, mut back_buf) = (vec![0u8; 65536], vec![0u8; 65536]);
         let mut client = None;
-        let (mut ok, mut bad) = (0, 0);
         loop {
             tokio::select! {
                 r = front.recv_from(&mut buf) => {
                     let Ok((n, from)) = r else { return };
                     client = Some(from);
-                    let p = &buf[..n];
-                    if n > len && p[0] & 0x80 == 0 {
-                        match tether::quic::cid::decode(&cfg, &p[1..1 + len]) {
-                            Ok(d) if d.server_id() == cfg.server_id.as_slice() => ok += 1,
-                            _ => bad += 1,
-                        }
-                        let _ = tx.send((ok, bad));
-                    }
-                    let _ = back.send(p).await;
+                    seen(&buf[..n]);
+                    let _ = back.send(&buf[..n]).await;
                 }
                 r = back.recv(&mut back_buf) => {
                     let Ok(n) = r else { return };
@@ -595,6 +679,29 @@ async fn cid_relay(
             }
         }
     });
+    addr
+}
+
+/// A relay that decodes the destination connection ID of every
+/// short-header packet the client sends (those carry a connection ID the
+/// gateway issued): (decoded to this node, not).
+async fn cid_relay(
+    gateway: SocketAddr,
+    cfg: tether::quic::cid::CidConfig,
+) -> (SocketAddr, tokio::sync::watch::Receiver<(usize, usize)>) {
+    let (tx, rx) = tokio::sync::watch::channel((0usize, 0usize));
+    let len = 1 + cfg.server_id.len() + usize::from(cfg.nonce_len);
+    let (mut ok, mut bad) = (0, 0);
+    let addr = relay(gateway, move |p| {
+        if p.len() > len && p[0] & 0x80 == 0 {
+            match tether::quic::cid::decode(&cfg, &p[1..1 + len]) {
+                Ok(d) if d.server_id() == cfg.server_id.as_slice() => ok += 1,
+                _ => bad += 1,
+            }
+            let _ = tx.send((ok, bad));
+        }
+    })
+    .await;
     (addr, rx)
 }
 
