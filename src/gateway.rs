@@ -875,7 +875,7 @@ impl SessionEnv for GatewayEnv<'_> {
         self.handle
             .ack(lane, up_to_seq, ranges, now, &self.gw.budget, &mut acked);
         if !acked.is_empty() {
-            metrics::counter!(m::ACKED).increment(acked.len() as u64);
+            m::hot().acked.increment(acked.len() as u64);
             self.gw.report(self.handle, &acked, Code::Ok);
         }
     }

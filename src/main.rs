@@ -270,11 +270,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "upstream.secret is the development default: set your own before production"
                 );
             }
-            let server = tether::gateway::Server::bind(cfg.clone()).await?;
+            // The recorder first: the gateway takes its hot-path metric
+            // handles from it (`tether::metrics::hot`).
             if let Some(addr) = cfg.metrics.listen {
                 tether::metrics::install_prometheus(addr)
                     .with_context(|| format!("cannot start metrics on {addr}"))?;
             }
+            let server = tether::gateway::Server::bind(cfg.clone()).await?;
             let stop = CancellationToken::new();
             let s2 = stop.clone();
             tokio::spawn(async move {

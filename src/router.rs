@@ -373,7 +373,8 @@ pub struct FanOut<'a> {
     tally: Tally,
     /// Targeted users with no session with a connection (see `user`).
     missing: Vec<UserId>,
-    kind: &'static str,
+    /// The target, as an index into [`m::PUSH_TARGETS`].
+    kind: usize,
 }
 
 impl<'a> FanOut<'a> {
@@ -388,18 +389,18 @@ impl<'a> FanOut<'a> {
             pos: 0,
             tally: Tally::new(router.hooks(), router.write_delay.get().cloned()),
             missing: Vec::new(),
-            kind: "",
+            kind: 0,
         };
         match target {
             PushTarget::User(u) => {
-                f.kind = "user";
+                f.kind = 0; // user
                 f.walk = Walk::Users {
                     users: std::slice::from_ref(u),
                     next: 0,
                 };
             }
             PushTarget::Device(u, d) => {
-                f.kind = "device";
+                f.kind = 1; // device
                 let live = f.tally.live;
                 if let Some(h) = router.registry.device(u.as_str(), d) {
                     f.tally.add(&h, push, &router.delivery, &router.budget);
@@ -409,17 +410,17 @@ impl<'a> FanOut<'a> {
                 }
             }
             PushTarget::Users(us) => {
-                f.kind = "users";
+                f.kind = 2; // users
                 f.walk = Walk::Users { users: us, next: 0 };
             }
             PushTarget::Room(r) => {
-                f.kind = "room";
+                f.kind = 3; // room
                 if let Some(room) = router.registry.room(r) {
                     room.copy_members(&mut f.buf);
                 }
             }
             PushTarget::Everyone => {
-                f.kind = "everyone";
+                f.kind = 4; // everyone
                 f.walk = Walk::Shards { next: 0 };
             }
         }
@@ -484,8 +485,9 @@ impl<'a> FanOut<'a> {
     /// Ends the fan-out (whatever `step` left is not delivered) and returns
     /// what it did.
     pub fn finish(mut self) -> PushOutcome {
-        metrics::counter!(m::PUSHES, "target" => self.kind).increment(1);
-        metrics::counter!(m::DELIVERIES).increment(self.tally.sessions);
+        let hot = m::hot();
+        hot.pushes(self.kind).increment(1);
+        hot.deliveries.increment(self.tally.sessions);
         self.router.return_buffer(std::mem::take(&mut self.buf));
         PushOutcome {
             sessions: self.tally.sessions,

@@ -109,6 +109,17 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
         Some(1.0),
         "{text}"
     );
+    // Counted through the hot-path handles (taken once, after the recorder
+    // is installed): the LoginOk and the push went out.
+    assert!(
+        metric(&text, "tether_frames_out_total{transport=\"tcp\"}").is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "tether_push_deliveries_total "),
+        Some(1.0),
+        "{text}"
+    );
     assert!(
         text.contains("# HELP tether_push_drops_total")
             || text.contains("tether_push_deliveries_total")

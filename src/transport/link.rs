@@ -433,7 +433,7 @@ impl Link {
 
     /// Bytes the peer sent (`peer` gives its address, asked only at login).
     pub fn on_read(&mut self, now: Instant, data: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
-        metrics::counter!(m::BYTES_IN).increment(data.len() as u64);
+        m::hot().bytes_in.increment(data.len() as u64);
         if self.session.is_closing() {
             self.lingered_kib = self
                 .lingered_kib
@@ -464,8 +464,9 @@ impl Link {
 
     /// The socket took `n` bytes of output `out`'s batch.
     pub fn on_written(&mut self, out: usize, n: usize, now: Instant) {
-        metrics::counter!(m::WRITES).increment(1);
-        metrics::counter!(m::BYTES_OUT).increment(n as u64);
+        let hot = m::hot();
+        hot.writes.increment(1);
+        hot.bytes_out.increment(n as u64);
         self.gw.count_write();
         let lanes = self.lanes_of(out);
         let Some(p) = self.out.as_mut() else { return };
@@ -477,7 +478,7 @@ impl Link {
         }
         b.advance(n);
         if b.is_done() {
-            metrics::counter!(m::FRAMES_OUT, "transport" => self.kind.as_str()).increment(b.frames);
+            hot.frames_out(self.kind).increment(b.frames);
             p.0[out] = None;
             if p.0.iter().all(Option::is_none) {
                 self.out = None;
@@ -629,7 +630,7 @@ impl Link {
     }
 
     fn on_frame(&mut self, now: Instant, body: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
-        metrics::counter!(m::FRAMES_IN, "transport" => self.kind.as_str()).increment(1);
+        m::hot().frames_in(self.kind).increment(1);
         let mut registered = self.f.has(Flags::REGISTERED);
         let mut env = GatewayEnv {
             gw: &self.gw,
@@ -692,7 +693,9 @@ impl Link {
                 &mut items,
             );
             if !items.is_empty() {
-                metrics::histogram!(m::QUEUE_DEPTH).record((items.len() + remaining) as f64);
+                m::hot()
+                    .queue_depth
+                    .record((items.len() + remaining) as f64);
             }
             for (_, seq, p) in &items {
                 b.push(*seq, p);

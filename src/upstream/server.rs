@@ -517,8 +517,8 @@ async fn handle_push(gw: &Arc<Gateway>, rid: u64, p: pb::PushRequest) -> (Bytes,
         p.report_delivery,
     );
     let device = match &target {
-        PushTarget::Device(_, d) => d.to_string(),
-        _ => String::new(),
+        PushTarget::Device(_, d) => Some(d.clone()),
+        _ => None,
     };
     let outcomes = match gw
         .bus()
@@ -535,29 +535,38 @@ async fn handle_push(gw: &Arc<Gateway>, rid: u64, p: pb::PushRequest) -> (Bytes,
         Err(e) => return (error(rid, Code::Internal, e.to_string()), 0),
     };
     let (mut sessions, mut dropped) = (0, 0);
-    // A user is undelivered when no node had a session for them.
-    let mut missing: HashMap<UserId, usize> = HashMap::new();
+    // A user is undelivered when no node had a session for them: with one
+    // node, each of its missing users; with several, those every node lists.
     let nodes = outcomes.len();
+    let mut missing: Vec<UserId> = Vec::new();
+    let mut counts: HashMap<UserId, usize> = HashMap::new();
     for (_, o) in outcomes {
         if let Outcome::Push(po) = o {
             sessions += po.sessions;
             dropped += po.dropped;
-            for u in po.missing_users {
-                *missing.entry(u).or_default() += 1;
+            if nodes == 1 {
+                missing = po.missing_users;
+            } else {
+                for u in po.missing_users {
+                    *counts.entry(u).or_default() += 1;
+                }
             }
         }
     }
-    for (u, n) in missing {
-        if n < nodes {
-            continue;
-        }
+    missing.extend(
+        counts
+            .into_iter()
+            .filter(|(_, n)| *n == nodes)
+            .map(|(u, _)| u),
+    );
+    for u in missing {
         metrics::counter!(m::UNDELIVERED).increment(1);
         if p.report_undelivered {
             gw.bus().emit(pb::Event {
                 kind: Some(pb::event::Kind::Undelivered(pb::Undelivered {
                     message_id: message_id.clone(),
                     user_id: u.to_string(),
-                    device_id: device.clone(),
+                    device_id: device.as_ref().map(ToString::to_string).unwrap_or_default(),
                     code: Code::NotLoggedIn as i32,
                 })),
             });

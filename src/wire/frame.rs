@@ -114,7 +114,12 @@ impl SharedPush {
         )
     }
 
-    /// Encodes the shared part of a push once.
+    /// Encodes the shared part of a push once: the `Push` message without
+    /// its `seq` (each recipient's header carries it). Encoded field by
+    /// field straight from the borrowed parts, in field order and omitting
+    /// empty fields as proto3 does, so the payload is copied once, into the
+    /// shared body (building a `pb::Push` first would copy it twice and
+    /// allocate three strings).
     pub fn with(
         message_id: &str,
         payload: &[u8],
@@ -123,16 +128,38 @@ impl SharedPush {
         lane: super::pb::Lane,
         report: bool,
     ) -> Self {
-        let push = super::pb::Push {
-            seq: 0, // omitted by proto3 encoding; each recipient's header carries it
-            message_id: message_id.to_owned(),
-            payload: Bytes::copy_from_slice(payload),
-            source: source.to_owned(),
-            room: room.to_owned(),
-            lane: lane as i32,
-        };
-        let mut b = BytesMut::with_capacity(push.encoded_len());
-        let _ = push.encode(&mut b);
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+        let fields: [(u32, &[u8]); 4] = [
+            (2, message_id.as_bytes()),
+            (3, payload),
+            (4, source.as_bytes()),
+            (5, room.as_bytes()),
+        ];
+        let lane_num = lane as i32;
+        let len = fields
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(tag, v)| key_len(*tag) + encoded_len_varint(v.len() as u64) + v.len())
+            .sum::<usize>()
+            + if lane_num == 0 {
+                0
+            } else {
+                key_len(6) + encoded_len_varint(u64::from(lane_num as u32))
+            };
+        let mut b = BytesMut::with_capacity(len);
+        for (tag, v) in fields {
+            if !v.is_empty() {
+                encode_key(tag, WireType::LengthDelimited, &mut b);
+                encode_varint(v.len() as u64, &mut b);
+                b.put_slice(v);
+            }
+        }
+        if lane_num != 0 {
+            encode_key(6, WireType::Varint, &mut b);
+            // A non-negative enum value: its varint is that of the u64.
+            encode_varint(u64::from(lane_num as u32), &mut b);
+        }
+        debug_assert_eq!(b.len(), len);
         Self(std::sync::Arc::new(PushData {
             body: b.freeze(),
             lane,
@@ -226,6 +253,29 @@ mod tests {
                 })),
             };
             assert_eq!(frame, expected);
+        }
+    }
+
+    #[test]
+    fn a_shared_push_body_is_what_prost_encodes() {
+        let big = vec![7u8; 300];
+        for (id, payload, source, room, lane) in [
+            ("m-1", &b"hello"[..], "chat", "lobby", pb::Lane::Interactive),
+            ("", &b""[..], "", "", pb::Lane::Interactive),
+            ("x", &big[..], "", "r", pb::Lane::Bulk),
+            ("id", &b"\0"[..], "s", "", pb::Lane::Bulk),
+        ] {
+            let shared = SharedPush::with(id, payload, source, room, lane, false);
+            let expected = pb::Push {
+                seq: 0,
+                message_id: id.into(),
+                payload: Bytes::copy_from_slice(payload),
+                source: source.into(),
+                room: room.into(),
+                lane: lane as i32,
+            }
+            .encode_to_vec();
+            assert_eq!(&shared.body[..], &expected[..], "{id:?} {room:?} {lane:?}");
         }
     }
 }
