@@ -349,35 +349,37 @@ impl Delivery {
         self.release(freed, budget);
     }
 
-    /// Moves what may be written now on an output carrying `lanes` into `out`
-    /// (lane, seq, push): interactive pushes while the interactive window has
-    /// room, then bulk pushes likewise. Returns how many remain queued in
-    /// those lanes that the windows would still admit (0: wait for acks or
-    /// new pushes).
+    /// Moves up to `max` pushes that may be written now on an output
+    /// carrying `lanes` into their windows, showing each to `out` (lane, seq,
+    /// push): interactive pushes while the interactive window has room, then
+    /// bulk pushes likewise. Returns how many remain queued in those lanes
+    /// that the windows would still admit (0: wait for acks or new pushes).
     pub fn poll_send(
         &mut self,
         now: Instant,
         max: usize,
         lanes: Lanes,
         cfg: &DeliveryConfig,
-        out: &mut Vec<(Lane, u64, SharedPush)>,
+        mut out: impl FnMut(Lane, u64, &SharedPush),
     ) -> usize {
         let Some(bufs) = self.bufs.as_mut() else {
             return 0;
         };
         let mut sendable = 0;
+        let mut moved = 0;
         for (l, lane) in LANES.iter().enumerate() {
             if !lanes.has(l) {
                 continue;
             }
             let b = &mut bufs[l];
-            while out.len() < max && b.window.len() < cfg.window[l] {
+            while moved < max && b.window.len() < cfg.window[l] {
                 let Some(mut it) = b.pop_queued() else {
                     break;
                 };
                 it.tries = it.tries.saturating_add(1);
                 b.written = b.written.max(it.seq);
-                out.push((*lane, it.seq, it.push.clone()));
+                out(*lane, it.seq, &it.push);
+                moved += 1;
                 if b.window.is_empty() {
                     b.waiting = Some(now);
                 }
@@ -598,8 +600,8 @@ mod tests {
 
     fn send(d: &mut Delivery, now: Instant, c: &DeliveryConfig) -> Vec<(Lane, u64)> {
         let mut out = Vec::new();
-        d.poll_send(now, 100, Lanes::ALL, c, &mut out);
-        out.into_iter().map(|(l, s, _)| (l, s)).collect()
+        d.poll_send(now, 100, Lanes::ALL, c, |l, s, _| out.push((l, s)));
+        out
     }
 
     fn offer(d: &mut Delivery, lane: Lane, c: &DeliveryConfig, b: &Budget) -> Offer {

@@ -374,8 +374,9 @@ impl SessionHandle {
     }
 
     /// Moves what may be written now on an output carrying `lanes` into
-    /// `out` (driver side); see [`Delivery::poll_send`]. Nothing for a stale
-    /// generation.
+    /// the windows, showing each push to `out` (driver side, under the
+    /// session's lock: `out` only copies it into a write batch); see
+    /// [`Delivery::poll_send`]. Nothing for a stale generation.
     pub fn poll_send(
         &self,
         gen: u32,
@@ -383,7 +384,7 @@ impl SessionHandle {
         max: usize,
         lanes: Lanes,
         cfg: &DeliveryConfig,
-        out: &mut Vec<(Lane, u64, SharedPush)>,
+        out: impl FnMut(Lane, u64, &SharedPush),
     ) -> usize {
         let mut o = self.0.outbox.lock();
         if o.gen != gen || o.closed {

@@ -37,7 +37,6 @@ use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::session::{CloseCmd, Lanes, Session, SessionHandle};
 use crate::timer::Scheduled;
-use crate::wire::pb::Lane;
 use crate::wire::{encode_push_header, frame_len, Code, FrameError, SharedPush, LEN_PREFIX};
 
 /// Frames coalesced into one batch of writes.
@@ -683,22 +682,18 @@ impl Link {
                 || (self.session.is_closing() && self.f.has(Flags::FLUSH_ON_CLOSE)));
         let mut remaining = 0;
         if pushes_flow && !b.full() && !self.f.has(Flags::CLOSE_WRITTEN) {
-            let mut items: Vec<(Lane, u64, SharedPush)> = Vec::new();
+            let before = b.frames;
             remaining = self.handle.poll_send(
                 self.gen,
                 now,
                 BATCH_FRAMES - b.frames as usize,
                 self.lanes_of(out),
                 self.gw.delivery(),
-                &mut items,
+                |_, seq, p| b.push(seq, p),
             );
-            if !items.is_empty() {
-                m::hot()
-                    .queue_depth
-                    .record((items.len() + remaining) as f64);
-            }
-            for (_, seq, p) in &items {
-                b.push(*seq, p);
+            let moved = (b.frames - before) as usize;
+            if moved > 0 {
+                m::hot().queue_depth.record((moved + remaining) as f64);
             }
         }
         // The Close goes last on output 0, once the pushes of that output
@@ -913,6 +908,7 @@ mod tests {
     //! test plays the driver (what the socket took, refused, or read), and
     //! tokio's paused clock and a hand-advanced wheel play time.
 
+    use crate::wire::pb::Lane;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
