@@ -80,7 +80,15 @@ pub struct FleetSpec {
     /// match them against the gateway's delivery reports.
     #[serde(default)]
     pub record_sessions: bool,
+    /// Milliseconds between progress reports (0: [`PROGRESS_MS`]). A
+    /// scenario that paces its pushes by what the fleet received asks for
+    /// them more often.
+    #[serde(default)]
+    pub progress_ms: u64,
 }
+
+/// Milliseconds between progress reports by default.
+pub const PROGRESS_MS: u64 = 200;
 
 /// What one session of one device received: the session id and, per lane
 /// (interactive, bulk), the seqs received as inclusive ranges.
@@ -327,7 +335,7 @@ pub fn unix_nanos() -> u64 {
 }
 
 /// Runs a fleet until [`Command::Stop`] (or until `commands` closes), sending
-/// progress every 200 ms.
+/// progress every `spec.progress_ms` ([`PROGRESS_MS`] by default).
 pub async fn run(
     spec: FleetSpec,
     mut commands: mpsc::Receiver<Command>,
@@ -378,7 +386,13 @@ pub async fn run(
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Run(0, 1000));
     let spawner = tokio::spawn(spawn_devices(shared.clone(), phase_rx));
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let every = match shared.spec.progress_ms {
+        0 => PROGRESS_MS,
+        ms => ms,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(every));
+    // A busy thread skips reports rather than sending a burst of equal ones.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ready = false;
     let mut generation = 0;
     loop {

@@ -268,6 +268,11 @@ pub struct Pushes {
     /// Pushes per second (0: as fast as the gateway answers).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Deliveries in flight at most: the upstream side pauses while the
+    /// deliveries it published and the devices have not received yet
+    /// number more (0: no bound, only --inflight requests).
+    #[arg(long, default_value_t = 50_000)]
+    pub max_inflight_deliveries: u64,
 }
 
 fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {

@@ -1,7 +1,7 @@
 //! The scenarios: each starts a fleet, drives the upstream side, waits for
 //! the deliveries, and turns the outcome into a [`RunReport`].
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,8 +94,9 @@ pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow:
     if room {
         spec.room = Some("bench".into());
     }
+    paced(&mut spec, &p);
     let (fleet, t0) = start(&c, spec).await?;
-    wait_ready(&fleet, &c).await?;
+    let ready = wait_ready(&fleet, &c).await?;
     let (ups, _) = upstreams(&u, false).await?;
     let target = if room {
         pb::push_request::Target::Room("bench".into())
@@ -103,8 +104,14 @@ pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow:
         pb::push_request::Target::Everyone(true)
     };
     let gateways = ups.len();
+    // One request per gateway reaches the devices online there.
+    let window = Window::new(
+        &fleet,
+        p.max_inflight_deliveries,
+        ready.online.div_ceil(gateways.max(1) as u64),
+    );
     let start_ns = fleet::unix_nanos();
-    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, |_| {
+    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, window, |_| {
         (0..gateways)
             .map(|g| (g, request(target.clone(), p.size)))
             .collect()
@@ -143,7 +150,9 @@ pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow:
 /// When the fleet or the upstream cannot start.
 pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
     check_upstreams(&c, &u)?;
-    let (fleet, t0) = start(&c, spec(&c)?).await?;
+    let mut spec = spec(&c)?;
+    paced(&mut spec, &p);
+    let (fleet, t0) = start(&c, spec).await?;
     wait_ready(&fleet, &c).await?;
     let (ups, _) = upstreams(&u, false).await?;
     // A fixed pseudo-random sequence of targets (xorshift), so runs compare.
@@ -159,8 +168,9 @@ pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
         .collect();
     let gateways = ups.len();
     let prefix = c.prefix.clone();
+    let window = Window::new(&fleet, p.max_inflight_deliveries, 1);
     let start_ns = fleet::unix_nanos();
-    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, |n| {
+    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, window, |n| {
         let t = targets[n];
         let user = pb::push_request::Target::UserId(format!("{prefix}{t}"));
         vec![(t % c.addr.len().max(1) % gateways, request(user, p.size))]
@@ -350,11 +360,19 @@ pub async fn reconnect(
         let (ups, stop) = (ups.clone(), stop.clone());
         tokio::spawn(async move {
             let target = pb::push_request::Target::Everyone(true);
-            drive(&ups, usize::MAX, push_rate.max(1), 64, Some(stop), |_| {
-                (0..gateways)
-                    .map(|g| (g, request(target.clone(), size)))
-                    .collect()
-            })
+            drive(
+                &ups,
+                usize::MAX,
+                push_rate.max(1),
+                64,
+                Some(stop),
+                None,
+                |_| {
+                    (0..gateways)
+                        .map(|g| (g, request(target.clone(), size)))
+                        .collect()
+                },
+            )
             .await
         })
     };
@@ -468,13 +486,21 @@ pub async fn migrate(c: Common, u: Upstream, o: MigrateOpts) -> anyhow::Result<(
         let (ups, stop, size) = (ups.clone(), stop.clone(), o.size);
         tokio::spawn(async move {
             let target = pb::push_request::Target::Everyone(true);
-            drive(&ups, usize::MAX, o.push_rate.max(1), 64, Some(stop), |n| {
-                let mut req = request(target.clone(), size);
-                if n % 2 == 1 {
-                    req.lane = pb::Lane::Bulk as i32;
-                }
-                (0..gateways).map(|g| (g, req.clone())).collect()
-            })
+            drive(
+                &ups,
+                usize::MAX,
+                o.push_rate.max(1),
+                64,
+                Some(stop),
+                None,
+                |n| {
+                    let mut req = request(target.clone(), size);
+                    if n % 2 == 1 {
+                        req.lane = pb::Lane::Bulk as i32;
+                    }
+                    (0..gateways).map(|g| (g, req.clone())).collect()
+                },
+            )
             .await
         })
     };
@@ -647,6 +673,7 @@ pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
         slow_stall_ms: 0,
         slow_rcvbuf: 0,
         record_sessions: false,
+        progress_ms: 0,
     })
 }
 
@@ -760,16 +787,121 @@ struct Tally {
     errors: u64,
     first_error: Option<String>,
     took: Duration,
+    /// Deliveries the in-flight bound stopped waiting for ([`Window`]).
+    written_off: u64,
+}
+
+/// Progress reports this often while a [`Window`] paces the pushes: the
+/// fleet's received count is that much late at the coordinator at most
+/// (plus the trip), and at 2 M deliveries/s 10 ms is 20,000 deliveries,
+/// well inside the default bound of 50,000.
+const PACED_PROGRESS_MS: u64 = 10;
+
+/// How long a [`Window`] waits for a delivery before it writes off what is
+/// in flight: deliveries that did not come in that long (lost, or queued for
+/// a device cut off) would otherwise hold the upstream side for ever.
+const WINDOW_STALL: Duration = Duration::from_secs(5);
+
+/// Asks the fleet for frequent progress when `--max-inflight-deliveries`
+/// paces the pushes.
+fn paced(spec: &mut FleetSpec, p: &Pushes) {
+    if p.max_inflight_deliveries > 0 {
+        spec.progress_ms = PACED_PROGRESS_MS;
+    }
+}
+
+/// Deliveries received by the fleet, as the in-flight bound counts them: a
+/// push a resume reported gone is no longer in flight either.
+fn received(s: &Stats) -> u64 {
+    s.pushes + s.slow_pushes + s.resume_gap_msgs
+}
+
+/// `--max-inflight-deliveries`: the upstream side sends a request only while
+/// the deliveries in flight, published minus received across the fleet,
+/// leave room for its `fanout` (or when none are in flight). A request
+/// counts `fanout` deliveries when sent and, once answered, the number its
+/// reply gives (sessions queued, subscribers reached). The fleet's count
+/// arrives with its progress reports, so the count in flight runs high,
+/// never low: the bound holds.
+pub(crate) struct Window<'a> {
+    fleet: &'a Fleet,
+    max: u64,
+    fanout: u64,
+    /// Deliveries published so far (shared with the request tasks, which
+    /// correct their estimate by the reply).
+    published: Arc<AtomicU64>,
+    /// The fleet's received count when the window opened, the latest one
+    /// read, and deliveries written off after [`WINDOW_STALL`].
+    base: u64,
+    seen: u64,
+    written_off: u64,
+}
+
+impl<'a> Window<'a> {
+    /// A window of `max` deliveries (`None` for 0: no bound), `fanout` per
+    /// request.
+    pub(crate) fn new(fleet: &'a Fleet, max: u64, fanout: u64) -> Option<Self> {
+        let base = received(&fleet.totals());
+        (max > 0).then(|| Window {
+            fleet,
+            max,
+            fanout,
+            published: Arc::new(AtomicU64::new(0)),
+            base,
+            seen: base,
+            written_off: 0,
+        })
+    }
+
+    /// Deliveries in flight when the fleet has received `got` in all.
+    fn in_flight(&self, got: u64) -> u64 {
+        self.published
+            .load(Relaxed)
+            .saturating_sub(got.saturating_sub(self.base) + self.written_off)
+    }
+
+    /// Whether a request may go with `in_flight` deliveries out.
+    fn opens(&self, in_flight: u64) -> bool {
+        in_flight == 0 || in_flight + self.fanout <= self.max
+    }
+
+    /// Waits until the next request may go.
+    async fn admit(&mut self) {
+        // The latest count read is enough when it already leaves room: the
+        // fleet's count only grows. Only a full window asks the fleet.
+        if self.opens(self.in_flight(self.seen)) {
+            return;
+        }
+        loop {
+            let before = self.seen;
+            let me = &*self;
+            let (t, open) = me
+                .fleet
+                .wait_for(WINDOW_STALL, |s| me.opens(me.in_flight(received(s))))
+                .await;
+            self.seen = received(&t);
+            if open {
+                return;
+            }
+            if self.seen == before {
+                // Nothing arrived for WINDOW_STALL (or the fleet ended).
+                self.written_off += self.in_flight(self.seen);
+                return;
+            }
+        }
+    }
 }
 
 /// Sends push `n` for n in 0..count (or until `stop`), paced at `rate`, at
-/// most `inflight` at once; `make(n)` names the (gateway, request) pairs.
+/// most `inflight` requests at once and, with a `window`, at most its bound
+/// of deliveries in flight; `make(n)` names the (gateway, request) pairs.
 async fn drive(
     ups: &[Vec<UpstreamClient>],
     count: usize,
     rate: u64,
     inflight: usize,
     stop: Option<Arc<AtomicBool>>,
+    mut window: Option<Window<'_>>,
     make: impl Fn(usize) -> Vec<(usize, pb::PushRequest)>,
 ) -> Tally {
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -779,6 +911,10 @@ async fn drive(
     for n in 0..count {
         if stop.as_ref().is_some_and(|s| s.load(Relaxed)) {
             break;
+        }
+        // Before the payload is stamped: waiting for room is not latency.
+        if let Some(w) = &mut window {
+            w.admit().await;
         }
         if rate > 0 {
             tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate as f64)).await;
@@ -791,9 +927,19 @@ async fn drive(
                 break;
             };
             let (up, tally) = (per[n % per.len()].clone(), tally.clone());
+            let published = window.as_ref().map(|w| {
+                w.published.fetch_add(w.fanout, Relaxed);
+                (w.published.clone(), w.fanout)
+            });
             tasks.spawn(async move {
                 let r = up.push(req).await;
                 drop(permit);
+                if let Some((p, fanout)) = published {
+                    // The estimate gives way to the count (added first: no
+                    // underflow).
+                    p.fetch_add(r.as_ref().map_or(0, |r| r.sessions), Relaxed);
+                    p.fetch_sub(fanout, Relaxed);
+                }
                 if let Ok(mut t) = tally.lock() {
                     match r {
                         Ok(r) => {
@@ -819,6 +965,7 @@ async fn drive(
         .map(|mut t| std::mem::take(&mut *t))
         .unwrap_or_default();
     t.took = start.elapsed();
+    t.written_off = window.map_or(0, |w| w.written_off);
     t
 }
 
@@ -929,6 +1076,14 @@ fn push_figures(
         t.dropped as f64,
         "",
     );
+    if t.written_off > 0 {
+        r.figure(
+            "written_off",
+            "deliveries the in-flight bound stopped waiting for",
+            t.written_off as f64,
+            "",
+        );
+    }
     if t.unreached > 0 {
         r.figure(
             "unreached",

@@ -146,6 +146,10 @@ async fn broadcast_over_two_worker_processes_and_two_source_addresses() {
             "2",
             "--sources",
             "127.0.0.1,127.0.0.2",
+            // Two broadcasts in flight at most: the pushes wait on the
+            // workers' progress reports.
+            "--max-inflight-deliveries",
+            "600",
         ]),
     )
     .await;
