@@ -1355,11 +1355,8 @@ async fn read_some(
 
 /// Handles every whole frame in `rbuf`; `Some` when the connection must end.
 fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option<End> {
-    let now_ns = unix_nanos();
     let c = &shared.counters;
-    let mut latencies: [u64; 64] = [0; 64];
-    let mut nlat = 0;
-    let (mut fresh, mut bytes) = (0u64, 0u64);
+    let mut arrivals = Arrivals::new();
     // Frames are read in place and the buffer advanced once: at millions of
     // pushes per second the load side must stay cheaper than the gateway.
     let mut pos = 0;
@@ -1389,16 +1386,7 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
             }
             d.seq[lane] = p.seq;
             d.note(shared, lane, p.seq);
-            fresh += 1;
-            bytes += p.payload_len as u64;
-            if let Some(ts) = p.sent_ns {
-                if nlat == latencies.len() {
-                    record_latencies(shared, d.slow, &latencies);
-                    nlat = 0;
-                }
-                latencies[nlat] = now_ns.saturating_sub(ts) / 1000;
-                nlat += 1;
-            }
+            arrivals.push(shared, d.slow, p.payload_len, p.sent_ns);
             continue;
         }
         match pb::ServerFrame::decode(f).map(|f| f.body) {
@@ -1435,17 +1423,70 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
         }
     }
     rbuf.advance(pos);
-    if fresh > 0 {
-        if d.slow {
-            c.slow_pushes.fetch_add(fresh, Relaxed);
-        } else {
-            c.pushes.fetch_add(fresh, Relaxed);
-        }
-        c.push_bytes.fetch_add(bytes, Relaxed);
-        c.last_push_ns.fetch_max(now_ns, Relaxed);
-        record_latencies(shared, d.slow, &latencies[..nlat]);
-    }
+    arrivals.finish(shared, d.slow);
     end
+}
+
+/// The pushes of one pass over a device's read buffer: counted, and their
+/// latencies recorded, once at the end of the pass (one lock, a few atomic
+/// adds), whichever server they came from.
+struct Arrivals {
+    now_ns: u64,
+    latencies: [u64; 64],
+    nlat: usize,
+    fresh: u64,
+    bytes: u64,
+}
+
+impl Arrivals {
+    fn new() -> Self {
+        Self {
+            now_ns: unix_nanos(),
+            latencies: [0; 64],
+            nlat: 0,
+            fresh: 0,
+            bytes: 0,
+        }
+    }
+
+    /// One push received, with `len` payload bytes and the send time its
+    /// payload carries.
+    fn push(&mut self, shared: &Shared, slow: bool, len: usize, sent_ns: Option<u64>) {
+        self.fresh += 1;
+        self.bytes += len as u64;
+        if let Some(ts) = sent_ns {
+            if self.nlat == self.latencies.len() {
+                record_latencies(shared, slow, &self.latencies);
+                self.nlat = 0;
+            }
+            self.latencies[self.nlat] = self.now_ns.saturating_sub(ts) / 1000;
+            self.nlat += 1;
+        }
+    }
+
+    /// Adds the pass's pushes to the fleet's counters and histograms.
+    fn finish(self, shared: &Shared, slow: bool) {
+        if self.fresh == 0 {
+            return;
+        }
+        let c = &shared.counters;
+        if slow {
+            c.slow_pushes.fetch_add(self.fresh, Relaxed);
+        } else {
+            c.pushes.fetch_add(self.fresh, Relaxed);
+        }
+        c.push_bytes.fetch_add(self.bytes, Relaxed);
+        c.last_push_ns.fetch_max(self.now_ns, Relaxed);
+        record_latencies(shared, slow, &self.latencies[..self.nlat]);
+    }
+}
+
+/// The send time a push payload starts with, if it has 8 bytes.
+fn sent_ns(payload: &[u8]) -> Option<u64> {
+    payload
+        .get(..8)
+        .and_then(|t| t.try_into().ok())
+        .map(u64::from_le_bytes)
 }
 
 /// Records push latencies under one lock.
@@ -1527,10 +1568,7 @@ fn parse_push(mut b: &[u8]) -> Option<PushInfo> {
                 let v = inner.get(..n)?;
                 if key >> 3 == 3 {
                     p.payload_len = n;
-                    p.sent_ns = v
-                        .get(..8)
-                        .and_then(|t| t.try_into().ok())
-                        .map(u64::from_le_bytes);
+                    p.sent_ns = sent_ns(v);
                 }
                 inner = &inner[n..];
             }
