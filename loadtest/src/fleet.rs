@@ -9,7 +9,11 @@
 //! upstream traffic runs and when the fleet reconnects or stops.
 //!
 //! The same [`run`] serves a worker process (JSON lines over stdio) and an
-//! in-process fleet, so both paths measure with the same code.
+//! in-process fleet, so both paths measure with the same code. With
+//! [`FleetSpec::redis`] the devices are redis subscribers instead
+//! ([`redis`]), counted and timed by the same code.
+
+mod redis;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -85,6 +89,17 @@ pub struct FleetSpec {
     /// them more often.
     #[serde(default)]
     pub progress_ms: u64,
+    /// Subscribe to the redis server at `addrs` instead of logging in to a
+    /// gateway (no TLS, no QUIC).
+    #[serde(default)]
+    pub redis: Option<RedisSpec>,
+}
+
+/// What a redis subscriber subscribes to: its user's channel `u:<user>`
+/// when `user_channel`, and the room's `r:<room>` when the spec has a room.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct RedisSpec {
+    pub user_channel: bool,
 }
 
 /// Milliseconds between progress reports by default.
@@ -816,7 +831,11 @@ async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
         churn_at: None,
         churned: false,
     };
-    device_loop(ix, &shared, &mut d, phase).await;
+    if shared.spec.redis.is_some() {
+        redis::device_loop(ix, &shared, &mut d, phase).await;
+    } else {
+        device_loop(ix, &shared, &mut d, phase).await;
+    }
     d.end_record(&shared);
     shared.running.fetch_sub(1, Relaxed);
 }
