@@ -376,11 +376,19 @@ async fn idle_reports_memory_per_connection_from_a_pid() {
     let v = run(
         dir.path(),
         args(&[
-            "idle", "--addr", &gw.tcp, "--conns", "300", "--hold", "1", "--pid", &pid,
+            "idle", "--addr", &gw.tcp, "--conns", "300", "--hold", "1", "--pid", &pid, "--room",
         ]),
     )
     .await;
     assert_eq!(figure(&v, "online"), 300.0);
+    // Every device joined the room: no error came back.
+    assert_eq!(
+        v["stats"]["codes"],
+        serde_json::json!([]),
+        "{:#}",
+        v["stats"]
+    );
+    assert!(v["title"].as_str().is_some_and(|t| t.contains("in a room")));
     assert!(figure(&v, "gateway_rss") > 1.0, "MiB of a live process");
     let _ = figure(&v, "rss_per_conn_total");
     drop(gw);
