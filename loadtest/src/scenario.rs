@@ -125,17 +125,10 @@ pub async fn broadcast(
     room: bool,
     redis: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let mut spec = match redis {
-        Some(addr) => redis_spec(&c, addr, false)?,
-        None => {
-            check_upstreams(&c, &u)?;
-            spec(&c)?
-        }
-    };
+    let mut spec = push_spec(&c, &u, &p, redis, false)?;
     if room || redis.is_some() {
         spec.room = Some(ROOM.into());
     }
-    paced(&mut spec, &p);
     let (fleet, t0) = start(&c, spec).await?;
     let ready = wait_ready(&fleet, &c).await?;
     let (tally, gateways, start_ns) = match redis {
@@ -221,14 +214,7 @@ pub async fn unicast(
     p: Pushes,
     redis: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let mut spec = match redis {
-        Some(addr) => redis_spec(&c, addr, true)?,
-        None => {
-            check_upstreams(&c, &u)?;
-            spec(&c)?
-        }
-    };
-    paced(&mut spec, &p);
+    let spec = push_spec(&c, &u, &p, redis, true)?;
     let (fleet, t0) = start(&c, spec).await?;
     wait_ready(&fleet, &c).await?;
     // A fixed pseudo-random sequence of targets (xorshift), so runs compare.
@@ -970,12 +956,28 @@ const PACED_PROGRESS_MS: u64 = 10;
 /// a device cut off) would otherwise hold the upstream side for ever.
 const WINDOW_STALL: Duration = Duration::from_secs(5);
 
-/// Asks the fleet for frequent progress when `--max-inflight-deliveries`
-/// paces the pushes.
-fn paced(spec: &mut FleetSpec, p: &Pushes) {
+/// The fleet of a push scenario: devices of the gateway (once the upstream
+/// sockets are known to match its addresses), or with `redis` subscribers,
+/// on their user's channel with `user_channel`. It reports its progress
+/// often when `--max-inflight-deliveries` paces the pushes.
+fn push_spec(
+    c: &Common,
+    u: &Upstream,
+    p: &Pushes,
+    redis: Option<SocketAddr>,
+    user_channel: bool,
+) -> anyhow::Result<FleetSpec> {
+    let mut spec = match redis {
+        Some(addr) => redis_spec(c, addr, user_channel)?,
+        None => {
+            check_upstreams(c, u)?;
+            spec(c)?
+        }
+    };
     if p.max_inflight_deliveries > 0 {
         spec.progress_ms = PACED_PROGRESS_MS;
     }
+    Ok(spec)
 }
 
 /// Deliveries received by the fleet, as the in-flight bound counts them: a
