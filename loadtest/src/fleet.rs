@@ -9,7 +9,11 @@
 //! upstream traffic runs and when the fleet reconnects or stops.
 //!
 //! The same [`run`] serves a worker process (JSON lines over stdio) and an
-//! in-process fleet, so both paths measure with the same code.
+//! in-process fleet, so both paths measure with the same code. With
+//! [`FleetSpec::redis`] the devices are redis subscribers instead
+//! ([`redis`]), counted and timed by the same code.
+
+mod redis;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -80,7 +84,26 @@ pub struct FleetSpec {
     /// match them against the gateway's delivery reports.
     #[serde(default)]
     pub record_sessions: bool,
+    /// Milliseconds between progress reports (0: [`PROGRESS_MS`]). A
+    /// scenario that paces its pushes by what the fleet received asks for
+    /// them more often.
+    #[serde(default)]
+    pub progress_ms: u64,
+    /// Subscribe to the redis server at `addrs` instead of logging in to a
+    /// gateway (no TLS, no QUIC).
+    #[serde(default)]
+    pub redis: Option<RedisSpec>,
 }
+
+/// What a redis subscriber subscribes to: its user's channel `u:<user>`
+/// when `user_channel`, and the room's `r:<room>` when the spec has a room.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct RedisSpec {
+    pub user_channel: bool,
+}
+
+/// Milliseconds between progress reports by default.
+pub const PROGRESS_MS: u64 = 200;
 
 /// What one session of one device received: the session id and, per lane
 /// (interactive, bulk), the seqs received as inclusive ranges.
@@ -327,7 +350,7 @@ pub fn unix_nanos() -> u64 {
 }
 
 /// Runs a fleet until [`Command::Stop`] (or until `commands` closes), sending
-/// progress every 200 ms.
+/// progress every `spec.progress_ms` ([`PROGRESS_MS`] by default).
 pub async fn run(
     spec: FleetSpec,
     mut commands: mpsc::Receiver<Command>,
@@ -378,7 +401,13 @@ pub async fn run(
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Run(0, 1000));
     let spawner = tokio::spawn(spawn_devices(shared.clone(), phase_rx));
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let every = match shared.spec.progress_ms {
+        0 => PROGRESS_MS,
+        ms => ms,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(every));
+    // A busy thread skips reports rather than sending a burst of equal ones.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ready = false;
     let mut generation = 0;
     loop {
@@ -802,7 +831,11 @@ async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
         churn_at: None,
         churned: false,
     };
-    device_loop(ix, &shared, &mut d, phase).await;
+    if shared.spec.redis.is_some() {
+        redis::device_loop(ix, &shared, &mut d, phase).await;
+    } else {
+        device_loop(ix, &shared, &mut d, phase).await;
+    }
     d.end_record(&shared);
     shared.running.fetch_sub(1, Relaxed);
 }
@@ -1341,11 +1374,8 @@ async fn read_some(
 
 /// Handles every whole frame in `rbuf`; `Some` when the connection must end.
 fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option<End> {
-    let now_ns = unix_nanos();
     let c = &shared.counters;
-    let mut latencies: [u64; 64] = [0; 64];
-    let mut nlat = 0;
-    let (mut fresh, mut bytes) = (0u64, 0u64);
+    let mut arrivals = Arrivals::new();
     // Frames are read in place and the buffer advanced once: at millions of
     // pushes per second the load side must stay cheaper than the gateway.
     let mut pos = 0;
@@ -1375,16 +1405,7 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
             }
             d.seq[lane] = p.seq;
             d.note(shared, lane, p.seq);
-            fresh += 1;
-            bytes += p.payload_len as u64;
-            if let Some(ts) = p.sent_ns {
-                if nlat == latencies.len() {
-                    record_latencies(shared, d.slow, &latencies);
-                    nlat = 0;
-                }
-                latencies[nlat] = now_ns.saturating_sub(ts) / 1000;
-                nlat += 1;
-            }
+            arrivals.push(shared, d.slow, p.payload_len, p.sent_ns);
             continue;
         }
         match pb::ServerFrame::decode(f).map(|f| f.body) {
@@ -1421,17 +1442,70 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
         }
     }
     rbuf.advance(pos);
-    if fresh > 0 {
-        if d.slow {
-            c.slow_pushes.fetch_add(fresh, Relaxed);
-        } else {
-            c.pushes.fetch_add(fresh, Relaxed);
-        }
-        c.push_bytes.fetch_add(bytes, Relaxed);
-        c.last_push_ns.fetch_max(now_ns, Relaxed);
-        record_latencies(shared, d.slow, &latencies[..nlat]);
-    }
+    arrivals.finish(shared, d.slow);
     end
+}
+
+/// The pushes of one pass over a device's read buffer: counted, and their
+/// latencies recorded, once at the end of the pass (one lock, a few atomic
+/// adds), whichever server they came from.
+struct Arrivals {
+    now_ns: u64,
+    latencies: [u64; 64],
+    nlat: usize,
+    fresh: u64,
+    bytes: u64,
+}
+
+impl Arrivals {
+    fn new() -> Self {
+        Self {
+            now_ns: unix_nanos(),
+            latencies: [0; 64],
+            nlat: 0,
+            fresh: 0,
+            bytes: 0,
+        }
+    }
+
+    /// One push received, with `len` payload bytes and the send time its
+    /// payload carries.
+    fn push(&mut self, shared: &Shared, slow: bool, len: usize, sent_ns: Option<u64>) {
+        self.fresh += 1;
+        self.bytes += len as u64;
+        if let Some(ts) = sent_ns {
+            if self.nlat == self.latencies.len() {
+                record_latencies(shared, slow, &self.latencies);
+                self.nlat = 0;
+            }
+            self.latencies[self.nlat] = self.now_ns.saturating_sub(ts) / 1000;
+            self.nlat += 1;
+        }
+    }
+
+    /// Adds the pass's pushes to the fleet's counters and histograms.
+    fn finish(self, shared: &Shared, slow: bool) {
+        if self.fresh == 0 {
+            return;
+        }
+        let c = &shared.counters;
+        if slow {
+            c.slow_pushes.fetch_add(self.fresh, Relaxed);
+        } else {
+            c.pushes.fetch_add(self.fresh, Relaxed);
+        }
+        c.push_bytes.fetch_add(self.bytes, Relaxed);
+        c.last_push_ns.fetch_max(self.now_ns, Relaxed);
+        record_latencies(shared, slow, &self.latencies[..self.nlat]);
+    }
+}
+
+/// The send time a push payload starts with, if it has 8 bytes.
+fn sent_ns(payload: &[u8]) -> Option<u64> {
+    payload
+        .get(..8)
+        .and_then(|t| t.try_into().ok())
+        .map(u64::from_le_bytes)
 }
 
 /// Records push latencies under one lock.
@@ -1513,10 +1587,7 @@ fn parse_push(mut b: &[u8]) -> Option<PushInfo> {
                 let v = inner.get(..n)?;
                 if key >> 3 == 3 {
                     p.payload_len = n;
-                    p.sent_ns = v
-                        .get(..8)
-                        .and_then(|t| t.try_into().ok())
-                        .map(u64::from_le_bytes);
+                    p.sent_ns = sent_ns(v);
                 }
                 inner = &inner[n..];
             }

@@ -4,14 +4,18 @@
 //! processes (`--workers`) and source addresses (`--sources`), drives the
 //! upstream side (pushes, event consumers) itself, and reports a summary
 //! table, a JSON file (`--json`) and an SVG plot (`--plot`). `simulate` runs
-//! a million sessions in one process over in-memory pipes.
+//! a million sessions in one process over in-memory pipes. `idle`,
+//! `broadcast` and `unicast` also run against a redis server (`--redis`),
+//! to compare the two driven the same way.
 
 mod coord;
 mod fleet;
 mod ledger;
 mod plot;
 mod quic;
+mod redis;
 mod report;
+mod resp;
 mod scenario;
 mod simulate;
 mod soak;
@@ -38,16 +42,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Hold N logged-in, heartbeating devices; report the gateway's memory
-    /// per connection (from --pid or --metrics).
+    /// per connection (from --pid or --metrics). With --redis: N subscribers
+    /// on a redis server, its memory from --pid.
     Idle {
         #[command(flatten)]
         common: Common,
         /// Seconds to hold the devices after the last login.
         #[arg(long, default_value_t = 5)]
         hold: u64,
+        /// Every device joins one room (with --redis: subscribes to its
+        /// channel too).
+        #[arg(long)]
+        room: bool,
+        #[command(flatten)]
+        redis: RedisTarget,
     },
     /// An upstream pushes M messages to every device (or a room holding them
     /// all); reports deliveries per second and push-to-delivery latency.
+    /// With --redis: M PUBLISHes to one channel every subscriber is on.
     Broadcast {
         #[command(flatten)]
         common: Common,
@@ -58,9 +70,12 @@ enum Cmd {
         /// Push to a room every device joined instead of to everyone.
         #[arg(long)]
         room: bool,
+        #[command(flatten)]
+        redis: RedisTarget,
     },
     /// An upstream pushes M messages, each to one random user; reports pushes
-    /// per second and push-to-delivery latency.
+    /// per second and push-to-delivery latency. With --redis: M PUBLISHes,
+    /// each to one random user's channel.
     Unicast {
         #[command(flatten)]
         common: Common,
@@ -68,6 +83,8 @@ enum Cmd {
         upstream: Upstream,
         #[command(flatten)]
         pushes: Pushes,
+        #[command(flatten)]
+        redis: RedisTarget,
     },
     /// Every device sends uplinks; an upstream consumes them; reports sends
     /// per second and send-to-SendAck latency.
@@ -256,6 +273,22 @@ pub struct Upstream {
     pub inflight: usize,
 }
 
+/// A redis server in the gateway's place (idle, broadcast and unicast).
+#[derive(Args, Clone, Debug, Serialize)]
+pub struct RedisTarget {
+    /// Run against this redis server instead of a gateway: devices
+    /// SUBSCRIBE (to u:<user>, and r:bench with a room or a broadcast), the
+    /// upstream side PUBLISHes over --upstreams connections. Takes the
+    /// place of --addr and --upstream; RSS only from --pid.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        value_parser = parse_host_port,
+        conflicts_with_all = ["addr", "tls", "quic", "metrics"]
+    )]
+    pub redis: Option<SocketAddr>,
+}
+
 /// A push storm.
 #[derive(Args, Clone, Debug, Serialize)]
 pub struct Pushes {
@@ -268,6 +301,20 @@ pub struct Pushes {
     /// Pushes per second (0: as fast as the gateway answers).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Deliveries in flight at most: the upstream side pauses while the
+    /// deliveries it published and the devices have not received yet
+    /// number more (0: no bound, only --inflight requests).
+    #[arg(long, default_value_t = 50_000)]
+    pub max_inflight_deliveries: u64,
+}
+
+/// `host:port`, resolved to its first address.
+fn parse_host_port(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s}: no address"))
 }
 
 fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {
@@ -313,18 +360,25 @@ fn main() -> anyhow::Result<()> {
         match cli.cmd {
             Cmd::Worker => coord::worker_main().await,
             Cmd::Simulate { .. } => Ok(()),
-            Cmd::Idle { common, hold } => scenario::idle(common, hold).await,
+            Cmd::Idle {
+                common,
+                hold,
+                room,
+                redis,
+            } => scenario::idle(common, hold, room, redis.redis).await,
             Cmd::Broadcast {
                 common,
                 upstream,
                 pushes,
                 room,
-            } => scenario::broadcast(common, upstream, pushes, room).await,
+                redis,
+            } => scenario::broadcast(common, upstream, pushes, room, redis.redis).await,
             Cmd::Unicast {
                 common,
                 upstream,
                 pushes,
-            } => scenario::unicast(common, upstream, pushes).await,
+                redis,
+            } => scenario::unicast(common, upstream, pushes, redis.redis).await,
             Cmd::Uplink {
                 common,
                 upstream,

@@ -1,7 +1,9 @@
 //! The scenarios: each starts a fleet, drives the upstream side, waits for
 //! the deliveries, and turns the outcome into a [`RunReport`].
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,17 +14,34 @@ use tether::wire::pb;
 use tokio::time::Instant;
 
 use crate::coord::{Fleet, Gauge, PER_WORKER};
-use crate::fleet::{self, FleetSpec, QuicSpec, Stats, TlsSpec};
+use crate::fleet::{self, FleetSpec, QuicSpec, RedisSpec, Stats, TlsSpec};
+use crate::redis::{self, Publish, Publisher};
 use crate::report::RunReport;
 use crate::{Common, Pushes, Upstream};
 
-/// Holds devices and reports the gateway's memory per connection.
+/// The room devices join with `--room` (and redis subscribers' room channel).
+const ROOM: &str = "bench";
+
+/// Holds devices (in a room with `room`), or redis subscribers with
+/// `redis`, and reports the server's memory per connection.
 ///
 /// # Errors
 /// When the fleet cannot start or settle.
-pub async fn idle(c: Common, hold: u64) -> anyhow::Result<()> {
+pub async fn idle(
+    c: Common,
+    hold: u64,
+    room: bool,
+    redis: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let gauge = gauge(&c);
-    let spec = spec(&c)?;
+    let mut spec = match redis {
+        Some(addr) => redis_spec(&c, addr, true)?,
+        None => spec(&c)?,
+    };
+    if room {
+        spec.room = Some(ROOM.into());
+    }
+    let server = server(redis);
     let (fleet, t0) = start(&c, spec).await?;
     let ready = wait_ready(&fleet, &c).await?;
     let ramp = fleet.elapsed();
@@ -33,11 +52,21 @@ pub async fn idle(c: Common, hold: u64) -> anyhow::Result<()> {
     };
     let online = fleet.totals().online;
     let out = fleet.finish().await;
+    let held = match (redis, room) {
+        (Some(_), true) => format!(
+            "{} redis subscribers on u:<user> and {} held {hold} s",
+            c.conns,
+            redis::room_channel(ROOM)
+        ),
+        (Some(_), false) => format!("{} redis subscribers on u:<user> held {hold} s", c.conns),
+        (None, true) => format!("{} devices in a room held {hold} s", c.conns),
+        (None, false) => format!("{} devices held {hold} s", c.conns),
+    };
     let mut r = report(
         "idle",
-        format!("{} devices held {hold} s", c.conns),
+        held,
         &c,
-        serde_json::json!({"hold_s": hold}),
+        serde_json::json!({"hold_s": hold, "room": room, "redis": redis}),
         t0,
         &out,
     );
@@ -51,14 +80,14 @@ pub async fn idle(c: Common, hold: u64) -> anyhow::Result<()> {
     if let (Some(full), Some(base)) = (full, out.timeline.iter().find_map(|s| s.gateway_rss)) {
         r.figure(
             "gateway_rss",
-            "gateway RSS at the end",
+            &format!("{server} RSS at the end"),
             full as f64 / 1_048_576.0,
             "MiB",
         );
         if online > 0 {
             r.figure(
                 "rss_per_conn_total",
-                "gateway RSS growth per device (total)",
+                &format!("{server} RSS growth per device (total)"),
                 full.saturating_sub(base) as f64 / online as f64,
                 "B",
             );
@@ -74,7 +103,7 @@ pub async fn idle(c: Common, hold: u64) -> anyhow::Result<()> {
             if online > n0 {
                 r.figure(
                     "rss_per_conn_slope",
-                    &format!("gateway RSS slope per device ({n0} to {online})"),
+                    &format!("{server} RSS slope per device ({n0} to {online})"),
                     full.saturating_sub(r0) as f64 / (online - n0) as f64,
                     "B",
                 );
@@ -84,68 +113,110 @@ pub async fn idle(c: Common, hold: u64) -> anyhow::Result<()> {
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
-/// Broadcast to everyone or to a room.
+/// Broadcast to everyone or to a room; with `redis`, PUBLISH to the one
+/// channel every subscriber is on.
 ///
 /// # Errors
 /// When the fleet or the upstream cannot start.
-pub async fn broadcast(c: Common, u: Upstream, p: Pushes, room: bool) -> anyhow::Result<()> {
-    check_upstreams(&c, &u)?;
-    let mut spec = spec(&c)?;
-    if room {
-        spec.room = Some("bench".into());
+pub async fn broadcast(
+    c: Common,
+    u: Upstream,
+    p: Pushes,
+    room: bool,
+    redis: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let mut spec = push_spec(&c, &u, &p, redis, false)?;
+    if room || redis.is_some() {
+        spec.room = Some(ROOM.into());
     }
     let (fleet, t0) = start(&c, spec).await?;
-    wait_ready(&fleet, &c).await?;
-    let (ups, _) = upstreams(&u, false).await?;
-    let target = if room {
-        pb::push_request::Target::Room("bench".into())
-    } else {
-        pb::push_request::Target::Everyone(true)
+    let ready = wait_ready(&fleet, &c).await?;
+    let (tally, gateways, start_ns) = match redis {
+        None => {
+            let (ups, _) = upstreams(&u, false).await?;
+            let target = if room {
+                pb::push_request::Target::Room(ROOM.into())
+            } else {
+                pb::push_request::Target::Everyone(true)
+            };
+            let gateways = ups.len();
+            // One request per gateway reaches the devices online there.
+            let fanout = ready.online.div_ceil(gateways.max(1) as u64);
+            let window = Window::new(&fleet, p.max_inflight_deliveries, fanout);
+            let start_ns = fleet::unix_nanos();
+            let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, window, |_| {
+                (0..gateways)
+                    .map(|g| (g, request(target.clone(), p.size)))
+                    .collect()
+            })
+            .await;
+            (tally, gateways, start_ns)
+        }
+        Some(addr) => {
+            let pubs = vec![redis::publishers(addr, u.upstreams).await?];
+            let channel = redis::room_channel(ROOM);
+            let window = Window::new(&fleet, p.max_inflight_deliveries, ready.online);
+            let start_ns = fleet::unix_nanos();
+            let tally = drive(&pubs, p.msgs, p.rate, u.inflight, None, window, |_| {
+                vec![(0, publish(&channel, p.size))]
+            })
+            .await;
+            (tally, 1, start_ns)
+        }
     };
-    let gateways = ups.len();
-    let start_ns = fleet::unix_nanos();
-    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, |_| {
-        (0..gateways)
-            .map(|g| (g, request(target.clone(), p.size)))
-            .collect()
-    })
-    .await;
     let expected = everyone_expected(&c, &tally, gateways);
     let got = settle(&fleet, tally.queued, Some(expected)).await;
     let out = fleet.finish().await;
-    let title = format!(
-        "{} devices, {} pushes of {} B to {}{}",
-        c.conns,
-        p.msgs,
-        p.size,
-        if room { "a room" } else { "everyone" },
-        if p.rate > 0 {
-            format!(" at {}/s", p.rate)
-        } else {
-            String::new()
-        }
-    );
+    let rate = if p.rate > 0 {
+        format!(" at {}/s", p.rate)
+    } else {
+        String::new()
+    };
+    let title = match redis {
+        Some(_) => format!(
+            "{} redis subscribers on one channel, {} PUBLISHes of {} B{rate}",
+            c.conns, p.msgs, p.size
+        ),
+        None => format!(
+            "{} devices, {} pushes of {} B to {}{rate}",
+            c.conns,
+            p.msgs,
+            p.size,
+            if room { "a room" } else { "everyone" },
+        ),
+    };
     let mut r = report(
         "broadcast",
         title,
         &c,
-        serde_json::json!({"upstream": u, "pushes": p, "room": room}),
+        serde_json::json!({"upstream": u, "pushes": p, "room": room, "redis": redis}),
         t0,
         &out,
     );
-    push_figures(&mut r, &tally, &got, start_ns, Some(expected));
+    push_figures(
+        &mut r,
+        server(redis),
+        &tally,
+        &got,
+        start_ns,
+        Some(expected),
+    );
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
-/// Unicast pushes to random users.
+/// Unicast pushes to random users; with `redis`, PUBLISH to their channels.
 ///
 /// # Errors
 /// When the fleet or the upstream cannot start.
-pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
-    check_upstreams(&c, &u)?;
-    let (fleet, t0) = start(&c, spec(&c)?).await?;
+pub async fn unicast(
+    c: Common,
+    u: Upstream,
+    p: Pushes,
+    redis: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let spec = push_spec(&c, &u, &p, redis, true)?;
+    let (fleet, t0) = start(&c, spec).await?;
     wait_ready(&fleet, &c).await?;
-    let (ups, _) = upstreams(&u, false).await?;
     // A fixed pseudo-random sequence of targets (xorshift), so runs compare.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let conns = c.conns.max(1) as u64;
@@ -157,15 +228,32 @@ pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
             (x % conns) as usize
         })
         .collect();
-    let gateways = ups.len();
     let prefix = c.prefix.clone();
-    let start_ns = fleet::unix_nanos();
-    let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, |n| {
-        let t = targets[n];
-        let user = pb::push_request::Target::UserId(format!("{prefix}{t}"));
-        vec![(t % c.addr.len().max(1) % gateways, request(user, p.size))]
-    })
-    .await;
+    let window = Window::new(&fleet, p.max_inflight_deliveries, 1);
+    let (tally, start_ns) = match redis {
+        None => {
+            let (ups, _) = upstreams(&u, false).await?;
+            let gateways = ups.len();
+            let start_ns = fleet::unix_nanos();
+            let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, window, |n| {
+                let t = targets[n];
+                let user = pb::push_request::Target::UserId(format!("{prefix}{t}"));
+                vec![(t % c.addr.len().max(1) % gateways, request(user, p.size))]
+            })
+            .await;
+            (tally, start_ns)
+        }
+        Some(addr) => {
+            let pubs = vec![redis::publishers(addr, u.upstreams).await?];
+            let start_ns = fleet::unix_nanos();
+            let tally = drive(&pubs, p.msgs, p.rate, u.inflight, None, window, |n| {
+                let user = format!("{prefix}{}", targets[n]);
+                vec![(0, publish(&redis::user_channel_of(&user), p.size))]
+            })
+            .await;
+            (tally, start_ns)
+        }
+    };
     let fast = targets
         .iter()
         .filter(|&&t| c.slow_every == 0 || t % c.slow_every != 0)
@@ -173,8 +261,12 @@ pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
     let expected = (tally.errors == 0).then_some(fast);
     let got = settle(&fleet, tally.queued, expected).await;
     let out = fleet.finish().await;
+    let (who, what) = match redis {
+        Some(_) => ("redis subscribers", "PUBLISHes"),
+        None => ("devices", "pushes"),
+    };
     let title = format!(
-        "{} devices, {} pushes of {} B to random users{}",
+        "{} {who}, {} {what} of {} B to random users{}",
         c.conns,
         p.msgs,
         p.size,
@@ -188,17 +280,17 @@ pub async fn unicast(c: Common, u: Upstream, p: Pushes) -> anyhow::Result<()> {
         "unicast",
         title,
         &c,
-        serde_json::json!({"upstream": u, "pushes": p}),
+        serde_json::json!({"upstream": u, "pushes": p, "redis": redis}),
         t0,
         &out,
     );
     r.figure(
         "push_rate",
-        "pushes answered by the gateway per second",
+        &format!("pushes answered by the {} per second", server(redis)),
         tally.sent as f64 / tally.took.as_secs_f64().max(1e-6),
         "/s",
     );
-    push_figures(&mut r, &tally, &got, start_ns, expected);
+    push_figures(&mut r, server(redis), &tally, &got, start_ns, expected);
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
@@ -350,11 +442,19 @@ pub async fn reconnect(
         let (ups, stop) = (ups.clone(), stop.clone());
         tokio::spawn(async move {
             let target = pb::push_request::Target::Everyone(true);
-            drive(&ups, usize::MAX, push_rate.max(1), 64, Some(stop), |_| {
-                (0..gateways)
-                    .map(|g| (g, request(target.clone(), size)))
-                    .collect()
-            })
+            drive(
+                &ups,
+                usize::MAX,
+                push_rate.max(1),
+                64,
+                Some(stop),
+                None,
+                |_| {
+                    (0..gateways)
+                        .map(|g| (g, request(target.clone(), size)))
+                        .collect()
+                },
+            )
             .await
         })
     };
@@ -420,7 +520,7 @@ pub async fn reconnect(
         out.stats.resume_gaps as f64,
         "",
     );
-    push_figures(&mut r, &tally, &got, 0, expected);
+    push_figures(&mut r, "gateway", &tally, &got, 0, expected);
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
@@ -468,13 +568,21 @@ pub async fn migrate(c: Common, u: Upstream, o: MigrateOpts) -> anyhow::Result<(
         let (ups, stop, size) = (ups.clone(), stop.clone(), o.size);
         tokio::spawn(async move {
             let target = pb::push_request::Target::Everyone(true);
-            drive(&ups, usize::MAX, o.push_rate.max(1), 64, Some(stop), |n| {
-                let mut req = request(target.clone(), size);
-                if n % 2 == 1 {
-                    req.lane = pb::Lane::Bulk as i32;
-                }
-                (0..gateways).map(|g| (g, req.clone())).collect()
-            })
+            drive(
+                &ups,
+                usize::MAX,
+                o.push_rate.max(1),
+                64,
+                Some(stop),
+                None,
+                |n| {
+                    let mut req = request(target.clone(), size);
+                    if n % 2 == 1 {
+                        req.lane = pb::Lane::Bulk as i32;
+                    }
+                    (0..gateways).map(|g| (g, req.clone())).collect()
+                },
+            )
             .await
         })
     };
@@ -522,7 +630,7 @@ pub async fn migrate(c: Common, u: Upstream, o: MigrateOpts) -> anyhow::Result<(
         t0,
         &out,
     );
-    push_figures(&mut r, &tally, &got, 0, expected);
+    push_figures(&mut r, "gateway", &tally, &got, 0, expected);
     if let Some(e) = expected {
         // Everything not received is lost here, resume gaps included: a
         // migration should need no resume at all.
@@ -647,7 +755,29 @@ pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
         slow_stall_ms: 0,
         slow_rcvbuf: 0,
         record_sessions: false,
+        progress_ms: 0,
+        redis: None,
     })
+}
+
+/// The fleet of a run against the redis server at `addr`: subscribers on
+/// their user's channel with `user_channel` (and on the room's, once the
+/// caller sets a room).
+fn redis_spec(c: &Common, addr: SocketAddr, user_channel: bool) -> anyhow::Result<FleetSpec> {
+    Ok(FleetSpec {
+        addrs: vec![addr],
+        redis: Some(RedisSpec { user_channel }),
+        ..spec(c)?
+    })
+}
+
+/// What answers the devices: a gateway, or redis with `--redis`.
+fn server(redis: Option<SocketAddr>) -> &'static str {
+    if redis.is_some() {
+        "redis-server"
+    } else {
+        "gateway"
+    }
 }
 
 pub(crate) async fn start(c: &Common, spec: FleetSpec) -> anyhow::Result<(Fleet, u64)> {
@@ -738,12 +868,63 @@ pub(crate) async fn upstreams(
 
 /// A push request with a payload of `size` bytes stamped with the send time.
 pub(crate) fn request(target: pb::push_request::Target, size: usize) -> pb::PushRequest {
-    let mut p = vec![b'x'; size.max(8)];
-    p[..8].copy_from_slice(&fleet::unix_nanos().to_le_bytes());
     pb::PushRequest {
         target: Some(target),
-        payload: p.into(),
+        payload: payload(size).into(),
         ..Default::default()
+    }
+}
+
+/// A PUBLISH to `channel` with a payload as [`request`]'s.
+fn publish(channel: &str, size: usize) -> Publish {
+    Publish {
+        channel: channel.to_owned(),
+        payload: payload(size),
+    }
+}
+
+/// `size` bytes (at least 8) starting with the send time.
+fn payload(size: usize) -> Vec<u8> {
+    let mut p = vec![b'x'; size.max(8)];
+    p[..8].copy_from_slice(&fleet::unix_nanos().to_le_bytes());
+    p
+}
+
+/// What the upstream side pushes through: a gateway's upstream client, or
+/// a redis connection that publishes.
+pub(crate) trait Pusher: Clone + Send + Sync + 'static {
+    type Request: Send + 'static;
+    /// Sends one request and waits for its reply.
+    fn send(&self, req: Self::Request) -> impl Future<Output = Result<Pushed, String>> + Send;
+}
+
+/// What a reply says.
+pub(crate) struct Pushed {
+    /// Sessions the push was queued for (subscribers it reached).
+    sessions: u64,
+    /// Sessions that refused it (full queues).
+    dropped: u64,
+}
+
+impl Pusher for UpstreamClient {
+    type Request = pb::PushRequest;
+    async fn send(&self, req: pb::PushRequest) -> Result<Pushed, String> {
+        let r = self.push(req).await.map_err(|e| e.to_string())?;
+        Ok(Pushed {
+            sessions: r.sessions,
+            dropped: r.dropped,
+        })
+    }
+}
+
+impl Pusher for Publisher {
+    type Request = Publish;
+    async fn send(&self, req: Publish) -> Result<Pushed, String> {
+        let sessions = self.publish(req).await?;
+        Ok(Pushed {
+            sessions,
+            dropped: 0,
+        })
     }
 }
 
@@ -760,17 +941,138 @@ struct Tally {
     errors: u64,
     first_error: Option<String>,
     took: Duration,
+    /// Deliveries the in-flight bound stopped waiting for ([`Window`]).
+    written_off: u64,
+}
+
+/// Progress reports this often while a [`Window`] paces the pushes: the
+/// fleet's received count is that much late at the coordinator at most
+/// (plus the trip), and at 2 M deliveries/s 10 ms is 20,000 deliveries,
+/// well inside the default bound of 50,000.
+const PACED_PROGRESS_MS: u64 = 10;
+
+/// How long a [`Window`] waits for a delivery before it writes off what is
+/// in flight: deliveries that did not come in that long (lost, or queued for
+/// a device cut off) would otherwise hold the upstream side for ever.
+const WINDOW_STALL: Duration = Duration::from_secs(5);
+
+/// The fleet of a push scenario: devices of the gateway (once the upstream
+/// sockets are known to match its addresses), or with `redis` subscribers,
+/// on their user's channel with `user_channel`. It reports its progress
+/// often when `--max-inflight-deliveries` paces the pushes.
+fn push_spec(
+    c: &Common,
+    u: &Upstream,
+    p: &Pushes,
+    redis: Option<SocketAddr>,
+    user_channel: bool,
+) -> anyhow::Result<FleetSpec> {
+    let mut spec = match redis {
+        Some(addr) => redis_spec(c, addr, user_channel)?,
+        None => {
+            check_upstreams(c, u)?;
+            spec(c)?
+        }
+    };
+    if p.max_inflight_deliveries > 0 {
+        spec.progress_ms = PACED_PROGRESS_MS;
+    }
+    Ok(spec)
+}
+
+/// Deliveries received by the fleet, as the in-flight bound counts them: a
+/// push a resume reported gone is no longer in flight either.
+fn received(s: &Stats) -> u64 {
+    s.pushes + s.slow_pushes + s.resume_gap_msgs
+}
+
+/// `--max-inflight-deliveries`: the upstream side sends a request only while
+/// the deliveries in flight, published minus received across the fleet,
+/// leave room for its `fanout` (or when none are in flight). A request
+/// counts `fanout` deliveries when sent and, once answered, the number its
+/// reply gives (sessions queued, subscribers reached). The fleet's count
+/// arrives with its progress reports, so the count in flight runs high,
+/// never low: the bound holds.
+pub(crate) struct Window<'a> {
+    fleet: &'a Fleet,
+    max: u64,
+    fanout: u64,
+    /// Deliveries published so far (shared with the request tasks, which
+    /// correct their estimate by the reply).
+    published: Arc<AtomicU64>,
+    /// The fleet's received count when the window opened, the latest one
+    /// read, and deliveries written off after [`WINDOW_STALL`].
+    base: u64,
+    seen: u64,
+    written_off: u64,
+}
+
+impl<'a> Window<'a> {
+    /// A window of `max` deliveries (`None` for 0: no bound), `fanout` per
+    /// request.
+    pub(crate) fn new(fleet: &'a Fleet, max: u64, fanout: u64) -> Option<Self> {
+        let base = received(&fleet.totals());
+        (max > 0).then(|| Window {
+            fleet,
+            max,
+            fanout,
+            published: Arc::new(AtomicU64::new(0)),
+            base,
+            seen: base,
+            written_off: 0,
+        })
+    }
+
+    /// Deliveries in flight when the fleet has received `got` in all.
+    fn in_flight(&self, got: u64) -> u64 {
+        self.published
+            .load(Relaxed)
+            .saturating_sub(got.saturating_sub(self.base) + self.written_off)
+    }
+
+    /// Whether a request may go with `in_flight` deliveries out.
+    fn opens(&self, in_flight: u64) -> bool {
+        in_flight == 0 || in_flight + self.fanout <= self.max
+    }
+
+    /// Waits until the next request may go.
+    async fn admit(&mut self) {
+        // The latest count read is enough when it already leaves room: the
+        // fleet's count only grows. Only a full window asks the fleet.
+        if self.opens(self.in_flight(self.seen)) {
+            return;
+        }
+        loop {
+            let before = self.seen;
+            let me = &*self;
+            let (t, open) = me
+                .fleet
+                .wait_for(WINDOW_STALL, |s| me.opens(me.in_flight(received(s))))
+                .await;
+            self.seen = received(&t);
+            if open {
+                return;
+            }
+            if self.seen == before {
+                // Nothing arrived for WINDOW_STALL (or the fleet ended).
+                self.written_off += self.in_flight(self.seen);
+                return;
+            }
+        }
+    }
 }
 
 /// Sends push `n` for n in 0..count (or until `stop`), paced at `rate`, at
-/// most `inflight` at once; `make(n)` names the (gateway, request) pairs.
-async fn drive(
-    ups: &[Vec<UpstreamClient>],
+/// most `inflight` requests at once and, with a `window`, at most its bound
+/// of deliveries in flight; `make(n)` names the (gateway, request) pairs.
+async fn drive<P: Pusher>(
+    ups: &[Vec<P>],
     count: usize,
     rate: u64,
     inflight: usize,
     stop: Option<Arc<AtomicBool>>,
-    make: impl Fn(usize) -> Vec<(usize, pb::PushRequest)>,
+    mut window: Option<Window<'_>>,
+    make: impl Fn(usize) -> Vec<(usize, P::Request)>,
 ) -> Tally {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let sem = Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
@@ -779,6 +1081,10 @@ async fn drive(
     for n in 0..count {
         if stop.as_ref().is_some_and(|s| s.load(Relaxed)) {
             break;
+        }
+        // Before the payload is stamped: waiting for room is not latency.
+        if let Some(w) = &mut window {
+            w.admit().await;
         }
         if rate > 0 {
             tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate as f64)).await;
@@ -791,9 +1097,19 @@ async fn drive(
                 break;
             };
             let (up, tally) = (per[n % per.len()].clone(), tally.clone());
+            let published = window.as_ref().map(|w| {
+                w.published.fetch_add(w.fanout, Relaxed);
+                (w.published.clone(), w.fanout)
+            });
             tasks.spawn(async move {
-                let r = up.push(req).await;
+                let r = up.send(req).await;
                 drop(permit);
+                if let Some((p, fanout)) = published {
+                    // The estimate gives way to the count (added first: no
+                    // underflow).
+                    p.fetch_add(r.as_ref().map_or(0, |r| r.sessions), Relaxed);
+                    p.fetch_sub(fanout, Relaxed);
+                }
                 if let Ok(mut t) = tally.lock() {
                     match r {
                         Ok(r) => {
@@ -804,7 +1120,7 @@ async fn drive(
                         }
                         Err(e) => {
                             t.errors += 1;
-                            t.first_error.get_or_insert_with(|| e.to_string());
+                            t.first_error.get_or_insert(e);
                         }
                     }
                 }
@@ -819,6 +1135,7 @@ async fn drive(
         .map(|mut t| std::mem::take(&mut *t))
         .unwrap_or_default();
     t.took = start.elapsed();
+    t.written_off = window.map_or(0, |w| w.written_off);
     t
 }
 
@@ -856,9 +1173,11 @@ fn slow_count(c: &Common) -> u64 {
 }
 
 /// `expected_fast`: pushes the fast devices should have received, when the
-/// scenario knows it; the difference is reported as lost.
+/// scenario knows it; the difference is reported as lost. `server` names
+/// what answered the pushes.
 fn push_figures(
     r: &mut RunReport,
+    server: &str,
     t: &Tally,
     got: &Stats,
     start_ns: u64,
@@ -883,7 +1202,7 @@ fn push_figures(
     r.figure("push_requests", "push requests answered", t.sent as f64, "");
     r.figure(
         "queued",
-        "deliveries queued by the gateway",
+        &format!("deliveries queued by the {server}"),
         t.queued as f64,
         "",
     );
@@ -929,6 +1248,14 @@ fn push_figures(
         t.dropped as f64,
         "",
     );
+    if t.written_off > 0 {
+        r.figure(
+            "written_off",
+            "deliveries the in-flight bound stopped waiting for",
+            t.written_off as f64,
+            "",
+        );
+    }
     if t.unreached > 0 {
         r.figure(
             "unreached",

@@ -1,7 +1,9 @@
 //! Every scenario of the load tool, small, against a real gateway on
 //! loopback (TCP, TLS and QUIC), through the real binary: worker processes, JSON
-//! result and SVG plot included. The figures asserted are counts (what was
-//! queued arrived, nothing was lost), never speeds.
+//! result and SVG plot included; and the three that also run against redis
+//! (`--redis`), each against a redis-server of its own, which must be on the
+//! PATH. The figures asserted are counts (what was queued arrived, nothing
+//! was lost), never speeds.
 
 use std::path::Path;
 use std::process::Command;
@@ -146,6 +148,10 @@ async fn broadcast_over_two_worker_processes_and_two_source_addresses() {
             "2",
             "--sources",
             "127.0.0.1,127.0.0.2",
+            // Two broadcasts in flight at most: the pushes wait on the
+            // workers' progress reports.
+            "--max-inflight-deliveries",
+            "600",
         ]),
     )
     .await;
@@ -370,11 +376,19 @@ async fn idle_reports_memory_per_connection_from_a_pid() {
     let v = run(
         dir.path(),
         args(&[
-            "idle", "--addr", &gw.tcp, "--conns", "300", "--hold", "1", "--pid", &pid,
+            "idle", "--addr", &gw.tcp, "--conns", "300", "--hold", "1", "--pid", &pid, "--room",
         ]),
     )
     .await;
     assert_eq!(figure(&v, "online"), 300.0);
+    // Every device joined the room: no error came back.
+    assert_eq!(
+        v["stats"]["codes"],
+        serde_json::json!([]),
+        "{:#}",
+        v["stats"]
+    );
+    assert!(v["title"].as_str().is_some_and(|t| t.contains("in a room")));
     assert!(figure(&v, "gateway_rss") > 1.0, "MiB of a live process");
     let _ = figure(&v, "rss_per_conn_total");
     drop(gw);
@@ -656,4 +670,204 @@ async fn migrating_quic_devices_lose_nothing_and_never_reconnect() {
     // connection move.
     let seen = gw.gw.quic_migrations();
     assert!(seen >= 200, "gateway counted {seen} migrations");
+}
+
+/// A redis-server of one test's own, killed when dropped. Never the one a
+/// machine may run on the default port.
+struct Redis {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a redis-server on a free loopback port. redis-server takes a port
+/// number, not a bound socket, so the port is found by binding port 0 and
+/// letting go of it; should another process take it meanwhile, the server
+/// cannot bind and exits, or the process that answers is not ours: then
+/// another port is tried.
+fn redis_server() -> Redis {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        assert_ne!(port, 6379, "never the default redis port");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spawned = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            // Loopback only; protected mode would refuse the second
+            // source address (127.0.0.2).
+            .args(["--protected-mode", "no", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not on the PATH; the side-by-side tests need it: \
+                 apt-get install redis-server"
+            ),
+            Err(e) => panic!("starting redis-server: {e}"),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let ours = loop {
+            if child.try_wait().expect("redis-server status").is_some() {
+                break false;
+            }
+            match redis_pid(port) {
+                Some(pid) => break pid == child.id(),
+                None if std::time::Instant::now() > deadline => {
+                    panic!("redis-server did not answer on port {port} within 10 s")
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let redis = Redis {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        if ours {
+            return redis;
+        }
+    }
+    panic!("redis-server could not start on any of 5 free ports")
+}
+
+/// The process id the redis server on `port` reports (INFO server).
+fn redis_pid(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n").ok()?;
+    let mut text = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while text.len() < 64 * 1024 {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&chunk[..n]);
+        let t = String::from_utf8_lossy(&text);
+        if let Some(pid) = t
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .filter(|_| t.contains("\r\nrun_id:"))
+        {
+            return pid.trim().parse().ok();
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_idle_holds_subscribers_on_their_user_and_room_channels() {
+    let redis = redis_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "idle",
+            "--redis",
+            &redis.addr,
+            "--room",
+            "--conns",
+            "20",
+            "--hold",
+            "1",
+            "--pid",
+            &redis.pid(),
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "online"), 20.0);
+    assert_eq!(stat(&v, "logins"), 20);
+    assert_eq!(stat(&v, "refused") + stat(&v, "connect_errors"), 0);
+    assert_eq!(samples(&v, "login"), 20, "connect and SUBSCRIBE, timed");
+    assert!(
+        figure(&v, "gateway_rss") > 1.0,
+        "MiB of a live redis-server"
+    );
+    let _ = figure(&v, "rss_per_conn_total");
+    let title = v["title"].as_str().expect("title");
+    assert!(title.contains("u:<user> and r:bench"), "{title}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_broadcast_reaches_every_subscriber_over_two_worker_processes() {
+    let redis = redis_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "broadcast",
+            "--redis",
+            &redis.addr,
+            "--conns",
+            "20",
+            "--msgs",
+            "50",
+            "--workers",
+            "2",
+            "--sources",
+            "127.0.0.1,127.0.0.2",
+            // Five PUBLISHes in flight at most.
+            "--max-inflight-deliveries",
+            "100",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "push_requests"), 50.0);
+    assert_eq!(figure(&v, "queued"), 1000.0, "PUBLISH reached 20 each time");
+    assert_eq!(figure(&v, "received"), 1000.0);
+    assert_eq!(figure(&v, "missing"), 0.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert!(figure(&v, "delivery_rate") > 0.0);
+    assert_eq!(samples(&v, "push"), 1000, "every delivery timed");
+    assert_eq!(stat(&v, "logins"), 20);
+    assert_eq!(stat(&v, "drops"), 0);
+    assert_eq!(v["params"]["workers_used"], 2, "two worker processes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unicast_reaches_each_user_once() {
+    let redis = redis_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "unicast",
+            "--redis",
+            &redis.addr,
+            "--conns",
+            "20",
+            "--msgs",
+            "500",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "push_requests"), 500.0);
+    assert_eq!(figure(&v, "queued"), 500.0, "each PUBLISH reached its user");
+    assert_eq!(figure(&v, "received"), 500.0);
+    assert_eq!(figure(&v, "missing"), 0.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(samples(&v, "push"), 500);
+    assert_eq!(stat(&v, "drops"), 0);
 }
