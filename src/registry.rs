@@ -230,6 +230,10 @@ impl Registry {
             if list.len() >= max_rooms {
                 return Err(Code::TooManyRooms);
             }
+            // Exactly one more slot: most sessions are in one room or a
+            // few, and joins are rare next to pushes (a doubling Vec would
+            // hold 4 slots, 48 bytes more, for a session in one room).
+            list.reserve_exact(1);
             list.push(room.clone());
             let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
                 self.room_count.fetch_add(1, Ordering::Relaxed);
