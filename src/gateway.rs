@@ -515,7 +515,7 @@ impl Gateway {
 
     /// A push message id, unique across nodes and restarts.
     pub fn new_message_id(&self) -> String {
-        format!("{}-{:x}", self.msg_prefix, self.next_msg_id())
+        message_id(&self.msg_prefix, self.next_msg_id())
     }
 
     pub fn is_draining(&self) -> bool {
@@ -669,6 +669,20 @@ impl crate::router::RouterHooks for Gateway {
 /// per QUIC session (TCP sessions pay nothing), read live so that presence
 /// sees a migration as soon as quinn does.
 pub(crate) type QuicPaths = DashMap<SessionId, quinn::Connection>;
+
+/// `<prefix>-<n in hex>`, written by hand: `format!` showed at 1.2 % of the
+/// gateway's CPU in a unicast run (one id per push).
+fn message_id(prefix: &str, n: u64) -> String {
+    let digits = (64 - n.leading_zeros() as usize).div_ceil(4).max(1);
+    let mut s = String::with_capacity(prefix.len() + 1 + digits);
+    s.push_str(prefix);
+    s.push('-');
+    for i in (0..digits).rev() {
+        let d = ((n >> (i * 4)) & 0xf) as u8;
+        s.push(char::from(if d < 10 { b'0' + d } else { b'a' + d - 10 }));
+    }
+    s
+}
 
 /// The [`SessionEnv`] of a real connection.
 pub struct GatewayEnv<'a> {
@@ -1270,6 +1284,13 @@ impl DetachQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_ids_are_prefix_dash_hex() {
+        for n in [0, 1, 9, 10, 15, 16, 255, 0xdead_beef, u64::MAX] {
+            assert_eq!(message_id("node-1-ab", n), format!("node-1-ab-{n:x}"));
+        }
+    }
 
     #[test]
     fn accept_backs_off_only_when_out_of_resources() {
