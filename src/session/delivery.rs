@@ -186,6 +186,21 @@ impl LaneBufs {
     }
 }
 
+/// Where [`Delivery::poll_send`] puts the pushes it moves into the windows.
+/// A closure `(lane, seq, push)` is one.
+pub trait Sink {
+    /// Shows the pushes about to come, before the first: a write batch sizes
+    /// its buffer once instead of growing it push by push.
+    fn reserve(&mut self, _pushes: &mut dyn Iterator<Item = &SharedPush>) {}
+    fn push(&mut self, lane: Lane, seq: u64, push: &SharedPush);
+}
+
+impl<F: FnMut(Lane, u64, &SharedPush)> Sink for F {
+    fn push(&mut self, lane: Lane, seq: u64, push: &SharedPush) {
+        self(lane, seq, push);
+    }
+}
+
 /// A set of lanes: which a connection's output carries (both on a byte
 /// stream; one per stream on QUIC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,11 +375,28 @@ impl Delivery {
         max: usize,
         lanes: Lanes,
         cfg: &DeliveryConfig,
-        mut out: impl FnMut(Lane, u64, &SharedPush),
+        out: &mut impl Sink,
     ) -> usize {
         let Some(bufs) = self.bufs.as_mut() else {
             return 0;
         };
+        // What will move: per lane, what its window admits, up to `max`.
+        let mut take = [0usize; 2];
+        let mut left = max;
+        for l in 0..2 {
+            if lanes.has(l) {
+                let b = &bufs[l];
+                take[l] = b
+                    .queue
+                    .len()
+                    .min(cfg.window[l].saturating_sub(b.window.len()))
+                    .min(left);
+                left -= take[l];
+            }
+        }
+        out.reserve(
+            &mut (0..2).flat_map(|l| bufs[l].queue.iter().take(take[l]).map(|it| &it.push)),
+        );
         let mut sendable = 0;
         let mut moved = 0;
         for (l, lane) in LANES.iter().enumerate() {
@@ -378,7 +410,7 @@ impl Delivery {
                 };
                 it.tries = it.tries.saturating_add(1);
                 b.written = b.written.max(it.seq);
-                out(*lane, it.seq, &it.push);
+                out.push(*lane, it.seq, &it.push);
                 moved += 1;
                 if b.window.is_empty() {
                     b.waiting = Some(now);
@@ -600,7 +632,9 @@ mod tests {
 
     fn send(d: &mut Delivery, now: Instant, c: &DeliveryConfig) -> Vec<(Lane, u64)> {
         let mut out = Vec::new();
-        d.poll_send(now, 100, Lanes::ALL, c, |l, s, _| out.push((l, s)));
+        d.poll_send(now, 100, Lanes::ALL, c, &mut |l, s, _: &SharedPush| {
+            out.push((l, s))
+        });
         out
     }
 

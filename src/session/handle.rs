@@ -384,7 +384,7 @@ impl SessionHandle {
         max: usize,
         lanes: Lanes,
         cfg: &DeliveryConfig,
-        out: impl FnMut(Lane, u64, &SharedPush),
+        out: &mut impl super::delivery::Sink,
     ) -> usize {
         let mut o = self.0.outbox.lock();
         if o.gen != gen || o.closed {

@@ -185,15 +185,23 @@ impl BatchBuilder {
     fn push(&mut self, seq: u64, p: &SharedPush) {
         self.frames += 1;
         self.bytes += p.wire_len();
-        // Amortized: the flat buffer grows by doubling.
-        self.flat
-            .reserve(crate::wire::PUSH_HEADER_MAX + p.body.len().min(COPY_MAX));
+        // A no-op after `Sink::reserve` sized the buffer for the batch.
+        self.flat.reserve(self.flat_len(p));
         encode_push_header(seq, p.body.len(), &mut self.flat);
         if self.vectored && p.body.len() > COPY_MAX {
             self.cut();
             self.chunks.push(p.body.clone());
         } else {
             self.flat.extend_from_slice(&p.body);
+        }
+    }
+
+    /// Bytes of `p` that go into the flat buffer.
+    fn flat_len(&self, p: &SharedPush) -> usize {
+        if self.vectored && p.body.len() > COPY_MAX {
+            crate::wire::PUSH_HEADER_MAX
+        } else {
+            crate::wire::PUSH_HEADER_MAX + p.body.len()
         }
     }
 
@@ -208,6 +216,17 @@ impl BatchBuilder {
             frames: self.frames,
             stalled_at: None,
         })
+    }
+}
+
+impl crate::session::delivery::Sink for BatchBuilder {
+    fn reserve(&mut self, pushes: &mut dyn Iterator<Item = &SharedPush>) {
+        let n: usize = pushes.map(|p| self.flat_len(p)).sum();
+        self.flat.reserve(n);
+    }
+
+    fn push(&mut self, _lane: crate::wire::pb::Lane, seq: u64, p: &SharedPush) {
+        BatchBuilder::push(self, seq, p);
     }
 }
 
@@ -689,7 +708,7 @@ impl Link {
                 BATCH_FRAMES - b.frames as usize,
                 self.lanes_of(out),
                 self.gw.delivery(),
-                |_, seq, p| b.push(seq, p),
+                &mut b,
             );
             let moved = (b.frames - before) as usize;
             if moved > 0 {
