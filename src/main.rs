@@ -201,12 +201,18 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
-/// Turns transparent huge pages off for this process. The allocator asks the
-/// kernel for them (`madvise`), and a kernel that grants them zeroes 2 MiB at
-/// the first touch of each: during a login ramp that was 27 % of the
-/// gateway's CPU, and memory grew in 2 MiB steps (docs/OPERATIONS.md,
-/// "Memory"). Redis gives the same advice for the same reasons.
+/// Turns transparent huge pages off for this process unless
+/// `TETHER_HUGE_PAGES=1`. The allocator asks the kernel for them
+/// (`madvise`); a kernel that grants them zeroes 2 MiB at the first touch of
+/// each (27 % of the gateway's CPU during a login ramp from empty), grows
+/// memory in 2 MiB steps, and may stall a page fault to compact memory for
+/// one. They do speed up a fan-out that touches thousands of sessions (about
+/// 12 % here), so an operator may keep them: docs/OPERATIONS.md, "The
+/// process".
 fn no_huge_pages() {
+    if std::env::var_os("TETHER_HUGE_PAGES").is_some_and(|v| v == "1") {
+        return;
+    }
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory
     // of this process; it only sets a flag on it (inherited by children).
