@@ -116,6 +116,18 @@ fn stat(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("stat {key} missing"))
 }
 
+/// A push run against redis: `requests` PUBLISHes reached `deliveries`
+/// subscribers in all, every one received, timed, and no connection lost.
+fn assert_redis_delivered_all(v: &Value, requests: f64, deliveries: u64, why: &str) {
+    assert_eq!(figure(v, "push_requests"), requests);
+    assert_eq!(figure(v, "queued"), deliveries as f64, "{why}");
+    assert_eq!(figure(v, "received"), deliveries as f64);
+    assert_eq!(figure(v, "missing"), 0.0);
+    assert_eq!(figure(v, "lost_fast"), 0.0);
+    assert_eq!(samples(v, "push"), deliveries, "every delivery timed");
+    assert_eq!(stat(v, "drops"), 0);
+}
+
 fn samples(v: &Value, name: &str) -> u64 {
     v["latency"]
         .as_array()
@@ -832,15 +844,9 @@ async fn redis_broadcast_reaches_every_subscriber_over_two_worker_processes() {
         ]),
     )
     .await;
-    assert_eq!(figure(&v, "push_requests"), 50.0);
-    assert_eq!(figure(&v, "queued"), 1000.0, "PUBLISH reached 20 each time");
-    assert_eq!(figure(&v, "received"), 1000.0);
-    assert_eq!(figure(&v, "missing"), 0.0);
-    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_redis_delivered_all(&v, 50.0, 1000, "PUBLISH reached 20 each time");
     assert!(figure(&v, "delivery_rate") > 0.0);
-    assert_eq!(samples(&v, "push"), 1000, "every delivery timed");
     assert_eq!(stat(&v, "logins"), 20);
-    assert_eq!(stat(&v, "drops"), 0);
     assert_eq!(v["params"]["workers_used"], 2, "two worker processes");
 }
 
@@ -863,11 +869,5 @@ async fn redis_unicast_reaches_each_user_once() {
         ]),
     )
     .await;
-    assert_eq!(figure(&v, "push_requests"), 500.0);
-    assert_eq!(figure(&v, "queued"), 500.0, "each PUBLISH reached its user");
-    assert_eq!(figure(&v, "received"), 500.0);
-    assert_eq!(figure(&v, "missing"), 0.0);
-    assert_eq!(figure(&v, "lost_fast"), 0.0);
-    assert_eq!(samples(&v, "push"), 500);
-    assert_eq!(stat(&v, "drops"), 0);
+    assert_redis_delivered_all(&v, 500.0, 500, "each PUBLISH reached its user");
 }
