@@ -175,8 +175,14 @@ pub struct Hot {
     pub queue_depth: Histogram,
 }
 
-/// Push targets, the label values of `tether_pushes_total{target}`.
+/// Push targets, the label values of `tether_pushes_total{target}`, in the
+/// order of [`Hot::pushes`]'s index (the `TARGET_*` constants).
 pub const PUSH_TARGETS: [&str; 5] = ["user", "device", "users", "room", "everyone"];
+pub const TARGET_USER: usize = 0;
+pub const TARGET_DEVICE: usize = 1;
+pub const TARGET_USERS: usize = 2;
+pub const TARGET_ROOM: usize = 3;
+pub const TARGET_EVERYONE: usize = 4;
 
 const TRANSPORTS: [TransportKind; 4] = [
     TransportKind::Tcp,
@@ -242,6 +248,20 @@ pub fn install_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_target_indexes_name_their_labels() {
+        let named = [
+            (TARGET_USER, "user"),
+            (TARGET_DEVICE, "device"),
+            (TARGET_USERS, "users"),
+            (TARGET_ROOM, "room"),
+            (TARGET_EVERYONE, "everyone"),
+        ];
+        for (i, label) in named {
+            assert_eq!(PUSH_TARGETS[i], label);
+        }
+    }
 
     #[test]
     fn transport_handles_are_indexed_by_the_enum() {

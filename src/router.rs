@@ -389,18 +389,18 @@ impl<'a> FanOut<'a> {
             pos: 0,
             tally: Tally::new(router.hooks(), router.write_delay.get().cloned()),
             missing: Vec::new(),
-            kind: 0,
+            kind: m::TARGET_USER,
         };
         match target {
             PushTarget::User(u) => {
-                f.kind = 0; // user
+                f.kind = m::TARGET_USER;
                 f.walk = Walk::Users {
                     users: std::slice::from_ref(u),
                     next: 0,
                 };
             }
             PushTarget::Device(u, d) => {
-                f.kind = 1; // device
+                f.kind = m::TARGET_DEVICE;
                 let live = f.tally.live;
                 if let Some(h) = router.registry.device(u.as_str(), d) {
                     f.tally.add(&h, push, &router.delivery, &router.budget);
@@ -410,17 +410,17 @@ impl<'a> FanOut<'a> {
                 }
             }
             PushTarget::Users(us) => {
-                f.kind = 2; // users
+                f.kind = m::TARGET_USERS;
                 f.walk = Walk::Users { users: us, next: 0 };
             }
             PushTarget::Room(r) => {
-                f.kind = 3; // room
+                f.kind = m::TARGET_ROOM;
                 if let Some(room) = router.registry.room(r) {
                     room.copy_members(&mut f.buf);
                 }
             }
             PushTarget::Everyone => {
-                f.kind = 4; // everyone
+                f.kind = m::TARGET_EVERYONE;
                 f.walk = Walk::Shards { next: 0 };
             }
         }
