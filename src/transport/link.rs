@@ -30,6 +30,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use crate::config::SlowConsumerPolicy;
 use crate::gateway::{Gateway, GatewayEnv};
@@ -100,7 +101,8 @@ pub enum Outputs {
 
 /// Frames waiting to be written on one output, coalesced.
 pub struct WriteBatch {
-    chunks: Vec<Bytes>,
+    /// Most batches are one flat slice: inline, no allocation for the list.
+    chunks: SmallVec<[Bytes; 1]>,
     idx: usize,
     frames: u64,
     /// Since when the socket has taken no byte of this batch (set when a
@@ -143,7 +145,7 @@ const COPY_MAX: usize = 512;
 /// (TLS) get everything flat, since each slice would cost a TLS record.
 struct BatchBuilder {
     vectored: bool,
-    chunks: Vec<Bytes>,
+    chunks: SmallVec<[Bytes; 1]>,
     flat: BytesMut,
     frames: u64,
     bytes: usize,
@@ -153,7 +155,7 @@ impl BatchBuilder {
     fn new(vectored: bool) -> Self {
         Self {
             vectored,
-            chunks: Vec::new(),
+            chunks: SmallVec::new(),
             flat: BytesMut::new(),
             frames: 0,
             bytes: 0,
