@@ -206,7 +206,7 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 /// (`madvise`); a kernel that grants them zeroes 2 MiB at the first touch of
 /// each (27 % of the gateway's CPU during a login ramp from empty), grows
 /// memory in 2 MiB steps, and may stall a page fault to compact memory for
-/// one. They do speed up a fan-out that touches thousands of sessions (about
+/// one. They do speed up pushes that touch thousands of sessions (about
 /// 12 % here), so an operator may keep them: docs/OPERATIONS.md, "The
 /// process".
 fn no_huge_pages() {
