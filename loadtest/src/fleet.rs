@@ -135,6 +135,10 @@ pub struct QuicSpec {
     /// Client endpoints (UDP sockets) this fleet's devices share (at least
     /// one; the coordinator splits `--quic-endpoints` over its workers).
     pub endpoints: usize,
+    /// Devices keep their session tickets and log in (or resume) in 0-RTT
+    /// data when they connect again (`--zero-rtt`).
+    #[serde(default)]
+    pub zero_rtt: bool,
 }
 
 /// Coordinator to fleet.
@@ -229,6 +233,14 @@ pub struct Stats {
     pub rebinds: u64,
     #[serde(default)]
     pub rebind_errors: u64,
+    /// With `--zero-rtt`: connections whose 0-RTT data the gateway
+    /// accepted, refused, and connections made without a ticket to try.
+    #[serde(default)]
+    pub zero_rtt_accepted: u64,
+    #[serde(default)]
+    pub zero_rtt_refused: u64,
+    #[serde(default)]
+    pub zero_rtt_no_ticket: u64,
     /// Devices still running when the fleet reported its end (their
     /// session records are missing).
     #[serde(default)]
@@ -270,6 +282,9 @@ impl Stats {
         self.endpoints += o.endpoints;
         self.rebinds += o.rebinds;
         self.rebind_errors += o.rebind_errors;
+        self.zero_rtt_accepted += o.zero_rtt_accepted;
+        self.zero_rtt_refused += o.zero_rtt_refused;
+        self.zero_rtt_no_ticket += o.zero_rtt_no_ticket;
         self.unfinished += o.unfinished;
         for (k, v) in &o.codes {
             *self.codes.entry(*k).or_default() += v;
@@ -377,6 +392,7 @@ pub async fn run(
                 &spec.sources,
                 spec.first,
                 v6,
+                q.zero_rtt,
             ) {
                 Ok(e) => Some(e),
                 Err(e) => {
@@ -598,6 +614,11 @@ impl Shared {
     fn snapshot(&self) -> Stats {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Relaxed);
+        let zero_rtt = self
+            .quic
+            .as_ref()
+            .map(crate::quic::Endpoints::zero_rtt_counts)
+            .unwrap_or_default();
         Stats {
             connects: l(&c.connects),
             connect_errors: l(&c.connect_errors),
@@ -626,6 +647,9 @@ impl Shared {
             endpoints: self.quic.as_ref().map_or(0, |q| q.len() as u64),
             rebinds: l(&c.rebinds),
             rebind_errors: l(&c.rebind_errors),
+            zero_rtt_accepted: zero_rtt.accepted,
+            zero_rtt_refused: zero_rtt.refused,
+            zero_rtt_no_ticket: zero_rtt.no_ticket,
             unfinished: self.running.load(Relaxed),
             codes: self.codes.lock().map(|m| m.clone()).unwrap_or_default(),
             errors: self.errors.lock().map(|m| m.clone()).unwrap_or_default(),

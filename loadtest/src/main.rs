@@ -208,6 +208,11 @@ pub struct Common {
     /// devices.
     #[arg(long, requires = "quic")]
     pub quic_endpoints: Option<usize>,
+    /// QUIC devices keep the gateway's session tickets (each its own, as a
+    /// phone does) and send their login or resume in 0-RTT data when they
+    /// connect again; the report counts 0-RTT accepted and refused.
+    #[arg(long, requires = "quic")]
+    pub zero_rtt: bool,
     /// CA file to trust with --tls or --quic (e.g. the gateway's
     /// certs/dev.crt).
     #[arg(long)]

@@ -20,7 +20,8 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,6 +41,28 @@ const READ_CHUNK: usize = 8192;
 pub struct Endpoints {
     eps: Vec<Ep>,
     server_name: String,
+    /// With 0-RTT: the TLS settings each device's own configuration starts
+    /// from, and those configurations by device (each remembers the
+    /// session tickets its device received, as a phone's QUIC stack does).
+    zero_rtt: Option<ZeroRtt>,
+}
+
+struct ZeroRtt {
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    devices: Mutex<std::collections::HashMap<usize, quinn::ClientConfig>>,
+    /// Connections that tried 0-RTT and had it accepted, refused; and
+    /// connections that could not try (no ticket yet).
+    accepted: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    no_ticket: AtomicU64,
+}
+
+/// How the fleet's connections went with 0-RTT (`--zero-rtt`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroRttCounts {
+    pub accepted: u64,
+    pub refused: u64,
+    pub no_ticket: u64,
 }
 
 struct Ep {
@@ -63,9 +86,10 @@ impl Endpoints {
         sources: &[IpAddr],
         first: usize,
         v6: bool,
+        zero_rtt: bool,
     ) -> Result<Self, String> {
         let tls = tether::tls::client_config_pinned(ca).map_err(|e| e.to_string())?;
-        let cfg = tether::quic::client_config(&tether::config::Config::default(), tls)
+        let cfg = tether::quic::client_config(&tether::config::Config::default(), tls.clone())
             .map_err(|e| e.to_string())?;
         let mut eps = Vec::new();
         for k in 0..count.max(1) {
@@ -91,7 +115,40 @@ impl Endpoints {
         Ok(Self {
             eps,
             server_name: server_name.to_owned(),
+            zero_rtt: zero_rtt.then(|| ZeroRtt {
+                tls,
+                devices: Mutex::default(),
+                accepted: Arc::default(),
+                refused: Arc::default(),
+                no_ticket: AtomicU64::new(0),
+            }),
         })
+    }
+
+    /// With `--zero-rtt`: how the connections so far went.
+    pub fn zero_rtt_counts(&self) -> ZeroRttCounts {
+        self.zero_rtt
+            .as_ref()
+            .map_or(ZeroRttCounts::default(), |z| ZeroRttCounts {
+                accepted: z.accepted.load(Relaxed),
+                refused: z.refused.load(Relaxed),
+                no_ticket: z.no_ticket.load(Relaxed),
+            })
+    }
+
+    /// Device `k`'s own client configuration: a session store of its own
+    /// (a few tickets), so that a device resumes with a ticket it received.
+    fn device_config(z: &ZeroRtt, k: usize) -> io::Result<quinn::ClientConfig> {
+        let mut devices = z.devices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = devices.get(&k) {
+            return Ok(c.clone());
+        }
+        let mut tls = (*z.tls).clone();
+        tls.resumption = tokio_rustls::rustls::client::Resumption::in_memory_sessions(4);
+        let c = tether::quic::client_config(&tether::config::Config::default(), Arc::new(tls))
+            .map_err(io::Error::other)?;
+        devices.insert(k, c.clone());
+        Ok(c)
     }
 
     pub fn len(&self) -> usize {
@@ -106,9 +163,33 @@ impl Endpoints {
     /// Handshake failures, or no handshake within 10 s.
     pub async fn connect(&self, k: usize, addr: SocketAddr) -> io::Result<QuicIo> {
         let ep = &self.eps[k % self.eps.len()].endpoint;
-        let connecting = ep
-            .connect(addr, &self.server_name)
-            .map_err(io::Error::other)?;
+        let connecting = match &self.zero_rtt {
+            None => ep.connect(addr, &self.server_name),
+            Some(z) => ep.connect_with(Self::device_config(z, k)?, addr, &self.server_name),
+        }
+        .map_err(io::Error::other)?;
+        // Without --zero-rtt a device never sends early data: it waits for
+        // the handshake (a resumed one when it holds a ticket).
+        let connecting = match &self.zero_rtt {
+            None => connecting,
+            Some(z) => match connecting.into_0rtt() {
+                Ok((conn, accepted)) => {
+                    // The stream, and the login written on it, go out in
+                    // 0-RTT data; whether the gateway took them shows later.
+                    let (yes, no) = (z.accepted.clone(), z.refused.clone());
+                    tokio::spawn(async move {
+                        let n = if accepted.await { yes } else { no };
+                        n.fetch_add(1, Relaxed);
+                    });
+                    let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
+                    return Ok(QuicIo::new(conn, send, recv));
+                }
+                Err(connecting) => {
+                    z.no_ticket.fetch_add(1, Relaxed);
+                    connecting
+                }
+            },
+        };
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "QUIC handshake timed out"))?

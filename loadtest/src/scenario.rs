@@ -520,6 +520,29 @@ pub async fn reconnect(
         out.stats.resume_gaps as f64,
         "",
     );
+    if c.zero_rtt {
+        let s = &out.stats;
+        let rows = [
+            (
+                "zero_rtt_accepted",
+                "QUIC connections whose 0-RTT login the gateway took",
+                s.zero_rtt_accepted,
+            ),
+            (
+                "zero_rtt_refused",
+                "QUIC connections whose 0-RTT data was refused",
+                s.zero_rtt_refused,
+            ),
+            (
+                "zero_rtt_no_ticket",
+                "QUIC connections without a ticket (full handshake)",
+                s.zero_rtt_no_ticket,
+            ),
+        ];
+        for (key, what, n) in rows {
+            r.figure(key, what, n as f64, "");
+        }
+    }
     push_figures(&mut r, "gateway", &tally, &got, 0, expected);
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
@@ -729,6 +752,7 @@ pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
             server_name: c.server_name.clone(),
             // 0: the default share, one endpoint per 256 devices.
             endpoints: c.quic_endpoints.unwrap_or(0),
+            zero_rtt: c.zero_rtt,
         })
     } else {
         None

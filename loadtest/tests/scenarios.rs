@@ -633,6 +633,50 @@ async fn reconnect_storm_over_quic_resumes_every_session() {
     assert_eq!(stat(&v, "seq_gaps"), 0);
 }
 
+/// With `--zero-rtt` each device keeps the ticket of its first connection
+/// and resumes in 0-RTT data: the gateway's session store (65,536 tickets
+/// by default) takes every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_devices_resume_in_0rtt_after_a_storm() {
+    let gw = quic_gateway().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = gw.certs.path().join("dev-cert.pem");
+    let v = run(
+        dir.path(),
+        args(&[
+            "reconnect",
+            "--quic",
+            "--zero-rtt",
+            "--ca",
+            &ca.display().to_string(),
+            "--addr",
+            gw.quic.as_deref().expect("QUIC listener"),
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "50",
+            "--workers",
+            "0",
+            "--push-rate",
+            "20",
+            "--settle",
+            "1",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "resumed"), 50.0);
+    assert_eq!(figure(&v, "zero_rtt_no_ticket"), 50.0, "first connections");
+    assert_eq!(
+        figure(&v, "zero_rtt_accepted"),
+        50.0,
+        "every resume in 0-RTT"
+    );
+    assert_eq!(figure(&v, "zero_rtt_refused"), 0.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(figure(&v, "missing"), 0.0);
+    assert_eq!(stat(&v, "seq_gaps"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrating_quic_devices_lose_nothing_and_never_reconnect() {
     let gw = quic_gateway().await;
