@@ -555,6 +555,26 @@ async fn soak_keeps_the_books_on_every_push() {
 }
 
 /// A gateway that also listens for QUIC on a loopback UDP port.
+impl Gw {
+    /// `scenario` against this gateway's QUIC listener (`--quic`, the
+    /// development certificate as `--ca`, `--addr`, `--upstream`), then `rest`.
+    fn quic_args(&self, scenario: &str, rest: &[&str]) -> Vec<String> {
+        let ca = self.certs.path().join("dev-cert.pem");
+        let mut a = args(&[
+            scenario,
+            "--quic",
+            "--ca",
+            &ca.display().to_string(),
+            "--addr",
+            self.quic.as_deref().expect("QUIC listener"),
+            "--upstream",
+            &self.upstream,
+        ]);
+        a.extend(args(rest));
+        a
+    }
+}
+
 async fn quic_gateway() -> Gw {
     gateway(false, |c| {
         c.listen.quic = vec!["127.0.0.1:0".parse().expect("addr")];
@@ -566,27 +586,21 @@ async fn quic_gateway() -> Gw {
 async fn broadcast_over_quic_delivers_everything() {
     let gw = quic_gateway().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = gw.certs.path().join("dev-cert.pem");
     let v = run(
         dir.path(),
-        args(&[
+        gw.quic_args(
             "broadcast",
-            "--quic",
-            "--ca",
-            &ca.display().to_string(),
-            "--addr",
-            gw.quic.as_deref().expect("QUIC listener"),
-            "--upstream",
-            &gw.upstream,
-            "--conns",
-            "200",
-            "--msgs",
-            "50",
-            "--workers",
-            "1",
-            "--quic-endpoints",
-            "3",
-        ]),
+            &[
+                "--conns",
+                "200",
+                "--msgs",
+                "50",
+                "--workers",
+                "1",
+                "--quic-endpoints",
+                "3",
+            ],
+        ),
     )
     .await;
     assert_eq!(figure(&v, "queued"), 10_000.0);
@@ -602,27 +616,21 @@ async fn broadcast_over_quic_delivers_everything() {
 async fn reconnect_storm_over_quic_resumes_every_session() {
     let gw = quic_gateway().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = gw.certs.path().join("dev-cert.pem");
     let v = run(
         dir.path(),
-        args(&[
+        gw.quic_args(
             "reconnect",
-            "--quic",
-            "--ca",
-            &ca.display().to_string(),
-            "--addr",
-            gw.quic.as_deref().expect("QUIC listener"),
-            "--upstream",
-            &gw.upstream,
-            "--conns",
-            "100",
-            "--workers",
-            "0",
-            "--push-rate",
-            "50",
-            "--settle",
-            "1",
-        ]),
+            &[
+                "--conns",
+                "100",
+                "--workers",
+                "0",
+                "--push-rate",
+                "50",
+                "--settle",
+                "1",
+            ],
+        ),
     )
     .await;
     assert_eq!(figure(&v, "resumed"), 100.0);
@@ -640,28 +648,22 @@ async fn reconnect_storm_over_quic_resumes_every_session() {
 async fn quic_devices_resume_in_0rtt_after_a_storm() {
     let gw = quic_gateway().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = gw.certs.path().join("dev-cert.pem");
     let v = run(
         dir.path(),
-        args(&[
+        gw.quic_args(
             "reconnect",
-            "--quic",
-            "--zero-rtt",
-            "--ca",
-            &ca.display().to_string(),
-            "--addr",
-            gw.quic.as_deref().expect("QUIC listener"),
-            "--upstream",
-            &gw.upstream,
-            "--conns",
-            "50",
-            "--workers",
-            "0",
-            "--push-rate",
-            "20",
-            "--settle",
-            "1",
-        ]),
+            &[
+                "--zero-rtt",
+                "--conns",
+                "50",
+                "--workers",
+                "0",
+                "--push-rate",
+                "20",
+                "--settle",
+                "1",
+            ],
+        ),
     )
     .await;
     assert_eq!(figure(&v, "resumed"), 50.0);
@@ -681,33 +683,27 @@ async fn quic_devices_resume_in_0rtt_after_a_storm() {
 async fn migrating_quic_devices_lose_nothing_and_never_reconnect() {
     let gw = quic_gateway().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = gw.certs.path().join("dev-cert.pem");
     let v = run(
         dir.path(),
-        args(&[
+        gw.quic_args(
             "migrate",
-            "--ca",
-            &ca.display().to_string(),
-            "--quic",
-            "--addr",
-            gw.quic.as_deref().expect("QUIC listener"),
-            "--upstream",
-            &gw.upstream,
-            "--conns",
-            "200",
-            "--workers",
-            "0",
-            "--quic-endpoints",
-            "4",
-            "--rebinds",
-            "2",
-            "--migrate-secs",
-            "0.5",
-            "--push-rate",
-            "40",
-            "--settle",
-            "1",
-        ]),
+            &[
+                "--conns",
+                "200",
+                "--workers",
+                "0",
+                "--quic-endpoints",
+                "4",
+                "--rebinds",
+                "2",
+                "--migrate-secs",
+                "0.5",
+                "--push-rate",
+                "40",
+                "--settle",
+                "1",
+            ],
+        ),
     )
     .await;
     let queued = figure(&v, "queued");
