@@ -398,20 +398,18 @@ impl Delivery {
             &mut (0..2).flat_map(|l| bufs[l].queue.iter().take(take[l]).map(|it| &it.push)),
         );
         let mut sendable = 0;
-        let mut moved = 0;
         for (l, lane) in LANES.iter().enumerate() {
             if !lanes.has(l) {
                 continue;
             }
             let b = &mut bufs[l];
-            while moved < max && b.window.len() < cfg.window[l] {
+            for _ in 0..take[l] {
                 let Some(mut it) = b.pop_queued() else {
                     break;
                 };
                 it.tries = it.tries.saturating_add(1);
                 b.written = b.written.max(it.seq);
                 out.push(*lane, it.seq, &it.push);
-                moved += 1;
                 if b.window.is_empty() {
                     b.waiting = Some(now);
                 }
