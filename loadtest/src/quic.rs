@@ -170,30 +170,31 @@ impl Endpoints {
         .map_err(io::Error::other)?;
         // Without --zero-rtt a device never sends early data: it waits for
         // the handshake (a resumed one when it holds a ticket).
-        let connecting = match &self.zero_rtt {
-            None => connecting,
-            Some(z) => match connecting.into_0rtt() {
-                Ok((conn, accepted)) => {
-                    // The stream, and the login written on it, go out in
-                    // 0-RTT data; whether the gateway took them shows later.
+        let early = match &self.zero_rtt {
+            None => Err(connecting),
+            Some(z) => connecting.into_0rtt().map_err(|c| {
+                z.no_ticket.fetch_add(1, Relaxed);
+                c
+            }),
+        };
+        let conn = match early {
+            Ok((conn, accepted)) => {
+                // The stream, and the login written on it, go out in 0-RTT
+                // data; whether the gateway took them shows later.
+                if let Some(z) = &self.zero_rtt {
                     let (yes, no) = (z.accepted.clone(), z.refused.clone());
                     tokio::spawn(async move {
                         let n = if accepted.await { yes } else { no };
                         n.fetch_add(1, Relaxed);
                     });
-                    let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
-                    return Ok(QuicIo::new(conn, send, recv));
                 }
-                Err(connecting) => {
-                    z.no_ticket.fetch_add(1, Relaxed);
-                    connecting
-                }
-            },
+                conn
+            }
+            Err(connecting) => tokio::time::timeout(Duration::from_secs(10), connecting)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "QUIC handshake timed out"))?
+                .map_err(io::Error::other)?,
         };
-        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "QUIC handshake timed out"))?
-            .map_err(io::Error::other)?;
         let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
         Ok(QuicIo::new(conn, send, recv))
     }
