@@ -34,6 +34,18 @@ fn to_device(user: &str, device: &str, payload: Bytes, lane: pb::Lane) -> pb::Pu
     }
 }
 
+/// Pushes `payload` to `user`'s phone on `lane`; the push must be taken.
+async fn push_phone(
+    up: &tether::upstream::UpstreamClient,
+    user: &str,
+    payload: impl Into<Bytes>,
+    lane: pb::Lane,
+) -> pb::PushReply {
+    up.push(to_device(user, "phone", payload.into(), lane))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_push_and_ack_over_quic_with_bulk_on_its_own_stream() {
     let g = start(quic_config()).await;
@@ -177,14 +189,7 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
     let (up, _events) = g.upstream(false).await;
     let (q, mut c, ok) = g.login_quic("rs", "phone").await;
     for i in 1..=3u8 {
-        up.push(to_device(
-            "rs",
-            "phone",
-            Bytes::from(vec![i]),
-            pb::Lane::Interactive,
-        ))
-        .await
-        .unwrap();
+        push_phone(&up, "rs", Bytes::from(vec![i]), pb::Lane::Interactive).await;
     }
     for seq in 1..=3 {
         assert_eq!(
@@ -222,14 +227,7 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
         h.presence(g.gw.node_id()).unwrap().transport
     };
     assert_eq!(presence(&g), "tcp", "presence follows the resume");
-    up.push(to_device(
-        "rs",
-        "phone",
-        Bytes::from_static(b"4"),
-        pb::Lane::Interactive,
-    ))
-    .await
-    .unwrap();
+    push_phone(&up, "rs", Bytes::from_static(b"4"), pb::Lane::Interactive).await;
     assert_eq!(
         push_within(&mut t, Duration::from_secs(5), "a push")
             .await
@@ -250,14 +248,7 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
     assert_eq!(ok_q.session_id, ok.session_id);
     assert_eq!(ok_q.resume.unwrap().code, Code::Ok as i32);
     assert_eq!(presence(&g), "quic");
-    up.push(to_device(
-        "rs",
-        "phone",
-        Bytes::from_static(b"5"),
-        pb::Lane::Interactive,
-    ))
-    .await
-    .unwrap();
+    push_phone(&up, "rs", Bytes::from_static(b"5"), pb::Lane::Interactive).await;
     assert_eq!(
         push_within(&mut c2, Duration::from_secs(5), "a push")
             .await
@@ -275,22 +266,19 @@ async fn a_stalled_bulk_stream_does_not_delay_interactive_pushes() {
     c.pause_bulk(true);
     let flood = Bytes::from(vec![7u8; 4096]);
     for _ in 0..200 {
-        up.push(to_device("bk", "phone", flood.clone(), pb::Lane::Bulk))
-            .await
-            .unwrap();
+        push_phone(&up, "bk", flood.clone(), pb::Lane::Bulk).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut worst = Duration::ZERO;
     for i in 1..=50u64 {
         let t0 = Instant::now();
-        up.push(to_device(
+        push_phone(
+            &up,
             "bk",
-            "phone",
             Bytes::from(i.to_be_bytes().to_vec()),
             pb::Lane::Interactive,
-        ))
-        .await
-        .unwrap();
+        )
+        .await;
         let p = push_within(&mut c, Duration::from_secs(2), "a push").await;
         assert_eq!((p.lane, p.seq), (pb::Lane::Interactive as i32, i));
         worst = worst.max(t0.elapsed());
@@ -375,14 +363,13 @@ async fn a_handshake_and_garbage_flood_leaves_established_sessions_receiving() {
     let mut worst = Duration::ZERO;
     for i in 1..=100u64 {
         let t0 = Instant::now();
-        up.push(to_device(
+        push_phone(
+            &up,
             "fl",
-            "phone",
             Bytes::from(i.to_be_bytes().to_vec()),
             pb::Lane::Interactive,
-        ))
-        .await
-        .unwrap();
+        )
+        .await;
         let p = push_within(&mut c, Duration::from_secs(2), "a push").await;
         assert_eq!(p.seq, i, "no push lost during the flood");
         worst = worst.max(t0.elapsed());
@@ -628,14 +615,7 @@ async fn a_quic_client_that_never_reads_holds_only_what_the_bounds_allow() {
     // cuts the connection, and the detached bound caps what waits.
     let body = Bytes::from(vec![1u8; 4096]);
     for _ in 0..2048 {
-        up.push(to_device(
-            "nr",
-            "phone",
-            body.clone(),
-            pb::Lane::Interactive,
-        ))
-        .await
-        .unwrap();
+        push_phone(&up, "nr", body.clone(), pb::Lane::Interactive).await;
     }
     let h =
         g.gw.registry()
@@ -747,22 +727,8 @@ async fn a_client_that_allows_no_unidirectional_stream_gets_bulk_on_its_own_stre
         .await
         .unwrap();
     c.login(&token("one", "phone"), "phone").await.unwrap();
-    up.push(to_device(
-        "one",
-        "phone",
-        Bytes::from_static(b"b"),
-        pb::Lane::Bulk,
-    ))
-    .await
-    .unwrap();
-    up.push(to_device(
-        "one",
-        "phone",
-        Bytes::from_static(b"i"),
-        pb::Lane::Interactive,
-    ))
-    .await
-    .unwrap();
+    push_phone(&up, "one", Bytes::from_static(b"b"), pb::Lane::Bulk).await;
+    push_phone(&up, "one", Bytes::from_static(b"i"), pb::Lane::Interactive).await;
     let mut got = Vec::new();
     for _ in 0..2 {
         let p = push_within(&mut c, Duration::from_secs(5), "a push").await;
