@@ -172,9 +172,8 @@ impl Endpoints {
         // the handshake (a resumed one when it holds a ticket).
         let early = match &self.zero_rtt {
             None => Err(connecting),
-            Some(z) => connecting.into_0rtt().map_err(|c| {
+            Some(z) => connecting.into_0rtt().inspect_err(|_| {
                 z.no_ticket.fetch_add(1, Relaxed);
-                c
             }),
         };
         let conn = match early {
