@@ -171,6 +171,11 @@ pub struct ListenConfig {
     pub recv_buffer: u32,
     /// SO_SNDBUF for client sockets in bytes; 0 keeps the kernel's autotuning.
     pub send_buffer: u32,
+    /// A plain-TCP connection quiet this long (nothing read, nothing in
+    /// flight) is parked: no task and no reactor entry until it reads or is
+    /// woken. 0 turns parking off.
+    #[serde(with = "humantime_serde")]
+    pub park_after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -431,6 +436,7 @@ impl Default for ListenConfig {
             backlog: 4096,
             recv_buffer: 0,
             send_buffer: 0,
+            park_after: Duration::from_secs(5),
         }
     }
 }
@@ -543,6 +549,10 @@ backlog = 4096
 # which allocates buffer memory only while data is in flight.
 recv_buffer = 0
 send_buffer = 0
+# A plain-TCP connection quiet this long (no frame read, nothing unacknowledged)
+# is parked: it gives up its task and its reactor entry, about 400 bytes, until
+# it reads or is pushed to. "0s" turns parking off.
+park_after = "5s"
 
 [tls]
 # PEM certificate chain and key. When unset, a self-signed development

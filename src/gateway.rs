@@ -200,6 +200,9 @@ pub struct Gateway {
     next_session: AtomicU64,
     next_msg: AtomicU64,
     msg_prefix: String,
+    /// Idle plain-TCP connections without a task (transport/park.rs).
+    #[cfg(target_os = "linux")]
+    parker: crate::transport::Parker,
 }
 
 impl Gateway {
@@ -253,6 +256,8 @@ impl Gateway {
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(seed.max(1)),
             next_msg: AtomicU64::new(1),
+            #[cfg(target_os = "linux")]
+            parker: crate::transport::Parker::default(),
         });
         let hooks: std::sync::Weak<dyn crate::router::RouterHooks> = Arc::downgrade(&gw) as _;
         gw.router.set_hooks(hooks);
@@ -293,6 +298,38 @@ impl Gateway {
     }
     pub fn delivery(&self) -> &DeliveryConfig {
         &self.delivery
+    }
+
+    #[cfg(target_os = "linux")]
+    pub(crate) fn parker(&self) -> &crate::transport::Parker {
+        &self.parker
+    }
+
+    /// How long a plain-TCP connection stays quiet before it parks; None
+    /// when parking is off (`listen.park_after = 0`, or no parker runs).
+    pub(crate) fn park_after(&self) -> Option<Duration> {
+        #[cfg(target_os = "linux")]
+        if self.parker.is_running() && !self.cfg.listen.park_after.is_zero() {
+            return Some(self.cfg.listen.park_after);
+        }
+        None
+    }
+
+    /// Plain-TCP connections parked now (transport/park.rs).
+    pub fn parked_connections(&self) -> usize {
+        #[cfg(target_os = "linux")]
+        return self.parker.parked();
+        #[cfg(not(target_os = "linux"))]
+        0
+    }
+
+    /// Starts parking idle plain-TCP connections (the server does this with
+    /// its listeners; needs a runtime). Off when `listen.park_after` is 0.
+    pub fn start_parker(&self) {
+        #[cfg(target_os = "linux")]
+        if !self.cfg.listen.park_after.is_zero() {
+            self.parker.start();
+        }
     }
 
     /// Socket writes made to clients so far (tests use it; the metric
@@ -1009,6 +1046,9 @@ impl Server {
         let stop_accept = CancellationToken::new();
         let stop_ticker = CancellationToken::new();
         let ticker = gw.spawn_ticker(stop_ticker.clone());
+        if !self.tcp.is_empty() {
+            gw.start_parker();
+        }
         let handshakes = Arc::new(tokio::sync::Semaphore::new(
             gw.cfg.tls.max_handshakes as usize,
         ));
@@ -1138,7 +1178,11 @@ async fn accept_loop(
         };
         match &tls {
             None => {
-                tokio::spawn(Connection::new(gw.clone(), stream, kind, guard));
+                let conn = Connection::new(gw.clone(), stream, kind, guard);
+                #[cfg(target_os = "linux")]
+                tokio::spawn(crate::transport::TcpConnection::from(conn));
+                #[cfg(not(target_os = "linux"))]
+                tokio::spawn(conn);
             }
             Some(acc) => {
                 let (gw, acc, hs) = (gw.clone(), acc.clone(), handshakes.clone());

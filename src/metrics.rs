@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
+use metrics::{
+    describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
+};
 
 use crate::ids::TransportKind;
 
@@ -46,6 +48,8 @@ pub const ACKED: &str = "tether_pushes_acked_total";
 pub const REPLAY_BYTES: &str = "tether_replay_bytes";
 pub const DETACHED: &str = "tether_detached_sessions";
 pub const RESIDENT_MEMORY: &str = "tether_process_resident_memory_bytes";
+pub const PARKED: &str = "tether_parked_connections";
+pub const PARKS: &str = "tether_parks_total";
 
 /// Describes every metric (Prometheus HELP lines).
 pub fn describe() {
@@ -75,6 +79,14 @@ pub fn describe() {
         "Times a large push paused its fan-out to let other tasks (sessions, timers) run."
     );
     describe_gauge!(SESSIONS, "Logged-in sessions.");
+    describe_gauge!(
+        PARKED,
+        "Idle plain-TCP connections parked: no task and no reactor entry, their socket watched by the parker (listen.park_after)."
+    );
+    describe_counter!(
+        PARKS,
+        "Times a quiet plain-TCP connection was parked; each later read or wake-up unparks it."
+    );
     describe_counter!(LOGINS, "Login attempts, by result (ok or a code name).");
     describe_counter!(
         CLOSES,
@@ -173,6 +185,8 @@ pub struct Hot {
     /// By target: user, device, users, room, everyone.
     pushes: [Counter; 5],
     pub queue_depth: Histogram,
+    pub parked: Gauge,
+    pub parks: Counter,
 }
 
 /// Push targets, the label values of `tether_pushes_total{target}`, in the
@@ -206,6 +220,8 @@ impl Hot {
             deliveries: metrics::counter!(DELIVERIES),
             pushes: PUSH_TARGETS.map(|t| metrics::counter!(PUSHES, "target" => t)),
             queue_depth: metrics::histogram!(QUEUE_DEPTH),
+            parked: metrics::gauge!(PARKED),
+            parks: metrics::counter!(PARKS),
         }
     }
 

@@ -395,6 +395,17 @@ impl Session {
         ) && self.out.len() < MAX_PENDING_CONTROL
     }
 
+    /// Since when the peer has been silent, while logged in with no control
+    /// frame waiting to be written (a connection may park after a while).
+    pub fn quiet_since(&self) -> Option<Instant> {
+        match &self.state {
+            State::Active { idle_deadline, .. } if self.out.is_empty() && !self.close_last => {
+                idle_deadline.checked_sub(self.params.idle_timeout)
+            }
+            _ => None,
+        }
+    }
+
     /// Logged in and not closing: pushes may flow.
     pub fn is_active(&self) -> bool {
         matches!(self.state, State::Active { .. })

@@ -110,6 +110,20 @@ impl<W: Wire> Connection<W> {
         self.link.handle()
     }
 
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// The wire and the link, apart (a connection that parks).
+    pub(crate) fn into_parts(self) -> (W, Link) {
+        (self.wire, self.link)
+    }
+
+    /// A connection around a saved link (a connection that unparks).
+    pub(crate) fn from_parts(wire: W, link: Link) -> Self {
+        Self { wire, link }
+    }
+
     /// Reads and feeds input. Returns true when the read budget ran out with
     /// data possibly left (the task must be polled again).
     fn poll_input(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
@@ -234,6 +248,14 @@ impl<W: Wire> Future for Connection<W> {
             }
         }
         this.link.end(cx, again, session_before)
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Connection<tokio::net::TcpStream> {
+    pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.wire.as_raw_fd())
     }
 }
 

@@ -75,6 +75,10 @@ impl Flags {
     /// A request that must wait for the handshake's confirmation is held in
     /// `rbuf` (with everything after it); reading stops until then.
     const DEFERRED: u16 = 1 << 10;
+    /// Unparked and nothing read since: it does not park again before its
+    /// socket has been read (the reactor may not have reported the bytes
+    /// that unparked it yet).
+    const UNPARKED: u16 = 1 << 11;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -304,6 +308,40 @@ impl Link {
         &self.gw
     }
 
+    pub(crate) fn gateway_arc(&self) -> &Arc<Gateway> {
+        &self.gw
+    }
+
+    /// When this connection may park (see park.rs): a logged-in plain-TCP
+    /// connection with nothing partly read, nothing pending on its socket
+    /// and no control frame waiting, `listen.park_after` after the peer's
+    /// last frame. The session's own queues and windows are checked when it
+    /// parks ([`Link::try_park`]). None while any of that does not hold, or
+    /// when parking is off.
+    pub fn park_at(&self) -> Option<Instant> {
+        if self.kind != TransportKind::Tcp
+            || !self.registered()
+            || self.rbuf.is_some()
+            || self.out.is_some()
+            || self.f.has(Flags::READ_CLOSED | Flags::UNPARKED)
+        {
+            return None;
+        }
+        let after = self.gw.park_after()?;
+        Some(self.session.quiet_since()? + after)
+    }
+
+    /// The connection left the parker: it parks again only after a read.
+    pub(crate) fn unparked(&mut self) {
+        self.f.set(Flags::UNPARKED, true);
+    }
+
+    /// Hands the session's wake-ups to `waker` if nothing waits in it (see
+    /// [`SessionHandle::try_park`]).
+    pub(crate) fn try_park(&self, waker: Waker) -> bool {
+        self.handle.try_park(self.gen, waker)
+    }
+
     /// The gateway's clock.
     pub fn now(&self) -> Instant {
         self.gw.now()
@@ -454,6 +492,7 @@ impl Link {
     /// Bytes the peer sent (`peer` gives its address, asked only at login).
     pub fn on_read(&mut self, now: Instant, data: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
         m::hot().bytes_in.increment(data.len() as u64);
+        self.f.set(Flags::UNPARKED, false);
         if self.session.is_closing() {
             self.lingered_kib = self
                 .lingered_kib
@@ -847,7 +886,10 @@ impl Link {
         } else {
             None
         };
-        [self.session.poll_timeout(), stall, acks]
+        // A deadline already passed is the driver's to act on (it parks
+        // after this poll), not the wheel's.
+        let park = self.park_at().filter(|&at| at > self.gw.now());
+        [self.session.poll_timeout(), stall, acks, park]
             .into_iter()
             .flatten()
             .min()

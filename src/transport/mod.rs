@@ -15,6 +15,8 @@
 
 mod conn;
 mod link;
+#[cfg(target_os = "linux")]
+mod park;
 pub mod quic;
 #[cfg(test)]
 mod testkit;
@@ -28,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use conn::{ConnGuard, Connection};
 pub use link::{Link, Outputs, WriteBatch};
+#[cfg(target_os = "linux")]
+pub use park::{Parker, TcpConnection};
 
 /// A byte stream a session can run over.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {

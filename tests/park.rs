@@ -1,0 +1,178 @@
+//! Parking over real loopback TCP: a quiet connection gives up its task and
+//! its reactor entry (`listen.park_after`), and everything that concerns it
+//! still reaches it: its own frames (a heartbeat, an uplink, a hang-up),
+//! pushes, kicks, a resume elsewhere, the idle timeout and a drain.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tether::wire::{pb, Code};
+
+fn parking() -> tether::config::Config {
+    let mut cfg = test_config();
+    cfg.listen.park_after = Duration::from_millis(150);
+    cfg
+}
+
+/// Waits until `n` connections are parked.
+async fn wait_parked(g: &TestGateway, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.gw.parked_connections() != n {
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} parked connections, have {}",
+            g.gw.parked_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_connection_parks_and_pushes_pings_and_uplinks_still_flow() {
+    let g = start(parking()).await;
+    let (up, mut events) = g.upstream(true).await;
+    let (mut c, ok) = g.login("alice", "phone").await;
+    wait_parked(&g, 1).await;
+    assert_eq!(g.attached(), 1, "a parked connection keeps its session");
+
+    // A push wakes the session: the connection unparks and writes it.
+    let r = up.push_user("alice", &b"one"[..]).await.unwrap();
+    assert_eq!(r.sessions, 1);
+    let p = push_within(
+        &mut c,
+        Duration::from_secs(3),
+        "the push to a parked connection",
+    );
+    let p = p.await;
+    assert_eq!(&p.payload[..], b"one");
+    assert_eq!(
+        g.gw.parked_connections(),
+        0,
+        "unacknowledged, it must not park"
+    );
+    c.ack(p.seq).await.unwrap();
+    wait_parked(&g, 1).await;
+
+    // Its own frames unpark it: a heartbeat, then an uplink.
+    ping_pong(&mut c).await;
+    wait_parked(&g, 1).await;
+    let rid = c.send_up("cm-1", "chat", &b"up"[..]).await.unwrap();
+    let f = next(&mut c).await;
+    assert_eq!(f.request_id, rid);
+    loop {
+        match next_event(&mut events, Duration::from_secs(3)).await {
+            pb::event::Kind::Uplink(u) => {
+                assert_eq!(&u.payload[..], b"up");
+                assert_eq!(u.session.unwrap().session_id, ok.session_id);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    wait_parked(&g, 1).await;
+
+    // A second push after parking again, acked: nothing lost, in order.
+    up.push_user("alice", &b"two"[..]).await.unwrap();
+    let p2 = push_within(&mut c, Duration::from_secs(3), "the second push").await;
+    assert_eq!((&p2.payload[..], p2.seq), (&b"two"[..], p.seq + 1));
+    c.ack(p2.seq).await.unwrap();
+    wait_parked(&g, 1).await;
+
+    // A kick reaches it.
+    assert_eq!(up.kick("alice", "phone", "bye").await.unwrap(), 1);
+    assert_eq!(close_of(&next(&mut c).await), Code::Kicked);
+    expect_eof(&mut c).await;
+    g.wait_sessions(0).await;
+    wait_parked(&g, 0).await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_times_out_on_schedule() {
+    let mut cfg = parking();
+    cfg.session.heartbeat_interval = Duration::from_secs(1);
+    cfg.session.idle_timeout = Duration::from_millis(1500);
+    let g = start(cfg).await;
+    let (mut c, _) = g.login("alice", "phone").await;
+    let t0 = Instant::now();
+    wait_parked(&g, 1).await;
+    assert_eq!(close_of(&next(&mut c).await), Code::HeartbeatTimeout);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(3000),
+        "the idle timeout of a parked connection fired after {took:?}, not about 1.5 s"
+    );
+    expect_eof(&mut c).await;
+    wait_parked(&g, 0).await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_whose_peer_hangs_up_keeps_its_session_for_a_resume() {
+    let g = start(parking()).await;
+    let (up, _) = g.upstream(false).await;
+    let (c, ok) = g.login("alice", "phone").await;
+    wait_parked(&g, 1).await;
+    drop(c);
+    // The hang-up is a readable socket: it unparks, reads the end, and the
+    // session waits for a resume.
+    g.wait_sessions(0).await;
+    wait_parked(&g, 0).await;
+    up.push_user("alice", &b"held"[..]).await.unwrap();
+
+    let mut c = g.client().await;
+    c.login_with(resume_login("alice", "phone", &ok, 0, 0))
+        .await
+        .expect("resume");
+    let p = push_within(&mut c, Duration::from_secs(3), "the held push").await;
+    assert_eq!(&p.payload[..], b"held");
+}
+
+#[tokio::test]
+async fn a_resume_elsewhere_replaces_a_parked_connection() {
+    let g = start(parking()).await;
+    let (mut old, ok) = g.login("alice", "phone").await;
+    wait_parked(&g, 1).await;
+
+    // The device comes back on a new connection while the old one still
+    // looks alive: the old one is woken and told it was replaced.
+    let mut new = g.client().await;
+    new.login_with(resume_login("alice", "phone", &ok, 0, 0))
+        .await
+        .expect("resume");
+    assert_eq!(close_of(&next(&mut old).await), Code::Replaced);
+    expect_eof(&mut old).await;
+    ping_pong(&mut new).await;
+    wait_parked(&g, 1).await;
+}
+
+#[tokio::test]
+async fn a_drain_reaches_parked_connections() {
+    let g = start(parking()).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(g.login(&format!("u{i}"), "phone").await.0);
+    }
+    wait_parked(&g, 20).await;
+    g.stop.cancel();
+    for c in &mut clients {
+        assert_eq!(close_of(&next(c).await), Code::ServerDraining);
+    }
+    tokio::time::timeout(Duration::from_secs(10), g.done)
+        .await
+        .expect("the server stopped")
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.gw.parked_connections(), 0);
+}
+
+#[tokio::test]
+async fn parking_off_keeps_every_connection_running() {
+    let mut cfg = test_config();
+    cfg.listen.park_after = Duration::ZERO;
+    let g = start(cfg).await;
+    let (mut c, _) = g.login("alice", "phone").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(g.gw.parked_connections(), 0);
+    ping_pong(&mut c).await;
+}
