@@ -176,3 +176,36 @@ async fn parking_off_keeps_every_connection_running() {
     assert_eq!(g.gw.parked_connections(), 0);
     ping_pong(&mut c).await;
 }
+
+#[tokio::test]
+async fn a_stale_timer_entry_does_not_unpark() {
+    // The wheel's entries are lazy: the one registered for the login
+    // deadline still fires after the login. A parked connection woken by it
+    // finds nothing due and stays parked (were it unparked, it would stay
+    // so until its next heartbeat).
+    let mut cfg = parking();
+    cfg.session.login_timeout = Duration::from_millis(700);
+    let g = start(cfg).await;
+    let t0 = Instant::now();
+    let mut c = g.client().await;
+    // The connection's first poll, with nothing read yet, registers the
+    // login deadline.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.login(&token("alice", "phone"), "phone").await.unwrap();
+    wait_parked(&g, 1).await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "parked only after the login deadline; the test proves nothing"
+    );
+    while t0.elapsed() < Duration::from_millis(1200) {
+        assert_eq!(
+            g.gw.parked_connections(),
+            1,
+            "unparked at {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ping_pong(&mut c).await;
+    wait_parked(&g, 1).await;
+}

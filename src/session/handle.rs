@@ -366,15 +366,15 @@ impl SessionHandle {
 
     /// Hands the session's wake-ups to a parked connection's `waker`, if
     /// nothing waits: the connection of generation `gen` still holds the
-    /// session, nobody has taken its task's waker since that poll began (a
-    /// push, a timer or a close request takes it to wake the task), nothing
-    /// is queued or unacknowledged, and no close is asked. Under the
-    /// session's lock, so a push either comes before (and parking is
-    /// refused) or after (and wakes `waker`).
-    pub fn try_park(&self, gen: u32, waker: Waker) -> bool {
+    /// session, nothing is queued or unacknowledged, no close is asked, and
+    /// (with `current`) nobody has taken its task's waker since that poll
+    /// began (a push, a timer or a close request takes it to wake the
+    /// task). Under the session's lock, so a push either comes before (and
+    /// parking is refused) or after (and wakes `waker`).
+    pub fn try_park(&self, gen: u32, waker: Waker, current: bool) -> bool {
         let mut o = self.0.outbox.lock();
         if o.gen != gen
-            || o.waker.is_none()
+            || (current && o.waker.is_none())
             || !o.delivery.is_idle()
             || o.close.is_some()
             || o.closed

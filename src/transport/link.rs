@@ -339,7 +339,25 @@ impl Link {
     /// Hands the session's wake-ups to `waker` if nothing waits in it (see
     /// [`SessionHandle::try_park`]).
     pub(crate) fn try_park(&self, waker: Waker) -> bool {
-        self.handle.try_park(self.gen, waker)
+        self.handle.try_park(self.gen, waker, true)
+    }
+
+    /// A parked connection was woken: true if it may stay parked, with
+    /// `waker` as its session's waker again. The wheel's entries are lazy
+    /// (an entry left from an earlier deadline, such as the login deadline,
+    /// still fires), so a wake-up from the wheel often finds nothing due:
+    /// the connection then re-arms the wheel for its real deadline and stays
+    /// parked. Anything else (a push, a close request, a takeover, a
+    /// deadline reached) unparks it.
+    pub(crate) fn stay_parked(&mut self, now: Instant, waker: Waker) -> bool {
+        if self.session.poll_timeout().is_some_and(|t| t <= now)
+            || self.park_at().is_none_or(|at| at > now)
+        {
+            return false;
+        }
+        // The wake-up took the parked waker; whatever came with it shows in
+        // the session's state, which `try_park` checks under its lock.
+        self.handle.try_park(self.gen, waker, false) && self.arm()
     }
 
     /// The gateway's clock.
@@ -896,6 +914,16 @@ impl Link {
     }
 
     fn arm_timer(&mut self, cx: &mut Context<'_>) {
+        if !self.arm() {
+            // The next poll counts as woken by the wheel, so that its
+            // deadline checks run and move the deadline.
+            cx.waker().wake_by_ref();
+        }
+    }
+
+    /// Registers the next deadline with the wheel; false when it is already
+    /// due (the caller must act now).
+    fn arm(&mut self) -> bool {
         // Ticks are kept as the low 32 bits and compared with wrapping
         // arithmetic: registrations lie within the wheel's horizon (a few
         // thousand ticks) of its cursor, so the difference always fits.
@@ -905,7 +933,7 @@ impl Link {
             self.f.set(Flags::TIMER_SET, false);
         }
         let Some(deadline) = self.next_wakeup() else {
-            return;
+            return true;
         };
         let want = wheel.tick_ceil(deadline) as u32;
         if !self.f.has(Flags::TIMER_SET) || tick_after(self.timer, want) {
@@ -915,13 +943,12 @@ impl Link {
                     self.f.set(Flags::TIMER_SET, true);
                 }
                 Scheduled::Due => {
-                    // The next poll counts as woken by the wheel, so that its
-                    // deadline checks run and move the deadline.
                     self.f.set(Flags::TIMER_SET, false);
-                    cx.waker().wake_by_ref();
+                    return false;
                 }
             }
         }
+        true
     }
 
     /// Takes this connection's entry out of the wheel, so that an ended

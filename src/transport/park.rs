@@ -286,9 +286,11 @@ async fn run(shared: Arc<Shared>, mut afd: AsyncFd<mio::Poll>) {
     }
 }
 
-/// Gives the connection parked on `fd` (if `session` is given, only if it
-/// still drives that session) a task again.
-fn unpark(shared: &Shared, fd: RawFd, session: Option<SessionId>) {
+/// Gives the connection parked on `fd` a task again: for a readable socket
+/// (`session` None) always; for a wake-up of `session`, only if the
+/// connection still drives that session and something is due (see
+/// [`Link::stay_parked`]).
+fn unpark(shared: &Arc<Shared>, fd: RawFd, session: Option<SessionId>) {
     let Ok(idx) = usize::try_from(fd) else {
         return;
     };
@@ -298,7 +300,16 @@ fn unpark(shared: &Shared, fd: RawFd, session: Option<SessionId>) {
             return;
         };
         if let Some(s) = session {
-            if slot.as_ref().is_none_or(|p| p.link.handle().id() != s) {
+            let Some(p) = slot.as_mut().filter(|p| p.link.handle().id() == s) else {
+                return;
+            };
+            let waker = Waker::from(Arc::new(ParkWake {
+                parker: Arc::downgrade(shared),
+                fd,
+                session: s,
+            }));
+            let now = p.link.now();
+            if p.link.stay_parked(now, waker) {
                 return;
             }
         }
