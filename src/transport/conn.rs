@@ -247,7 +247,7 @@ impl<W: Wire> Future for Connection<W> {
                 }
             }
         }
-        this.link.end(cx, again, session_before)
+        this.link.end(cx, now, again, session_before)
     }
 }
 

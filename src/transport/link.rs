@@ -79,6 +79,8 @@ impl Flags {
     /// socket has been read (the reactor may not have reported the bytes
     /// that unparked it yet).
     const UNPARKED: u16 = 1 << 11;
+    /// Set by the last poll: the connection may park now.
+    const PARK_DUE: u16 = 1 << 12;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -331,6 +333,12 @@ impl Link {
         Some(self.session.quiet_since()? + after)
     }
 
+    /// Whether the last poll found that the connection may park now (see
+    /// [`Link::park_at`]).
+    pub(crate) fn park_due(&self) -> bool {
+        self.f.has(Flags::PARK_DUE)
+    }
+
     /// The connection left the parker: it parks again only after a read.
     pub(crate) fn unparked(&mut self) {
         self.f.set(Flags::UNPARKED, true);
@@ -357,7 +365,7 @@ impl Link {
         }
         // The wake-up took the parked waker; whatever came with it shows in
         // the session's state, which `try_park` checks under its lock.
-        self.handle.try_park(self.gen, waker, false) && self.arm()
+        self.handle.try_park(self.gen, waker, false) && self.arm(now)
     }
 
     /// The gateway's clock.
@@ -612,6 +620,7 @@ impl Link {
     pub fn end(
         &mut self,
         cx: &mut Context<'_>,
+        now: Instant,
         again: bool,
         session_before: crate::ids::SessionId,
     ) -> Poll<()> {
@@ -636,7 +645,7 @@ impl Link {
         if again {
             cx.waker().wake_by_ref();
         }
-        self.arm_timer(cx);
+        self.arm_timer(cx, now);
         Poll::Pending
     }
 
@@ -887,7 +896,9 @@ impl Link {
     /// Each of them is acted on when it comes (a close), so none can make the
     /// wheel answer "due" for ever: a deadline a poll cannot move would have
     /// the task wake itself in a loop.
-    fn next_wakeup(&self) -> Option<Instant> {
+    /// The next deadline the wheel must wake this connection for. Sets
+    /// `PARK_DUE` when the connection may park now (the driver acts on it).
+    fn next_wakeup(&mut self, now: Instant) -> Option<Instant> {
         let closing = self.session.is_closing();
         let timeout = self.gw.delivery().stall_timeout;
         let stall = if closing {
@@ -904,17 +915,21 @@ impl Link {
         } else {
             None
         };
-        // A deadline already passed is the driver's to act on (it parks
-        // after this poll), not the wheel's.
-        let park = self.park_at().filter(|&at| at > self.gw.now());
+        // Pushes waiting for an ack keep the connection from parking (and
+        // their deadline wakes it); a park deadline already passed is the
+        // driver's to act on after this poll, not the wheel's.
+        let park = if acks.is_none() { self.park_at() } else { None };
+        let due = park.is_some_and(|at| at <= now);
+        self.f.set(Flags::PARK_DUE, due);
+        let park = park.filter(|_| !due);
         [self.session.poll_timeout(), stall, acks, park]
             .into_iter()
             .flatten()
             .min()
     }
 
-    fn arm_timer(&mut self, cx: &mut Context<'_>) {
-        if !self.arm() {
+    fn arm_timer(&mut self, cx: &mut Context<'_>, now: Instant) {
+        if !self.arm(now) {
             // The next poll counts as woken by the wheel, so that its
             // deadline checks run and move the deadline.
             cx.waker().wake_by_ref();
@@ -923,18 +938,18 @@ impl Link {
 
     /// Registers the next deadline with the wheel; false when it is already
     /// due (the caller must act now).
-    fn arm(&mut self) -> bool {
+    fn arm(&mut self, now: Instant) -> bool {
         // Ticks are kept as the low 32 bits and compared with wrapping
         // arithmetic: registrations lie within the wheel's horizon (a few
         // thousand ticks) of its cursor, so the difference always fits.
-        let wheel = self.gw.wheel();
-        let cursor = wheel.cursor() as u32;
+        let cursor = self.gw.wheel().cursor() as u32;
         if self.f.has(Flags::TIMER_SET) && tick_after(cursor, self.timer) {
             self.f.set(Flags::TIMER_SET, false);
         }
-        let Some(deadline) = self.next_wakeup() else {
+        let Some(deadline) = self.next_wakeup(now) else {
             return true;
         };
+        let wheel = self.gw.wheel();
         let want = wheel.tick_ceil(deadline) as u32;
         if !self.f.has(Flags::TIMER_SET) || tick_after(self.timer, want) {
             match wheel.schedule(deadline, &self.handle) {
@@ -1059,7 +1074,8 @@ mod tests {
             let mut cx = Context::from_waker(&waker);
             let before = self.link.handle().id();
             self.link.begin(self.gw.now(), &waker);
-            self.done = self.link.end(&mut cx, false, before).is_ready();
+            let now = self.gw.now();
+            self.done = self.link.end(&mut cx, now, false, before).is_ready();
             self.wakes.0.load(Ordering::SeqCst) > 0
         }
 

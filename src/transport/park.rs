@@ -358,7 +358,7 @@ impl std::future::Future for TcpConnection {
             return Poll::Ready(());
         }
         let link = conn.link();
-        if link.park_at().is_none_or(|at| at > link.now()) {
+        if !link.park_due() {
             return Poll::Pending;
         }
         // Refused when something arrived as the connection was about to
