@@ -319,6 +319,67 @@ async fn push_to_offline_user_reports_undelivered() {
 }
 
 #[tokio::test]
+async fn a_push_batch_runs_each_push_and_answers_each_in_order() {
+    let g = start(test_config()).await;
+    let (mut alice, _) = g.login("alice", "phone").await;
+    let (mut bob, _) = g.login("bob", "phone").await;
+    let (up, _) = g.upstream(false).await;
+    let to = |user: &str, payload: &'static [u8]| pb::PushRequest {
+        target: Some(pb::push_request::Target::UserId(user.into())),
+        payload: payload.into(),
+        ..Default::default()
+    };
+    let results = up
+        .push_batch(vec![
+            to("alice", b"a1"),
+            to("bob", b"b1"),
+            // A bad push is refused alone; the ones around it still run.
+            pb::PushRequest::default(),
+            to("carol", b"nobody"),
+            to("alice", b"a2"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 5);
+    let sessions: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.sessions).ok())
+        .collect();
+    assert_eq!(sessions, [Some(1), Some(1), None, Some(0), Some(1)]);
+    match &results[2] {
+        Err(tether::upstream::ClientError::Refused { code, .. }) => {
+            assert_eq!(*code, Code::BadRequest)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let ids: std::collections::HashSet<_> = results
+        .iter()
+        .flatten()
+        .map(|r| r.message_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 4, "each push gets its own message id");
+    let a1 = push_of(&next(&mut alice).await).clone();
+    let a2 = push_of(&next(&mut alice).await).clone();
+    assert_eq!((&a1.payload[..], &a2.payload[..]), (&b"a1"[..], &b"a2"[..]));
+    assert_eq!(a2.seq, a1.seq + 1, "in the batch's order");
+    assert_eq!(&push_of(&next(&mut bob).await).payload[..], b"b1");
+
+    // Over the limit, the whole batch is refused and nothing is pushed.
+    let many = (0..=tether::upstream::MAX_PUSHES_PER_BATCH)
+        .map(|_| to("alice", b"x"))
+        .collect();
+    match up.push_batch(many).await {
+        Err(tether::upstream::ClientError::Refused { code, message }) => {
+            assert_eq!(code, Code::BadRequest);
+            assert!(message.contains("1024"), "{message}");
+        }
+        other => panic!("expected the batch refused, got {other:?}"),
+    }
+    expect_silence(&mut alice, Duration::from_millis(200)).await;
+    ping_pong(&mut alice).await;
+}
+
+#[tokio::test]
 async fn kick_closes_one_device_and_leaves_the_other() {
     let g = start(test_config()).await;
     let (mut phone, _) = g.login("alice", "phone").await;

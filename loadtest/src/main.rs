@@ -311,6 +311,10 @@ pub struct Pushes {
     /// number more (0: no bound, only --inflight requests).
     #[arg(long, default_value_t = 50_000)]
     pub max_inflight_deliveries: u64,
+    /// Pushes per request (a PushBatch, at most 1024; the gateway only:
+    /// redis has no batch publish). 1 sends each push alone.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub batch: u16,
 }
 
 /// `host:port`, resolved to its first address.

@@ -125,6 +125,7 @@ pub async fn broadcast(
     room: bool,
     redis: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
+    let batch = batch_of(&p, redis)?;
     let mut spec = push_spec(&c, &u, &p, redis, false)?;
     if room || redis.is_some() {
         spec.room = Some(ROOM.into());
@@ -142,13 +143,22 @@ pub async fn broadcast(
             let gateways = ups.len();
             // One request per gateway reaches the devices online there.
             let fanout = ready.online.div_ceil(gateways.max(1) as u64);
-            let window = Window::new(&fleet, p.max_inflight_deliveries, fanout);
+            let window = Window::new(&fleet, p.max_inflight_deliveries, fanout * batch as u64);
             let start_ns = fleet::unix_nanos();
-            let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, window, |_| {
-                (0..gateways)
-                    .map(|g| (g, request(target.clone(), p.size)))
-                    .collect()
-            })
+            let tally = drive(
+                &ups,
+                p.msgs,
+                p.rate,
+                batch,
+                u.inflight,
+                None,
+                window,
+                |_| {
+                    (0..gateways)
+                        .map(|g| (g, request(target.clone(), p.size)))
+                        .collect()
+                },
+            )
             .await;
             (tally, gateways, start_ns)
         }
@@ -157,7 +167,7 @@ pub async fn broadcast(
             let channel = redis::room_channel(ROOM);
             let window = Window::new(&fleet, p.max_inflight_deliveries, ready.online);
             let start_ns = fleet::unix_nanos();
-            let tally = drive(&pubs, p.msgs, p.rate, u.inflight, None, window, |_| {
+            let tally = drive(&pubs, p.msgs, p.rate, 1, u.inflight, None, window, |_| {
                 vec![(0, publish(&channel, p.size))]
             })
             .await;
@@ -214,6 +224,7 @@ pub async fn unicast(
     p: Pushes,
     redis: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
+    let batch = batch_of(&p, redis)?;
     let spec = push_spec(&c, &u, &p, redis, true)?;
     let (fleet, t0) = start(&c, spec).await?;
     wait_ready(&fleet, &c).await?;
@@ -229,13 +240,13 @@ pub async fn unicast(
         })
         .collect();
     let prefix = c.prefix.clone();
-    let window = Window::new(&fleet, p.max_inflight_deliveries, 1);
+    let window = Window::new(&fleet, p.max_inflight_deliveries, batch as u64);
     let (tally, start_ns) = match redis {
         None => {
             let (ups, _) = upstreams(&u, false).await?;
             let gateways = ups.len();
             let start_ns = fleet::unix_nanos();
-            let tally = drive(&ups, p.msgs, p.rate, u.inflight, None, window, |n| {
+            let tally = drive(&ups, p.msgs, p.rate, batch, u.inflight, None, window, |n| {
                 let t = targets[n];
                 let user = pb::push_request::Target::UserId(format!("{prefix}{t}"));
                 vec![(t % c.addr.len().max(1) % gateways, request(user, p.size))]
@@ -246,7 +257,7 @@ pub async fn unicast(
         Some(addr) => {
             let pubs = vec![redis::publishers(addr, u.upstreams).await?];
             let start_ns = fleet::unix_nanos();
-            let tally = drive(&pubs, p.msgs, p.rate, u.inflight, None, window, |n| {
+            let tally = drive(&pubs, p.msgs, p.rate, 1, u.inflight, None, window, |n| {
                 let user = format!("{prefix}{}", targets[n]);
                 vec![(0, publish(&redis::user_channel_of(&user), p.size))]
             })
@@ -266,12 +277,17 @@ pub async fn unicast(
         None => ("devices", "pushes"),
     };
     let title = format!(
-        "{} {who}, {} {what} of {} B to random users{}",
+        "{} {who}, {} {what} of {} B to random users{}{}",
         c.conns,
         p.msgs,
         p.size,
         if p.rate > 0 {
             format!(" at {}/s", p.rate)
+        } else {
+            String::new()
+        },
+        if batch > 1 {
+            format!(", {batch} per request")
         } else {
             String::new()
         }
@@ -446,6 +462,7 @@ pub async fn reconnect(
                 &ups,
                 usize::MAX,
                 push_rate.max(1),
+                1,
                 64,
                 Some(stop),
                 None,
@@ -595,6 +612,7 @@ pub async fn migrate(c: Common, u: Upstream, o: MigrateOpts) -> anyhow::Result<(
                 &ups,
                 usize::MAX,
                 o.push_rate.max(1),
+                1,
                 64,
                 Some(stop),
                 None,
@@ -890,6 +908,14 @@ pub(crate) async fn upstreams(
     Ok((all, events))
 }
 
+/// `--batch`, refused against redis, which has no batch publish.
+fn batch_of(p: &Pushes, redis: Option<SocketAddr>) -> anyhow::Result<usize> {
+    if p.batch > 1 && redis.is_some() {
+        anyhow::bail!("--batch is for the gateway: redis has no batch publish");
+    }
+    Ok(usize::from(p.batch))
+}
+
 /// A push request with a payload of `size` bytes stamped with the send time.
 pub(crate) fn request(target: pb::push_request::Target, size: usize) -> pb::PushRequest {
     pb::PushRequest {
@@ -920,24 +946,66 @@ pub(crate) trait Pusher: Clone + Send + Sync + 'static {
     type Request: Send + 'static;
     /// Sends one request and waits for its reply.
     fn send(&self, req: Self::Request) -> impl Future<Output = Result<Pushed, String>> + Send;
+    /// Sends several in one request (`--batch`) and waits for the reply.
+    fn send_batch(
+        &self,
+        reqs: Vec<Self::Request>,
+    ) -> impl Future<Output = Result<Pushed, String>> + Send;
 }
 
 /// What a reply says.
+#[derive(Default)]
 pub(crate) struct Pushed {
-    /// Sessions the push was queued for (subscribers it reached).
+    /// Pushes answered.
+    pushes: u64,
+    /// Sessions the pushes were queued for (subscribers reached).
     sessions: u64,
-    /// Sessions that refused it (full queues).
+    /// Sessions that refused them (full queues).
     dropped: u64,
+    /// Pushes that reached no session.
+    unreached: u64,
+    /// Pushes of a batch refused one by one, and the first reason.
+    failed: u64,
+    error: Option<String>,
+}
+
+impl Pushed {
+    fn one(sessions: u64, dropped: u64) -> Self {
+        Self {
+            pushes: 1,
+            sessions,
+            dropped,
+            unreached: u64::from(sessions == 0),
+            ..Self::default()
+        }
+    }
 }
 
 impl Pusher for UpstreamClient {
     type Request = pb::PushRequest;
     async fn send(&self, req: pb::PushRequest) -> Result<Pushed, String> {
         let r = self.push(req).await.map_err(|e| e.to_string())?;
-        Ok(Pushed {
-            sessions: r.sessions,
-            dropped: r.dropped,
-        })
+        Ok(Pushed::one(r.sessions, r.dropped))
+    }
+
+    async fn send_batch(&self, reqs: Vec<pb::PushRequest>) -> Result<Pushed, String> {
+        let mut out = Pushed::default();
+        for r in self.push_batch(reqs).await.map_err(|e| e.to_string())? {
+            match r {
+                Ok(r) => {
+                    let one = Pushed::one(r.sessions, r.dropped);
+                    out.pushes += 1;
+                    out.sessions += one.sessions;
+                    out.dropped += one.dropped;
+                    out.unreached += one.unreached;
+                }
+                Err(e) => {
+                    out.failed += 1;
+                    out.error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -945,10 +1013,11 @@ impl Pusher for Publisher {
     type Request = Publish;
     async fn send(&self, req: Publish) -> Result<Pushed, String> {
         let sessions = self.publish(req).await?;
-        Ok(Pushed {
-            sessions,
-            dropped: 0,
-        })
+        Ok(Pushed::one(sessions, 0))
+    }
+
+    async fn send_batch(&self, _reqs: Vec<Publish>) -> Result<Pushed, String> {
+        Err("redis has no batch publish (--batch is for the gateway)".into())
     }
 }
 
@@ -1086,13 +1155,16 @@ impl<'a> Window<'a> {
     }
 }
 
-/// Sends push `n` for n in 0..count (or until `stop`), paced at `rate`, at
-/// most `inflight` requests at once and, with a `window`, at most its bound
-/// of deliveries in flight; `make(n)` names the (gateway, request) pairs.
+/// Sends push `n` for n in 0..count (or until `stop`), paced at `rate`
+/// pushes a second, `batch` pushes per request, at most `inflight` requests
+/// at once and, with a `window` (whose fanout is per request), at most its
+/// bound of deliveries in flight; `make(n)` names the (gateway, push) pairs.
+#[allow(clippy::too_many_arguments)]
 async fn drive<P: Pusher>(
     ups: &[Vec<P>],
     count: usize,
     rate: u64,
+    batch: usize,
     inflight: usize,
     stop: Option<Arc<AtomicBool>>,
     mut window: Option<Window<'_>>,
@@ -1102,7 +1174,9 @@ async fn drive<P: Pusher>(
     let sem = Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for n in 0..count {
+    let batch = batch.max(1);
+    let mut n = 0;
+    while n < count {
         if stop.as_ref().is_some_and(|s| s.load(Relaxed)) {
             break;
         }
@@ -1113,20 +1187,38 @@ async fn drive<P: Pusher>(
         if rate > 0 {
             tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate as f64)).await;
         }
-        for (g, req) in make(n) {
+        // The next `batch` pushes, one request per gateway.
+        let end = n.saturating_add(batch).min(count);
+        let mut groups: Vec<(usize, Vec<P::Request>)> = Vec::new();
+        for (g, req) in (n..end).flat_map(&make) {
+            match groups.iter_mut().find(|(h, _)| *h == g) {
+                Some((_, reqs)) => reqs.push(req),
+                None => groups.push((g, vec![req])),
+            }
+        }
+        let first = n;
+        n = end;
+        for (g, mut reqs) in groups {
             let Some(per) = ups.get(g).filter(|p| !p.is_empty()) else {
                 continue;
             };
             let Ok(permit) = sem.clone().acquire_owned().await else {
                 break;
             };
-            let (up, tally) = (per[n % per.len()].clone(), tally.clone());
+            let (up, tally) = (per[first / batch % per.len()].clone(), tally.clone());
             let published = window.as_ref().map(|w| {
                 w.published.fetch_add(w.fanout, Relaxed);
                 (w.published.clone(), w.fanout)
             });
             tasks.spawn(async move {
-                let r = up.send(req).await;
+                let r = match (reqs.len(), reqs.pop()) {
+                    (1, Some(req)) => up.send(req).await,
+                    (_, Some(last)) => {
+                        reqs.push(last);
+                        up.send_batch(reqs).await
+                    }
+                    (_, None) => Ok(Pushed::default()),
+                };
                 drop(permit);
                 if let Some((p, fanout)) = published {
                     // The estimate gives way to the count (added first: no
@@ -1137,10 +1229,14 @@ async fn drive<P: Pusher>(
                 if let Ok(mut t) = tally.lock() {
                     match r {
                         Ok(r) => {
-                            t.sent += 1;
+                            t.sent += r.pushes;
                             t.queued += r.sessions;
                             t.dropped += r.dropped;
-                            t.unreached += u64::from(r.sessions == 0);
+                            t.unreached += r.unreached;
+                            t.errors += r.failed;
+                            if let Some(e) = r.error {
+                                t.first_error.get_or_insert(e);
+                            }
                         }
                         Err(e) => {
                             t.errors += 1;
@@ -1223,7 +1319,8 @@ fn push_figures(
             "s",
         );
     }
-    r.figure("push_requests", "push requests answered", t.sent as f64, "");
+    // Pushes, not requests: a --batch request answers several.
+    r.figure("push_requests", "pushes answered", t.sent as f64, "");
     r.figure(
         "queued",
         &format!("deliveries queued by the {server}"),

@@ -217,6 +217,38 @@ async fn unicast_in_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicast_in_batches() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "unicast",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "200",
+            // Not a multiple of the batch: the last request carries 1.
+            "--msgs",
+            "2001",
+            "--batch",
+            "16",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "push_requests"), 2001.0);
+    assert_eq!(figure(&v, "queued"), 2001.0);
+    assert_eq!(figure(&v, "received"), 2001.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(stat(&v, "seq_gaps") + stat(&v, "seq_dups"), 0);
+    assert_eq!(samples(&v, "push"), 2001);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_broadcast_over_tls() {
     let gw = gateway(true, |_| {}).await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -314,6 +314,34 @@ impl UpstreamClient {
         }
     }
 
+    /// Sends up to [`MAX_PUSHES_PER_BATCH`](crate::upstream::MAX_PUSHES_PER_BATCH)
+    /// pushes in one request; one result per push, in order: its reply, or
+    /// the refusal it would have got alone.
+    ///
+    /// # Errors
+    /// [`ClientError`] for the request as a whole (a batch over the limit is
+    /// refused with `CODE_BAD_REQUEST`).
+    pub async fn push_batch(
+        &self,
+        pushes: Vec<pb::PushRequest>,
+    ) -> Result<Vec<Result<pb::PushReply, ClientError>>, ClientError> {
+        let n = pushes.len();
+        match self.call(In::PushBatch(pb::PushBatch { pushes })).await? {
+            Out::PushBatchReply(r) if r.results.len() == n => Ok(r
+                .results
+                .into_iter()
+                .map(|r| match (Code::try_from(r.code), r.reply) {
+                    (Ok(Code::Ok), Some(reply)) => Ok(reply),
+                    (code, _) => Err(ClientError::Refused {
+                        code: code.unwrap_or(Code::Internal),
+                        message: r.message,
+                    }),
+                })
+                .collect()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Pushes `payload` to every device of `user`, asking for an undelivered report.
     ///
     /// # Errors

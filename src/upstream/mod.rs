@@ -12,4 +12,4 @@ mod server;
 
 pub use client::{ClientError, Endpoint, EventStream, UpstreamClient, UpstreamOptions};
 pub use codec::FrameCodec;
-pub use server::UpstreamListeners;
+pub use server::{UpstreamListeners, MAX_PUSHES_PER_BATCH};

@@ -42,6 +42,8 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// that the close is a FIN after the `Error` rather than a reset.
 const REFUSAL_DRAIN: usize = 64 * 1024;
 const MAX_USERS_PER_REQUEST: usize = 100_000;
+/// Pushes in one `PushBatch`.
+pub const MAX_PUSHES_PER_BATCH: usize = 1024;
 /// Deliveries queued by one upstream connection before it yields to sessions.
 const YIELD_DELIVERIES: u64 = 16_384;
 
@@ -394,10 +396,11 @@ async fn serve<S>(
             }
             None => break,
         };
-        let (out, reached) = match pb::UpstreamFrame::decode(body) {
+        let (out, reached, pushes) = match pb::UpstreamFrame::decode(body) {
             Ok(f) => handle(&gw, f).await,
             Err(e) => (
                 error(0, Code::BadFrame, format!("undecodable UpstreamFrame: {e}")),
+                0,
                 0,
             ),
         };
@@ -409,7 +412,7 @@ async fn serve<S>(
         // Queues then coalesce several frames per write, and a burst cannot
         // fill every queue before a single session task runs.
         reached_since_yield += reached;
-        pushes_since_yield += u64::from(reached > 0);
+        pushes_since_yield += pushes;
         if reached_since_yield >= YIELD_DELIVERIES || pushes_since_yield >= yield_pushes {
             reached_since_yield = 0;
             pushes_since_yield = 0;
@@ -437,29 +440,33 @@ fn users(ids: &[String]) -> Result<Vec<UserId>, String> {
 }
 
 /// Runs one upstream request and encodes its response; also returns how many
-/// sessions a push was queued for (0 for other requests).
-async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> (Bytes, u64) {
+/// sessions its pushes were queued for, and how many of its pushes reached
+/// any (0 and 0 for other requests).
+async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> (Bytes, u64, u64) {
     let rid = f.request_id;
+    let one = |b: Bytes| (b, 0, 0);
     match f.body {
-        None => (error(rid, Code::BadFrame, "UpstreamFrame has no body"), 0),
-        Some(In::Hello(_)) => (
-            error(rid, Code::AlreadyLoggedIn, "already authenticated"),
-            0,
-        ),
-        Some(In::Ping(p)) => (
-            reply(
-                rid,
-                Out::Pong(pb::Pong {
-                    client_time_ms: p.client_time_ms,
-                    server_time_ms: crate::unix_ms(),
-                }),
+        None => one(error(rid, Code::BadFrame, "UpstreamFrame has no body")),
+        Some(In::Hello(_)) => one(error(rid, Code::AlreadyLoggedIn, "already authenticated")),
+        Some(In::Ping(p)) => one(reply(
+            rid,
+            Out::Pong(pb::Pong {
+                client_time_ms: p.client_time_ms,
+                server_time_ms: crate::unix_ms(),
+            }),
+        )),
+        Some(In::Push(p)) => match push(gw, p).await {
+            Ok((r, reached)) => (
+                reply(rid, Out::PushReply(r)),
+                reached,
+                u64::from(reached > 0),
             ),
-            0,
-        ),
-        Some(In::Push(p)) => handle_push(gw, rid, p).await,
-        Some(In::Kick(k)) => (handle_kick(gw, rid, k).await, 0),
-        Some(In::Room(r)) => (handle_room(gw, rid, r).await, 0),
-        Some(In::Presence(q)) => (handle_presence(gw, rid, q).await, 0),
+            Err((code, message)) => one(error(rid, code, message)),
+        },
+        Some(In::PushBatch(b)) => handle_push_batch(gw, rid, b).await,
+        Some(In::Kick(k)) => one(handle_kick(gw, rid, k).await),
+        Some(In::Room(r)) => one(handle_room(gw, rid, r).await),
+        Some(In::Presence(q)) => one(handle_presence(gw, rid, q).await),
     }
 }
 
@@ -467,10 +474,52 @@ fn bad_request(rid: u64, message: String) -> Bytes {
     error(rid, Code::BadRequest, message)
 }
 
+/// A batch of pushes, each run as if it came alone, in order; one reply
+/// with a result per push. Yields to the sessions it woke every 64 pushes
+/// that reached any, as the connection's loop does between frames.
+async fn handle_push_batch(gw: &Arc<Gateway>, rid: u64, b: pb::PushBatch) -> (Bytes, u64, u64) {
+    if b.pushes.len() > MAX_PUSHES_PER_BATCH {
+        let m = format!(
+            "at most {MAX_PUSHES_PER_BATCH} pushes per batch, got {}",
+            b.pushes.len()
+        );
+        return (bad_request(rid, m), 0, 0);
+    }
+    let mut results = Vec::with_capacity(b.pushes.len());
+    let (mut reached, mut pushes) = (0, 0);
+    for p in b.pushes {
+        results.push(match push(gw, p).await {
+            Ok((r, n)) => {
+                reached += n;
+                pushes += u64::from(n > 0);
+                if n > 0 && pushes % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                pb::PushResult {
+                    code: Code::Ok as i32,
+                    message: String::new(),
+                    reply: Some(r),
+                }
+            }
+            Err((code, message)) => pb::PushResult {
+                code: code as i32,
+                message,
+                reply: None,
+            },
+        });
+    }
+    let out = reply(rid, Out::PushBatchReply(pb::PushBatchReply { results }));
+    (out, reached, pushes)
+}
+
 /// A push: validates the target, runs it on every node, reports undelivered
-/// users when asked; returns the reply and the sessions it was queued for.
-async fn handle_push(gw: &Arc<Gateway>, rid: u64, p: pb::PushRequest) -> (Bytes, u64) {
-    let bad = |m: String| (bad_request(rid, m), 0);
+/// users when asked; returns the reply and the sessions it was queued for,
+/// or the code and message of the refusal.
+async fn push(
+    gw: &Arc<Gateway>,
+    p: pb::PushRequest,
+) -> Result<(pb::PushReply, u64), (Code, String)> {
+    let bad = |m: String| Err((Code::BadRequest, m));
     let target = match p.target {
         Some(pb::push_request::Target::UserId(u)) => match user(&u) {
             Ok(u) => PushTarget::User(u),
@@ -532,7 +581,7 @@ async fn handle_push(gw: &Arc<Gateway>, rid: u64, p: pb::PushRequest) -> (Bytes,
         .await
     {
         Ok(o) => o,
-        Err(e) => return (error(rid, Code::Internal, e.to_string()), 0),
+        Err(e) => return Err((Code::Internal, e.to_string())),
     };
     let (mut sessions, mut dropped) = (0, 0);
     // A user is undelivered when no node had a session for them: with one
@@ -572,15 +621,12 @@ async fn handle_push(gw: &Arc<Gateway>, rid: u64, p: pb::PushRequest) -> (Bytes,
             });
         }
     }
-    let out = reply(
-        rid,
-        Out::PushReply(pb::PushReply {
-            message_id,
-            sessions,
-            dropped,
-        }),
-    );
-    (out, sessions)
+    let r = pb::PushReply {
+        message_id,
+        sessions,
+        dropped,
+    };
+    Ok((r, sessions))
 }
 
 /// A kick of one device or every device of a user.
