@@ -323,6 +323,14 @@ impl Gateway {
         0
     }
 
+    /// Times a plain-TCP connection was parked so far.
+    pub fn parks(&self) -> u64 {
+        #[cfg(target_os = "linux")]
+        return self.parker.parks();
+        #[cfg(not(target_os = "linux"))]
+        0
+    }
+
     /// Starts parking idle plain-TCP connections (the server does this with
     /// its listeners; needs a runtime). Off when `listen.park_after` is 0.
     pub fn start_parker(&self) {

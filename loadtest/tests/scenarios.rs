@@ -217,6 +217,49 @@ async fn unicast_in_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicast_to_connections_that_park_between_pushes() {
+    // Parking after 30 ms of quiet, checked every 10 ms, and about one push
+    // per device every 100 ms: most pushes find their connection parked,
+    // and many are pushed as it parks. None may be lost or doubled.
+    let gw = gateway(false, |cfg| {
+        cfg.listen.park_after = Duration::from_millis(30);
+        cfg.session.timer_tick = Duration::from_millis(10);
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "unicast",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "200",
+            "--msgs",
+            "4000",
+            "--rate",
+            "2000",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "queued"), 4000.0);
+    assert_eq!(figure(&v, "received"), 4000.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(stat(&v, "seq_gaps") + stat(&v, "seq_dups"), 0);
+    assert_eq!(stat(&v, "drops"), 0);
+    let parks = gw.gw.parks();
+    println!("{parks} parks for 4000 pushes");
+    assert!(
+        parks > 1000,
+        "only {parks} parks: the test did not exercise parking"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unicast_in_batches() {
     let gw = gateway(false, |_| {}).await;
     let dir = tempfile::tempdir().expect("tempdir");

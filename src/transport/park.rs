@@ -25,7 +25,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -63,8 +63,9 @@ struct Shared {
     /// (a stale wake-up for a reused descriptor is then ignored).
     wakes: Mutex<Vec<(RawFd, SessionId)>>,
     notify: Notify,
-    /// Connections parked now.
+    /// Connections parked now, and parks so far.
     count: AtomicUsize,
+    parks: AtomicU64,
     /// Cleared if the epoll set fails: nothing parks any more.
     alive: AtomicBool,
 }
@@ -134,6 +135,7 @@ impl Parker {
             wakes: Mutex::new(Vec::new()),
             notify: Notify::new(),
             count: AtomicUsize::new(0),
+            parks: AtomicU64::new(0),
             alive: AtomicBool::new(true),
         });
         if self.shared.set(shared.clone()).is_err() {
@@ -154,6 +156,13 @@ impl Parker {
         self.shared
             .get()
             .map_or(0, |s| s.count.load(Ordering::Relaxed))
+    }
+
+    /// Times a connection was parked so far.
+    pub fn parks(&self) -> u64 {
+        self.shared
+            .get()
+            .map_or(0, |s| s.parks.load(Ordering::Relaxed))
     }
 
     /// Parks the connection in `slot` if its session agrees (nothing arrived
@@ -217,6 +226,7 @@ impl Parker {
         slots[idx] = Some(Box::new(Parked { socket, link }));
         drop(slots);
         shared.count.fetch_add(1, Ordering::Relaxed);
+        shared.parks.fetch_add(1, Ordering::Relaxed);
         m::hot().parked.increment(1.0);
         m::hot().parks.increment(1);
         true
