@@ -892,12 +892,12 @@ impl Link {
 
     /// The deadline this connection must be woken at: the session's own
     /// (login, idle, token, linger), the stall rule's while a write is
-    /// refused, and the ack deadline of the outputs that are not refused.
-    /// Each of them is acted on when it comes (a close), so none can make the
-    /// wheel answer "due" for ever: a deadline a poll cannot move would have
-    /// the task wake itself in a loop.
-    /// The next deadline the wheel must wake this connection for. Sets
-    /// `PARK_DUE` when the connection may park now (the driver acts on it).
+    /// refused, the ack deadline of the outputs that are not refused, and
+    /// when it may park. Each of them is acted on when it comes (a close; a
+    /// park deadline passed is left out and sets `PARK_DUE` for the driver
+    /// instead), so none can make the wheel answer "due" for ever: a
+    /// deadline a poll cannot move would have the task wake itself in a
+    /// loop.
     fn next_wakeup(&mut self, now: Instant) -> Option<Instant> {
         let closing = self.session.is_closing();
         let timeout = self.gw.delivery().stall_timeout;

@@ -184,15 +184,15 @@ impl Parker {
         let Ok(idx) = usize::try_from(fd) else {
             return false;
         };
-        // The slots lock is held from the session's consent to the
-        // registration: a wake-up queued meanwhile is handled after it, and
-        // finds the connection parked.
-        let mut slots = shared.slots.lock();
         let waker = Waker::from(Arc::new(ParkWake {
             parker: Arc::downgrade(shared),
             fd,
             session: conn.link().handle().id(),
         }));
+        // The slots lock is held from the session's consent to the
+        // registration: a wake-up queued meanwhile is handled after it, and
+        // finds the connection parked.
+        let mut slots = shared.slots.lock();
         if !conn.link().try_park(waker) {
             return false;
         }
@@ -224,11 +224,12 @@ impl Parker {
             slots.resize_with((idx + 1).next_power_of_two(), || None);
         }
         slots[idx] = Some(Box::new(Parked { socket, link }));
-        drop(slots);
+        // Counted under the lock, before an unpark can count it out.
         shared.count.fetch_add(1, Ordering::Relaxed);
         shared.parks.fetch_add(1, Ordering::Relaxed);
         m::hot().parked.increment(1.0);
         m::hot().parks.increment(1);
+        drop(slots);
         true
     }
 }
