@@ -475,8 +475,9 @@ fn bad_request(rid: u64, message: String) -> Bytes {
 }
 
 /// A batch of pushes, each run as if it came alone, in order; one reply
-/// with a result per push. Yields to the sessions it woke every 64 pushes
-/// that reached any, as the connection's loop does between frames.
+/// with a result per push. Yields to the sessions it woke as the
+/// connection's loop does between frames: after 64 pushes that reached
+/// any, or [`YIELD_DELIVERIES`] deliveries.
 async fn handle_push_batch(gw: &Arc<Gateway>, rid: u64, b: pb::PushBatch) -> (Bytes, u64, u64) {
     if b.pushes.len() > MAX_PUSHES_PER_BATCH {
         let m = format!(
@@ -487,12 +488,16 @@ async fn handle_push_batch(gw: &Arc<Gateway>, rid: u64, b: pb::PushBatch) -> (By
     }
     let mut results = Vec::with_capacity(b.pushes.len());
     let (mut reached, mut pushes) = (0, 0);
+    let (mut reached_since_yield, mut pushes_since_yield) = (0, 0);
     for p in b.pushes {
         results.push(match push(gw, p).await {
             Ok((r, n)) => {
                 reached += n;
                 pushes += u64::from(n > 0);
-                if n > 0 && pushes % 64 == 0 {
+                reached_since_yield += n;
+                pushes_since_yield += u64::from(n > 0);
+                if reached_since_yield >= YIELD_DELIVERIES || pushes_since_yield >= 64 {
+                    (reached_since_yield, pushes_since_yield) = (0, 0);
                     tokio::task::yield_now().await;
                 }
                 pb::PushResult {
