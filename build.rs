@@ -1,6 +1,14 @@
 //! Compiles proto/ with protox (pure Rust), so no system `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // Parking idle connections (transport/park.rs) needs epoll, and packs a
+    // parker id and a descriptor into a 64-bit waker word.
+    println!("cargo:rustc-check-cfg=cfg(parking)");
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    let width = std::env::var("CARGO_CFG_TARGET_POINTER_WIDTH").unwrap_or_default();
+    if os == "linux" && width == "64" {
+        println!("cargo:rustc-cfg=parking");
+    }
     let files = [
         "proto/tether/v1/client.proto",
         "proto/tether/v1/upstream.proto",

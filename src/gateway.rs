@@ -201,7 +201,7 @@ pub struct Gateway {
     next_msg: AtomicU64,
     msg_prefix: String,
     /// Idle plain-TCP connections without a task (transport/park.rs).
-    #[cfg(target_os = "linux")]
+    #[cfg(parking)]
     parker: crate::transport::Parker,
 }
 
@@ -256,7 +256,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             next_session: AtomicU64::new(seed.max(1)),
             next_msg: AtomicU64::new(1),
-            #[cfg(target_os = "linux")]
+            #[cfg(parking)]
             parker: crate::transport::Parker::default(),
         });
         let hooks: std::sync::Weak<dyn crate::router::RouterHooks> = Arc::downgrade(&gw) as _;
@@ -300,7 +300,7 @@ impl Gateway {
         &self.delivery
     }
 
-    #[cfg(target_os = "linux")]
+    #[cfg(parking)]
     pub(crate) fn parker(&self) -> &crate::transport::Parker {
         &self.parker
     }
@@ -308,7 +308,7 @@ impl Gateway {
     /// How long a plain-TCP connection stays quiet before it parks; None
     /// when parking is off (`listen.park_after = 0`, or no parker runs).
     pub(crate) fn park_after(&self) -> Option<Duration> {
-        #[cfg(target_os = "linux")]
+        #[cfg(parking)]
         if self.parker.is_running() && !self.cfg.listen.park_after.is_zero() {
             return Some(self.cfg.listen.park_after);
         }
@@ -317,24 +317,24 @@ impl Gateway {
 
     /// Plain-TCP connections parked now (transport/park.rs).
     pub fn parked_connections(&self) -> usize {
-        #[cfg(target_os = "linux")]
+        #[cfg(parking)]
         return self.parker.parked();
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(parking))]
         0
     }
 
     /// Times a plain-TCP connection was parked so far.
     pub fn parks(&self) -> u64 {
-        #[cfg(target_os = "linux")]
+        #[cfg(parking)]
         return self.parker.parks();
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(parking))]
         0
     }
 
     /// Starts parking idle plain-TCP connections (the server does this with
     /// its listeners; needs a runtime). Off when `listen.park_after` is 0.
     pub fn start_parker(&self) {
-        #[cfg(target_os = "linux")]
+        #[cfg(parking)]
         if !self.cfg.listen.park_after.is_zero() {
             self.parker.start();
         }
@@ -1187,9 +1187,9 @@ async fn accept_loop(
         match &tls {
             None => {
                 let conn = Connection::new(gw.clone(), stream, kind, guard);
-                #[cfg(target_os = "linux")]
+                #[cfg(parking)]
                 tokio::spawn(crate::transport::TcpConnection::from(conn));
-                #[cfg(not(target_os = "linux"))]
+                #[cfg(not(parking))]
                 tokio::spawn(conn);
             }
             Some(acc) => {

@@ -251,7 +251,7 @@ impl<W: Wire> Future for Connection<W> {
     }
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(parking)]
 impl Connection<tokio::net::TcpStream> {
     pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;

@@ -15,7 +15,7 @@
 
 mod conn;
 mod link;
-#[cfg(target_os = "linux")]
+#[cfg(parking)]
 mod park;
 pub mod quic;
 #[cfg(test)]
@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use conn::{ConnGuard, Connection};
 pub use link::{Link, Outputs, WriteBatch};
-#[cfg(target_os = "linux")]
+#[cfg(parking)]
 pub use park::{Parker, TcpConnection};
 
 /// A byte stream a session can run over.

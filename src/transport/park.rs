@@ -14,8 +14,8 @@
 //! - its socket becomes readable (a heartbeat, an ack, an uplink, a hang-up);
 //! - its session is woken: a push, a close request (a kick, a drain, a
 //!   takeover by a resume) or the timer wheel (the idle timeout, the
-//!   token's expiry). While parked the session's waker is a [`ParkWake`],
-//!   which queues the connection for the parker's task.
+//!   token's expiry). While parked the session's waker is a parked waker
+//!   ([`park_waker`]), which queues the connection for the parker's task.
 //!
 //! The link's deadlines stay in the shared wheel, so a parked connection
 //! still times out on schedule: the wheel wakes it, it unparks and closes.
@@ -27,7 +27,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -37,7 +37,6 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::ids::SessionId;
 use crate::metrics as m;
 
 use super::conn::Connection;
@@ -59,9 +58,12 @@ struct Shared {
     /// Parked connections by descriptor (descriptors are small and dense:
     /// 8 bytes a slot, and no hashing).
     slots: Mutex<Vec<Option<Box<Parked>>>>,
-    /// Parked connections whose session was woken, with the session's id
-    /// (a stale wake-up for a reused descriptor is then ignored).
-    wakes: Mutex<Vec<(RawFd, SessionId)>>,
+    /// Parked connections whose session was woken, by descriptor. A stale
+    /// wake-up (for a descriptor that has been reused since) finds nothing
+    /// due and leaves its connection parked ([`Link::stay_parked`]).
+    wakes: Mutex<Vec<RawFd>>,
+    /// This parker's index in [`PARKERS`].
+    id: u32,
     notify: Notify,
     /// Connections parked now, and parks so far.
     count: AtomicUsize,
@@ -75,28 +77,46 @@ struct Parked {
     link: Link,
 }
 
-/// The waker a parked session holds: queues its connection for unparking.
-/// Weak, so that a parked session does not keep the parker alive.
-struct ParkWake {
-    parker: Weak<Shared>,
-    fd: RawFd,
-    session: SessionId,
+/// Every parker of the process, by id (one per gateway; never removed, a
+/// dead one is a dead `Weak`). A parked waker names its parker by index, so
+/// that it needs no allocation of its own.
+static PARKERS: parking_lot::RwLock<Vec<Weak<Shared>>> = parking_lot::const_rwlock(Vec::new());
+
+/// The waker a parked session holds: its data is the parker's id and the
+/// descriptor, packed into the pointer-sized word, so it costs nothing per
+/// connection (an `Arc` of its own would be 48 bytes). Waking it queues the
+/// descriptor for the parker's task.
+fn park_waker(parker: u32, fd: RawFd) -> Waker {
+    let word = (u64::from(parker) << 32 | u64::from(fd as u32)) as usize;
+    // SAFETY: the vtable's functions never dereference the data: it is a
+    // plain integer, valid to copy, share between threads and forget.
+    unsafe { Waker::from_raw(RawWaker::new(word as *const (), &PARK_WAKER)) }
 }
 
-impl Wake for ParkWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
+static PARK_WAKER: RawWakerVTable = RawWakerVTable::new(
+    park_waker_clone,
+    park_waker_wake,
+    park_waker_wake,
+    park_waker_drop,
+);
 
-    fn wake_by_ref(self: &Arc<Self>) {
-        // Called under the session's lock: only the wake queue (a leaf
-        // lock) is touched here, never the slots.
-        if let Some(p) = self.parker.upgrade() {
-            p.wakes.lock().push((self.fd, self.session));
-            p.notify.notify_one();
-        }
+fn park_waker_clone(word: *const ()) -> RawWaker {
+    RawWaker::new(word, &PARK_WAKER)
+}
+
+fn park_waker_wake(word: *const ()) {
+    let word = word as usize as u64;
+    let (id, fd) = ((word >> 32) as usize, word as u32 as RawFd);
+    // Called under the session's lock: only the parker list (read) and the
+    // wake queue (a leaf lock) are touched here, never the slots.
+    let parker = PARKERS.read().get(id).and_then(Weak::upgrade);
+    if let Some(p) = parker {
+        p.wakes.lock().push(fd);
+        p.notify.notify_one();
     }
 }
+
+fn park_waker_drop(_: *const ()) {}
 
 impl Parker {
     /// Starts the parker's task on the current runtime. Parking stays off
@@ -129,10 +149,16 @@ impl Parker {
                     return;
                 }
             };
+        let mut parkers = PARKERS.write();
+        let Ok(id) = u32::try_from(parkers.len()) else {
+            tracing::warn!("parking is off: too many parkers in this process");
+            return;
+        };
         let shared = Arc::new(Shared {
             registry,
             slots: Mutex::new(Vec::new()),
             wakes: Mutex::new(Vec::new()),
+            id,
             notify: Notify::new(),
             count: AtomicUsize::new(0),
             parks: AtomicU64::new(0),
@@ -141,6 +167,8 @@ impl Parker {
         if self.shared.set(shared.clone()).is_err() {
             return;
         }
+        parkers.push(Arc::downgrade(&shared));
+        drop(parkers);
         tokio::spawn(run(shared, afd));
     }
 
@@ -184,11 +212,7 @@ impl Parker {
         let Ok(idx) = usize::try_from(fd) else {
             return false;
         };
-        let waker = Waker::from(Arc::new(ParkWake {
-            parker: Arc::downgrade(shared),
-            fd,
-            session: conn.link().handle().id(),
-        }));
+        let waker = park_waker(shared.id, fd);
         // The slots lock is held from the session's consent to the
         // registration: a wake-up queued meanwhile is handled after it, and
         // finds the connection parked.
@@ -268,7 +292,7 @@ async fn run(shared: Arc<Shared>, mut afd: AsyncFd<mio::Poll>) {
                     ready.clear();
                     ready.extend(events.iter().filter_map(|e| RawFd::try_from(e.token().0).ok()));
                     for &fd in &ready {
-                        unpark(&shared, fd, None);
+                        unpark(&shared, fd, false);
                     }
                     if ready.len() < EVENTS {
                         break;
@@ -278,8 +302,8 @@ async fn run(shared: Arc<Shared>, mut afd: AsyncFd<mio::Poll>) {
             }
             () = shared.notify.notified() => {
                 let woken = std::mem::take(&mut *shared.wakes.lock());
-                for (fd, session) in woken {
-                    unpark(&shared, fd, Some(session));
+                for fd in woken {
+                    unpark(&shared, fd, true);
                 }
             }
         }
@@ -298,10 +322,9 @@ async fn run(shared: Arc<Shared>, mut afd: AsyncFd<mio::Poll>) {
 }
 
 /// Gives the connection parked on `fd` a task again: for a readable socket
-/// (`session` None) always; for a wake-up of `session`, only if the
-/// connection still drives that session and something is due (see
-/// [`Link::stay_parked`]).
-fn unpark(shared: &Arc<Shared>, fd: RawFd, session: Option<SessionId>) {
+/// always; for a wake-up of its session (`woken`), only if something is due
+/// (see [`Link::stay_parked`]).
+fn unpark(shared: &Shared, fd: RawFd, woken: bool) {
     let Ok(idx) = usize::try_from(fd) else {
         return;
     };
@@ -310,17 +333,12 @@ fn unpark(shared: &Arc<Shared>, fd: RawFd, session: Option<SessionId>) {
         let Some(slot) = slots.get_mut(idx) else {
             return;
         };
-        if let Some(s) = session {
-            let Some(p) = slot.as_mut().filter(|p| p.link.handle().id() == s) else {
+        if woken {
+            let Some(p) = slot.as_mut() else {
                 return;
             };
-            let waker = Waker::from(Arc::new(ParkWake {
-                parker: Arc::downgrade(shared),
-                fd,
-                session: s,
-            }));
             let now = p.link.now();
-            if p.link.stay_parked(now, waker) {
+            if p.link.stay_parked(now, park_waker(shared.id, fd)) {
                 return;
             }
         }
@@ -381,5 +399,47 @@ impl std::future::Future for TcpConnection {
         } else {
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parker() -> Arc<Shared> {
+        let poll = mio::Poll::new().expect("epoll");
+        let mut parkers = PARKERS.write();
+        let shared = Arc::new(Shared {
+            registry: poll.registry().try_clone().expect("registry"),
+            slots: Mutex::new(Vec::new()),
+            wakes: Mutex::new(Vec::new()),
+            id: u32::try_from(parkers.len()).expect("id"),
+            notify: Notify::new(),
+            count: AtomicUsize::new(0),
+            parks: AtomicU64::new(0),
+            alive: AtomicBool::new(true),
+        });
+        parkers.push(Arc::downgrade(&shared));
+        shared
+    }
+
+    #[test]
+    fn a_parked_waker_queues_its_descriptor_at_its_own_parker() {
+        let (a, b) = (parker(), parker());
+        let w = park_waker(b.id, 1_000_003);
+        let c = w.clone();
+        assert!(w.will_wake(&c));
+        assert!(!w.will_wake(&park_waker(a.id, 1_000_003)));
+        c.wake_by_ref();
+        c.wake();
+        w.wake();
+        assert_eq!(*b.wakes.lock(), [1_000_003, 1_000_003, 1_000_003]);
+        assert!(a.wakes.lock().is_empty());
+
+        // A parker that is gone: the wake-up is dropped.
+        let id = a.id;
+        drop(a);
+        park_waker(id, 7).wake();
+        assert_eq!(b.wakes.lock().len(), 3);
     }
 }
