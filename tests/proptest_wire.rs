@@ -205,14 +205,21 @@ fn feed_chunked(
 
 /// What `ClientMsg::decode` must answer for a well-formed envelope, per the
 /// documented rules (1..=128 byte ids and rooms, 1..=64 client message id,
-/// 0..=128 route, 1..=8192 token, no control characters).
+/// 0..=128 route, 1..=8192 token, no control characters, a resume token of
+/// at most 256 bytes).
 fn expected_code(f: &pb::ClientFrame) -> Option<Code> {
     fn ok(s: &str, min: usize, max: usize) -> bool {
         (min..=max).contains(&s.len()) && !s.chars().any(char::is_control)
     }
     let good = match &f.body {
         None => return Some(Code::BadFrame),
-        Some(Body::Login(l)) => ok(&l.device_id, 1, 128) && ok(&l.token, 1, 8192),
+        Some(Body::Login(l)) => {
+            ok(&l.device_id, 1, 128)
+                && ok(&l.token, 1, 8192)
+                && l.resume
+                    .as_ref()
+                    .is_none_or(|r| r.resume_token.len() <= 256)
+        }
         Some(Body::Send(s)) => ok(&s.client_msg_id, 1, 64) && ok(&s.route, 0, 128),
         Some(Body::Join(j)) => ok(&j.room, 1, 128),
         Some(Body::Leave(l)) => ok(&l.room, 1, 128),
