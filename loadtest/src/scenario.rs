@@ -1198,7 +1198,7 @@ async fn drive<P: Pusher>(
         }
         let first = n;
         n = end;
-        for (g, mut reqs) in groups {
+        for (g, reqs) in groups {
             let Some(per) = ups.get(g).filter(|p| !p.is_empty()) else {
                 continue;
             };
@@ -1211,13 +1211,10 @@ async fn drive<P: Pusher>(
                 (w.published.clone(), w.fanout)
             });
             tasks.spawn(async move {
-                let r = match (reqs.len(), reqs.pop()) {
-                    (1, Some(req)) => up.send(req).await,
-                    (_, Some(last)) => {
-                        reqs.push(last);
-                        up.send_batch(reqs).await
-                    }
-                    (_, None) => Ok(Pushed::default()),
+                // A group holds at least one push; one alone goes unbatched.
+                let r = match <[P::Request; 1]>::try_from(reqs) {
+                    Ok([req]) => up.send(req).await,
+                    Err(reqs) => up.send_batch(reqs).await,
                 };
                 drop(permit);
                 if let Some((p, fanout)) = published {

@@ -253,9 +253,9 @@ impl<W: Wire> Future for Connection<W> {
 
 #[cfg(parking)]
 impl Connection<tokio::net::TcpStream> {
-    pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        Some(self.wire.as_raw_fd())
+        self.wire.as_raw_fd()
     }
 }
 

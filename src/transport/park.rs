@@ -206,9 +206,7 @@ impl Parker {
         let Some(conn) = slot.as_ref() else {
             return false;
         };
-        let Some(fd) = conn.raw_fd() else {
-            return false;
-        };
+        let fd = conn.raw_fd();
         let Ok(idx) = usize::try_from(fd) else {
             return false;
         };
@@ -313,11 +311,7 @@ async fn run(shared: Arc<Shared>, mut afd: AsyncFd<mio::Poll>) {
     shared.alive.store(false, Ordering::Relaxed);
     let parked: Vec<_> = shared.slots.lock().drain(..).flatten().collect();
     for p in parked {
-        let fd = p.socket.as_raw_fd();
-        let _ = shared.registry.deregister(&mut SourceFd(&fd));
-        shared.count.fetch_sub(1, Ordering::Relaxed);
-        m::hot().parked.decrement(1.0);
-        respawn(p.socket, p.link);
+        hand_back(&shared, *p);
     }
 }
 
@@ -344,7 +338,15 @@ fn unpark(shared: &Shared, fd: RawFd, woken: bool) {
         }
         slot.take()
     };
-    let Some(p) = parked else { return };
+    if let Some(p) = parked {
+        hand_back(shared, *p);
+    }
+}
+
+/// A connection taken out of its slot leaves the epoll set and the count,
+/// and gets a task again.
+fn hand_back(shared: &Shared, p: Parked) {
+    let fd = p.socket.as_raw_fd();
     let _ = shared.registry.deregister(&mut SourceFd(&fd));
     shared.count.fetch_sub(1, Ordering::Relaxed);
     m::hot().parked.decrement(1.0);

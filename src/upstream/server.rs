@@ -46,6 +46,33 @@ const MAX_USERS_PER_REQUEST: usize = 100_000;
 pub const MAX_PUSHES_PER_BATCH: usize = 1024;
 /// Deliveries queued by one upstream connection before it yields to sessions.
 const YIELD_DELIVERIES: u64 = 16_384;
+/// Pushes that reached a session before the connection yields: about a
+/// quarter of what a reader that keeps up can have queued of small pushes,
+/// so the woken sessions write before the queues fill.
+const YIELD_PUSHES: u64 = 64;
+
+/// Paces fan-out against the sessions it wakes: after a few pushes (up to
+/// half a queue) or many deliveries, let the woken sessions write. Queues
+/// then coalesce several frames per write, and a burst cannot fill every
+/// queue before a single session task runs.
+#[derive(Default)]
+struct Pacer {
+    reached: u64,
+    pushes: u64,
+}
+
+impl Pacer {
+    /// Counts `pushes` pushes that reached `reached` sessions; yields when
+    /// either bound is reached.
+    async fn after(&mut self, reached: u64, pushes: u64) {
+        self.reached += reached;
+        self.pushes += pushes;
+        if self.reached >= YIELD_DELIVERIES || self.pushes >= YIELD_PUSHES {
+            *self = Self::default();
+            tokio::task::yield_now().await;
+        }
+    }
+}
 
 /// The bound upstream listeners.
 pub struct UpstreamListeners {
@@ -380,10 +407,7 @@ async fn serve<S>(
         let _ = w.shutdown().await;
     });
 
-    // About a quarter of what a reader that keeps up can have queued of
-    // small pushes: the woken sessions write before the queues fill.
-    let yield_pushes: u64 = 64;
-    let (mut reached_since_yield, mut pushes_since_yield) = (0u64, 0u64);
+    let mut pacer = Pacer::default();
     loop {
         let next = tokio::select! { _ = stop.cancelled() => break, f = frames.next() => f };
         let body = match next {
@@ -407,17 +431,7 @@ async fn serve<S>(
         if resp_tx.send(out).await.is_err() {
             break;
         }
-        // Pace fan-out against the sessions it wakes: after a few pushes (up
-        // to half a queue) or many deliveries, let the woken sessions write.
-        // Queues then coalesce several frames per write, and a burst cannot
-        // fill every queue before a single session task runs.
-        reached_since_yield += reached;
-        pushes_since_yield += pushes;
-        if reached_since_yield >= YIELD_DELIVERIES || pushes_since_yield >= yield_pushes {
-            reached_since_yield = 0;
-            pushes_since_yield = 0;
-            tokio::task::yield_now().await;
-        }
+        pacer.after(reached, pushes).await;
     }
     drop(resp_tx);
     let _ = writer.await;
@@ -475,9 +489,8 @@ fn bad_request(rid: u64, message: String) -> Bytes {
 }
 
 /// A batch of pushes, each run as if it came alone, in order; one reply
-/// with a result per push. Yields to the sessions it woke as the
-/// connection's loop does between frames: after 64 pushes that reached
-/// any, or [`YIELD_DELIVERIES`] deliveries.
+/// with a result per push. Paced as the connection's loop paces frames
+/// ([`Pacer`]).
 async fn handle_push_batch(gw: &Arc<Gateway>, rid: u64, b: pb::PushBatch) -> (Bytes, u64, u64) {
     if b.pushes.len() > MAX_PUSHES_PER_BATCH {
         let m = format!(
@@ -488,18 +501,13 @@ async fn handle_push_batch(gw: &Arc<Gateway>, rid: u64, b: pb::PushBatch) -> (By
     }
     let mut results = Vec::with_capacity(b.pushes.len());
     let (mut reached, mut pushes) = (0, 0);
-    let (mut reached_since_yield, mut pushes_since_yield) = (0, 0);
+    let mut pacer = Pacer::default();
     for p in b.pushes {
         results.push(match push(gw, p).await {
             Ok((r, n)) => {
                 reached += n;
                 pushes += u64::from(n > 0);
-                reached_since_yield += n;
-                pushes_since_yield += u64::from(n > 0);
-                if reached_since_yield >= YIELD_DELIVERIES || pushes_since_yield >= 64 {
-                    (reached_since_yield, pushes_since_yield) = (0, 0);
-                    tokio::task::yield_now().await;
-                }
+                pacer.after(n, u64::from(n > 0)).await;
                 pb::PushResult {
                     code: Code::Ok as i32,
                     message: String::new(),
