@@ -66,7 +66,7 @@ pub struct FleetSpec {
     /// Each device closes and logs in afresh after about this long (0: never).
     pub churn_ms: u64,
     /// A device acknowledges once `ack_every` pushes are unacknowledged, or
-    /// `ack_delay_ms` after the first unacknowledged one.
+    /// about `ack_delay_ms` (±50 %) after the first unacknowledged one.
     pub ack_every: u64,
     pub ack_delay_ms: u64,
     /// Slow devices stall instead of reading slowly: they connect with a
@@ -1321,7 +1321,11 @@ async fn session(
                                 return End::Lost(e.to_string());
                             }
                         } else if behind > 0 && !ack_armed {
-                            ack_at.as_mut().reset(Instant::now() + Duration::from_millis(spec.ack_delay_ms));
+                            // Jittered: after a stall, the devices read in
+                            // one pass would otherwise all ack in one later
+                            // millisecond, and that burst of writes stalls
+                            // this thread again: an echo every ack delay.
+                            ack_at.as_mut().reset(Instant::now() + d.jitter(spec.ack_delay_ms));
                             ack_armed = true;
                         }
                     }

@@ -239,7 +239,8 @@ pub struct Common {
     /// A device acknowledges once this many pushes are unacknowledged...
     #[arg(long, default_value_t = 32)]
     pub ack_every: u64,
-    /// ...or this many milliseconds after the first unacknowledged push.
+    /// ...or about this many milliseconds (±50 %, drawn per ack) after the
+    /// first unacknowledged push.
     #[arg(long, default_value_t = 20)]
     pub ack_delay_ms: u64,
     /// The gateway's pid, to sample its RSS from /proc.
