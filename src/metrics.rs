@@ -37,6 +37,12 @@ pub const ACK_TIMEOUTS: &str = "tether_ack_timeouts_total";
 pub const QUIC_MIGRATIONS: &str = "tether_quic_migrations_total";
 pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
+pub const PUSH_WAIT: &str = "tether_push_wait_seconds";
+/// From 100 µs (a push written in the pass that took it in) to 10 s (a
+/// stalled reader).
+pub const PUSH_WAIT_BUCKETS: [f64; 14] = [
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
 pub const UPLINKS: &str = "tether_uplinks_total";
 pub const UPSTREAM_CONNECTIONS: &str = "tether_upstream_connections";
 pub const UPSTREAM_EVENTS_DROPPED: &str = "tether_upstream_events_dropped_total";
@@ -120,6 +126,11 @@ pub fn describe() {
         "New QUIC clients, by result (accepted, retry, refused, failed, timeout)."
     );
     describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");
+    describe_histogram!(
+        PUSH_WAIT,
+        Unit::Seconds,
+        "Time from a push's arrival at the gateway to the first write that carries it to a connected device: one sample per write, that of its oldest such push. Pushes queued while the device was offline are left out."
+    );
     describe_counter!(UPLINKS, "Uplink sends from clients, by result.");
     describe_gauge!(UPSTREAM_CONNECTIONS, "Connected upstream services.");
     describe_counter!(
@@ -185,6 +196,7 @@ pub struct Hot {
     /// By target: user, device, users, room, everyone.
     pushes: [Counter; 5],
     pub queue_depth: Histogram,
+    pub push_wait: Histogram,
     pub parked: Gauge,
     pub parks: Counter,
 }
@@ -220,6 +232,7 @@ impl Hot {
             deliveries: metrics::counter!(DELIVERIES),
             pushes: PUSH_TARGETS.map(|t| metrics::counter!(PUSHES, "target" => t)),
             queue_depth: metrics::histogram!(QUEUE_DEPTH),
+            push_wait: metrics::histogram!(PUSH_WAIT),
             parked: metrics::gauge!(PARKED),
             parks: metrics::counter!(PARKS),
         }
@@ -255,6 +268,10 @@ pub fn install_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(QUEUE_DEPTH.to_owned()),
             &[0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0],
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(PUSH_WAIT.to_owned()),
+            &PUSH_WAIT_BUCKETS,
         )?
         .install()?;
     describe();

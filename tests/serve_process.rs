@@ -120,6 +120,18 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
         Some(1.0),
         "{text}"
     );
+    // The push was written once to a connected device: one wait sample,
+    // in the configured buckets (the largest is 10 s).
+    assert_eq!(
+        metric(&text, "tether_push_wait_seconds_count "),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "tether_push_wait_seconds_bucket{le=\"10\"}"),
+        Some(1.0),
+        "{text}"
+    );
     assert!(
         text.contains("# HELP tether_push_drops_total")
             || text.contains("tether_push_deliveries_total")

@@ -128,6 +128,10 @@ pub struct Item {
     pub push: SharedPush,
     /// Connections this push was written on.
     tries: u8,
+    /// Queued while a connection was attached (fits the padding after
+    /// `tries`): only such pushes count in `tether_push_wait_seconds`, so
+    /// that time spent waiting for an offline device does not.
+    online: bool,
 }
 
 impl Item {
@@ -193,6 +197,9 @@ pub trait Sink {
     /// its buffer once instead of growing it push by push.
     fn reserve(&mut self, _pushes: &mut dyn Iterator<Item = &SharedPush>) {}
     fn push(&mut self, lane: Lane, seq: u64, push: &SharedPush);
+    /// A push queued while a connection was attached goes out for the first
+    /// time; `arrived` is when the gateway took it in.
+    fn first_write(&mut self, _arrived: Instant) {}
 }
 
 impl<F: FnMut(Lane, u64, &SharedPush)> Sink for F {
@@ -305,6 +312,7 @@ impl Delivery {
             seq,
             push: push.clone(),
             tries: 0,
+            online: !detached,
         };
         let cost = item.cost();
         if !budget.try_take(cost) {
@@ -410,6 +418,9 @@ impl Delivery {
                 it.tries = it.tries.saturating_add(1);
                 b.written = b.written.max(it.seq);
                 out.push(*lane, it.seq, &it.push);
+                if it.tries == 1 && it.online {
+                    out.first_write(it.push.arrived);
+                }
                 if b.window.is_empty() {
                     b.waiting = Some(now);
                 }
@@ -638,6 +649,51 @@ mod tests {
 
     fn offer(d: &mut Delivery, lane: Lane, c: &DeliveryConfig, b: &Budget) -> Offer {
         d.enqueue(&push(lane, "m"), false, c, b, &mut Vec::new())
+    }
+
+    /// Records `first_write` calls, as a write batch does.
+    #[derive(Default)]
+    struct FirstWrites {
+        seqs: Vec<u64>,
+        arrived: Vec<Instant>,
+    }
+
+    impl Sink for FirstWrites {
+        fn push(&mut self, _: Lane, seq: u64, _: &SharedPush) {
+            self.seqs.push(seq);
+        }
+        fn first_write(&mut self, arrived: Instant) {
+            self.arrived.push(arrived);
+        }
+    }
+
+    #[test]
+    fn only_the_first_write_of_a_push_queued_online_is_timed() {
+        let (c, b) = (cfg(), Budget::new(1 << 20));
+        let mut d = Delivery::default();
+        let online = push(Lane::Interactive, "on");
+        d.enqueue(&online, false, &c, &b, &mut Vec::new());
+        let mut w = FirstWrites::default();
+        d.poll_send(Instant::now(), 100, Lanes::ALL, &c, &mut w);
+        assert_eq!(w.seqs, vec![1]);
+        assert_eq!(w.arrived, vec![online.arrived], "timed from its arrival");
+
+        // The connection drops; a push comes in while detached; on the
+        // resume both are written, neither is timed: the first was timed
+        // already, the second waited for an offline device.
+        d.detach();
+        d.enqueue(
+            &push(Lane::Interactive, "off"),
+            true,
+            &c,
+            &b,
+            &mut Vec::new(),
+        );
+        d.resume([0, 0], &c, &b, &mut Vec::new(), &mut Vec::new());
+        let mut w = FirstWrites::default();
+        d.poll_send(Instant::now(), 100, Lanes::ALL, &c, &mut w);
+        assert_eq!(w.seqs, vec![1, 2]);
+        assert!(w.arrived.is_empty(), "{:?}", w.arrived);
     }
 
     #[test]

@@ -155,6 +155,8 @@ struct BatchBuilder {
     flat: BytesMut,
     frames: u64,
     bytes: usize,
+    /// When the oldest push written here for the first time arrived.
+    oldest: Option<Instant>,
 }
 
 impl BatchBuilder {
@@ -165,6 +167,7 @@ impl BatchBuilder {
             flat: BytesMut::new(),
             frames: 0,
             bytes: 0,
+            oldest: None,
         }
     }
 
@@ -235,6 +238,10 @@ impl crate::session::delivery::Sink for BatchBuilder {
 
     fn push(&mut self, _lane: crate::wire::pb::Lane, seq: u64, p: &SharedPush) {
         BatchBuilder::push(self, seq, p);
+    }
+
+    fn first_write(&mut self, arrived: Instant) {
+        self.oldest = Some(self.oldest.map_or(arrived, |o| o.min(arrived)));
     }
 }
 
@@ -781,6 +788,14 @@ impl Link {
             let moved = (b.frames - before) as usize;
             if moved > 0 {
                 m::hot().queue_depth.record((moved + remaining) as f64);
+            }
+            // One sample per write, not per push: the clock was read once
+            // for this pass already, and a histogram record per push would
+            // cost more than the push's header.
+            if let Some(at) = b.oldest {
+                m::hot()
+                    .push_wait
+                    .record(now.saturating_duration_since(at).as_secs_f64());
             }
         }
         // The Close goes last on output 0, once the pushes of that output

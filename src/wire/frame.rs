@@ -92,6 +92,9 @@ pub struct PushData {
     pub lane: super::pb::Lane,
     /// The message id, when the upstream asked for delivery reports.
     pub report: Option<std::sync::Arc<str>>,
+    /// When the gateway took the push in (the session core's clock, tokio's):
+    /// `tether_push_wait_seconds` counts from here to the first write.
+    pub arrived: std::time::Instant,
 }
 
 impl std::ops::Deref for SharedPush {
@@ -164,6 +167,7 @@ impl SharedPush {
             body: b.freeze(),
             lane,
             report: report.then(|| std::sync::Arc::from(message_id)),
+            arrived: tokio::time::Instant::now().into_std(),
         }))
     }
 
