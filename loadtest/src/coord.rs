@@ -88,6 +88,84 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// A Prometheus histogram's cumulative buckets (`le` bound, count), summed
+/// over its label sets, in bound order; `+Inf` last.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Buckets(pub Vec<(f64, f64)>);
+
+impl Buckets {
+    /// The `<name>_bucket` series of a Prometheus text page.
+    pub fn parse(text: &str, name: &str) -> Self {
+        let prefix = format!("{name}_bucket{{");
+        let mut b: Vec<(f64, f64)> = Vec::new();
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some(rest) = l.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            let Some((labels, count)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let Some(le) = labels
+                .split(',')
+                .find_map(|kv| kv.trim().strip_prefix("le=\""))
+                .and_then(|v| v.strip_suffix('"'))
+            else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            let Ok(count) = count.trim().parse::<f64>() else {
+                continue;
+            };
+            if le.is_nan() {
+                continue;
+            }
+            match b.iter_mut().find(|(l, _)| *l == le) {
+                Some((_, c)) => *c += count,
+                None => b.push((le, count)),
+            }
+        }
+        b.sort_by(|x, y| x.0.total_cmp(&y.0));
+        Self(b)
+    }
+
+    /// What was recorded between `earlier` and `self` (bucket by bucket).
+    pub fn since(&self, earlier: &Buckets) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|&(le, c)| {
+                    let before = earlier
+                        .0
+                        .iter()
+                        .find(|(l, _)| *l == le)
+                        .map_or(0.0, |x| x.1);
+                    (le, (c - before).max(0.0))
+                })
+                .collect(),
+        )
+    }
+
+    /// Samples in all.
+    pub fn count(&self) -> f64 {
+        self.0.last().map_or(0.0, |x| x.1)
+    }
+
+    /// The smallest bucket bound that holds at least the fraction `q` of
+    /// the samples: an upper bound of the `q` quantile (`None` without
+    /// samples).
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n <= 0.0 {
+            return None;
+        }
+        self.0.iter().find(|(_, c)| *c >= q * n).map(|x| x.0)
+    }
+}
+
 /// The text of a Prometheus endpoint's `/metrics` page.
 pub async fn scrape_text(addr: &str) -> Option<String> {
     use tokio::io::AsyncReadExt;
@@ -560,4 +638,41 @@ pub async fn worker_main() -> anyhow::Result<()> {
     }
     let _ = fleet.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "\
+# TYPE tether_push_wait_seconds histogram
+tether_push_wait_seconds_bucket{le=\"0.001\"} 90
+tether_push_wait_seconds_bucket{le=\"0.01\"} 99
+tether_push_wait_seconds_bucket{le=\"0.1\"} 100
+tether_push_wait_seconds_bucket{le=\"+Inf\"} 100
+tether_push_wait_seconds_sum 0.2
+tether_push_wait_seconds_count 100
+tether_queue_depth_bucket{le=\"1\"} 7
+";
+
+    #[test]
+    fn histogram_buckets_give_quantile_bounds_over_a_run() {
+        let b = Buckets::parse(PAGE, "tether_push_wait_seconds");
+        assert_eq!(b.0.len(), 4, "{b:?}");
+        assert_eq!(b.count(), 100.0);
+        assert_eq!(b.quantile_bound(0.5), Some(0.001));
+        assert_eq!(b.quantile_bound(0.95), Some(0.01));
+        assert_eq!(b.quantile_bound(0.999), Some(0.1));
+        // A later page: 100 more samples, all slow.
+        let later = Buckets::parse(
+            &PAGE
+                .replace("\"0.1\"} 100", "\"0.1\"} 200")
+                .replace("\"+Inf\"} 100", "\"+Inf\"} 200"),
+            "tether_push_wait_seconds",
+        );
+        let run = later.since(&b);
+        assert_eq!(run.count(), 100.0);
+        assert_eq!(run.quantile_bound(0.5), Some(0.1), "{run:?}");
+        assert_eq!(Buckets::parse("", "x").quantile_bound(0.5), None);
+    }
 }

@@ -132,6 +132,7 @@ pub async fn broadcast(
     }
     let (fleet, t0) = start(&c, spec).await?;
     let ready = wait_ready(&fleet, &c).await?;
+    let waits_before = gateway_waits(&c).await;
     let (tally, gateways, start_ns) = match redis {
         None => {
             let (ups, _) = upstreams(&u, false).await?;
@@ -211,6 +212,7 @@ pub async fn broadcast(
         start_ns,
         Some(expected),
     );
+    gateway_wait_figures(&mut r, waits_before, gateway_waits(&c).await);
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
@@ -228,6 +230,7 @@ pub async fn unicast(
     let spec = push_spec(&c, &u, &p, redis, true)?;
     let (fleet, t0) = start(&c, spec).await?;
     wait_ready(&fleet, &c).await?;
+    let waits_before = gateway_waits(&c).await;
     // A fixed pseudo-random sequence of targets (xorshift), so runs compare.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let conns = c.conns.max(1) as u64;
@@ -307,6 +310,7 @@ pub async fn unicast(
         "/s",
     );
     push_figures(&mut r, server(redis), &tally, &got, start_ns, expected);
+    gateway_wait_figures(&mut r, waits_before, gateway_waits(&c).await);
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
 
@@ -733,6 +737,54 @@ pub async fn migrate(c: Common, u: Upstream, o: MigrateOpts) -> anyhow::Result<(
         );
     }
     r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// The gateway's `tether_push_wait_seconds` buckets, with `--metrics`.
+async fn gateway_waits(c: &Common) -> Option<crate::coord::Buckets> {
+    let text = crate::coord::scrape_text(c.metrics.as_deref()?).await?;
+    Some(crate::coord::Buckets::parse(
+        &text,
+        tether::metrics::PUSH_WAIT,
+    ))
+}
+
+/// The gateway's own share of the push latency over the run, from its
+/// `tether_push_wait_seconds` histogram (one sample per write: its oldest
+/// push's wait from arrival to that write), as bucket bounds: the push
+/// latency above minus these is the upstream's socket, the network and
+/// the devices (here, the load core).
+fn gateway_wait_figures(
+    r: &mut RunReport,
+    before: Option<crate::coord::Buckets>,
+    after: Option<crate::coord::Buckets>,
+) {
+    let (Some(before), Some(after)) = (before, after) else {
+        return;
+    };
+    let run = after.since(&before);
+    if run.count() == 0.0 {
+        return;
+    }
+    r.figure(
+        "gateway_wait_writes",
+        "writes timed by the gateway (tether_push_wait_seconds)",
+        run.count(),
+        "",
+    );
+    for (key, q, name) in [
+        ("gateway_wait_p50_ms", 0.5, "p50"),
+        ("gateway_wait_p99_ms", 0.99, "p99"),
+        ("gateway_wait_p999_ms", 0.999, "p99.9"),
+    ] {
+        if let Some(le) = run.quantile_bound(q) {
+            r.figure(
+                key,
+                &format!("the gateway's own wait per write, {name} at most"),
+                le * 1000.0,
+                "ms",
+            );
+        }
+    }
 }
 
 /// The gateway's `tether_quic_migrations_total`, with `--metrics`.
