@@ -216,6 +216,78 @@ async fn unicast_in_process() {
     assert_eq!(samples(&v, "push"), 2000);
 }
 
+/// A stand-in for a gateway's metrics listener: the n-th scrape reports
+/// 10·n writes timed by `tether_push_wait_seconds`, all within 1 ms, and
+/// 10·n more bytes resident.
+async fn fake_metrics() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok((mut s, _)) = l.accept().await {
+            n += 1;
+            let c = 10 * n;
+            let body = format!(
+                "# TYPE tether_push_wait_seconds histogram\n\
+                 tether_push_wait_seconds_bucket{{le=\"0.0001\"}} 0\n\
+                 tether_push_wait_seconds_bucket{{le=\"0.001\"}} {c}\n\
+                 tether_push_wait_seconds_bucket{{le=\"+Inf\"}} {c}\n\
+                 tether_push_wait_seconds_sum 0\n\
+                 tether_push_wait_seconds_count {c}\n\
+                 tether_process_resident_memory_bytes {}\n",
+                1_000_000 + c
+            );
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req).await;
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicast_reports_the_gateway_s_own_wait_from_its_metrics() {
+    let gw = gateway(false, |_| {}).await;
+    let metrics = fake_metrics().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "unicast",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--metrics",
+            &metrics,
+            "--conns",
+            "50",
+            "--msgs",
+            "200",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "received"), 200.0);
+    // Counted between a scrape before the pushes and one after them.
+    let writes = figure(&v, "gateway_wait_writes");
+    assert!(writes >= 10.0 && writes % 10.0 == 0.0, "{writes}");
+    assert_eq!(figure(&v, "gateway_wait_p50_ms"), 1.0);
+    assert_eq!(figure(&v, "gateway_wait_p99_ms"), 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unicast_to_connections_that_park_between_pushes() {
     // Parking after 30 ms of quiet, checked every 10 ms, and about one push
