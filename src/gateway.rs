@@ -331,6 +331,15 @@ impl Gateway {
         0
     }
 
+    /// Reads of parked connections answered in place (a heartbeat, mostly),
+    /// after which the connection stayed parked.
+    pub fn parked_answers(&self) -> u64 {
+        #[cfg(parking)]
+        return self.parker.answers();
+        #[cfg(not(parking))]
+        0
+    }
+
     /// Starts parking idle plain-TCP connections (the server does this with
     /// its listeners; needs a runtime). Off when `listen.park_after` is 0.
     pub fn start_parker(&self) {

@@ -56,6 +56,7 @@ pub const DETACHED: &str = "tether_detached_sessions";
 pub const RESIDENT_MEMORY: &str = "tether_process_resident_memory_bytes";
 pub const PARKED: &str = "tether_parked_connections";
 pub const PARKS: &str = "tether_parks_total";
+pub const PARKED_ANSWERS: &str = "tether_parked_answers_total";
 
 /// Describes every metric (Prometheus HELP lines).
 pub fn describe() {
@@ -91,7 +92,11 @@ pub fn describe() {
     );
     describe_counter!(
         PARKS,
-        "Times a quiet plain-TCP connection was parked; each later read or wake-up unparks it."
+        "Times a quiet plain-TCP connection was parked; a push, a close or a deadline unparks it, and so does a read that needs more than an answer."
+    );
+    describe_counter!(
+        PARKED_ANSWERS,
+        "Reads of parked connections answered in place (a heartbeat, mostly) after which the connection stayed parked."
     );
     describe_counter!(LOGINS, "Login attempts, by result (ok or a code name).");
     describe_counter!(
@@ -199,6 +204,7 @@ pub struct Hot {
     pub push_wait: Histogram,
     pub parked: Gauge,
     pub parks: Counter,
+    pub parked_answers: Counter,
 }
 
 /// Push targets, the label values of `tether_pushes_total{target}`, in the
@@ -235,6 +241,7 @@ impl Hot {
             push_wait: metrics::histogram!(PUSH_WAIT),
             parked: metrics::gauge!(PARKED),
             parks: metrics::counter!(PARKS),
+            parked_answers: metrics::counter!(PARKED_ANSWERS),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Parking over real loopback TCP: a quiet connection gives up its task and
 //! its reactor entry (`listen.park_after`), and everything that concerns it
-//! still reaches it: its own frames (a heartbeat, an uplink, a hang-up),
-//! pushes, kicks, a resume elsewhere, the idle timeout and a drain.
+//! still reaches it: its own frames (a heartbeat or an uplink, answered in
+//! place; a split frame; a hang-up), pushes, kicks, a resume elsewhere, the
+//! idle timeout and a drain.
 
 mod common;
 
@@ -55,7 +56,8 @@ async fn a_quiet_connection_parks_and_pushes_pings_and_uplinks_still_flow() {
     c.ack(p.seq).await.unwrap();
     wait_parked(&g, 1).await;
 
-    // Its own frames unpark it: a heartbeat, then an uplink.
+    // Its own frames reach it: a heartbeat, then an uplink (both answered
+    // where it is parked).
     ping_pong(&mut c).await;
     wait_parked(&g, 1).await;
     let rid = c.send_up("cm-1", "chat", &b"up"[..]).await.unwrap();
@@ -86,6 +88,83 @@ async fn a_quiet_connection_parks_and_pushes_pings_and_uplinks_still_flow() {
     expect_eof(&mut c).await;
     g.wait_sessions(0).await;
     wait_parked(&g, 0).await;
+}
+
+/// Waits until `n` reads of parked connections were answered in place.
+async fn wait_answers(g: &TestGateway, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.gw.parked_answers() != n {
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} reads answered in place, have {}",
+            g.gw.parked_answers()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_and_uplinks_to_a_parked_connection_are_answered_in_place() {
+    let g = start(parking()).await;
+    let (up, mut events) = g.upstream(true).await;
+    let (mut c, _) = g.login("alice", "phone").await;
+    wait_parked(&g, 1).await;
+    let parks = g.gw.parks();
+
+    // Three heartbeats: each answered without a task, and the connection
+    // never leaves the parker (so it never parks again either).
+    for n in 1..=3 {
+        ping_pong(&mut c).await;
+        wait_answers(&g, n).await;
+    }
+    assert_eq!(g.gw.parked_connections(), 1);
+    assert_eq!(g.gw.parks(), parks, "it never unparked");
+
+    // An uplink too: handed to the subscriber and acknowledged in place.
+    let rid = c.send_up("cm-1", "chat", &b"up"[..]).await.unwrap();
+    assert_eq!(next(&mut c).await.request_id, rid);
+    loop {
+        if let pb::event::Kind::Uplink(u) = next_event(&mut events, Duration::from_secs(3)).await {
+            assert_eq!(&u.payload[..], b"up");
+            break;
+        }
+    }
+    wait_answers(&g, 4).await;
+    assert_eq!(g.gw.parks(), parks, "it never unparked");
+
+    // Half a heartbeat: that needs a task (the rest may take a while); the
+    // other half completes it there, and the connection parks again.
+    let ping = tether::wire::frame_bytes(&pb::ClientFrame {
+        request_id: 77,
+        body: Some(pb::client_frame::Body::Ping(pb::Ping { client_time_ms: 1 })),
+    });
+    let (head, tail) = ping.split_at(3);
+    c.send_raw(head).await.unwrap();
+    wait_parked(&g, 0).await;
+    c.send_raw(tail).await.unwrap();
+    let f = c
+        .recv_timeout(Duration::from_secs(3))
+        .await
+        .expect("recv")
+        .expect("a pong, not the end");
+    assert_eq!(f.request_id, 77);
+    assert!(
+        matches!(f.body, Some(pb::server_frame::Body::Pong(_))),
+        "{f:?}"
+    );
+    wait_parked(&g, 1).await;
+    assert_eq!(g.gw.parks(), parks + 1);
+    assert_eq!(g.gw.parked_answers(), 4, "the split heartbeat was not");
+
+    // Pushes still unpark it and arrive, after all of that.
+    up.push_user("alice", &b"after"[..]).await.unwrap();
+    let p = push_within(
+        &mut c,
+        Duration::from_secs(3),
+        "a push after the heartbeats",
+    )
+    .await;
+    assert_eq!(&p.payload[..], b"after");
 }
 
 #[tokio::test]
@@ -208,4 +287,33 @@ async fn a_stale_timer_entry_does_not_unpark() {
     }
     ping_pong(&mut c).await;
     wait_parked(&g, 1).await;
+}
+
+#[tokio::test]
+async fn a_stale_timer_entry_soon_after_an_answer_in_place_does_not_unpark() {
+    // As above, with a heartbeat answered in place just before the stale
+    // login-deadline entry fires: the connection heard from its peer less
+    // than `park_after` ago, and is as idle as before.
+    let mut cfg = parking();
+    cfg.session.login_timeout = Duration::from_millis(700);
+    let g = start(cfg).await;
+    let t0 = Instant::now();
+    let mut c = g.client().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.login(&token("alice", "phone"), "phone").await.unwrap();
+    wait_parked(&g, 1).await;
+    let parks = g.gw.parks();
+    tokio::time::sleep(Duration::from_millis(640).saturating_sub(t0.elapsed())).await;
+    ping_pong(&mut c).await;
+    wait_answers(&g, 1).await;
+    while t0.elapsed() < Duration::from_millis(1200) {
+        assert_eq!(
+            g.gw.parked_connections(),
+            1,
+            "unparked at {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(g.gw.parks(), parks, "it never left the parker");
 }

@@ -340,6 +340,21 @@ impl Link {
         Some(self.session.quiet_since()? + after)
     }
 
+    /// Whether a parked connection that was just driven in place (see
+    /// transport/park.rs) may stay parked: what [`Link::park_at`] asks but
+    /// the quiet time (its peer was just heard from), and no deadline due.
+    /// The session's own consent comes after, under its lock.
+    pub(crate) fn may_stay_parked(&self, now: Instant) -> bool {
+        self.kind == TransportKind::Tcp
+            && self.registered()
+            && self.rbuf.is_none()
+            && self.out.is_none()
+            && !self.f.has(Flags::READ_CLOSED)
+            && !self.session.is_closing()
+            && !self.session.is_closed()
+            && self.session.poll_timeout().is_none_or(|t| t > now)
+    }
+
     /// Whether the last poll found that the connection may park now (see
     /// [`Link::park_at`]).
     pub(crate) fn park_due(&self) -> bool {
@@ -364,10 +379,13 @@ impl Link {
     /// the connection then re-arms the wheel for its real deadline and stays
     /// parked. Anything else (a push, a close request, a takeover, a
     /// deadline reached) unparks it.
+    ///
+    /// Not the quiet time of [`Link::park_at`]: a connection whose heartbeat
+    /// was answered in place has just heard from its peer, and is as idle as
+    /// before (a stale entry firing soon after such an answer unparked every
+    /// connection once, until this was so).
     pub(crate) fn stay_parked(&mut self, now: Instant, waker: Waker) -> bool {
-        if self.session.poll_timeout().is_some_and(|t| t <= now)
-            || self.park_at().is_none_or(|at| at > now)
-        {
+        if !self.may_stay_parked(now) {
             return false;
         }
         // The wake-up took the parked waker; whatever came with it shows in
