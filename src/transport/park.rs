@@ -310,6 +310,9 @@ async fn run(shared: Arc<Shared>, mut afd: AsyncFd<mio::Poll>) {
                     if ready.len() < EVENTS {
                         break;
                     }
+                    // A full batch (each read answered in place is a read
+                    // and a write): let the worker's other tasks run.
+                    tokio::task::yield_now().await;
                 }
                 guard.clear_ready();
             }
