@@ -368,9 +368,6 @@ fn unpark(shared: &Shared, fd: RawFd, woken: bool) {
         InPlaceEnd::Stayed => {}
         InPlaceEnd::Run(p) => hand_back(shared, *p),
         InPlaceEnd::Ended => {
-            // The connection finished in that poll (its link ended the
-            // session as a task's would); the socket closes with it.
-            let _ = shared.registry.deregister(&mut SourceFd(&fd));
             shared.count.fetch_sub(1, Ordering::Relaxed);
             m::hot().parked.decrement(1.0);
         }
@@ -383,7 +380,8 @@ enum InPlaceEnd {
     Stayed,
     /// It needs a task (the box is out of its slot, still in the epoll set).
     Run(Box<Parked>),
-    /// It finished.
+    /// It finished (its link ended the session as a task's would), and its
+    /// socket left the epoll set and closed.
     Ended,
 }
 
@@ -412,6 +410,9 @@ fn answer_in_place(shared: &Shared, fd: RawFd, idx: usize, p: Parked) -> InPlace
     )
     .is_ready()
     {
+        // Out of the epoll set before the descriptor closes (and may be
+        // reused by the next accept).
+        let _ = shared.registry.deregister(&mut SourceFd(&fd));
         drop(conn);
         return InPlaceEnd::Ended;
     }
