@@ -328,16 +328,22 @@ impl Link {
     /// parks ([`Link::try_park`]). None while any of that does not hold, or
     /// when parking is off.
     pub fn park_at(&self) -> Option<Instant> {
-        if self.kind != TransportKind::Tcp
-            || !self.registered()
-            || self.rbuf.is_some()
-            || self.out.is_some()
-            || self.f.has(Flags::READ_CLOSED | Flags::UNPARKED)
-        {
+        if !self.idle_shape() || self.f.has(Flags::UNPARKED) {
             return None;
         }
         let after = self.gw.park_after()?;
         Some(self.session.quiet_since()? + after)
+    }
+
+    /// What parking asks of the link itself, whatever the quiet time: plain
+    /// TCP, logged in, nothing partly read, nothing waiting to be written,
+    /// the peer still sending.
+    fn idle_shape(&self) -> bool {
+        self.kind == TransportKind::Tcp
+            && self.registered()
+            && self.rbuf.is_none()
+            && self.out.is_none()
+            && !self.f.has(Flags::READ_CLOSED)
     }
 
     /// Whether a parked connection that was just driven in place (see
@@ -345,11 +351,7 @@ impl Link {
     /// the quiet time (its peer was just heard from), and no deadline due.
     /// The session's own consent comes after, under its lock.
     pub(crate) fn may_stay_parked(&self, now: Instant) -> bool {
-        self.kind == TransportKind::Tcp
-            && self.registered()
-            && self.rbuf.is_none()
-            && self.out.is_none()
-            && !self.f.has(Flags::READ_CLOSED)
+        self.idle_shape()
             && !self.session.is_closing()
             && !self.session.is_closed()
             && self.session.poll_timeout().is_none_or(|t| t > now)
