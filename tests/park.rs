@@ -17,17 +17,31 @@ fn parking() -> tether::config::Config {
     cfg
 }
 
-/// Waits until `n` connections are parked.
-async fn wait_parked(g: &TestGateway, n: usize) {
+/// Waits (5 s at most, looking every `every`) until `read()` gives `n`;
+/// `what` names the count in the failure.
+async fn wait_count<T: PartialEq + std::fmt::Display>(
+    what: &str,
+    n: T,
+    every: Duration,
+    read: impl Fn() -> T,
+) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while g.gw.parked_connections() != n {
+    while read() != n {
         assert!(
             Instant::now() < deadline,
-            "expected {n} parked connections, have {}",
-            g.gw.parked_connections()
+            "expected {n} {what}, have {}",
+            read()
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Waits until `n` connections are parked.
+async fn wait_parked(g: &TestGateway, n: usize) {
+    wait_count("parked connections", n, Duration::from_millis(10), || {
+        g.gw.parked_connections()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -92,15 +106,13 @@ async fn a_quiet_connection_parks_and_pushes_pings_and_uplinks_still_flow() {
 
 /// Waits until `n` reads of parked connections were answered in place.
 async fn wait_answers(g: &TestGateway, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.gw.parked_answers() != n {
-        assert!(
-            Instant::now() < deadline,
-            "expected {n} reads answered in place, have {}",
-            g.gw.parked_answers()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_count(
+        "reads answered in place",
+        n,
+        Duration::from_millis(5),
+        || g.gw.parked_answers(),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -256,12 +268,9 @@ async fn parking_off_keeps_every_connection_running() {
     ping_pong(&mut c).await;
 }
 
-#[tokio::test]
-async fn a_stale_timer_entry_does_not_unpark() {
-    // The wheel's entries are lazy: the one registered for the login
-    // deadline still fires after the login. A parked connection woken by it
-    // finds nothing due and stays parked (were it unparked, it would stay
-    // so until its next heartbeat).
+/// A parked connection whose login deadline (700 ms after it connected,
+/// at the returned instant) left a wheel entry that fires after the login.
+async fn parked_before_a_stale_login_deadline() -> (TestGateway, tether::client::Client, Instant) {
     let mut cfg = parking();
     cfg.session.login_timeout = Duration::from_millis(700);
     let g = start(cfg).await;
@@ -272,11 +281,13 @@ async fn a_stale_timer_entry_does_not_unpark() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.login(&token("alice", "phone"), "phone").await.unwrap();
     wait_parked(&g, 1).await;
-    assert!(
-        t0.elapsed() < Duration::from_millis(600),
-        "parked only after the login deadline; the test proves nothing"
-    );
-    while t0.elapsed() < Duration::from_millis(1200) {
+    (g, c, t0)
+}
+
+/// Asserts, every 20 ms, that the one connection stays parked until `t0 +
+/// until` (past the stale login deadline's entry).
+async fn stays_parked(g: &TestGateway, t0: Instant, until: Duration) {
+    while t0.elapsed() < until {
         assert_eq!(
             g.gw.parked_connections(),
             1,
@@ -285,6 +296,20 @@ async fn a_stale_timer_entry_does_not_unpark() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_stale_timer_entry_does_not_unpark() {
+    // The wheel's entries are lazy: the one registered for the login
+    // deadline still fires after the login. A parked connection woken by it
+    // finds nothing due and stays parked (were it unparked, it would stay
+    // so until its next heartbeat).
+    let (g, mut c, t0) = parked_before_a_stale_login_deadline().await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "parked only after the login deadline; the test proves nothing"
+    );
+    stays_parked(&g, t0, Duration::from_millis(1200)).await;
     ping_pong(&mut c).await;
     wait_parked(&g, 1).await;
 }
@@ -294,26 +319,11 @@ async fn a_stale_timer_entry_soon_after_an_answer_in_place_does_not_unpark() {
     // As above, with a heartbeat answered in place just before the stale
     // login-deadline entry fires: the connection heard from its peer less
     // than `park_after` ago, and is as idle as before.
-    let mut cfg = parking();
-    cfg.session.login_timeout = Duration::from_millis(700);
-    let g = start(cfg).await;
-    let t0 = Instant::now();
-    let mut c = g.client().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    c.login(&token("alice", "phone"), "phone").await.unwrap();
-    wait_parked(&g, 1).await;
+    let (g, mut c, t0) = parked_before_a_stale_login_deadline().await;
     let parks = g.gw.parks();
     tokio::time::sleep(Duration::from_millis(640).saturating_sub(t0.elapsed())).await;
     ping_pong(&mut c).await;
     wait_answers(&g, 1).await;
-    while t0.elapsed() < Duration::from_millis(1200) {
-        assert_eq!(
-            g.gw.parked_connections(),
-            1,
-            "unparked at {:?}",
-            t0.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stays_parked(&g, t0, Duration::from_millis(1200)).await;
     assert_eq!(g.gw.parks(), parks, "it never left the parker");
 }
