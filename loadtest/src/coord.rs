@@ -63,29 +63,27 @@ async fn scrape(addr: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Every series of metric `name` in a Prometheus text page: its labels
+/// (what stands between the braces; empty without any) and its value.
+/// Lines that do not parse are skipped.
+fn series<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(move |l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = if let Some(r) = rest.strip_prefix(' ') {
+                ("", r)
+            } else {
+                rest.strip_prefix('{')?.rsplit_once("} ")?
+            };
+            Some((labels, value.trim().parse::<f64>().ok()?))
+        })
+}
+
 /// The sum of every series of metric `name` (all label sets) in a
 /// Prometheus text page; `None` when the page has none.
 pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for l in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = l.strip_prefix(name) else {
-            continue;
-        };
-        let value = if let Some(r) = rest.strip_prefix(' ') {
-            r
-        } else if rest.starts_with('{') {
-            match rest.rsplit_once("} ") {
-                Some((_, v)) => v,
-                None => continue,
-            }
-        } else {
-            continue;
-        };
-        if let Ok(v) = value.trim().parse::<f64>() {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
+    series(text, name).map(|(_, v)| v).reduce(|a, b| a + b)
 }
 
 /// A Prometheus histogram's cumulative buckets (`le` bound, count), summed
@@ -96,15 +94,9 @@ pub struct Buckets(pub Vec<(f64, f64)>);
 impl Buckets {
     /// The `<name>_bucket` series of a Prometheus text page.
     pub fn parse(text: &str, name: &str) -> Self {
-        let prefix = format!("{name}_bucket{{");
+        let bucket = format!("{name}_bucket");
         let mut b: Vec<(f64, f64)> = Vec::new();
-        for l in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some(rest) = l.strip_prefix(prefix.as_str()) else {
-                continue;
-            };
-            let Some((labels, count)) = rest.rsplit_once("} ") else {
-                continue;
-            };
+        for (labels, count) in series(text, &bucket) {
             let Some(le) = labels
                 .split(',')
                 .find_map(|kv| kv.trim().strip_prefix("le=\""))
@@ -116,9 +108,6 @@ impl Buckets {
                 f64::INFINITY
             } else {
                 le.parse().unwrap_or(f64::NAN)
-            };
-            let Ok(count) = count.trim().parse::<f64>() else {
-                continue;
             };
             if le.is_nan() {
                 continue;
@@ -674,5 +663,20 @@ tether_queue_depth_bucket{le=\"1\"} 7
         assert_eq!(run.count(), 100.0);
         assert_eq!(run.quantile_bound(0.5), Some(0.1), "{run:?}");
         assert_eq!(Buckets::parse("", "x").quantile_bound(0.5), None);
+    }
+
+    #[test]
+    fn metric_sums_add_every_label_set_and_skip_other_names() {
+        assert_eq!(
+            metric_sum(PAGE, "tether_push_wait_seconds_count"),
+            Some(100.0)
+        );
+        // 90 + 99 + 100 + 100 over the four `le` label sets.
+        assert_eq!(
+            metric_sum(PAGE, "tether_push_wait_seconds_bucket"),
+            Some(389.0)
+        );
+        assert_eq!(metric_sum(PAGE, "tether_push_wait"), None, "a prefix only");
+        assert_eq!(metric_sum(PAGE, "tether_absent"), None);
     }
 }
