@@ -98,6 +98,9 @@ pub struct DeliveryConfig {
     /// Charged bytes a session keeps while no connection is attached; past
     /// it the oldest pushes are evicted (the resume reports the gap).
     pub detached_bytes: u64,
+    /// Charged bytes all detached sessions of one user keep together; past
+    /// it the oldest pushes among them are evicted.
+    pub detached_bytes_per_user: u64,
     /// A connection whose socket takes no byte of a pending write for this
     /// long is closed as a slow consumer.
     #[serde(with = "humantime_serde")]
@@ -128,6 +131,7 @@ impl Default for DeliveryConfig {
             queue_bytes: 1 << 20,
             bulk_queue_bytes: 4 << 20,
             detached_bytes: 4 << 20,
+            detached_bytes_per_user: 16 << 20,
             stall_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(10),
             max_tries: 3,
@@ -147,6 +151,7 @@ impl Config {
             // Validated to fit in memory (at most the replay budget).
             queue_bytes: [d.queue_bytes as usize, d.bulk_queue_bytes as usize],
             detached_bytes: d.detached_bytes as usize,
+            detached_bytes_per_user: d.detached_bytes_per_user as usize,
             stall_timeout: d.stall_timeout,
             window: [d.window as usize, d.bulk_window as usize],
             policy: [self.session.slow_consumer, SlowConsumerPolicy::Drop],
@@ -669,6 +674,9 @@ bulk_queue_bytes = 4194304
 # Bytes a session keeps while it has no connection (between a drop and its
 # resume); past it the oldest pushes are evicted and the resume reports the gap.
 detached_bytes = 4194304
+# Bytes all detached sessions of one user keep together (a user may have many
+# devices); past it the oldest pushes among them are evicted (a gap on resume).
+detached_bytes_per_user = 16777216
 # A connection whose socket accepts no byte of a pending write for this long
 # is closed with CODE_SLOW_CONSUMER (its session is kept for a resume).
 stall_timeout = "30s"
@@ -680,8 +688,10 @@ ack_timeout = "10s"
 max_tries = 3
 # A session whose connection dropped keeps its queues this long for a resume.
 resume_window = "2m"
-# Bytes held in queues and windows by all sessions of this node; past it new
-# pushes are dropped (counted, and the seq gap tells the client).
+# Bytes held in queues and windows by all sessions of this node, each push's
+# body counted once however many sessions hold it. When a push does not fit,
+# detached sessions' oldest pushes are evicted first (a gap on their resume);
+# only when they hold nothing more is the push dropped for a live session.
 replay_budget = 1073741824
 # Uplinks are deduplicated by client_msg_id for this long, up to dedup_max
 # remembered per session.
@@ -878,6 +888,10 @@ impl Config {
             ("delivery.queue_bytes", d.queue_bytes),
             ("delivery.bulk_queue_bytes", d.bulk_queue_bytes),
             ("delivery.detached_bytes", d.detached_bytes),
+            (
+                "delivery.detached_bytes_per_user",
+                d.detached_bytes_per_user,
+            ),
         ] {
             if v < 1024 || v > d.replay_budget {
                 return bad(

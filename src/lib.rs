@@ -10,6 +10,7 @@
 //! - [`gateway`]: wires everything together and runs it.
 
 pub mod auth;
+pub mod budget;
 pub mod bus;
 pub mod client;
 pub mod config;

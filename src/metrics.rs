@@ -115,7 +115,7 @@ pub fn describe() {
     describe_counter!(DELIVERIES, "Pushes queued into session queues.");
     describe_counter!(
         DROPS,
-        "Pushes a session did not keep, by policy: drop (full queue or spent replay budget), evicted (a disconnected or slow session's oldest push made room)."
+        "Pushes a session did not keep, by policy: drop (a full queue under the drop policy), budget (the node's replay budget spent though detached sessions held nothing more), evicted (a detached or slow session's own bound, or its user's, made room for a newer push), reclaimed (a detached session's oldest push evicted to make room in the node's replay budget)."
     );
     describe_counter!(SLOW_CONSUMERS, "Sessions closed as slow consumers.");
     describe_counter!(

@@ -290,6 +290,11 @@ impl Registry {
         }
     }
 
+    /// How many sessions `user` has (a map lookup, nothing cloned).
+    pub fn device_count(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |d| d.len())
+    }
+
     /// The live session of one device of a user.
     pub fn device(&self, user: &str, device: &DeviceId) -> Option<SessionHandle> {
         let devices = self.users.get(user)?;

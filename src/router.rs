@@ -120,7 +120,8 @@ impl Tally {
         }
     }
 
-    fn add(&mut self, h: &SessionHandle, push: &SharedPush, cfg: &DeliveryConfig, budget: &Budget) {
+    fn add(&mut self, h: &SessionHandle, push: &SharedPush, router: &Router) {
+        let (cfg, budget) = (&router.delivery, &router.budget);
         let offered = match &self.delay {
             Some(d) => h.enqueue_deferred(push, cfg, budget, &mut self.evicted, d),
             None => h.enqueue(push, cfg, budget, &mut self.evicted),
@@ -130,10 +131,17 @@ impl Tally {
                 self.sessions += 1;
                 self.live += 1;
             }
-            Enqueued::Parked => self.sessions += 1,
+            Enqueued::Parked => {
+                self.sessions += 1;
+                router.bound_user(h, self.hooks.as_ref());
+            }
             Enqueued::Dropped => {
                 self.dropped += 1;
                 metrics::counter!(m::DROPS, "policy" => "drop").increment(1);
+            }
+            Enqueued::OverBudget => {
+                self.dropped += 1;
+                metrics::counter!(m::DROPS, "policy" => "budget").increment(1);
             }
             Enqueued::SlowConsumer => {
                 // Queued for the resume the session keeps its state for.
@@ -207,6 +215,44 @@ impl Router {
 
     fn hooks(&self) -> Option<Arc<dyn RouterHooks>> {
         self.hooks.get().and_then(Weak::upgrade)
+    }
+
+    /// Keeps what the detached sessions of `h`'s user hold together within
+    /// `delivery.detached_bytes_per_user`, after a push was queued for `h`
+    /// while detached: the oldest pushes among them are evicted (reported,
+    /// and their resumes show the gap). A user whose every device could fill
+    /// its detached bound without passing the user's is not even looked at,
+    /// so most pushes pay one map lookup for this.
+    fn bound_user(&self, h: &SessionHandle, hooks: Option<&Arc<dyn RouterHooks>>) {
+        let cap = self.delivery.detached_bytes_per_user;
+        let Some(info) = h.info() else { return };
+        let devices = self.registry.device_count(info.user.as_str());
+        if devices.saturating_mul(self.delivery.detached_bytes) <= cap {
+            return;
+        }
+        let mut sessions = Vec::with_capacity(devices);
+        self.registry.for_user(info.user.as_str(), |s| {
+            if s.is_detached() {
+                sessions.push(s.clone());
+            }
+        });
+        let mut evicted = Vec::new();
+        while sessions.iter().map(SessionHandle::held).sum::<usize>() > cap {
+            let oldest = sessions
+                .iter()
+                .filter_map(|s| s.oldest_detached().map(|at| (at, s)))
+                .min_by_key(|(at, _)| *at)
+                .map(|(_, s)| s);
+            let Some(s) = oldest else { break };
+            if !s.evict_oldest_detached(&self.budget, &mut evicted) {
+                break;
+            }
+            metrics::counter!(m::DROPS, "policy" => "evicted").increment(evicted.len() as u64);
+            if let Some(hooks) = hooks {
+                hooks.report(s, &evicted, Code::DeliveryExpired);
+            }
+            evicted.clear();
+        }
     }
 
     /// The node's replay budget.
@@ -403,7 +449,7 @@ impl<'a> FanOut<'a> {
                 f.kind = m::TARGET_DEVICE;
                 let live = f.tally.live;
                 if let Some(h) = router.registry.device(u.as_str(), d) {
-                    f.tally.add(&h, push, &router.delivery, &router.budget);
+                    f.tally.add(&h, push, router);
                 }
                 if f.tally.live == live {
                     f.missing.push(u.clone());
@@ -434,8 +480,7 @@ impl<'a> FanOut<'a> {
         let mut done = 0usize;
         loop {
             while self.pos < self.buf.len() && done < max {
-                self.tally
-                    .add(&self.buf[self.pos], self.push, &r.delivery, &r.budget);
+                self.tally.add(&self.buf[self.pos], self.push, r);
                 self.pos += 1;
                 done += 1;
             }
@@ -468,7 +513,7 @@ impl<'a> FanOut<'a> {
                     r.registry.for_user(u.as_str(), |h| buf.push(h.clone()));
                     let live = self.tally.live;
                     for h in self.buf.drain(..) {
-                        self.tally.add(&h, self.push, &r.delivery, &r.budget);
+                        self.tally.add(&h, self.push, r);
                         done += 1;
                     }
                     if self.tally.live == live {

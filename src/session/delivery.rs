@@ -22,9 +22,10 @@
 //! for ever. A session with nothing in flight holds no buffers at all.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use crate::budget::{Budget, ITEM_OVERHEAD};
 
 use crate::config::SlowConsumerPolicy;
 use crate::wire::pb::Lane;
@@ -40,12 +41,6 @@ fn ix(lane: Lane) -> usize {
     }
 }
 
-/// Bytes a queued or unacknowledged push is charged beyond its payload: the
-/// item itself, its share of the shared push and of the queue's ring buffer.
-/// Every byte bound below (queues, detached backlog, the node budget) counts
-/// payload + this, so that ten thousand tiny pushes cost what they hold.
-pub const ITEM_OVERHEAD: usize = 96;
-
 /// Delivery settings, per lane where they differ.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
@@ -59,6 +54,9 @@ pub struct DeliveryConfig {
     /// a resume on its way); past it the oldest pushes are evicted and the
     /// resume reports the gap. The node's budget bounds the sum.
     pub detached_bytes: usize,
+    /// Charged bytes all detached sessions of one user keep together; past
+    /// it the router evicts the oldest pushes among them.
+    pub detached_bytes_per_user: usize,
     /// A connection whose socket accepts no byte of a pending write for this
     /// long is closed as a slow consumer (its session kept for a resume).
     pub stall_timeout: Duration,
@@ -78,46 +76,13 @@ impl Default for DeliveryConfig {
         Self {
             queue_bytes: [1 << 20, 4 << 20],
             detached_bytes: 4 << 20,
+            detached_bytes_per_user: 16 << 20,
             stall_timeout: Duration::from_secs(30),
             window: [256, 64],
             policy: [SlowConsumerPolicy::Disconnect, SlowConsumerPolicy::Drop],
             ack_timeout: Duration::from_secs(10),
             max_tries: 3,
         }
-    }
-}
-
-/// The node-wide budget for bytes held in queues and windows.
-#[derive(Debug)]
-pub struct Budget {
-    used: AtomicUsize,
-    limit: usize,
-}
-
-impl Budget {
-    pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self {
-            used: AtomicUsize::new(0),
-            limit,
-        })
-    }
-
-    /// Bytes currently held by every session of the node.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    fn try_take(&self, n: usize) -> bool {
-        let prev = self.used.fetch_add(n, Ordering::Relaxed);
-        if prev + n > self.limit {
-            self.used.fetch_sub(n, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -140,14 +105,33 @@ impl Item {
     }
 }
 
+/// Pushes a session lets go of: its own bytes, and how many (each was
+/// charged [`ITEM_OVERHEAD`] to the node's budget).
+#[derive(Debug, Default, Clone, Copy)]
+struct Freed {
+    bytes: usize,
+    items: usize,
+}
+
+impl Freed {
+    fn add(&mut self, it: &Item) {
+        self.bytes += it.cost();
+        self.items += 1;
+    }
+}
+
 /// What [`Delivery::enqueue`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     /// Queued; `wake` when the lane's queue was empty (the task must be woken).
     Queued { wake: bool },
-    /// Dropped for this session (policy "drop", or the node budget is spent).
-    /// Its seq is used up, so the client sees the gap.
+    /// Dropped for this session (policy "drop"). Its seq is used up, so the
+    /// client sees the gap.
     Dropped,
+    /// The node's replay budget has no room for it. Nothing changed, its
+    /// seq included: make room ([`Budget::make_room`], with no lock held)
+    /// and offer it again, or give it up with [`Delivery::refuse`].
+    NoRoom,
     /// The queue is full and the policy is "disconnect".
     SlowConsumer,
 }
@@ -167,6 +151,11 @@ struct LaneBufs {
     /// something in either lane (and by a stalled write that moves again),
     /// cleared when the window empties. The ack deadline is this plus `ack_timeout`.
     waiting: Option<Instant>,
+    /// The latest run of seqs dropped while a connection was attached, not
+    /// yet told: a `Gap` frame goes out once every push below it is written.
+    /// One run is enough: an earlier one is followed by a queued push, whose
+    /// seq shows the client that gap.
+    lost: Option<(u64, u64)>,
 }
 
 impl LaneBufs {
@@ -180,6 +169,7 @@ impl LaneBufs {
             window: VecDeque::new(),
             written: next_seq - 1,
             waiting: None,
+            lost: None,
         }
     }
 
@@ -200,6 +190,9 @@ pub trait Sink {
     /// A push queued while a connection was attached goes out for the first
     /// time; `arrived` is when the gateway took it in.
     fn first_write(&mut self, _arrived: Instant) {}
+    /// Pushes `first..=last` of `lane` were dropped while connected: tell
+    /// the client (a `Gap` frame), in order with the lane's pushes.
+    fn gap(&mut self, _lane: Lane, _first: u64, _last: u64) {}
 }
 
 impl<F: FnMut(Lane, u64, &SharedPush)> Sink for F {
@@ -303,34 +296,39 @@ impl Delivery {
         push: &SharedPush,
         detached: bool,
         cfg: &DeliveryConfig,
-        budget: &Budget,
+        budget: &Arc<Budget>,
         evicted: &mut Vec<Item>,
     ) -> Offer {
         let l = ix(push.lane);
         let seq = self.next_seq[l];
+        let cost = push.body.len() + ITEM_OVERHEAD;
+        let mut result = None;
+        let queued = self.bufs.as_ref().map_or(0, |b| b[l].queued_bytes);
+        if !detached && queued > 0 && queued + cost > cfg.queue_bytes[l] {
+            match cfg.policy[l] {
+                SlowConsumerPolicy::Drop => {
+                    self.next_seq[l] += 1;
+                    self.note_lost(l, seq);
+                    return Offer::Dropped;
+                }
+                SlowConsumerPolicy::Disconnect => result = Some(Offer::SlowConsumer),
+            }
+        }
+        // The node's budget: this session's reference, and the body once
+        // per push (see crate::budget).
+        if !budget.try_take(ITEM_OVERHEAD) {
+            return Offer::NoRoom;
+        }
+        if !push.charge.charge(budget, push.body.len()) {
+            budget.give(ITEM_OVERHEAD);
+            return Offer::NoRoom;
+        }
         let item = Item {
             seq,
             push: push.clone(),
             tries: 0,
             online: !detached,
         };
-        let cost = item.cost();
-        if !budget.try_take(cost) {
-            self.next_seq[l] += 1;
-            return Offer::Dropped;
-        }
-        let mut result = None;
-        let queued = self.bufs.as_ref().map_or(0, |b| b[l].queued_bytes);
-        if !detached && queued > 0 && queued + cost > cfg.queue_bytes[l] {
-            match cfg.policy[l] {
-                SlowConsumerPolicy::Drop => {
-                    budget.give(cost);
-                    self.next_seq[l] += 1;
-                    return Offer::Dropped;
-                }
-                SlowConsumerPolicy::Disconnect => result = Some(Offer::SlowConsumer),
-            }
-        }
         if detached || result.is_some() {
             self.evict_to(cfg.detached_bytes.saturating_sub(cost), l, budget, evicted);
         }
@@ -353,19 +351,86 @@ impl Delivery {
         result.unwrap_or(Offer::Queued { wake })
     }
 
+    /// Gives up a push the node's budget had no room for ([`Offer::NoRoom`]):
+    /// its seq is used up, so the client sees the gap. `attached`: a
+    /// connection is attached, and is told with a `Gap` frame (a detached
+    /// session's resume reports the gap instead).
+    pub fn refuse(&mut self, lane: Lane, attached: bool) {
+        let l = ix(lane);
+        let seq = self.next_seq[l];
+        self.next_seq[l] += 1;
+        if attached {
+            self.note_lost(l, seq);
+        }
+    }
+
+    /// Records that `seq` of lane `l` was dropped while connected.
+    fn note_lost(&mut self, l: usize, seq: u64) {
+        let next = self.next_seq;
+        let b = &mut self
+            .bufs
+            .get_or_insert_with(|| Box::new([LaneBufs::new(next[0]), LaneBufs::new(next[1])]))[l];
+        b.lost = match b.lost {
+            Some((first, last)) if last + 1 == seq => Some((first, seq)),
+            _ => Some((seq, seq)),
+        };
+    }
+
+    /// Whether a `Gap` frame is waiting to be written.
+    pub fn gap_pending(&self) -> bool {
+        self.bufs
+            .as_ref()
+            .is_some_and(|b| b.iter().any(|l| l.lost.is_some()))
+    }
+
+    /// Evicts the oldest queued push, whichever lane holds it, into `out`.
+    /// Returns false when nothing is queued. Reclaiming the node's budget
+    /// from detached sessions uses it (their resume reports the gap).
+    pub fn evict_oldest(&mut self, budget: &Budget, out: &mut Vec<Item>) -> bool {
+        let Some(bufs) = self.bufs.as_mut() else {
+            return false;
+        };
+        let front = |l: usize| bufs[l].queue.front().map(|it| it.push.arrived);
+        let l = match (front(0), front(1)) {
+            (Some(a), Some(b)) => usize::from(b < a),
+            (Some(_), None) => 0,
+            (None, Some(_)) => 1,
+            (None, None) => return false,
+        };
+        let Some(it) = bufs[l].pop_queued() else {
+            return false;
+        };
+        let freed = Freed {
+            bytes: it.cost(),
+            items: 1,
+        };
+        out.push(it);
+        self.release(freed, budget);
+        self.shrink();
+        true
+    }
+
+    /// When the oldest queued push arrived, if any is queued.
+    pub fn oldest_queued(&self) -> Option<Instant> {
+        let bufs = self.bufs.as_ref()?;
+        bufs.iter()
+            .filter_map(|b| b.queue.front().map(|it| it.push.arrived))
+            .min()
+    }
+
     /// Evicts the oldest queued pushes, lane `first` first, until the session
     /// holds at most `limit` bytes.
     fn evict_to(&mut self, limit: usize, first: usize, budget: &Budget, out: &mut Vec<Item>) {
         let Some(bufs) = self.bufs.as_mut() else {
             return;
         };
-        let mut freed = 0;
+        let mut freed = Freed::default();
         for l in [first, 1 - first] {
-            while self.held - freed > limit {
+            while self.held - freed.bytes > limit {
                 let Some(old) = bufs[l].pop_queued() else {
                     break;
                 };
-                freed += old.cost();
+                freed.add(&old);
                 out.push(old);
             }
         }
@@ -415,6 +480,10 @@ impl Delivery {
                 let Some(mut it) = b.pop_queued() else {
                     break;
                 };
+                if let Some((first, last)) = b.lost.filter(|&(_, last)| last < it.seq) {
+                    out.gap(*lane, first, last);
+                    b.lost = None;
+                }
                 it.tries = it.tries.saturating_add(1);
                 b.written = b.written.max(it.seq);
                 out.push(*lane, it.seq, &it.push);
@@ -426,11 +495,18 @@ impl Delivery {
                 }
                 b.window.push_back(it);
             }
+            if b.queue.is_empty() {
+                if let Some((first, last)) = b.lost.take() {
+                    out.gap(*lane, first, last);
+                }
+            }
             sendable += b
                 .queue
                 .len()
                 .min(cfg.window[l].saturating_sub(b.window.len()));
         }
+        // A gap told with nothing else held frees the buffers.
+        self.shrink();
         sendable
     }
 
@@ -473,10 +549,10 @@ impl Delivery {
             return;
         };
         let w = &mut bufs[ix(lane)].window;
-        let mut freed = 0;
+        let mut freed = Freed::default();
         while w.front().is_some_and(|it| it.seq <= up_to) {
             if let Some(it) = w.pop_front() {
-                freed += it.cost();
+                freed.add(&it);
                 acked.push(it);
             }
         }
@@ -484,13 +560,13 @@ impl Delivery {
             w.retain(|it| {
                 let hit = ranges.iter().any(|(a, b)| (*a..=*b).contains(&it.seq));
                 if hit {
-                    freed += it.cost();
+                    freed.add(it);
                     acked.push(it.clone());
                 }
                 !hit
             });
         }
-        if freed > 0 {
+        if freed.items > 0 {
             // Any ack that releases a push proves the path alive: every
             // lane's clock starts over (a lane the client reads slowly is
             // the stall rule's and the queue bound's business, not this).
@@ -514,7 +590,10 @@ impl Delivery {
                 b.queue.push_front(it);
             }
             b.waiting = None;
+            // Untold gaps: the resume reports them (or a later seq shows them).
+            b.lost = None;
         }
+        self.shrink();
     }
 
     /// A client resumes having received everything up to `last` (per lane).
@@ -533,7 +612,7 @@ impl Delivery {
         failed: &mut Vec<Item>,
     ) -> [LaneResume; 2] {
         let mut res = [LaneResume::default(); 2];
-        let mut freed = 0;
+        let mut freed = Freed::default();
         for (l, r) in res.iter_mut().enumerate() {
             // A client cannot have seen more than was assigned.
             let last = last[l].min(self.next_seq[l] - 1);
@@ -541,7 +620,7 @@ impl Delivery {
                 let cut = last.min(b[l].written);
                 while b[l].queue.front().is_some_and(|it| it.seq <= cut) {
                     if let Some(it) = b[l].pop_queued() {
-                        freed += it.cost();
+                        freed.add(&it);
                         delivered.push(it);
                     }
                 }
@@ -551,7 +630,7 @@ impl Delivery {
                 for _ in 0..tried {
                     let Some(it) = b[l].pop_queued() else { break };
                     if it.tries >= cfg.max_tries {
-                        freed += it.cost();
+                        freed.add(&it);
                         failed.push(it);
                     } else {
                         kept.push_back(it);
@@ -578,30 +657,34 @@ impl Delivery {
 
     /// The session ends: everything still held is returned (for reports).
     pub fn release_all(&mut self, budget: &Budget, out: &mut Vec<Item>) {
+        let mut items = 0;
         if let Some(bufs) = self.bufs.take() {
             let [a, b] = *bufs;
             for lb in [a, b] {
+                items += lb.window.len() + lb.queue.len();
                 out.extend(lb.window);
                 out.extend(lb.queue);
             }
         }
-        budget.give(self.held);
+        budget.give(items * ITEM_OVERHEAD);
         self.held = 0;
     }
 
-    fn release(&mut self, n: usize, budget: &Budget) {
-        if n > 0 {
-            self.held -= n;
-            budget.give(n);
+    /// Lets go of freed pushes: this session's bytes, and the node budget's
+    /// per-item charges (each body's charge goes with the push's last
+    /// reference, see crate::budget).
+    fn release(&mut self, freed: Freed, budget: &Budget) {
+        if freed.items > 0 {
+            self.held -= freed.bytes;
+            budget.give(freed.items * ITEM_OVERHEAD);
         }
     }
 
     fn shrink(&mut self) {
-        if self
-            .bufs
-            .as_ref()
-            .is_some_and(|b| b.iter().all(|l| l.queue.is_empty() && l.window.is_empty()))
-        {
+        if self.bufs.as_ref().is_some_and(|b| {
+            b.iter()
+                .all(|l| l.queue.is_empty() && l.window.is_empty() && l.lost.is_none())
+        }) {
             self.bufs = None;
         }
     }
@@ -631,6 +714,7 @@ mod tests {
         DeliveryConfig {
             queue_bytes: [8 * one(), 8 * one_bulk()],
             detached_bytes: 8 * one(),
+            detached_bytes_per_user: 32 * one(),
             stall_timeout: Duration::from_secs(30),
             window: [3, 2],
             policy: [SlowConsumerPolicy::Disconnect, SlowConsumerPolicy::Drop],
@@ -647,7 +731,7 @@ mod tests {
         out
     }
 
-    fn offer(d: &mut Delivery, lane: Lane, c: &DeliveryConfig, b: &Budget) -> Offer {
+    fn offer(d: &mut Delivery, lane: Lane, c: &DeliveryConfig, b: &Arc<Budget>) -> Offer {
         d.enqueue(&push(lane, "m"), false, c, b, &mut Vec::new())
     }
 
@@ -845,7 +929,12 @@ mod tests {
         seqs.sort_unstable();
         assert_eq!(seqs, vec![1, 2, 3], "each push acknowledged exactly once");
         assert!(d.is_idle());
-        assert_eq!(b.used(), 0);
+        drop(acked);
+        assert_eq!(
+            b.used(),
+            0,
+            "the last reference to each body gave its charge back"
+        );
         assert!(
             send(&mut d, t0 + Duration::from_secs(60), &c).is_empty(),
             "no retransmission after the ack"
@@ -936,14 +1025,160 @@ mod tests {
             offer(&mut d2, Lane::Interactive, &c, &b),
             Offer::Queued { .. }
         ));
-        assert_eq!(offer(&mut d2, Lane::Interactive, &c, &b), Offer::Dropped);
+        assert_eq!(offer(&mut d2, Lane::Interactive, &c, &b), Offer::NoRoom);
+        assert_eq!(d2.next_seq(Lane::Interactive), 2, "NoRoom changes nothing");
+        d2.refuse(Lane::Interactive, false);
+        assert_eq!(
+            d2.next_seq(Lane::Interactive),
+            3,
+            "a refusal uses up the seq"
+        );
         send(&mut d1, t0, &c);
         let mut acked = Vec::new();
         d1.ack(Lane::Interactive, 1, &[], t0, &b, &mut acked);
+        drop(acked);
         assert!(matches!(
             offer(&mut d2, Lane::Interactive, &c, &b),
             Offer::Queued { .. }
         ));
+    }
+
+    /// Records pushes and gap notices in the order a write would carry them.
+    #[derive(Default)]
+    struct Written(Vec<String>);
+
+    impl Sink for Written {
+        fn push(&mut self, lane: Lane, seq: u64, _: &SharedPush) {
+            self.0.push(format!("{lane:?} {seq}"));
+        }
+        fn gap(&mut self, lane: Lane, first: u64, last: u64) {
+            self.0.push(format!("{lane:?} gap {first}..={last}"));
+        }
+    }
+
+    #[test]
+    fn a_connected_client_is_told_of_dropped_pushes_in_seq_order() {
+        let (c, t0) = (cfg(), Instant::now());
+        let b = Budget::new(1 << 20);
+        let mut d = Delivery::default();
+        // Dropped with nothing queued: told at once, the buffers then freed.
+        d.refuse(Lane::Interactive, true);
+        d.refuse(Lane::Interactive, true);
+        assert!(d.gap_pending());
+        let mut w = Written::default();
+        d.poll_send(t0, 100, Lanes::ALL, &c, &mut w);
+        assert_eq!(w.0, vec!["Interactive gap 1..=2"]);
+        assert!(d.is_idle() && !d.gap_pending());
+
+        // Queued 3, dropped 4 and 5, queued 6, dropped 7: the notices go
+        // between the pushes, each after every push below it.
+        offer(&mut d, Lane::Interactive, &c, &b);
+        d.refuse(Lane::Interactive, true);
+        d.refuse(Lane::Interactive, true);
+        offer(&mut d, Lane::Interactive, &c, &b);
+        d.refuse(Lane::Interactive, true);
+        let mut w = Written::default();
+        d.poll_send(t0, 100, Lanes::ALL, &c, &mut w);
+        assert_eq!(
+            w.0,
+            vec!["Interactive 3", "Interactive 6", "Interactive gap 7..=7"],
+            "4..=5 is shown by seq 6 following 3; the last run needs its notice"
+        );
+
+        // A full bulk queue under the drop policy tells the client too.
+        let mut small = cfg();
+        small.queue_bytes[1] = one_bulk();
+        let mut d = Delivery::default();
+        assert!(matches!(
+            offer(&mut d, Lane::Bulk, &small, &b),
+            Offer::Queued { .. }
+        ));
+        assert_eq!(offer(&mut d, Lane::Bulk, &small, &b), Offer::Dropped);
+        let mut w = Written::default();
+        d.poll_send(t0, 100, Lanes::INTERACTIVE, &small, &mut w);
+        assert!(
+            w.0.is_empty(),
+            "the bulk lane's notice goes on the bulk output"
+        );
+        d.poll_send(t0, 100, Lanes::BULK, &small, &mut w);
+        assert_eq!(w.0, vec!["Bulk 1", "Bulk gap 2..=2"]);
+
+        // Detached: no notice (the resume reports the gap).
+        let mut d = Delivery::default();
+        d.refuse(Lane::Interactive, false);
+        assert!(!d.gap_pending() && d.is_idle());
+        d.refuse(Lane::Interactive, true);
+        d.detach();
+        assert!(
+            !d.gap_pending(),
+            "a connection that went takes its notice with it"
+        );
+        let r = d.resume([0, 0], &c, &b, &mut Vec::new(), &mut Vec::new());
+        assert!(r[0].gap, "the resume reports it: {r:?}");
+    }
+
+    #[test]
+    fn a_body_held_by_many_sessions_is_charged_once() {
+        let c = cfg();
+        let p = SharedPush::with("m", &[7u8; 4000], "t", "room", Lane::Interactive, false);
+        let body = p.body.len();
+        let b = Budget::new(body + 100 * ITEM_OVERHEAD);
+        let mut sessions: Vec<Delivery> = (0..100).map(|_| Delivery::default()).collect();
+        for d in &mut sessions {
+            let r = d.enqueue(&p, true, &c, &b, &mut Vec::new());
+            assert!(matches!(r, Offer::Queued { .. }), "{r:?}");
+            assert_eq!(
+                d.held(),
+                body + ITEM_OVERHEAD,
+                "each session counts what it pins"
+            );
+        }
+        assert_eq!(
+            b.used(),
+            body + 100 * ITEM_OVERHEAD,
+            "the body once, 96 B per session"
+        );
+        // Evicting it from 99 sessions frees their references, not the body.
+        let mut out = Vec::new();
+        for d in &mut sessions[1..] {
+            assert!(d.evict_oldest(&b, &mut out));
+        }
+        drop(out);
+        assert_eq!(b.used(), body + ITEM_OVERHEAD);
+        drop(p);
+        assert_eq!(b.used(), body + ITEM_OVERHEAD, "one session still holds it");
+        sessions[0].release_all(&b, &mut Vec::new());
+        assert_eq!(b.used(), 0, "the last reference gave the body back");
+    }
+
+    #[test]
+    fn evict_oldest_takes_the_older_lane_front_and_reports_its_oldest() {
+        let (c, b) = (cfg(), Budget::new(1 << 20));
+        let mut d = Delivery::default();
+        assert!(!d.evict_oldest(&b, &mut Vec::new()), "nothing queued");
+        let first = push(Lane::Bulk, "b1");
+        d.enqueue(&first, true, &c, &b, &mut Vec::new());
+        // Arrival instants must differ for "older" to mean something.
+        std::thread::sleep(Duration::from_millis(1));
+        d.enqueue(
+            &push(Lane::Interactive, "i1"),
+            true,
+            &c,
+            &b,
+            &mut Vec::new(),
+        );
+        assert_eq!(d.oldest_queued(), Some(first.arrived));
+        let mut out = Vec::new();
+        assert!(d.evict_oldest(&b, &mut out));
+        assert!(d.evict_oldest(&b, &mut out));
+        assert!(!d.evict_oldest(&b, &mut out));
+        let order: Vec<(Lane, u64)> = out.iter().map(|i| (i.push.lane, i.seq)).collect();
+        assert_eq!(order, vec![(Lane::Bulk, 1), (Lane::Interactive, 1)]);
+        assert!(d.is_idle());
+        assert_eq!(d.held(), 0);
+        d.detach();
+        let r = d.resume([0, 0], &c, &b, &mut Vec::new(), &mut Vec::new());
+        assert!(r[0].gap && r[1].gap, "the resume reports both gaps: {r:?}");
     }
 
     #[test]
@@ -1091,6 +1326,7 @@ mod tests {
         let mut out = Vec::new();
         d.release_all(&b, &mut out);
         assert_eq!(out.len(), 5);
+        drop(out);
         assert_eq!((b.used(), d.held()), (0, 0));
         assert!(d.is_idle());
     }

@@ -80,9 +80,12 @@ pub enum Enqueued {
     Queued,
     /// Queued for a detached session, to be replayed if it resumes.
     Parked,
-    /// The queue was full and the policy is `drop`, or the node's replay
-    /// budget is spent. The push's seq is used up: the client sees the gap.
+    /// The queue was full and the policy is `drop`. The push's seq is used
+    /// up: the client sees the gap.
     Dropped,
+    /// The node's replay budget is spent, even after evicting what detached
+    /// sessions held. The push's seq is used up: the client sees the gap.
+    OverBudget,
     /// The queue was full and the policy is `disconnect`: the session is
     /// closing (its state is kept for a resume).
     SlowConsumer,
@@ -243,7 +246,7 @@ impl SessionHandle {
         &self,
         push: &SharedPush,
         cfg: &DeliveryConfig,
-        budget: &Budget,
+        budget: &Arc<Budget>,
         evicted: &mut Vec<Item>,
     ) -> Enqueued {
         let (res, waker) = self.offer(push, cfg, budget, evicted);
@@ -260,7 +263,7 @@ impl SessionHandle {
         &self,
         push: &SharedPush,
         cfg: &DeliveryConfig,
-        budget: &Budget,
+        budget: &Arc<Budget>,
         evicted: &mut Vec<Item>,
         delay: &crate::router::WriteDelay,
     ) -> Enqueued {
@@ -275,14 +278,35 @@ impl SessionHandle {
         &self,
         push: &SharedPush,
         cfg: &DeliveryConfig,
-        budget: &Budget,
+        budget: &Arc<Budget>,
         evicted: &mut Vec<Item>,
     ) -> (Enqueued, Option<Waker>) {
+        if let Some(r) = self.offer_once(push, cfg, budget, evicted, false) {
+            return r;
+        }
+        // The node's budget is spent: make room with no lock held (detached
+        // sessions' oldest pushes are evicted), then try once more; a second
+        // refusal uses up the seq.
+        budget.make_room(push.body.len() + crate::budget::ITEM_OVERHEAD);
+        self.offer_once(push, cfg, budget, evicted, true)
+            .unwrap_or((Enqueued::OverBudget, None))
+    }
+
+    /// One try of [`SessionHandle::offer`] under the outbox lock. `None`: no
+    /// room in the node's budget and `last` is false (nothing changed).
+    fn offer_once(
+        &self,
+        push: &SharedPush,
+        cfg: &DeliveryConfig,
+        budget: &Arc<Budget>,
+        evicted: &mut Vec<Item>,
+        last: bool,
+    ) -> Option<(Enqueued, Option<Waker>)> {
         let waker;
         let res = {
             let mut o = self.0.outbox.lock();
             if o.closed || o.closing == Closing::Final {
-                return (Enqueued::Closed, None);
+                return Some((Enqueued::Closed, None));
             }
             // A slow consumer whose connection is going keeps queueing as if
             // detached: oldest out, the resume reports the gap.
@@ -291,12 +315,24 @@ impl SessionHandle {
                 Offer::Queued { wake } => {
                     waker = if wake { o.waker.take() } else { None };
                     if detached {
+                        budget.note_detached_add();
                         Enqueued::Parked
                     } else {
                         Enqueued::Queued
                     }
                 }
-                Offer::Dropped => return (Enqueued::Dropped, None),
+                // A connected client is told of the drop with a `Gap` frame:
+                // wake its task to write it.
+                Offer::Dropped => {
+                    let w = if detached { None } else { o.waker.take() };
+                    return Some((Enqueued::Dropped, w));
+                }
+                Offer::NoRoom if !last => return None,
+                Offer::NoRoom => {
+                    o.delivery.refuse(push.lane, !detached);
+                    let w = if detached { None } else { o.waker.take() };
+                    return Some((Enqueued::OverBudget, w));
+                }
                 Offer::SlowConsumer => {
                     o.close = Some(Box::new(CloseCmd::new(
                         Code::SlowConsumer,
@@ -312,7 +348,32 @@ impl SessionHandle {
                 }
             }
         };
-        (res, waker)
+        Some((res, waker))
+    }
+
+    /// Bytes this session holds (bodies plus the per-push overhead).
+    pub fn held(&self) -> usize {
+        self.0.outbox.lock().delivery.held()
+    }
+
+    /// While no connection is attached: when its oldest queued push arrived.
+    pub fn oldest_detached(&self) -> Option<Instant> {
+        let o = self.0.outbox.lock();
+        if !o.detached || o.closed {
+            return None;
+        }
+        o.delivery.oldest_queued()
+    }
+
+    /// While no connection is attached: evicts the oldest queued push into
+    /// `out` (the resume reports the gap). False when attached, ended or
+    /// holding nothing.
+    pub fn evict_oldest_detached(&self, budget: &Budget, out: &mut Vec<Item>) -> bool {
+        let mut o = self.0.outbox.lock();
+        if !o.detached || o.closed {
+            return false;
+        }
+        o.delivery.evict_oldest(budget, out)
     }
 
     /// Asks the attached connection to close with `cmd` (the first request

@@ -243,6 +243,18 @@ impl crate::session::delivery::Sink for BatchBuilder {
     fn first_write(&mut self, arrived: Instant) {
         self.oldest = Some(self.oldest.map_or(arrived, |o| o.min(arrived)));
     }
+
+    fn gap(&mut self, lane: crate::wire::pb::Lane, first: u64, last: u64) {
+        use crate::wire::pb;
+        self.frame(crate::wire::frame_bytes(&pb::ServerFrame {
+            request_id: 0,
+            body: Some(pb::server_frame::Body::Gap(pb::Gap {
+                lane: lane as i32,
+                first_seq: first,
+                last_seq: last,
+            })),
+        }));
+    }
 }
 
 /// The pending writes of a connection's outputs; allocated only while one is

@@ -95,6 +95,10 @@ pub struct PushData {
     /// When the gateway took the push in (the session core's clock, tokio's):
     /// `tether_push_wait_seconds` counts from here to the first write.
     pub arrived: std::time::Instant,
+    /// The body's charge against the node's replay budget: taken by the
+    /// first session that queues the push, given back when the push is
+    /// dropped, so that a body held by many sessions counts once.
+    pub charge: crate::budget::BodyCharge,
 }
 
 impl std::ops::Deref for SharedPush {
@@ -168,6 +172,7 @@ impl SharedPush {
             lane,
             report: report.then(|| std::sync::Arc::from(message_id)),
             arrived: tokio::time::Instant::now().into_std(),
+            charge: crate::budget::BodyCharge::default(),
         }))
     }
 
