@@ -90,7 +90,7 @@ pub struct DeliveryConfig {
     pub window: u32,
     /// Bulk pushes written but not yet acknowledged, per session.
     pub bulk_window: u32,
-    /// Charged bytes (payload + 96 per push) of interactive pushes queued
+    /// Charged bytes (the encoded push body + 96 per push) of interactive pushes queued
     /// per session, not yet written, before `session.slow_consumer` applies.
     pub queue_bytes: u64,
     /// The same for bulk pushes (bulk always drops past it).
@@ -666,9 +666,10 @@ reconnect_to = ""
 # lanes. A full window pauses that lane (flow control); acks open it again.
 window = 256
 bulk_window = 64
-# Bytes of pushes queued per session and not yet written, counted as payload
-# + 96 bytes each: interactive (past it, session.slow_consumer applies) and
-# bulk (past it, bulk pushes are dropped: the client sees the seq gap).
+# Bytes of pushes queued per session and not yet written, counted as the
+# encoded push (payload, message id, source, room) + 96 bytes each:
+# interactive (past it, session.slow_consumer applies) and bulk (past it,
+# bulk pushes are dropped: the client sees the seq gap).
 queue_bytes = 1048576
 bulk_queue_bytes = 4194304
 # Bytes a session keeps while it has no connection (between a drop and its

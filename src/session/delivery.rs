@@ -44,7 +44,7 @@ fn ix(lane: Lane) -> usize {
 /// Delivery settings, per lane where they differ.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
-    /// Charged bytes (payload + [`ITEM_OVERHEAD`] per push) waiting to be
+    /// Charged bytes (the encoded body + [`ITEM_OVERHEAD`] per push) waiting to be
     /// written, per lane, before the lane's policy applies. Bytes, not a
     /// count: a reader that keeps up still falls behind by a whole burst when
     /// an upstream publishes faster than any phone reads, and what that costs
@@ -693,7 +693,7 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     //! Deterministic tests on virtual time: loss, duplication, reordering,
-    //! lost acks, retransmission timers, full windows, resume and gaps.
+    //! lost acks, the ack deadline, full windows, resume and gaps.
     use super::*;
 
     fn push(lane: Lane, id: &str) -> SharedPush {

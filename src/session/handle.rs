@@ -114,7 +114,8 @@ pub enum Uplink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closing {
     No,
-    /// Slow consumer: the connection closes, the state stays for a resume.
+    /// Slow consumer or ack timeout: the connection closes, the state stays
+    /// for a resume.
     KeepState,
     /// Kicked, replaced, draining: the session ends with its connection.
     Final,
