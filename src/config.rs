@@ -368,9 +368,22 @@ impl std::fmt::Debug for UpstreamConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Prometheus scrape endpoint; `""` = off.
+    /// The admin listener (Prometheus scrape endpoint); `""` = off.
     #[serde(with = "opt_addr")]
     pub listen: Option<SocketAddr>,
+    /// Admin connections open at once; more are closed at accept.
+    pub max_connections: u32,
+    /// How long a connection has to send a complete request head, from
+    /// its accept or from the end of its previous response.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is
+    /// closed (a client that does not read its response).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long the gateway may take to answer one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -521,6 +534,10 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9400))),
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -649,8 +666,19 @@ max_connections = 128
 hello_timeout = "10s"
 
 [metrics]
-# Prometheus scrape endpoint (GET /metrics); "" turns it off.
+# The admin listener: the Prometheus scrape endpoint (GET /metrics); "" turns
+# it off.
 listen = "127.0.0.1:9400"
+# Admin connections open at once; more are closed as soon as they are accepted
+# (tether_admin_connections_refused_total).
+max_connections = 64
+# Time to send a complete request head, from accept or from the end of the
+# previous response on a kept-alive connection (so also its idle bound).
+header_timeout = "5s"
+# A connection on which no byte moves either way for this long is closed.
+idle_timeout = "10s"
+# Time the gateway may take to answer one request.
+request_timeout = "10s"
 
 [shutdown]
 # On SIGTERM/SIGINT: stop accepting, send Close(SERVER_DRAINING), flush, and
@@ -723,6 +751,17 @@ socket_buffer = 8388608
 "#;
 
 impl Config {
+    /// The admin listener's bounds, from `[metrics]`.
+    pub fn admin_limits(&self) -> crate::admin::Limits {
+        let m = &self.metrics;
+        crate::admin::Limits {
+            max_connections: m.max_connections as usize,
+            header_timeout: m.header_timeout,
+            idle_timeout: m.idle_timeout,
+            request_timeout: m.request_timeout,
+        }
+    }
+
     /// Reads, parses and validates a config file.
     ///
     /// # Errors
@@ -874,6 +913,19 @@ impl Config {
         {
             return bad("upstream.hello_timeout", "must be 10ms..=5m");
         }
+        let m = &self.metrics;
+        if !(1..=65_536).contains(&m.max_connections) {
+            return bad("metrics.max_connections", "must be 1..=65536");
+        }
+        for (key, v) in [
+            ("metrics.header_timeout", m.header_timeout),
+            ("metrics.idle_timeout", m.idle_timeout),
+            ("metrics.request_timeout", m.request_timeout),
+        ] {
+            if v < Duration::from_millis(10) || v > Duration::from_secs(300) {
+                return bad(key, "must be 10ms..=5m");
+            }
+        }
         if self.shutdown.drain_timeout.is_zero() {
             return bad("shutdown.drain_timeout", "must be greater than zero");
         }
@@ -954,6 +1006,10 @@ mod tests {
         assert!(e.to_string().contains("upstream.max_connections"), "{e}");
         let e = Config::parse("[upstream]\nhello_timeout = \"0s\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.hello_timeout"), "{e}");
+        let e = Config::parse("[metrics]\nmax_connections = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("metrics.max_connections"), "{e}");
+        let e = Config::parse("[metrics]\nheader_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("metrics.header_timeout"), "{e}");
     }
 
     #[test]

@@ -293,10 +293,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // The recorder first: the gateway takes its hot-path metric
             // handles from it (`tether::metrics::hot`).
+            let admin_stop = CancellationToken::new();
             if let Some(addr) = cfg.metrics.listen {
-                tether::metrics::install_prometheus(addr)
+                let exporter = tether::metrics::install()
                     .with_context(|| format!("cannot start metrics on {addr}"))?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot start metrics on {addr}"))?;
+                let admin = std::sync::Arc::new(tether::admin::Admin {
+                    exporter: std::sync::Arc::new(exporter),
+                });
+                tokio::spawn(tether::admin::serve(
+                    listener,
+                    admin,
+                    cfg.admin_limits(),
+                    admin_stop.clone(),
+                ));
             }
+            // Metrics stay served through the drain.
+            let _admin_stop = admin_stop.drop_guard();
             let server = tether::gateway::Server::bind(cfg.clone()).await?;
             let stop = CancellationToken::new();
             let s2 = stop.clone();
