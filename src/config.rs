@@ -42,6 +42,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub delivery: DeliveryConfig,
     pub quic: QuicConfig,
+    pub log: LogConfig,
 }
 
 /// The QUIC listener's settings (`listen.quic` binds it).
@@ -386,6 +387,38 @@ pub struct MetricsConfig {
     pub request_timeout: Duration,
 }
 
+/// `[log]`: how log lines are written to standard error.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// The shape of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event; coloured only when standard error is a
+    /// terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, the
+    /// event's fields and its spans), for log shippers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("unknown log format {s:?} (text or json)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -441,6 +474,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             delivery: DeliveryConfig::default(),
             quic: QuicConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -679,6 +713,11 @@ header_timeout = "5s"
 idle_timeout = "10s"
 # Time the gateway may take to answer one request.
 request_timeout = "10s"
+
+[log]
+# "text": plain lines (coloured only on a terminal); "json": one JSON object
+# per line, for log shippers. `tether serve --log-format` overrides it.
+format = "text"
 
 [shutdown]
 # On SIGTERM/SIGINT: stop accepting, send Close(SERVER_DRAINING), flush, and
@@ -1010,6 +1049,10 @@ mod tests {
         assert!(e.to_string().contains("metrics.max_connections"), "{e}");
         let e = Config::parse("[metrics]\nheader_timeout = \"0s\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("metrics.header_timeout"), "{e}");
+        let e = Config::parse("[log]\nformat = \"xml\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("format"), "{e}");
+        let c = Config::parse("[log]\nformat = \"json\"\n", "t").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]
