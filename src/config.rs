@@ -42,6 +42,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub delivery: DeliveryConfig,
     pub quic: QuicConfig,
+    pub log: LogConfig,
 }
 
 /// The QUIC listener's settings (`listen.quic` binds it).
@@ -368,9 +369,54 @@ impl std::fmt::Debug for UpstreamConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Prometheus scrape endpoint; `""` = off.
+    /// The admin listener (Prometheus scrape endpoint); `""` = off.
     #[serde(with = "opt_addr")]
     pub listen: Option<SocketAddr>,
+    /// Admin connections open at once; more are closed at accept.
+    pub max_connections: u32,
+    /// How long a connection has to send a complete request head, from
+    /// its accept or from the end of its previous response.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is
+    /// closed (a client that does not read its response).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long the gateway may take to answer one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// `[log]`: how log lines are written to standard error.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// The shape of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event; coloured only when standard error is a
+    /// terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, the
+    /// event's fields and its spans), for log shippers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("unknown log format {s:?} (text or json)")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -428,6 +474,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             delivery: DeliveryConfig::default(),
             quic: QuicConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -521,6 +568,10 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9400))),
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -649,8 +700,24 @@ max_connections = 128
 hello_timeout = "10s"
 
 [metrics]
-# Prometheus scrape endpoint (GET /metrics); "" turns it off.
+# The admin listener: the Prometheus scrape endpoint (GET /metrics); "" turns
+# it off.
 listen = "127.0.0.1:9400"
+# Admin connections open at once; more are closed as soon as they are accepted
+# (tether_admin_connections_refused_total).
+max_connections = 64
+# Time to send a complete request head, from accept or from the end of the
+# previous response on a kept-alive connection (so also its idle bound).
+header_timeout = "5s"
+# A connection on which no byte moves either way for this long is closed.
+idle_timeout = "10s"
+# Time the gateway may take to answer one request.
+request_timeout = "10s"
+
+[log]
+# "text": plain lines (coloured only on a terminal); "json": one JSON object
+# per line, for log shippers. `tether serve --log-format` overrides it.
+format = "text"
 
 [shutdown]
 # On SIGTERM/SIGINT: stop accepting, send Close(SERVER_DRAINING), flush, and
@@ -724,6 +791,17 @@ socket_buffer = 8388608
 "#;
 
 impl Config {
+    /// The admin listener's bounds, from `[metrics]`.
+    pub fn admin_limits(&self) -> crate::admin::Limits {
+        let m = &self.metrics;
+        crate::admin::Limits {
+            max_connections: m.max_connections as usize,
+            header_timeout: m.header_timeout,
+            idle_timeout: m.idle_timeout,
+            request_timeout: m.request_timeout,
+        }
+    }
+
     /// Reads, parses and validates a config file.
     ///
     /// # Errors
@@ -875,6 +953,19 @@ impl Config {
         {
             return bad("upstream.hello_timeout", "must be 10ms..=5m");
         }
+        let m = &self.metrics;
+        if !(1..=65_536).contains(&m.max_connections) {
+            return bad("metrics.max_connections", "must be 1..=65536");
+        }
+        for (key, v) in [
+            ("metrics.header_timeout", m.header_timeout),
+            ("metrics.idle_timeout", m.idle_timeout),
+            ("metrics.request_timeout", m.request_timeout),
+        ] {
+            if v < Duration::from_millis(10) || v > Duration::from_secs(300) {
+                return bad(key, "must be 10ms..=5m");
+            }
+        }
         if self.shutdown.drain_timeout.is_zero() {
             return bad("shutdown.drain_timeout", "must be greater than zero");
         }
@@ -955,6 +1046,14 @@ mod tests {
         assert!(e.to_string().contains("upstream.max_connections"), "{e}");
         let e = Config::parse("[upstream]\nhello_timeout = \"0s\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.hello_timeout"), "{e}");
+        let e = Config::parse("[metrics]\nmax_connections = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("metrics.max_connections"), "{e}");
+        let e = Config::parse("[metrics]\nheader_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("metrics.header_timeout"), "{e}");
+        let e = Config::parse("[log]\nformat = \"xml\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("format"), "{e}");
+        let c = Config::parse("[log]\nformat = \"json\"\n", "t").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]

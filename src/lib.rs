@@ -8,7 +8,9 @@
 //! - [`bus`]: the seam between the upstream side and the session side.
 //! - [`upstream`]: the internal socket for upstream services, and its Rust client.
 //! - [`gateway`]: wires everything together and runs it.
+//! - [`admin`]: the operators' HTTP listener (`/metrics`); [`metrics`]: the metric table.
 
+pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod bus;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use tether::config::Config;
+use tether::config::{Config, LogFormat};
 use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
 use tether::wire::pb;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +16,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "tether", version, about = "A long-connection gateway")]
 struct Cli {
+    /// Log line format: text (coloured only on a terminal) or json (one
+    /// object per line). Overrides log.format.
+    #[arg(long, global = true, value_name = "text|json")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -221,16 +225,47 @@ fn no_huge_pages() {
     }
 }
 
+/// Set once JSON logging is on: errors are then logged, not printed.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Logs to standard error, filtered by `RUST_LOG` (default `info`). Text
+/// lines carry colour codes only when standard error is a terminal (and
+/// `NO_COLOR` is unset): a log shipper reading a pipe gets plain lines.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(ansi).init();
+        }
+        // One object per line: timestamp, level, target, the event's
+        // fields (message among them) at the top level, and its spans.
+        LogFormat::Json => {
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(true)
+                .init();
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     no_huge_pages();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` reads log.format from its config first; it starts logging
+    // itself once the config is loaded.
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        init_logging(cli.log_format.unwrap_or_default());
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -244,13 +279,19 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A shipper reading JSON lines gets the reason as one more.
+            if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(error = %format!("{e:#}"), "exiting on an error");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let log_format = cli.log_format;
     match cli.cmd {
         Cmd::Serve {
             config,
@@ -280,7 +321,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if metrics.is_some() {
                 cfg.metrics.listen = metrics;
             }
+            if let Some(f) = log_format {
+                cfg.log.format = f;
+            }
             cfg.validate()?;
+            init_logging(cfg.log.format);
             if cfg.auth.secret == tether::config::DEV_SECRET {
                 tracing::warn!(
                     "auth.secret is the development default: set your own before production"
@@ -293,10 +338,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // The recorder first: the gateway takes its hot-path metric
             // handles from it (`tether::metrics::hot`).
+            let admin_stop = CancellationToken::new();
             if let Some(addr) = cfg.metrics.listen {
-                tether::metrics::install_prometheus(addr)
+                let exporter = tether::metrics::install()
                     .with_context(|| format!("cannot start metrics on {addr}"))?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot start metrics on {addr}"))?;
+                let admin = std::sync::Arc::new(tether::admin::Admin {
+                    exporter: std::sync::Arc::new(exporter),
+                });
+                tokio::spawn(tether::admin::serve(
+                    listener,
+                    admin,
+                    cfg.admin_limits(),
+                    admin_stop.clone(),
+                ));
             }
+            // Metrics stay served through the drain.
+            let _admin_stop = admin_stop.drop_guard();
             let server = tether::gateway::Server::bind(cfg.clone()).await?;
             let stop = CancellationToken::new();
             let s2 = stop.clone();

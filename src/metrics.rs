@@ -2,17 +2,22 @@
 //!
 //! Labels come from small fixed sets (transport, result, reason, policy), never
 //! from user ids. Recording is a no-op until a recorder is installed
-//! ([`install_prometheus`]), so library users and tests pay nothing.
-
-use std::net::SocketAddr;
+//! ([`install`]), so library users and tests pay nothing.
+//!
+//! Every metric is one entry of [`METRICS`] (name, kind, help, label
+//! values): [`describe`] and [`register_all`] both read it, so a metric
+//! added there is described and on the page at 0 from the start, for every
+//! label value. This module serves nothing; the admin listener does.
 
 use std::sync::OnceLock;
 
 use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::ids::TransportKind;
+use crate::wire::Code;
 
 pub const CONNECTIONS: &str = "tether_connections";
 pub const CONNECTIONS_ACCEPTED: &str = "tether_connections_accepted_total";
@@ -58,111 +63,481 @@ pub const PARKED: &str = "tether_parked_connections";
 pub const PARKS: &str = "tether_parks_total";
 pub const PARKED_ANSWERS: &str = "tether_parked_answers_total";
 
-/// Describes every metric (Prometheus HELP lines).
+pub const ADMIN_CONNECTIONS: &str = "tether_admin_connections";
+pub const ADMIN_REFUSED: &str = "tether_admin_connections_refused_total";
+pub const ADMIN_TIMEOUTS: &str = "tether_admin_timeouts_total";
+
+/// What a metric is in Prometheus terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric: its name, kind, help and the label it takes. [`describe`]
+/// and [`register_all`] both read [`METRICS`], so a metric in the table is
+/// described and present (at 0, for every label value) from the start.
+#[derive(Debug)]
+pub struct Def {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+    /// At most one label, with every value it can take. A metric whose
+    /// values are not in the list still counts them; they appear at their
+    /// first count.
+    pub label: Option<Label>,
+}
+
+/// A label and the fixed set of values it takes.
+#[derive(Debug)]
+pub struct Label {
+    pub key: &'static str,
+    pub values: fn() -> Vec<&'static str>,
+}
+
+/// The client transports, as labels (`memory` is for tests and in-process
+/// use, and appears only when counted).
+pub const TRANSPORT_LABELS: [&str; 3] = ["tcp", "tls", "quic"];
+
+const fn transport() -> Option<Label> {
+    Some(Label {
+        key: "transport",
+        values: || TRANSPORT_LABELS.to_vec(),
+    })
+}
+
+const fn none() -> Option<Label> {
+    None
+}
+
+/// Every code name but `CODE_OK`: what a connection can close with.
+fn close_codes() -> Vec<&'static str> {
+    // The enum's values are below 10,000 (docs/PROTOCOL.md, the code table).
+    (1..10_000)
+        .filter_map(|i| Code::try_from(i).ok())
+        .map(|c| c.as_str_name())
+        .collect()
+}
+
+/// The results of a login attempt: `ok`, or the code it was refused with.
+fn login_results() -> Vec<&'static str> {
+    let mut v = vec!["ok"];
+    v.extend(
+        [
+            Code::RateLimited,
+            Code::ServerDraining,
+            Code::TokenExpired,
+            Code::TokenBadSignature,
+            Code::TokenMalformed,
+            Code::TokenInvalid,
+            Code::DeviceMismatch,
+            Code::TooManyDevices,
+        ]
+        .map(|c| c.as_str_name()),
+    );
+    v
+}
+
+/// The metrics of the gateway, with their help text (Prometheus HELP).
+pub static METRICS: &[Def] = &[
+    Def {
+        name: CONNECTIONS,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Open client connections, by transport.",
+        label: transport(),
+    },
+    Def {
+        name: CONNECTIONS_ACCEPTED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Client connections accepted, by transport.",
+        label: transport(),
+    },
+    Def {
+        name: CONNECTIONS_REFUSED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Client connections refused at accept, by reason.",
+        label: Some(Label {
+            key: "reason",
+            values: || vec![Code::TooManyConnections.as_str_name()],
+        }),
+    },
+    Def {
+        name: ACCEPT_ERRORS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Failed accept calls, by kind: resource (out of descriptors or memory; the listener pauses 50ms) or connection (one connection's error; the next is accepted at once).",
+        label: Some(Label {
+            key: "kind",
+            values: || vec!["resource", "connection"],
+        }),
+    },
+    Def {
+        name: PENDING_LOGINS,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Connections accepted that have not logged in yet (limits.max_pending_logins bounds it).",
+        label: none(),
+    },
+    Def {
+        name: PENDING_LOGINS_REFUSED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Connections refused with CODE_TOO_MANY_CONNECTIONS because limits.max_pending_logins connections were waiting to log in.",
+        label: none(),
+    },
+    Def {
+        name: FANOUT_YIELDS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Times a large push paused its fan-out to let other tasks (sessions, timers) run.",
+        label: none(),
+    },
+    Def {
+        name: SESSIONS,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Logged-in sessions.",
+        label: none(),
+    },
+    Def {
+        name: PARKED,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Idle plain-TCP connections parked: no task and no reactor entry, their socket watched by the parker (listen.park_after).",
+        label: none(),
+    },
+    Def {
+        name: PARKS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Times a quiet plain-TCP connection was parked; a push, a close or a deadline unparks it, and so does a read that needs more than an answer.",
+        label: none(),
+    },
+    Def {
+        name: PARKED_ANSWERS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Reads of parked connections answered in place (a heartbeat, mostly) after which the connection stayed parked.",
+        label: none(),
+    },
+    Def {
+        name: LOGINS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Login attempts, by result (ok or a code name).",
+        label: Some(Label {
+            key: "result",
+            values: login_results,
+        }),
+    },
+    Def {
+        name: CLOSES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Connections closed by the gateway or peer, by reason.",
+        label: Some(Label {
+            key: "reason",
+            values: close_codes,
+        }),
+    },
+    Def {
+        name: FRAMES_IN,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Frames received from clients, by transport.",
+        label: transport(),
+    },
+    Def {
+        name: FRAMES_OUT,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Frames sent to clients, by transport.",
+        label: transport(),
+    },
+    Def {
+        name: BYTES_IN,
+        kind: Kind::Counter,
+        unit: Some(Unit::Bytes),
+        help: "Bytes received from clients.",
+        label: none(),
+    },
+    Def {
+        name: BYTES_OUT,
+        kind: Kind::Counter,
+        unit: Some(Unit::Bytes),
+        help: "Bytes written to clients.",
+        label: none(),
+    },
+    Def {
+        name: WRITES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Socket write calls (frames are coalesced into few writes).",
+        label: none(),
+    },
+    Def {
+        name: PUSHES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Push requests from upstream, by target kind.",
+        label: Some(Label {
+            key: "target",
+            values: || PUSH_TARGETS.to_vec(),
+        }),
+    },
+    Def {
+        name: DELIVERIES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Pushes queued into session queues.",
+        label: none(),
+    },
+    Def {
+        name: DROPS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Pushes a session did not keep, by policy: drop (a full queue under the drop policy), budget (the node's replay budget spent though detached sessions held nothing more), evicted (a detached or slow session's own bound, or its user's, made room for a newer push), reclaimed (a detached session's oldest push evicted to make room in the node's replay budget).",
+        label: Some(Label {
+            key: "policy",
+            values: || vec!["drop", "budget", "evicted", "reclaimed"],
+        }),
+    },
+    Def {
+        name: SLOW_CONSUMERS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Sessions closed as slow consumers.",
+        label: none(),
+    },
+    Def {
+        name: ACK_TIMEOUTS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Connections closed because pushes went unacknowledged for delivery.ack_timeout (dead path).",
+        label: none(),
+    },
+    Def {
+        name: QUIC_MIGRATIONS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "QUIC connections whose client address changed (migration or NAT rebinding).",
+        label: none(),
+    },
+    Def {
+        name: QUIC_HANDSHAKES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "New QUIC clients, by result (accepted, retry, refused, failed, timeout).",
+        label: Some(Label {
+            key: "result",
+            values: || vec!["accepted", "retry", "refused", "failed", "timeout"],
+        }),
+    },
+    Def {
+        name: QUEUE_DEPTH,
+        kind: Kind::Histogram,
+        unit: None,
+        help: "Session queue depth observed at each flush.",
+        label: none(),
+    },
+    Def {
+        name: PUSH_WAIT,
+        kind: Kind::Histogram,
+        unit: Some(Unit::Seconds),
+        help: "Time from a push's arrival at the gateway to the first write that carries it to a connected device: one sample per write, that of its oldest such push. Pushes queued while the device was offline are left out.",
+        label: none(),
+    },
+    Def {
+        name: UPLINKS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Uplink sends from clients, by result.",
+        label: Some(Label {
+            key: "result",
+            values: || vec!["ok", "unavailable", "duplicate"],
+        }),
+    },
+    Def {
+        name: UPSTREAM_CONNECTIONS,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Connected upstream services.",
+        label: none(),
+    },
+    Def {
+        name: UPSTREAM_EVENTS_DROPPED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Events dropped because an upstream subscriber's queue was full (upstream.event_queue, upstream.event_queue_bytes), by kind: uplink, opened, closed, undelivered, delivery.",
+        label: Some(Label {
+            key: "kind",
+            values: || vec!["uplink", "opened", "closed", "undelivered", "delivery"],
+        }),
+    },
+    Def {
+        name: UPSTREAM_REFUSED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Upstream connections refused, by reason: CODE_TOO_MANY_CONNECTIONS (upstream.max_connections), CODE_FRAME_TOO_LARGE (a Hello over 4096 bytes), CODE_UPSTREAM_AUTH_FAILED (no Hello in time, or a bad secret), CODE_UNSUPPORTED_VERSION.",
+        label: Some(Label {
+            key: "reason",
+            values: || {
+                [
+                    Code::TooManyConnections,
+                    Code::FrameTooLarge,
+                    Code::UpstreamAuthFailed,
+                    Code::UnsupportedVersion,
+                ]
+                .map(|c| c.as_str_name())
+                .to_vec()
+            },
+        }),
+    },
+    Def {
+        name: UNDELIVERED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Undelivered reports (push found no live session).",
+        label: none(),
+    },
+    Def {
+        name: ROOMS,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Rooms with at least one member.",
+        label: none(),
+    },
+    Def {
+        name: RESUMES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Resume attempts, by result (CODE_OK, CODE_RESUME_GAP, CODE_RESUME_EXPIRED, CODE_RESUME_REJECTED).",
+        label: Some(Label {
+            key: "result",
+            values: || {
+                [
+                    Code::Ok,
+                    Code::ResumeGap,
+                    Code::ResumeExpired,
+                    Code::ResumeRejected,
+                ]
+                .map(|c| c.as_str_name())
+                .to_vec()
+            },
+        }),
+    },
+    Def {
+        name: ACKED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Pushes acknowledged by clients.",
+        label: none(),
+    },
+    Def {
+        name: REPLAY_BYTES,
+        kind: Kind::Gauge,
+        unit: Some(Unit::Bytes),
+        help: "Bytes held in session queues and unacknowledged windows (delivery.replay_budget bounds it).",
+        label: none(),
+    },
+    Def {
+        name: DETACHED,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Sessions without a connection, waiting for a resume.",
+        label: none(),
+    },
+    Def {
+        name: RESIDENT_MEMORY,
+        kind: Kind::Gauge,
+        unit: Some(Unit::Bytes),
+        help: "Resident memory of the gateway process (Linux VmRSS), sampled each second.",
+        label: none(),
+    },
+    Def {
+        name: ADMIN_CONNECTIONS,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Open connections to the admin listener (metrics.max_connections bounds it).",
+        label: none(),
+    },
+    Def {
+        name: ADMIN_REFUSED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Admin connections closed at accept because metrics.max_connections were open.",
+        label: none(),
+    },
+    Def {
+        name: ADMIN_TIMEOUTS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Admin connections closed by a timeout, by kind: header (no complete request head within metrics.header_timeout, also between requests), idle (no byte moved either way for metrics.idle_timeout), request (no answer within metrics.request_timeout).",
+        label: Some(Label {
+            key: "kind",
+            values: || vec!["header", "idle", "request"],
+        }),
+    },
+];
+
+/// Describes every metric of [`METRICS`] (Prometheus HELP lines).
 pub fn describe() {
-    describe_gauge!(CONNECTIONS, "Open client connections, by transport.");
-    describe_counter!(
-        CONNECTIONS_ACCEPTED,
-        "Client connections accepted, by transport."
-    );
-    describe_counter!(
-        CONNECTIONS_REFUSED,
-        "Client connections refused at accept, by reason."
-    );
-    describe_counter!(
-        ACCEPT_ERRORS,
-        "Failed accept calls, by kind: resource (out of descriptors or memory; the listener pauses 50ms) or connection (one connection's error; the next is accepted at once)."
-    );
-    describe_gauge!(
-        PENDING_LOGINS,
-        "Connections accepted that have not logged in yet (limits.max_pending_logins bounds it)."
-    );
-    describe_counter!(
-        PENDING_LOGINS_REFUSED,
-        "Connections refused with CODE_TOO_MANY_CONNECTIONS because limits.max_pending_logins connections were waiting to log in."
-    );
-    describe_counter!(
-        FANOUT_YIELDS,
-        "Times a large push paused its fan-out to let other tasks (sessions, timers) run."
-    );
-    describe_gauge!(SESSIONS, "Logged-in sessions.");
-    describe_gauge!(
-        PARKED,
-        "Idle plain-TCP connections parked: no task and no reactor entry, their socket watched by the parker (listen.park_after)."
-    );
-    describe_counter!(
-        PARKS,
-        "Times a quiet plain-TCP connection was parked; a push, a close or a deadline unparks it, and so does a read that needs more than an answer."
-    );
-    describe_counter!(
-        PARKED_ANSWERS,
-        "Reads of parked connections answered in place (a heartbeat, mostly) after which the connection stayed parked."
-    );
-    describe_counter!(LOGINS, "Login attempts, by result (ok or a code name).");
-    describe_counter!(
-        CLOSES,
-        "Connections closed by the gateway or peer, by reason."
-    );
-    describe_counter!(FRAMES_IN, "Frames received from clients, by transport.");
-    describe_counter!(FRAMES_OUT, "Frames sent to clients, by transport.");
-    describe_counter!(BYTES_IN, Unit::Bytes, "Bytes received from clients.");
-    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes written to clients.");
-    describe_counter!(
-        WRITES,
-        "Socket write calls (frames are coalesced into few writes)."
-    );
-    describe_counter!(PUSHES, "Push requests from upstream, by target kind.");
-    describe_counter!(DELIVERIES, "Pushes queued into session queues.");
-    describe_counter!(
-        DROPS,
-        "Pushes a session did not keep, by policy: drop (a full queue under the drop policy), budget (the node's replay budget spent though detached sessions held nothing more), evicted (a detached or slow session's own bound, or its user's, made room for a newer push), reclaimed (a detached session's oldest push evicted to make room in the node's replay budget)."
-    );
-    describe_counter!(SLOW_CONSUMERS, "Sessions closed as slow consumers.");
-    describe_counter!(
-        ACK_TIMEOUTS,
-        "Connections closed because pushes went unacknowledged for delivery.ack_timeout (dead path)."
-    );
-    describe_counter!(
-        QUIC_MIGRATIONS,
-        "QUIC connections whose client address changed (migration or NAT rebinding)."
-    );
-    describe_counter!(
-        QUIC_HANDSHAKES,
-        "New QUIC clients, by result (accepted, retry, refused, failed, timeout)."
-    );
-    describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");
-    describe_histogram!(
-        PUSH_WAIT,
-        Unit::Seconds,
-        "Time from a push's arrival at the gateway to the first write that carries it to a connected device: one sample per write, that of its oldest such push. Pushes queued while the device was offline are left out."
-    );
-    describe_counter!(UPLINKS, "Uplink sends from clients, by result.");
-    describe_gauge!(UPSTREAM_CONNECTIONS, "Connected upstream services.");
-    describe_counter!(
-        UPSTREAM_EVENTS_DROPPED,
-        "Events dropped because an upstream subscriber's queue was full (upstream.event_queue, upstream.event_queue_bytes), by kind: uplink, opened, closed, undelivered, delivery."
-    );
-    describe_counter!(
-        UPSTREAM_REFUSED,
-        "Upstream connections refused, by reason: CODE_TOO_MANY_CONNECTIONS (upstream.max_connections), CODE_FRAME_TOO_LARGE (a Hello over 4096 bytes), CODE_UPSTREAM_AUTH_FAILED (no Hello in time, or a bad secret), CODE_UNSUPPORTED_VERSION."
-    );
-    describe_counter!(
-        UNDELIVERED,
-        "Undelivered reports (push found no live session)."
-    );
-    describe_gauge!(ROOMS, "Rooms with at least one member.");
-    describe_counter!(RESUMES, "Resume attempts, by result (CODE_OK, CODE_RESUME_GAP, CODE_RESUME_EXPIRED, CODE_RESUME_REJECTED).");
-    describe_counter!(ACKED, "Pushes acknowledged by clients.");
-    describe_gauge!(REPLAY_BYTES, Unit::Bytes, "Bytes held in session queues and unacknowledged windows (delivery.replay_budget bounds it).");
-    describe_gauge!(
-        DETACHED,
-        "Sessions without a connection, waiting for a resume."
-    );
-    describe_gauge!(
-        RESIDENT_MEMORY,
-        Unit::Bytes,
-        "Resident memory of the gateway process (Linux VmRSS), sampled each second."
-    );
+    for d in METRICS {
+        match (d.kind, d.unit) {
+            (Kind::Counter, Some(u)) => describe_counter!(d.name, u, d.help),
+            (Kind::Counter, None) => describe_counter!(d.name, d.help),
+            (Kind::Gauge, Some(u)) => describe_gauge!(d.name, u, d.help),
+            (Kind::Gauge, None) => describe_gauge!(d.name, d.help),
+            (Kind::Histogram, Some(u)) => describe_histogram!(d.name, u, d.help),
+            (Kind::Histogram, None) => describe_histogram!(d.name, d.help),
+        }
+    }
+}
+
+/// One series of a metric in [`METRICS`]: the metric, and its label and
+/// value if it has a label.
+#[derive(Debug, Clone, Copy)]
+pub struct Series {
+    pub def: &'static Def,
+    pub label: Option<(&'static str, &'static str)>,
+}
+
+/// Every series of [`METRICS`], one per label value.
+pub fn series() -> Vec<Series> {
+    let mut out = Vec::new();
+    for def in METRICS {
+        match &def.label {
+            None => out.push(Series { def, label: None }),
+            Some(l) => out.extend((l.values)().into_iter().map(|v| Series {
+                def,
+                label: Some((l.key, v)),
+            })),
+        }
+    }
+    out
+}
+
+/// Registers every series of [`METRICS`] with the installed recorder, so
+/// that each is on the page at 0 before its first count: dashboards and
+/// `rate()` see a series from the start instead of one that appears at its
+/// first event. Registering does not change a value already counted.
+pub fn register_all() {
+    for s in series() {
+        let name = s.def.name;
+        match (s.def.kind, s.label) {
+            (Kind::Counter, None) => drop(metrics::counter!(name)),
+            (Kind::Counter, Some((k, v))) => drop(metrics::counter!(name, k => v)),
+            (Kind::Gauge, None) => drop(metrics::gauge!(name)),
+            (Kind::Gauge, Some((k, v))) => drop(metrics::gauge!(name, k => v)),
+            (Kind::Histogram, None) => drop(metrics::histogram!(name)),
+            (Kind::Histogram, Some((k, v))) => drop(metrics::histogram!(name, k => v)),
+        }
+    }
 }
 
 /// Resident bytes of this process, from `VmRSS` in `/proc/self/status`
@@ -265,24 +640,64 @@ pub fn hot() -> &'static Hot {
     HOT.get_or_init(Hot::new)
 }
 
-/// Installs the Prometheus recorder and its HTTP scrape endpoint.
+/// The installed Prometheus recorder and the process metrics it renders;
+/// the admin listener serves [`Exporter::render`] at `/metrics`.
+pub struct Exporter {
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+}
+
+impl Exporter {
+    /// A recorder of its own, not installed: what the process records does
+    /// not reach it (tests of the page's serving).
+    #[cfg(test)]
+    pub(crate) fn unattached() -> Self {
+        Self {
+            handle: PrometheusBuilder::new().build_recorder().handle(),
+            process: metrics_process::Collector::default(),
+        }
+    }
+
+    /// The Prometheus text page, with the `process_*` series read now.
+    /// It reads `/proc/self` (its descriptor count walks `/proc/self/fd`,
+    /// one entry per open connection): call it off the async workers.
+    pub fn render(&self) -> String {
+        self.process.collect();
+        self.handle.render()
+    }
+
+    /// Folds the histogram samples recorded since the last call into their
+    /// buckets. [`render`](Self::render) does it too; between scrapes,
+    /// call this every few seconds so that samples do not pile up.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+/// Installs the Prometheus recorder as the process's recorder, describes
+/// every metric and registers each series at 0 ([`register_all`]), and
+/// describes the `process_*` series. Serving the page is the admin
+/// listener's job.
 ///
 /// # Errors
-/// When the recorder is already installed or the address cannot be bound.
-pub fn install_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// When a recorder is already installed, or a bucket list is empty.
+pub fn install() -> anyhow::Result<Exporter> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(QUEUE_DEPTH.to_owned()),
+            Matcher::Full(QUEUE_DEPTH.to_owned()),
             &[0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0],
         )?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(PUSH_WAIT.to_owned()),
-            &PUSH_WAIT_BUCKETS,
-        )?
-        .install()?;
+        .set_buckets_for_metric(Matcher::Full(PUSH_WAIT.to_owned()), &PUSH_WAIT_BUCKETS)?
+        .install_recorder()?;
     describe();
-    Ok(())
+    register_all();
+    if let Some(b) = resident_bytes() {
+        metrics::gauge!(RESIDENT_MEMORY).set(b as f64);
+    }
+    let process = metrics_process::Collector::default();
+    process.describe();
+    process.collect();
+    Ok(Exporter { handle, process })
 }
 
 #[cfg(test)]
@@ -301,6 +716,31 @@ mod tests {
         for (i, label) in named {
             assert_eq!(PUSH_TARGETS[i], label);
         }
+    }
+
+    #[test]
+    fn the_table_names_each_metric_once_with_labels_from_fixed_sets() {
+        let mut names: Vec<_> = METRICS.iter().map(|d| d.name).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "a metric is in the table twice");
+        for d in METRICS {
+            assert!(d.name.starts_with("tether_"), "{}", d.name);
+            assert!(!d.help.is_empty(), "{}", d.name);
+            if let Some(l) = &d.label {
+                let mut v = (l.values)();
+                assert!(!v.is_empty() && v.len() <= 64, "{}: {v:?}", d.name);
+                v.sort_unstable();
+                let k = v.len();
+                v.dedup();
+                assert_eq!(v.len(), k, "{}: a label value twice", d.name);
+            }
+        }
+        let closes = close_codes();
+        assert!(closes.contains(&"CODE_ACK_TIMEOUT"));
+        assert!(closes.contains(&"CODE_CONNECTION_LOST"));
+        assert!(!closes.contains(&"CODE_OK"));
     }
 
     #[test]

@@ -223,3 +223,152 @@ fn token_command_uses_the_configured_secret() {
     .unwrap();
     assert_eq!(custom.verify(tok, &dev).unwrap().user.as_str(), "bob");
 }
+
+/// Runs `tether serve` with `args` on free ports until it logs that it is
+/// serving, then stops it with SIGTERM; its whole standard error (a pipe).
+fn serve_log(dir: &Path, extra_config: &str, args: &[&str]) -> String {
+    let cfg = dir.join("serve.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_id = \"log-test\"\n{extra_config}\n[listen]\ntcp = [\"127.0.0.1:0\"]\ntls = []\nquic = []\n\n[upstream]\ntcp = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[shutdown]\ndrain_timeout = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => {
+                let serving = l.contains("tether serving");
+                lines.push(l);
+                if serving {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no `tether serving` line:\n{}", lines.join("\n"));
+            }
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("serve did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    lines.join("\n")
+}
+
+/// Every line is one JSON object with the fields shippers filter on.
+fn assert_json_lines(log: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for line in log.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}\n{log}"));
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(v.get(field).is_some(), "no {field} in {line}");
+        }
+        out.push(v);
+    }
+    assert!(!out.is_empty(), "no log lines");
+    out
+}
+
+#[test]
+fn serve_logs_plain_lines_without_colour_to_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = serve_log(dir.path(), "", &[]);
+    assert!(log.contains("tether serving"), "{log}");
+    assert!(log.contains("WARN"), "{log}");
+    assert!(!log.contains("\x1b["), "colour codes in a pipe:\n{log:?}");
+}
+
+#[test]
+fn serve_logs_json_lines_with_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = serve_log(dir.path(), "", &["--log-format", "json"]);
+    let lines = assert_json_lines(&log);
+    // The event's own fields are at the top level, next to the message.
+    let serving = lines
+        .iter()
+        .find(|v| v["message"] == "tether serving")
+        .expect("a `tether serving` line");
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["target"], "tether::gateway");
+    assert_eq!(serving["node"], "log-test");
+    assert!(lines.iter().any(|v| v["level"] == "WARN"), "{log}");
+    assert!(!log.contains("\x1b["), "{log:?}");
+}
+
+#[test]
+fn log_format_is_read_from_the_config_and_the_flag_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = serve_log(dir.path(), "[log]\nformat = \"json\"\n", &[]);
+    assert_json_lines(&log);
+    let log = serve_log(
+        dir.path(),
+        "[log]\nformat = \"json\"\n",
+        &["--log-format", "text"],
+    );
+    assert!(log.lines().all(|l| !l.starts_with('{')), "{log}");
+    assert!(
+        log.contains(" INFO ") || log.contains("INFO tether"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_failed_serve_with_json_logs_ends_on_a_json_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let cfg = write_config(dir.path(), "held.toml", port, "");
+    let out = run(
+        &["serve", "--log-format", "json", "--config", &cfg],
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success());
+    let log = text(&out.stderr);
+    let lines = assert_json_lines(&log);
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{log}");
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&port.to_string())),
+        "{log}"
+    );
+}
