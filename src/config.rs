@@ -335,12 +335,18 @@ pub struct UpstreamConfig {
     /// Bytes of encoded events queued per subscribed upstream connection
     /// before new ones are dropped.
     pub event_queue_bytes: u64,
+    /// Bytes of replies queued per upstream connection; past it the gateway
+    /// reads no more requests from that connection until it reads replies.
+    pub reply_queue_bytes: u64,
     /// Largest frame accepted from an upstream after its Hello (the Hello
     /// itself is capped at [`UPSTREAM_HELLO_MAX`]).
     pub max_frame: u32,
-    /// Upstream connections open at once, on both listeners together,
-    /// counted from accept (before Hello).
+    /// Authenticated upstream connections open at once, on both listeners
+    /// together (counted from a successful Hello).
     pub max_connections: u32,
+    /// Connections that have not completed Hello, at once, on both listeners
+    /// together; one more evicts the oldest of them.
+    pub max_pending_hellos: u32,
     /// How long a new upstream connection has to send its Hello.
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
@@ -359,8 +365,10 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("secret", &"<hidden>")
             .field("event_queue", &self.event_queue)
             .field("event_queue_bytes", &self.event_queue_bytes)
+            .field("reply_queue_bytes", &self.reply_queue_bytes)
             .field("max_frame", &self.max_frame)
             .field("max_connections", &self.max_connections)
+            .field("max_pending_hellos", &self.max_pending_hellos)
             .field("hello_timeout", &self.hello_timeout)
             .finish()
     }
@@ -557,9 +565,11 @@ impl Default for UpstreamConfig {
             secret: DEV_UPSTREAM_SECRET.into(),
             event_queue: 65_536,
             event_queue_bytes: 16 * 1024 * 1024,
+            reply_queue_bytes: 4 * 1024 * 1024,
             max_frame: 4 * 1024 * 1024,
             max_connections: 128,
-            hello_timeout: Duration::from_secs(10),
+            max_pending_hellos: 512,
+            hello_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -691,13 +701,20 @@ secret = "tether-dev-upstream-secret"
 # it in an EventsDropped notice.
 event_queue = 65536
 event_queue_bytes = 16777216
+# Bytes of replies queued per connection (4 MiB). Past it the gateway reads no
+# more requests from that connection until it reads its replies.
+reply_queue_bytes = 4194304
 # Largest request frame after Hello (a Hello is at most 4096 bytes).
 max_frame = 4194304
-# Upstream connections open at once (both listeners, from accept); more are
+# Authenticated connections open at once (both listeners); a Hello past it is
 # refused with CODE_TOO_MANY_CONNECTIONS.
 max_connections = 128
+# Connections that have not completed Hello, at once (both listeners). One more
+# evicts the oldest of them (CODE_TOO_MANY_CONNECTIONS), so silent sockets
+# cannot lock services out.
+max_pending_hellos = 512
 # A new connection that sends no Hello within this time is refused.
-hello_timeout = "10s"
+hello_timeout = "2s"
 
 [metrics]
 # The admin listener: the Prometheus scrape endpoint (GET /metrics); "" turns
@@ -948,6 +965,15 @@ impl Config {
         if !(1..=65_536).contains(&self.upstream.max_connections) {
             return bad("upstream.max_connections", "must be 1..=65536");
         }
+        if !(1..=65_536).contains(&self.upstream.max_pending_hellos) {
+            return bad("upstream.max_pending_hellos", "must be 1..=65536");
+        }
+        if !(64 * 1024..=1 << 30).contains(&self.upstream.reply_queue_bytes) {
+            return bad(
+                "upstream.reply_queue_bytes",
+                "must be 65536..=1073741824 bytes",
+            );
+        }
         if self.upstream.hello_timeout < Duration::from_millis(10)
             || self.upstream.hello_timeout > Duration::from_secs(300)
         {
@@ -1044,6 +1070,10 @@ mod tests {
         assert!(e.to_string().contains("upstream.event_queue_bytes"), "{e}");
         let e = Config::parse("[upstream]\nmax_connections = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.max_connections"), "{e}");
+        let e = Config::parse("[upstream]\nmax_pending_hellos = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.max_pending_hellos"), "{e}");
+        let e = Config::parse("[upstream]\nreply_queue_bytes = 1024\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.reply_queue_bytes"), "{e}");
         let e = Config::parse("[upstream]\nhello_timeout = \"0s\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.hello_timeout"), "{e}");
         let e = Config::parse("[metrics]\nmax_connections = 0\n", "t").unwrap_err();

@@ -52,6 +52,11 @@ pub const UPLINKS: &str = "tether_uplinks_total";
 pub const UPSTREAM_CONNECTIONS: &str = "tether_upstream_connections";
 pub const UPSTREAM_EVENTS_DROPPED: &str = "tether_upstream_events_dropped_total";
 pub const UPSTREAM_REFUSED: &str = "tether_upstream_connections_refused_total";
+pub const UPSTREAM_PENDING_HELLOS: &str = "tether_upstream_pending_hellos";
+pub const UPSTREAM_HELLOS_EVICTED: &str = "tether_upstream_hellos_evicted_total";
+pub const UPSTREAM_FAILED_HELLOS: &str = "tether_upstream_failed_hellos_total";
+pub const UPSTREAM_REPLY_BYTES: &str = "tether_upstream_reply_bytes";
+pub const UPSTREAM_REPLY_WAITS: &str = "tether_upstream_reply_waits_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
 pub const ROOMS: &str = "tether_rooms";
 pub const RESUMES: &str = "tether_resumes_total";
@@ -383,7 +388,7 @@ pub static METRICS: &[Def] = &[
         name: UPSTREAM_REFUSED,
         kind: Kind::Counter,
         unit: None,
-        help: "Upstream connections refused, by reason: CODE_TOO_MANY_CONNECTIONS (upstream.max_connections), CODE_FRAME_TOO_LARGE (a Hello over 4096 bytes), CODE_UPSTREAM_AUTH_FAILED (no Hello in time, or a bad secret), CODE_UNSUPPORTED_VERSION.",
+        help: "Upstream connections refused, by reason: CODE_TOO_MANY_CONNECTIONS (upstream.max_connections, at Hello), CODE_FRAME_TOO_LARGE (a Hello over 4096 bytes), CODE_UPSTREAM_AUTH_FAILED (no Hello in time, or a bad secret), CODE_RATE_LIMITED (a bad secret past its source's budget of failed Hellos), CODE_UNSUPPORTED_VERSION.",
         label: Some(Label {
             key: "reason",
             values: || {
@@ -391,12 +396,48 @@ pub static METRICS: &[Def] = &[
                     Code::TooManyConnections,
                     Code::FrameTooLarge,
                     Code::UpstreamAuthFailed,
+                    Code::RateLimited,
                     Code::UnsupportedVersion,
                 ]
                 .map(|c| c.as_str_name())
                 .to_vec()
             },
         }),
+    },
+    Def {
+        name: UPSTREAM_PENDING_HELLOS,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Upstream connections that have not completed Hello (at most upstream.max_pending_hellos).",
+        label: none(),
+    },
+    Def {
+        name: UPSTREAM_HELLOS_EVICTED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Upstream connections closed before their Hello to make room for a newer one (upstream.max_pending_hellos).",
+        label: none(),
+    },
+    Def {
+        name: UPSTREAM_FAILED_HELLOS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Upstream Hellos with a wrong secret, from every source.",
+        label: none(),
+    },
+    Def {
+        name: UPSTREAM_REPLY_BYTES,
+        kind: Kind::Gauge,
+        unit: Some(Unit::Bytes),
+        help: "Bytes of replies queued for upstream connections, all together (each connection at most upstream.reply_queue_bytes).",
+        label: none(),
+    },
+    Def {
+        name: UPSTREAM_REPLY_WAITS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Times an upstream connection's reader stopped reading requests because its replies filled upstream.reply_queue_bytes.",
+        label: none(),
     },
     Def {
         name: UNDELIVERED,

@@ -1,5 +1,7 @@
-//! Bounds of the upstream socket: the Hello size and deadline, the connection
-//! cap, and the per-subscriber event queue (bytes), over real sockets.
+//! Bounds of the upstream socket over real sockets: the Hello size and
+//! deadline, the pre-Hello pool and the connection cap, failed Hellos per
+//! source, the reply queue per connection (bytes), and the per-subscriber
+//! event queue (bytes).
 
 mod common;
 
@@ -10,7 +12,7 @@ use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt;
 use prost::Message;
-use tether::upstream::FrameCodec;
+use tether::upstream::{Endpoint, FrameCodec, UpstreamClient, UpstreamOptions};
 use tether::wire::pb::{self, gateway_frame::Body as Out, upstream_frame::Body as In};
 use tether::wire::{frame_bytes, Code};
 use tokio::io::AsyncWriteExt;
@@ -128,44 +130,285 @@ async fn an_upstream_without_hello_is_refused_after_hello_timeout() {
     assert!(sample(refused) > before, "the refusal is counted");
 }
 
+/// `upstream.max_connections` counts authenticated connections only: a
+/// Hello past it is refused, a connection that has not said Hello takes no
+/// place, and a closed connection gives its place back.
 #[tokio::test]
-async fn the_connection_past_the_cap_is_refused() {
+async fn the_hello_past_the_cap_is_refused() {
     let refused =
         r#"tether_upstream_connections_refused_total{reason="CODE_TOO_MANY_CONNECTIONS"}"#;
     let before = sample(refused);
     let mut cfg = test_config();
     cfg.upstream.max_connections = 2;
     let g = start(cfg).await;
-    // One authenticated connection and one that has not sent Hello: both count.
-    let (authed, _) = g.upstream(false).await;
-    let quiet = Raw::connect(&g).await;
+    let (first, _) = g.upstream(false).await;
+    // A connection that has not sent Hello does not count.
+    let _quiet = Raw::connect(&g).await;
+    let (second, _) = g.upstream(false).await;
     let mut third = Raw::connect(&g).await;
+    third.send(&hello(false, "third")).await;
     third.expect_refused(Code::TooManyConnections).await;
     assert!(sample(refused) > before, "the refusal is counted");
-    authed
+    first
         .ping()
         .await
         .expect("the connections under the cap carry on");
 
-    // A closed connection gives its slot back.
-    drop(quiet);
+    // A closed connection gives its place back.
+    drop(second);
     let mut tries = 0;
     let again = loop {
-        match tether::upstream::UpstreamClient::connect(
-            &tether::upstream::Endpoint::Tcp(g.upstream.to_string()),
-            tether::upstream::UpstreamOptions::default(),
-        )
-        .await
-        {
-            Ok((c, _)) => break c,
+        match connect(&Endpoint::Tcp(g.upstream.to_string())).await {
+            Ok(c) => break c,
             Err(e) => {
                 tries += 1;
-                assert!(tries < 500, "the slot never came back: {e}");
+                assert!(tries < 500, "the place never came back: {e}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     };
     again.ping().await.expect("the new connection works");
+}
+
+async fn connect(ep: &Endpoint) -> Result<UpstreamClient, tether::upstream::ClientError> {
+    UpstreamClient::connect(ep, UpstreamOptions::default())
+        .await
+        .map(|(c, _)| c)
+}
+
+/// A push through a fresh upstream connection, which must succeed at once.
+async fn push_through(ep: &Endpoint, device: &mut tether::client::Client) {
+    let up = connect(ep)
+        .await
+        .expect("a service connects while silent sockets are open");
+    let r = up.push_user("alice", &b"hi"[..]).await.expect("push");
+    assert_eq!(r.sessions, 1);
+    assert_eq!(push_of(&next(device).await).payload[..], b"hi"[..]);
+}
+
+/// 300 TCP sockets and 100 Unix sockets that never say Hello (more than
+/// `upstream.max_connections`) do not keep a service out: the Rust client
+/// (what `tether push` uses) connects and pushes at once, over TCP and over
+/// the Unix socket. The silent sockets fit in the default pre-Hello pool, so
+/// none of them is evicted.
+#[tokio::test]
+async fn silent_sockets_do_not_keep_services_out() {
+    const SILENT: usize = 300;
+    const SILENT_UNIX: usize = 100;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("up.sock");
+    let mut cfg = test_config();
+    cfg.upstream.unix = Some(path.clone());
+    // Nothing here may rely on the silent sockets timing out.
+    cfg.upstream.hello_timeout = Duration::from_secs(300);
+    assert!(cfg.upstream.max_connections < SILENT as u32);
+    assert!(cfg.upstream.max_pending_hellos as usize > SILENT + SILENT_UNIX);
+    let g = start(cfg).await;
+    let (mut device, _) = g.login("alice", "phone").await;
+
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(Raw::connect(&g).await);
+    }
+    let mut silent_unix = Vec::new();
+    for _ in 0..SILENT_UNIX {
+        silent_unix.push(
+            tokio::net::UnixStream::connect(&path)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The accept queue is first in, first out: by the time the gateway
+    // answers these, it has taken in every silent socket before them.
+    push_through(&Endpoint::Tcp(g.upstream.to_string()), &mut device).await;
+    push_through(&Endpoint::Unix(path.clone()), &mut device).await;
+
+    // The oldest silent socket is still there, and may still say Hello.
+    silent[0].send(&hello(false, "late")).await;
+    assert!(matches!(
+        silent[0].next().await.and_then(|f| f.body),
+        Some(Out::HelloOk(_))
+    ));
+}
+
+/// When the pre-Hello pool is full a newcomer evicts its oldest member
+/// (`Error{CODE_TOO_MANY_CONNECTIONS}`, then the close), so a flood of
+/// silent sockets cannot lock out a service that connects after it.
+#[tokio::test]
+async fn a_full_pre_hello_pool_evicts_its_oldest_member() {
+    const POOL: u32 = 16;
+    const SILENT: usize = 300;
+    let evicted = "tether_upstream_hellos_evicted_total";
+    let before = sample(evicted);
+    let mut cfg = test_config();
+    cfg.upstream.max_pending_hellos = POOL;
+    cfg.upstream.hello_timeout = Duration::from_secs(300);
+    let g = start(cfg).await;
+    let (mut device, _) = g.login("alice", "phone").await;
+
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(Raw::connect(&g).await);
+    }
+    push_through(&Endpoint::Tcp(g.upstream.to_string()), &mut device).await;
+
+    // The oldest were told why, then closed.
+    silent[0].expect_refused(Code::TooManyConnections).await;
+    // The service's own connection took a place, and left it at its Hello;
+    // the newest silent ones are still waiting.
+    let kept = silent.len() - POOL as usize + 1;
+    silent[kept].send(&hello(false, "late")).await;
+    assert!(matches!(
+        silent[kept].next().await.and_then(|f| f.body),
+        Some(Out::HelloOk(_))
+    ));
+    let n = sample(evicted) - before;
+    assert!(
+        n >= (SILENT - POOL as usize) as f64,
+        "{n} evictions counted"
+    );
+}
+
+/// Wrong secrets from one source: the first `FAILED_HELLO_BURST` are
+/// refused at once with `CODE_UPSTREAM_AUTH_FAILED`; past them the refusal
+/// is held back and says `CODE_RATE_LIMITED`. Meanwhile a Hello with the
+/// right secret from the same address is accepted at once, and every
+/// failure is counted.
+#[tokio::test]
+async fn failed_hellos_are_rate_limited_per_source_but_a_right_secret_gets_in() {
+    const BURST: usize = 10;
+    let failed = "tether_upstream_failed_hellos_total";
+    let limited = r#"tether_upstream_connections_refused_total{reason="CODE_RATE_LIMITED"}"#;
+    let (failed_before, limited_before) = (sample(failed), sample(limited));
+    let g = start(test_config()).await;
+    let wrong = || {
+        let mut h = hello(false, "guess");
+        if let Some(In::Hello(h)) = &mut h.body {
+            h.secret = "not-the-upstream-secret".into();
+        }
+        h
+    };
+    for i in 0..BURST {
+        let mut up = Raw::connect(&g).await;
+        up.send(&wrong()).await;
+        match up.next().await.and_then(|f| f.body) {
+            Some(Out::Error(e)) => assert_eq!(
+                Code::try_from(e.code),
+                Ok(Code::UpstreamAuthFailed),
+                "failure {i}: {}",
+                e.message
+            ),
+            other => panic!("failure {i}: expected an Error, got {other:?}"),
+        }
+    }
+    // Past the burst: held back. A right secret gets in meanwhile.
+    let mut held = Raw::connect(&g).await;
+    held.send(&wrong()).await;
+    let up = connect(&Endpoint::Tcp(g.upstream.to_string()))
+        .await
+        .expect("the right secret is accepted");
+    up.ping().await.expect("and served");
+    held.expect_refused(Code::RateLimited).await;
+    assert!(sample(failed) - failed_before >= (BURST + 1) as f64);
+    assert!(sample(limited) > limited_before);
+}
+
+/// An upstream that sends many presence requests with large replies and
+/// never reads: the replies queued for it stay within
+/// `upstream.reply_queue_bytes` (the gateway stops reading its requests),
+/// another upstream connection and the devices are served meanwhile, and
+/// every request is answered once it reads again.
+#[tokio::test]
+async fn replies_to_an_upstream_that_does_not_read_are_bounded_in_bytes() {
+    const BOUND: u64 = 1024 * 1024;
+    const USERS: usize = 20_000;
+    const REQUESTS: usize = 100;
+    let queued = "tether_upstream_reply_bytes";
+    let waits = "tether_upstream_reply_waits_total";
+    let waits_before = sample(waits);
+    let mut cfg = test_config();
+    cfg.upstream.reply_queue_bytes = BOUND;
+    let g = start(cfg).await;
+    let (mut device, _) = g.login("alice", "phone").await;
+
+    let mut stuck = Raw::connect(&g).await;
+    stuck.send(&hello(false, "stuck")).await;
+    assert!(matches!(
+        stuck.next().await.and_then(|f| f.body),
+        Some(Out::HelloOk(_))
+    ));
+    let ids: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
+    let request = move |rid: u64| {
+        frame_bytes(&pb::UpstreamFrame {
+            request_id: rid,
+            body: Some(In::Presence(pb::PresenceRequest {
+                user_ids: ids.clone(),
+            })),
+        })
+    };
+    let Raw { mut frames, mut w } = stuck;
+    let sender = tokio::spawn(async move {
+        for rid in 0..REQUESTS as u64 {
+            w.write_all(&request(rid)).await.expect("write");
+        }
+        w
+    });
+    // Wait until the gateway stops reading: its replies filled the bound.
+    // Other tests of this binary may have a small reply (a HelloOk, a Pong)
+    // queued at any moment, hence the slack over the bound.
+    let mut polls = 0;
+    loop {
+        let held = sample(queued);
+        assert!(
+            held <= (BOUND + 4096) as f64,
+            "{held} bytes of replies queued"
+        );
+        if sample(waits) > waits_before && held >= (BOUND / 2) as f64 {
+            break;
+        }
+        polls += 1;
+        assert!(polls < 3_000, "the reply queue never filled: {held} bytes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // It stays there: the gateway reads no more requests.
+    for _ in 0..20 {
+        let held = sample(queued);
+        assert!(
+            held <= (BOUND + 4096) as f64,
+            "{held} bytes of replies queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !sender.is_finished(),
+        "the gateway stopped reading requests"
+    );
+
+    // Another upstream connection and a device are served meanwhile.
+    let other = connect(&Endpoint::Tcp(g.upstream.to_string()))
+        .await
+        .expect("connect");
+    let p = other.presence(&["alice"]).await.expect("presence");
+    assert_eq!(p[0].devices.len(), 1);
+    ping_pong(&mut device).await;
+
+    // Reading again: every request is answered, in order.
+    let mut seen = 0u64;
+    while seen < REQUESTS as u64 {
+        let b = tokio::time::timeout(Duration::from_secs(30), frames.next())
+            .await
+            .expect("replies keep coming")
+            .expect("not at EOF")
+            .expect("a frame");
+        let f = pb::GatewayFrame::decode(b).expect("a GatewayFrame");
+        assert_eq!(f.request_id, seen);
+        match f.body {
+            Some(Out::PresenceReply(r)) => assert_eq!(r.users.len(), USERS),
+            other => panic!("expected a PresenceReply, got {other:?}"),
+        }
+        seen += 1;
+    }
+    let _ = sender.await.expect("all requests were written");
 }
 
 /// A subscriber that stops reading while devices send many large uplinks:

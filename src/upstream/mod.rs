@@ -8,6 +8,8 @@
 
 mod client;
 mod codec;
+mod hello_limit;
+mod pending;
 mod server;
 
 pub use client::{ClientError, Endpoint, EventStream, UpstreamClient, UpstreamOptions};

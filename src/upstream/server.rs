@@ -1,12 +1,22 @@
-//! The upstream socket server: one task per upstream connection (there are few,
-//! and `upstream.max_connections` caps them from accept), a reader that runs
-//! requests in order, and a writer that coalesces responses and events.
+//! The upstream socket server: one task per upstream connection, a reader
+//! that runs requests in order, and a writer that coalesces responses and
+//! events.
 //!
-//! Before authentication a connection is read with a small frame bound
-//! ([`UPSTREAM_HELLO_MAX`]) and a deadline (`upstream.hello_timeout`); only an
-//! authenticated connection gets `upstream.max_frame`. Responses are never
-//! dropped (the reader waits for room: back pressure on the upstream); events
-//! are dropped, counted by kind and reported to the subscriber in an
+//! Before authentication a connection is in the pre-Hello pool
+//! (`upstream.max_pending_hellos`, [`Pending`]: a newcomer evicts the oldest
+//! member when it is full), is read with a small frame bound
+//! ([`UPSTREAM_HELLO_MAX`]) and a deadline (`upstream.hello_timeout`), and
+//! does not count against `upstream.max_connections`: silent sockets cannot
+//! take the places of services. A wrong secret is counted per source
+//! ([`HelloLimiter`]): past its source's budget the refusal is held back and
+//! says `CODE_RATE_LIMITED`, and failures are logged once per interval with a
+//! count. Only an authenticated connection gets `upstream.max_frame` and a
+//! place under `upstream.max_connections`.
+//!
+//! Responses are never dropped: they are charged to the connection's
+//! `upstream.reply_queue_bytes`, and past it the reader waits for the writer
+//! (back pressure on the upstream, which stops being read). Events are
+//! dropped, counted by kind and reported to the subscriber in an
 //! `EventsDropped` notice when its queue is full (in events or in bytes), so a
 //! stuck upstream can neither stall sessions nor hold unbounded memory.
 
@@ -17,15 +27,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+use parking_lot::Mutex;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::FrameCodec;
+use super::hello_limit::{HelloLimiter, Report, Source, FAILED_HELLO_LOG_INTERVAL};
+use super::pending::{Pending, PendingId};
 use crate::bus::{Command, Destination, Outcome, PushTarget, QueueLimits};
 use crate::config::{UpstreamConfig, UPSTREAM_HELLO_MAX};
 use crate::gateway::Gateway;
@@ -41,6 +54,10 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// Bytes read and discarded from a refused connection before it is closed, so
 /// that the close is a FIN after the `Error` rather than a reset.
 const REFUSAL_DRAIN: usize = 64 * 1024;
+/// How long a wrong secret past its source's budget waits for its refusal
+/// (one failure's worth of the budget's refill). The connection stays in the
+/// pre-Hello pool meanwhile, so this holds nothing the pool does not bound.
+const LIMITED_DELAY: Duration = Duration::from_secs(1);
 const MAX_USERS_PER_REQUEST: usize = 100_000;
 /// Pushes in one `PushBatch`.
 pub const MAX_PUSHES_PER_BATCH: usize = 1024;
@@ -129,8 +146,12 @@ impl UpstreamListeners {
                     events: cfg.event_queue as usize,
                     bytes: usize::try_from(cfg.event_queue_bytes).unwrap_or(usize::MAX),
                 },
+                // Validated to 64 KiB..=1 GiB: fits a u32 of permits.
+                reply_bytes: u32::try_from(cfg.reply_queue_bytes).unwrap_or(1 << 30),
                 hello_timeout: cfg.hello_timeout,
                 slots: Arc::new(Semaphore::new(cfg.max_connections as usize)),
+                pending: Arc::new(Mutex::new(Pending::new(cfg.max_pending_hellos as usize))),
+                limiter: Mutex::new(HelloLimiter::default()),
             },
         })
     }
@@ -148,12 +169,24 @@ impl UpstreamListeners {
         None
     }
 
-    /// Accepts upstream connections until `stop`. A connection past
-    /// `upstream.max_connections` gets `Error{CODE_TOO_MANY_CONNECTIONS}` and is
-    /// closed at once.
+    /// Accepts upstream connections until `stop`. Each joins the pre-Hello
+    /// pool (evicting its oldest member when the pool is full); a Hello past
+    /// `upstream.max_connections` gets `Error{CODE_TOO_MANY_CONNECTIONS}`.
     pub async fn run(self, gw: Arc<Gateway>, stop: CancellationToken) {
         let shared = Arc::new(self.params);
         let mut tasks = tokio::task::JoinSet::new();
+        {
+            let (p, stop) = (shared.clone(), stop.clone());
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(FAILED_HELLO_LOG_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! { _ = stop.cancelled() => break, _ = tick.tick() => {} }
+                    let due = p.limiter.lock().sweep(now());
+                    due.iter().for_each(log_failures);
+                }
+            });
+        }
         if let Some(l) = self.tcp {
             let (gw, p, stop) = (gw.clone(), shared.clone(), stop.clone());
             tasks.spawn(async move {
@@ -161,17 +194,16 @@ impl UpstreamListeners {
                     let r = tokio::select! { _ = stop.cancelled() => break, r = l.accept() => r };
                     match r {
                         Ok((s, peer)) => {
-                            let Some(slot) = p.slot(|b| s.try_write(b)) else {
-                                continue;
-                            };
                             let _ = s.set_nodelay(true);
+                            let waiting = p.wait_for_hello();
                             tokio::spawn(serve(
                                 gw.clone(),
                                 p.clone(),
                                 s,
+                                Source::Ip(peer.ip()),
                                 peer.to_string(),
                                 stop.clone(),
-                                slot,
+                                waiting,
                             ));
                         }
                         Err(e) => {
@@ -190,16 +222,15 @@ impl UpstreamListeners {
                     let r = tokio::select! { _ = stop.cancelled() => break, r = l.accept() => r };
                     match r {
                         Ok((s, _)) => {
-                            let Some(slot) = p.slot(|b| s.try_write(b)) else {
-                                continue;
-                            };
+                            let waiting = p.wait_for_hello();
                             tokio::spawn(serve(
                                 gw.clone(),
                                 p.clone(),
                                 s,
+                                Source::Unix,
                                 format!("unix:{}", path.display()),
                                 stop.clone(),
-                                slot,
+                                waiting,
                             ));
                         }
                         Err(e) => {
@@ -219,32 +250,152 @@ struct ConnParams {
     max_frame: usize,
     secret: String,
     queue: QueueLimits,
+    /// `upstream.reply_queue_bytes`: replies queued per connection.
+    reply_bytes: u32,
     hello_timeout: Duration,
-    /// One permit per open upstream connection (`upstream.max_connections`).
+    /// One permit per authenticated upstream connection
+    /// (`upstream.max_connections`).
     slots: Arc<Semaphore>,
+    /// Connections waiting for their Hello (`upstream.max_pending_hellos`);
+    /// each member's token closes it when it is evicted.
+    pending: Arc<Mutex<Pending<CancellationToken>>>,
+    limiter: Mutex<HelloLimiter>,
 }
 
 impl ConnParams {
-    /// A connection slot, or `None` after refusing the connection: its
-    /// `Error{CODE_TOO_MANY_CONNECTIONS}` goes out with one non-blocking
-    /// write (a fresh socket's buffer has room for it), so the accept loop
-    /// never waits and spawns nothing for a refused connection.
-    fn slot(
-        &self,
-        try_write: impl FnOnce(&[u8]) -> std::io::Result<usize>,
-    ) -> Option<OwnedSemaphorePermit> {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                metrics::counter!(m::UPSTREAM_REFUSED, "reason" => Code::TooManyConnections.as_str_name())
-                    .increment(1);
-                let _ = try_write(&error(
-                    0,
-                    Code::TooManyConnections,
-                    "too many upstream connections",
-                ));
-                None
+    /// A place in the pre-Hello pool for a new connection. When the pool is
+    /// full its oldest member is evicted (see [`Pending`] for why the oldest
+    /// and not the newcomer).
+    fn wait_for_hello(&self) -> Waiting {
+        let token = CancellationToken::new();
+        let mut pool = self.pending.lock();
+        let (id, evicted) = pool.admit(token.clone());
+        metrics::gauge!(m::UPSTREAM_PENDING_HELLOS).set(pool.len() as f64);
+        drop(pool);
+        if let Some(t) = evicted {
+            metrics::counter!(m::UPSTREAM_HELLOS_EVICTED).increment(1);
+            t.cancel();
+        }
+        Waiting {
+            pool: self.pending.clone(),
+            id,
+            evicted: token,
+        }
+    }
+
+    /// Counts a wrong secret from `source` and logs it when a line is due;
+    /// whether it is within the source's budget.
+    fn failed_hello(&self, source: Source) -> bool {
+        metrics::counter!(m::UPSTREAM_FAILED_HELLOS).increment(1);
+        let v = self.limiter.lock().handle_failure(source, now());
+        if let Some(r) = &v.report {
+            log_failures(r);
+        }
+        v.allowed
+    }
+}
+
+/// A connection's place in the pre-Hello pool, given back when it is dropped
+/// (at its Hello, or when it ends before).
+struct Waiting {
+    pool: Arc<Mutex<Pending<CancellationToken>>>,
+    id: PendingId,
+    /// Cancelled when a newer connection evicts this one.
+    evicted: CancellationToken,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut pool = self.pool.lock();
+        if pool.remove(self.id).is_some() {
+            metrics::gauge!(m::UPSTREAM_PENDING_HELLOS).set(pool.len() as f64);
+        }
+    }
+}
+
+/// The limiter's clock: tokio's, so that paused-time tests control it.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// One line per source and interval, not one per failure.
+fn log_failures(r: &Report) {
+    if r.over.is_zero() {
+        tracing::warn!(
+            source = %r.source,
+            "upstream refused: bad secret (further failures from this source are logged \
+             once per {}s with a count)",
+            FAILED_HELLO_LOG_INTERVAL.as_secs()
+        );
+    } else {
+        tracing::warn!(
+            source = %r.source,
+            failures = r.failures,
+            "{} failed upstream Hellos from {} in the last {}s",
+            r.failures,
+            r.source,
+            r.over.as_secs()
+        );
+    }
+}
+
+/// A reply with its share of the connection's `upstream.reply_queue_bytes`,
+/// given back (and taken off [`m::UPSTREAM_REPLY_BYTES`]) once written.
+struct Charged {
+    bytes: Bytes,
+    _room: OwnedSemaphorePermit,
+    charge: u32,
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        metrics::gauge!(m::UPSTREAM_REPLY_BYTES).decrement(f64::from(self.charge));
+    }
+}
+
+/// The reader's side of a connection's reply queue: a frame count bound
+/// (the channel) and a byte bound (the semaphore's permits, one per byte).
+struct Replies {
+    tx: mpsc::Sender<Charged>,
+    room: Arc<Semaphore>,
+    max: u32,
+}
+
+impl Replies {
+    /// Queues a reply for the writer, first waiting (without reading more
+    /// requests) while the replies queued before it fill the byte bound. A
+    /// reply larger than the bound is charged the whole bound: it waits for
+    /// an empty queue and goes alone. `false` when the writer has ended or
+    /// `stop` was cancelled.
+    ///
+    /// # Cancel safety
+    /// Not used in a `select!`; cancelling it drops the reply.
+    async fn send(&self, bytes: Bytes, stop: &CancellationToken) -> bool {
+        let charge = u32::try_from(bytes.len()).unwrap_or(u32::MAX).min(self.max);
+        let room = match self.room.clone().try_acquire_many_owned(charge) {
+            Ok(r) => r,
+            Err(TryAcquireError::Closed) => return false,
+            Err(TryAcquireError::NoPermits) => {
+                metrics::counter!(m::UPSTREAM_REPLY_WAITS).increment(1);
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = self.tx.closed() => return false,
+                    r = self.room.clone().acquire_many_owned(charge) => match r {
+                        Ok(r) => r,
+                        Err(_) => return false,
+                    },
+                }
             }
+        };
+        metrics::gauge!(m::UPSTREAM_REPLY_BYTES).increment(f64::from(charge));
+        let c = Charged {
+            bytes,
+            _room: room,
+            charge,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            r = self.tx.send(c) => r.is_ok(),
         }
     }
 }
@@ -277,7 +428,7 @@ fn secret_eq(a: &str, b: &str) -> bool {
 /// closes the write side, and reads and discards what the peer was still
 /// sending (up to [`REFUSAL_DRAIN`]) so that the close does not reset the
 /// connection before the peer reads the error. All within [`REFUSAL_LINGER`].
-async fn refuse<R, W>(mut r: R, mut w: W, rid: u64, code: Code, message: &str)
+async fn refuse<R, W>(r: &mut R, w: &mut W, rid: u64, code: Code, message: &str)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -299,35 +450,48 @@ where
     .await;
 }
 
-/// Serves one upstream connection; `_slot` is its place under
-/// `upstream.max_connections`, given back when it ends.
-async fn serve<S>(
-    gw: Arc<Gateway>,
-    p: Arc<ConnParams>,
-    stream: S,
-    peer: String,
-    stop: CancellationToken,
-    _slot: OwnedSemaphorePermit,
-) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (r, w) = tokio::io::split(stream);
-    // Unauthenticated: a Hello-sized bound, raised once the secret checks out.
-    let mut frames = FramedRead::new(r, FrameCodec::new(UPSTREAM_HELLO_MAX));
+/// How the wait for a Hello ended.
+enum Greeted {
+    /// The secret checked out: the Hello's request id and the Hello.
+    Hello(u64, pb::Hello),
+    /// Refused (and told so) or gone.
+    Done,
+    /// A newer connection took its place in the pre-Hello pool.
+    Evicted,
+    Stopped,
+}
 
-    // Hello first, with the shared secret.
+/// Reads and checks the Hello; refuses the connection itself when it is
+/// missing, too large, not a Hello, has a wrong secret or an unsupported
+/// version.
+///
+/// # Cancel safety
+/// Cancelling it (an eviction) may drop a Hello that was half read or a
+/// refusal that was half written; the connection is closed then anyway.
+async fn greet<R, W>(
+    p: &ConnParams,
+    frames: &mut FramedRead<R, FrameCodec>,
+    w: &mut W,
+    source: Source,
+    peer: &str,
+) -> Greeted
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let first = match tokio::time::timeout(p.hello_timeout, frames.next()).await {
         Ok(Some(Ok(b))) => Ok(pb::UpstreamFrame::decode(b).ok()),
         Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::InvalidData => Err(()),
         // The peer went away (or reset) before a whole Hello.
-        Ok(Some(Err(_)) | None) => return,
+        Ok(Some(Err(_)) | None) => return Greeted::Done,
         Err(_) => Ok(None),
     };
     let (rid, hello) = match first {
         Err(()) => {
             tracing::warn!(%peer, "upstream refused: Hello larger than {UPSTREAM_HELLO_MAX} bytes");
             let msg = "Hello larger than 4096 bytes";
-            return refuse(frames.into_inner(), w, 0, Code::FrameTooLarge, msg).await;
+            refuse(frames.get_mut(), w, 0, Code::FrameTooLarge, msg).await;
+            return Greeted::Done;
         }
         Ok(Some(pb::UpstreamFrame {
             request_id,
@@ -335,20 +499,85 @@ async fn serve<S>(
         })) => (request_id, h),
         Ok(_) => {
             let msg = "expected Hello";
-            return refuse(frames.into_inner(), w, 0, Code::UpstreamAuthFailed, msg).await;
+            refuse(frames.get_mut(), w, 0, Code::UpstreamAuthFailed, msg).await;
+            return Greeted::Done;
         }
     };
+    // The secret is always checked, also for a source past its budget: a
+    // right one is accepted at once. Refusing unchecked would let anyone who
+    // shares the source (every process on loopback or on the Unix socket)
+    // lock the real services out; the comparison costs less than the
+    // refusal.
     if !secret_eq(&hello.secret, &p.secret) {
-        tracing::warn!(%peer, "upstream refused: bad secret");
-        let msg = "bad secret";
-        return refuse(frames.into_inner(), w, rid, Code::UpstreamAuthFailed, msg).await;
+        if p.failed_hello(source) {
+            refuse(
+                frames.get_mut(),
+                w,
+                rid,
+                Code::UpstreamAuthFailed,
+                "bad secret",
+            )
+            .await;
+        } else {
+            tokio::time::sleep(LIMITED_DELAY).await;
+            let msg = "too many failed Hellos from this source";
+            refuse(frames.get_mut(), w, rid, Code::RateLimited, msg).await;
+        }
+        return Greeted::Done;
     }
     if hello.protocol_version != 0
         && !crate::wire::PROTOCOL_VERSIONS.contains(&hello.protocol_version)
     {
         let msg = "unsupported protocol version";
-        return refuse(frames.into_inner(), w, rid, Code::UnsupportedVersion, msg).await;
+        refuse(frames.get_mut(), w, rid, Code::UnsupportedVersion, msg).await;
+        return Greeted::Done;
     }
+    Greeted::Hello(rid, hello)
+}
+
+/// Serves one upstream connection; `waiting` is its place in the pre-Hello
+/// pool, given back at its Hello, when it takes a place under
+/// `upstream.max_connections` instead.
+async fn serve<S>(
+    gw: Arc<Gateway>,
+    p: Arc<ConnParams>,
+    stream: S,
+    source: Source,
+    peer: String,
+    stop: CancellationToken,
+    waiting: Waiting,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, mut w) = tokio::io::split(stream);
+    // Unauthenticated: a Hello-sized bound, raised once the secret checks out.
+    let mut frames = FramedRead::new(r, FrameCodec::new(UPSTREAM_HELLO_MAX));
+    let greeted = tokio::select! {
+        biased;
+        _ = stop.cancelled() => Greeted::Stopped,
+        _ = waiting.evicted.cancelled() => Greeted::Evicted,
+        g = greet(&p, &mut frames, &mut w, source, &peer) => g,
+    };
+    let (rid, hello) = match greeted {
+        Greeted::Hello(rid, hello) => (rid, hello),
+        Greeted::Done | Greeted::Stopped => return,
+        Greeted::Evicted => {
+            // One non-blocking write, no linger: evictions come in floods,
+            // and each lingering task would hold a descriptor the pool no
+            // longer counts. A fresh socket has room for the frame.
+            let msg = "too many upstream connections waiting for Hello";
+            let _ = w
+                .write_all(&error(0, Code::TooManyConnections, msg))
+                .now_or_never();
+            return;
+        }
+    };
+    drop(waiting);
+    let Ok(_slot) = p.slots.clone().try_acquire_owned() else {
+        let msg = "too many upstream connections";
+        refuse(frames.get_mut(), &mut w, rid, Code::TooManyConnections, msg).await;
+        return;
+    };
     *frames.decoder_mut() = FrameCodec::new(p.max_frame);
     let mut w = BufWriter::new(w);
     let mut sub = hello
@@ -357,48 +586,55 @@ async fn serve<S>(
     tracing::info!(%peer, name = %hello.name, subscribe = hello.subscribe, group = %hello.group, "upstream connected");
     metrics::gauge!(m::UPSTREAM_CONNECTIONS).increment(1.0);
 
-    let (resp_tx, mut resp_rx) = mpsc::channel::<Bytes>(1024);
-    let _ = resp_tx
-        .send(reply(
-            rid,
-            Out::HelloOk(pb::HelloOk {
-                node_id: gw.node_id().to_string(),
-                protocol_version: *crate::wire::PROTOCOL_VERSIONS.end(),
-            }),
-        ))
-        .await;
+    let (resp_tx, mut resp_rx) = mpsc::channel::<Charged>(1024);
+    let replies = Replies {
+        tx: resp_tx,
+        room: Arc::new(Semaphore::new(p.reply_bytes as usize)),
+        max: p.reply_bytes,
+    };
+    let hello_ok = reply(
+        rid,
+        Out::HelloOk(pb::HelloOk {
+            node_id: gw.node_id().to_string(),
+            protocol_version: *crate::wire::PROTOCOL_VERSIONS.end(),
+        }),
+    );
+    let _ = replies.send(hello_ok, &stop).await;
 
     // Writer: responses first, then events; flush when nothing else is ready.
+    // A response's charge is given back (dropped) once it is written.
     let writer_stop = stop.clone();
     let writer = tokio::spawn(async move {
         loop {
             let next = tokio::select! {
                 biased;
                 _ = writer_stop.cancelled() => None,
-                r = resp_rx.recv() => r,
+                r = resp_rx.recv() => r.map(|c| (c.bytes.clone(), Some(c))),
                 // Cancel safe: `Subscription::recv` takes a frame only when
                 // it returns it.
                 e = async {
                     match sub.as_mut() {
-                        Some(s) => s.recv().await.map(|f| f.0),
+                        Some(s) => s.recv().await.map(|f| (f.0, None)),
                         None => std::future::pending().await,
                     }
                 } => e,
             };
-            let Some(first) = next else { break };
+            let Some((first, charge)) = next else { break };
             if w.write_all(&first).await.is_err() {
                 break;
             }
+            drop(charge);
             // Coalesce whatever else is ready into the same flush.
             loop {
                 let more = match resp_rx.try_recv() {
-                    Ok(b) => Some(b),
-                    Err(_) => sub.as_mut().and_then(|s| s.try_recv()).map(|f| f.0),
+                    Ok(c) => Some((c.bytes.clone(), Some(c))),
+                    Err(_) => sub.as_mut().and_then(|s| s.try_recv()).map(|f| (f.0, None)),
                 };
-                let Some(b) = more else { break };
+                let Some((b, charge)) = more else { break };
                 if w.write_all(&b).await.is_err() {
                     return;
                 }
+                drop(charge);
             }
             if w.flush().await.is_err() {
                 break;
@@ -413,8 +649,8 @@ async fn serve<S>(
         let body = match next {
             Some(Ok(b)) => b,
             Some(Err(e)) => {
-                let _ = resp_tx
-                    .send(error(0, Code::FrameTooLarge, e.to_string()))
+                let _ = replies
+                    .send(error(0, Code::FrameTooLarge, e.to_string()), &stop)
                     .await;
                 break;
             }
@@ -428,12 +664,12 @@ async fn serve<S>(
                 0,
             ),
         };
-        if resp_tx.send(out).await.is_err() {
+        if !replies.send(out, &stop).await {
             break;
         }
         pacer.after(reached, pushes).await;
     }
-    drop(resp_tx);
+    drop(replies);
     let _ = writer.await;
     metrics::gauge!(m::UPSTREAM_CONNECTIONS).decrement(1.0);
     tracing::info!(%peer, "upstream disconnected");
