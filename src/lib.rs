@@ -14,6 +14,7 @@ pub mod bus;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod handshake;
 pub mod ids;
 pub mod metrics;
 pub mod quic;

@@ -36,6 +36,8 @@ pub const SLOW_CONSUMERS: &str = "tether_slow_consumers_total";
 pub const ACK_TIMEOUTS: &str = "tether_ack_timeouts_total";
 pub const QUIC_MIGRATIONS: &str = "tether_quic_migrations_total";
 pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
+pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
+pub const TLS_HANDSHAKES_PENDING: &str = "tether_tls_handshakes_pending";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const PUSH_WAIT: &str = "tether_push_wait_seconds";
 /// From 100 µs (a push written in the pass that took it in) to 10 s (a
@@ -129,6 +131,14 @@ pub fn describe() {
     describe_counter!(
         QUIC_HANDSHAKES,
         "New QUIC clients, by result (accepted, retry, refused, failed, timeout)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "TLS handshakes, by result (accepted, hello_timeout, timeout, evicted, failed)."
+    );
+    describe_gauge!(
+        TLS_HANDSHAKES_PENDING,
+        "TLS connections accepted whose handshake has not finished."
     );
     describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");
     describe_histogram!(
