@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthError, Verifier};
 use crate::bus::{Bus, LocalBus};
 use crate::config::Config;
-use crate::handshake::{HandshakeLimits, TlsAdmission};
+use crate::handshake::{HandshakeLimits, HandshakeSet, SetMetrics, TlsAdmission};
 use crate::ids::{NodeId, RoomId, SessionId, TransportKind};
 use crate::metrics as m;
 use crate::registry::Registry;
@@ -1089,10 +1089,16 @@ impl Server {
             let tls = self.tls_admission.clone();
             tasks.spawn(accept_loop(gw.clone(), l, tls, stop_accept.clone()));
         }
+        // One set of QUIC handshakes in progress for all QUIC listeners,
+        // apart from the TLS one: a flood on one transport does not evict
+        // the other's handshakes.
+        let quic_handshakes =
+            HandshakeSet::new(gw.cfg.tls.max_pending_handshakes as usize, SetMetrics::QUIC);
         for ep in self.quic.iter().cloned() {
             tasks.spawn(crate::quic::accept_loop(
                 gw.clone(),
                 ep,
+                quic_handshakes.clone(),
                 stop_accept.clone(),
             ));
         }

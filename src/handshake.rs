@@ -1,8 +1,9 @@
 //! TLS admission: from an accepted TCP socket to a finished TLS handshake,
 //! without letting peers that send nothing, or send slowly, hold what a real
-//! device needs. Owns the handshake slots, the set of handshakes in
-//! progress and their deadlines; knows nothing of sessions or the gateway
-//! (the caller passes what to do with the TLS stream).
+//! device needs. Owns the handshake slots, the sets of handshakes in
+//! progress and the deadlines; knows nothing of sessions or the gateway
+//! (the caller passes what to do with the TLS stream) and must not: its
+//! limits come in as values.
 //!
 //! A handshake goes through three phases, and only the third costs CPU:
 //!
@@ -35,8 +36,11 @@
 //! ones evicted. A per-IP cap could not do this job alone: one attacker
 //! address would then also lock out every device behind the same NAT.
 //!
-//! Each end of a handshake is counted in `tether_tls_handshakes_total` by
-//! result: `accepted`, `hello_timeout`, `timeout`, `evicted`, `failed`.
+//! [`HandshakeSet`] is that bounded set; QUIC has one of its own, for
+//! connections that have not opened their stream (src/quic/mod.rs).
+//!
+//! Each end of a TLS handshake is counted in `tether_tls_handshakes_total`
+//! by result: `accepted`, `hello_timeout`, `timeout`, `evicted`, `failed`.
 //! A refused TLS peer gets no Tether frame (no TLS yet to carry one): the
 //! socket is closed.
 
@@ -121,7 +125,7 @@ pub struct TlsAdmission {
     slots: Semaphore,
     hello_timeout: Duration,
     handshake_timeout: Duration,
-    pending: Mutex<Pending<AbortHandle>>,
+    pending: Arc<HandshakeSet>,
 }
 
 impl TlsAdmission {
@@ -132,13 +136,13 @@ impl TlsAdmission {
             slots: Semaphore::new(limits.max_handshakes.max(1)),
             hello_timeout: limits.hello_timeout.min(limits.handshake_timeout),
             handshake_timeout: limits.handshake_timeout,
-            pending: Mutex::new(Pending::new(limits.max_pending)),
+            pending: HandshakeSet::new(limits.max_pending, SetMetrics::TLS),
         })
     }
 
     /// Handshakes in progress now.
     pub fn pending(&self) -> usize {
-        self.pending.lock().len()
+        self.pending.len()
     }
 
     /// Runs the handshake of an accepted connection in a task of its own
@@ -151,28 +155,11 @@ impl TlsAdmission {
     where
         F: FnOnce(TlsStream<TcpStream>) + Send + 'static,
     {
-        let (id, evicted) = {
-            let mut p = self.pending.lock();
-            let r = p.admit();
-            metrics::gauge!(m::TLS_HANDSHAKES_PENDING).set(p.len() as f64);
-            r
-        };
-        if let Some(h) = evicted {
-            // Outside the lock: the evicted task's ticket takes it when it
-            // is dropped.
-            h.abort();
-        }
-        let ticket = Ticket {
-            admission: self.clone(),
-            id,
-        };
         let me = self.clone();
-        let task = tokio::spawn(async move {
-            let _ticket = ticket;
+        self.pending.spawn(async move {
             match me.handshake(stream).await {
                 Ok(tls) => {
                     metrics::counter!(m::TLS_HANDSHAKES, "result" => "accepted").increment(1);
-                    drop(_ticket);
                     then(tls);
                 }
                 Err(e) => {
@@ -181,11 +168,6 @@ impl TlsAdmission {
                 }
             }
         });
-        let late = self.pending.lock().set_handle(id, task.abort_handle());
-        if let Some(h) = late {
-            // Evicted between admit and here (or already done).
-            h.abort();
-        }
     }
 
     /// The handshake itself, on any [`HelloIo`]: the phases and deadlines
@@ -369,18 +351,108 @@ impl<IO: AsyncWrite + Unpin> io::Write for SyncWrite<'_, '_, IO> {
     }
 }
 
+/// Where a [`HandshakeSet`] counts its evictions and shows its size.
+#[derive(Debug, Clone, Copy)]
+pub struct SetMetrics {
+    /// The counter that gets `result="evicted"`.
+    pub results: &'static str,
+    /// The gauge of handshakes in progress.
+    pub pending: &'static str,
+}
+
+impl SetMetrics {
+    pub const TLS: Self = Self {
+        results: m::TLS_HANDSHAKES,
+        pending: m::TLS_HANDSHAKES_PENDING,
+    };
+    pub const QUIC: Self = Self {
+        results: m::QUIC_HANDSHAKES,
+        pending: m::QUIC_HANDSHAKES_PENDING,
+    };
+}
+
+/// The handshakes in progress of one transport, each a task, at most `max`
+/// at once: spawning one more into a full set aborts the oldest task (its
+/// socket or connection, and whatever it owns, are dropped with it). See
+/// the module documentation for why the oldest.
+pub struct HandshakeSet {
+    pending: Mutex<Pending<AbortHandle>>,
+    metrics: SetMetrics,
+}
+
+impl HandshakeSet {
+    /// A set of at most `max` (at least 1).
+    pub fn new(max: usize, metrics: SetMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            pending: Mutex::new(Pending::new(max)),
+            metrics,
+        })
+    }
+
+    /// Handshakes in progress now.
+    pub fn len(&self) -> usize {
+        self.pending.lock().len()
+    }
+
+    /// Whether none is in progress.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Spawns `handshake` as a task in the set, first aborting the oldest
+    /// task when the set is full. The task leaves the set when it ends, or
+    /// is aborted; it should end once its handshake has, handing the
+    /// connection to a task of its own.
+    pub fn spawn<F>(self: &Arc<Self>, handshake: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (id, evicted, len) = {
+            let mut p = self.pending.lock();
+            let full = p.is_full();
+            let (id, h) = p.admit();
+            (id, full.then_some(h), p.len())
+        };
+        metrics::gauge!(self.metrics.pending).set(len as f64);
+        if let Some(h) = evicted {
+            metrics::counter!(self.metrics.results, "result" => "evicted").increment(1);
+            // Outside the lock: the evicted task's ticket takes it when
+            // the task is dropped.
+            if let Some(h) = h {
+                h.abort();
+            }
+        }
+        let ticket = Ticket {
+            set: self.clone(),
+            id,
+        };
+        let task = tokio::spawn(async move {
+            let _ticket = ticket;
+            handshake.await;
+        });
+        let late = self.pending.lock().set_handle(id, task.abort_handle());
+        if let Some(h) = late {
+            // Evicted between admit and here (or already done).
+            h.abort();
+        }
+    }
+}
+
 /// Removes its handshake from the set when the handshake task ends (or is
 /// aborted).
 struct Ticket {
-    admission: Arc<TlsAdmission>,
+    set: Arc<HandshakeSet>,
     id: u64,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut p = self.admission.pending.lock();
-        p.remove(self.id);
-        metrics::gauge!(m::TLS_HANDSHAKES_PENDING).set(p.len() as f64);
+        let len = {
+            let mut p = self.set.pending.lock();
+            p.remove(self.id);
+            p.len()
+        };
+        metrics::gauge!(self.set.metrics.pending).set(len as f64);
     }
 }
 
@@ -407,6 +479,10 @@ impl<H> Pending<H> {
         self.live.len()
     }
 
+    fn is_full(&self) -> bool {
+        self.live.len() >= self.max
+    }
+
     /// Takes in a new handshake; returns its id, and the handle of the
     /// oldest one when it had to make room (`None` when there was room, or
     /// when the oldest has no handle yet: [`Pending::set_handle`] then
@@ -416,7 +492,6 @@ impl<H> Pending<H> {
         if self.live.len() >= self.max {
             if let Some((_, h)) = self.live.pop_first() {
                 evicted = h;
-                metrics::counter!(m::TLS_HANDSHAKES, "result" => "evicted").increment(1);
             }
         }
         let id = self.next;
@@ -713,5 +788,38 @@ mod tests {
         drop(peer);
         let r = poll_fn(|cx| poll_first_record(&mut server, cx, &mut buf)).await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_set_aborts_its_oldest_task_to_make_room_and_forgets_ended_ones() {
+        let set = HandshakeSet::new(2, SetMetrics::TLS);
+        // Each task holds a sender until it is dropped (aborted or ended).
+        let mut rx = Vec::new();
+        for _ in 0..2 {
+            let (tx, r) = tokio::sync::oneshot::channel::<()>();
+            rx.push(r);
+            set.spawn(async move {
+                let _tx = tx;
+                std::future::pending::<()>().await;
+            });
+        }
+        assert_eq!(set.len(), 2);
+        // A third one that ends at once: the oldest is aborted for it.
+        set.spawn(async {});
+        let first = rx.remove(0);
+        assert!(first.await.is_err(), "the oldest task was dropped");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while set.len() > 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the ended task left the set");
+        // The second is untouched.
+        assert_eq!(set.len(), 1);
+        assert_eq!(
+            rx[0].try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        );
     }
 }

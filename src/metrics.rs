@@ -36,6 +36,7 @@ pub const SLOW_CONSUMERS: &str = "tether_slow_consumers_total";
 pub const ACK_TIMEOUTS: &str = "tether_ack_timeouts_total";
 pub const QUIC_MIGRATIONS: &str = "tether_quic_migrations_total";
 pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
+pub const QUIC_HANDSHAKES_PENDING: &str = "tether_quic_handshakes_pending";
 pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
 pub const TLS_HANDSHAKES_PENDING: &str = "tether_tls_handshakes_pending";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
@@ -130,7 +131,11 @@ pub fn describe() {
     );
     describe_counter!(
         QUIC_HANDSHAKES,
-        "New QUIC clients, by result (accepted, retry, refused, failed, timeout)."
+        "New QUIC clients, by result (accepted, retry, refused, failed, timeout, evicted)."
+    );
+    describe_gauge!(
+        QUIC_HANDSHAKES_PENDING,
+        "QUIC connections accepted that have not opened their stream yet."
     );
     describe_counter!(
         TLS_HANDSHAKES,
