@@ -193,10 +193,20 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// Where the development certificate is generated and kept.
     pub dev_cert_dir: PathBuf,
-    /// Most TLS handshakes in progress at once; more wait their turn.
+    /// Most key exchanges computed at once. A connection holds a slot only
+    /// from its complete ClientHello until the gateway's answer is written,
+    /// never while it waits for the peer; more wait their turn.
     pub max_handshakes: u32,
+    /// The whole handshake, from accept to the client's Finished.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// The client's whole ClientHello, from accept (at most
+    /// `handshake_timeout`: the shorter of the two applies).
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// Most TLS connections accepted whose handshake has not finished; when
+    /// full, the oldest of them is closed to make room for a new one.
+    pub max_pending_handshakes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -509,6 +519,8 @@ impl Default for TlsConfig {
             dev_cert_dir: PathBuf::from("certs"),
             max_handshakes: 256,
             handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 8192,
         }
     }
 }
@@ -626,9 +638,19 @@ park_after = "5s"
 # cert = "/etc/tether/cert.pem"
 # key = "/etc/tether/key.pem"
 dev_cert_dir = "certs"
-# TLS handshakes in progress at once; further connections wait (reconnect storms).
+# Key exchanges computed at once. A connection takes a slot only when its whole
+# ClientHello has arrived, and gives it back once the answer is written: a peer
+# that sends nothing, or sends slowly, holds none.
 max_handshakes = 256
+# The whole handshake, from accept to the client's Finished.
 handshake_timeout = "10s"
+# The client's whole ClientHello must have arrived within this time of accept
+# (or handshake_timeout, if that is shorter).
+hello_timeout = "5s"
+# TLS connections whose handshake has not finished, at once. When full, the
+# oldest of them is closed to make room: a flood of silent sockets cannot
+# lock out a device that sends its ClientHello at once.
+max_pending_handshakes = 8192
 
 [auth]
 # HS256 (shared secret), RS256 or EdDSA (public key file).
@@ -925,6 +947,15 @@ impl Config {
         if self.tls.max_handshakes == 0 {
             return bad("tls.max_handshakes", "must be at least 1");
         }
+        if self.tls.max_pending_handshakes == 0 {
+            return bad("tls.max_pending_handshakes", "must be at least 1");
+        }
+        // A hello_timeout above handshake_timeout is not an error (a config
+        // that shortened handshake_timeout before hello_timeout existed
+        // keeps working): the shorter of the two applies to the ClientHello.
+        if self.tls.hello_timeout.is_zero() {
+            return bad("tls.hello_timeout", "must be more than 0");
+        }
         match self.auth.algorithm {
             JwtAlgorithm::HS256 if self.auth.secret.len() < 16 => {
                 return bad("auth.secret", "must be at least 16 bytes for HS256");
@@ -1084,6 +1115,10 @@ mod tests {
         assert!(e.to_string().contains("format"), "{e}");
         let c = Config::parse("[log]\nformat = \"json\"\n", "t").unwrap();
         assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::parse("[tls]\nhello_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("tls.hello_timeout"), "{e}");
+        let e = Config::parse("[tls]\nmax_pending_handshakes = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("tls.max_pending_handshakes"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthError, Verifier};
 use crate::bus::{Bus, LocalBus};
 use crate::config::Config;
+use crate::handshake::{HandshakeLimits, HandshakeSet, SetMetrics, TlsAdmission};
 use crate::ids::{NodeId, RoomId, SessionId, TransportKind};
 use crate::metrics as m;
 use crate::registry::Registry;
@@ -1020,7 +1021,10 @@ pub struct BoundAddrs {
 pub struct Server {
     gw: Arc<Gateway>,
     tcp: Vec<TcpListener>,
-    tls: Vec<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    tls: Vec<TcpListener>,
+    /// Handshake slots and the handshakes in progress, shared by every TLS
+    /// listener (None without TLS listeners).
+    tls_admission: Option<Arc<TlsAdmission>>,
     quic: Vec<quinn::Endpoint>,
     upstream: crate::upstream::UpstreamListeners,
     addrs: BoundAddrs,
@@ -1069,12 +1073,22 @@ impl Server {
             tcp.push(l);
         }
         let mut tls = Vec::new();
+        let mut tls_admission = None;
         let mut quic = Vec::new();
         if let Some(tc) = tls_config {
             for a in &cfg.listen.tls {
                 let l = bind_tcp(*a, &cfg)?;
                 addrs.tls.push(l.local_addr()?);
-                tls.push((l, tokio_rustls::TlsAcceptor::from(tc.clone())));
+                tls.push(l);
+            }
+            if !tls.is_empty() {
+                let limits = HandshakeLimits {
+                    max_handshakes: cfg.tls.max_handshakes as usize,
+                    max_pending: cfg.tls.max_pending_handshakes as usize,
+                    hello_timeout: cfg.tls.hello_timeout,
+                    handshake_timeout: cfg.tls.handshake_timeout,
+                };
+                tls_admission = Some(TlsAdmission::new(limits, tc.clone()));
             }
             if !cfg.listen.quic.is_empty() {
                 let server = crate::quic::server_config(&cfg, &tc)?;
@@ -1092,6 +1106,7 @@ impl Server {
             gw,
             tcp,
             tls,
+            tls_admission,
             quic,
             upstream,
             addrs,
@@ -1118,32 +1133,24 @@ impl Server {
         if !self.tcp.is_empty() {
             gw.start_parker();
         }
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(
-            gw.cfg.tls.max_handshakes as usize,
-        ));
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.tcp {
-            tasks.spawn(accept_loop(
-                gw.clone(),
-                l,
-                None,
-                handshakes.clone(),
-                stop_accept.clone(),
-            ));
+            tasks.spawn(accept_loop(gw.clone(), l, None, stop_accept.clone()));
         }
-        for (l, acc) in self.tls {
-            tasks.spawn(accept_loop(
-                gw.clone(),
-                l,
-                Some(acc),
-                handshakes.clone(),
-                stop_accept.clone(),
-            ));
+        for l in self.tls {
+            let tls = self.tls_admission.clone();
+            tasks.spawn(accept_loop(gw.clone(), l, tls, stop_accept.clone()));
         }
+        // One set of QUIC handshakes in progress for all QUIC listeners,
+        // apart from the TLS one: a flood on one transport does not evict
+        // the other's handshakes.
+        let quic_handshakes =
+            HandshakeSet::new(gw.cfg.tls.max_pending_handshakes as usize, SetMetrics::QUIC);
         for ep in self.quic.iter().cloned() {
             tasks.spawn(crate::quic::accept_loop(
                 gw.clone(),
                 ep,
+                quic_handshakes.clone(),
                 stop_accept.clone(),
             ));
         }
@@ -1190,8 +1197,7 @@ impl Server {
 async fn accept_loop(
     gw: Arc<Gateway>,
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    handshakes: Arc<tokio::sync::Semaphore>,
+    tls: Option<Arc<TlsAdmission>>,
     stop: CancellationToken,
 ) {
     let kind = if tls.is_some() {
@@ -1253,30 +1259,13 @@ async fn accept_loop(
                 #[cfg(not(parking))]
                 tokio::spawn(conn);
             }
-            Some(acc) => {
-                let (gw, acc, hs) = (gw.clone(), acc.clone(), handshakes.clone());
-                tokio::spawn(async move {
-                    // The timeout covers the wait for a handshake slot too, so a
-                    // reconnect storm cannot queue connections forever.
-                    let timeout = gw.cfg.tls.handshake_timeout;
-                    let handshake = async {
-                        let _permit = hs.acquire().await.ok()?;
-                        acc.accept(stream)
-                            .await
-                            .map_err(
-                                |e| tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                            )
-                            .ok()
-                    };
-                    let tls_stream = match tokio::time::timeout(timeout, handshake).await {
-                        Ok(Some(s)) => s,
-                        Ok(None) => return,
-                        Err(_) => {
-                            tracing::debug!(%remote, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    Connection::new(gw, tls_stream, kind, guard).await;
+            Some(tls) => {
+                // No slot and no rustls state until the ClientHello is in
+                // (src/handshake.rs); the connection then runs in a task of
+                // its own, so the handshake task stays small.
+                let gw = gw.clone();
+                tls.spawn(stream, remote, move |s| {
+                    tokio::spawn(Connection::new(gw, s, kind, guard));
                 });
             }
         }

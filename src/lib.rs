@@ -17,6 +17,7 @@ pub mod bus;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod handshake;
 pub mod ids;
 pub mod metrics;
 pub mod quic;

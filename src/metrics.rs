@@ -41,6 +41,9 @@ pub const SLOW_CONSUMERS: &str = "tether_slow_consumers_total";
 pub const ACK_TIMEOUTS: &str = "tether_ack_timeouts_total";
 pub const QUIC_MIGRATIONS: &str = "tether_quic_migrations_total";
 pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
+pub const QUIC_HANDSHAKES_PENDING: &str = "tether_quic_handshakes_pending";
+pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
+pub const TLS_HANDSHAKES_PENDING: &str = "tether_tls_handshakes_pending";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const PUSH_WAIT: &str = "tether_push_wait_seconds";
 /// From 100 µs (a push written in the pass that took it in) to 10 s (a
@@ -337,11 +340,35 @@ pub static METRICS: &[Def] = &[
         name: QUIC_HANDSHAKES,
         kind: Kind::Counter,
         unit: None,
-        help: "New QUIC clients, by result (accepted, retry, refused, failed, timeout).",
+        help: "New QUIC clients, by result (accepted, retry, refused, failed, timeout, evicted).",
         label: Some(Label {
             key: "result",
-            values: || vec!["accepted", "retry", "refused", "failed", "timeout"],
+            values: || vec!["accepted", "retry", "refused", "failed", "timeout", "evicted"],
         }),
+    },
+    Def {
+        name: QUIC_HANDSHAKES_PENDING,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "QUIC connections accepted that have not opened their stream yet.",
+        label: none(),
+    },
+    Def {
+        name: TLS_HANDSHAKES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "TLS handshakes, by result (accepted, hello_timeout, timeout, evicted, failed).",
+        label: Some(Label {
+            key: "result",
+            values: || vec!["accepted", "hello_timeout", "timeout", "evicted", "failed"],
+        }),
+    },
+    Def {
+        name: TLS_HANDSHAKES_PENDING,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "TLS connections accepted whose handshake has not finished.",
+        label: none(),
     },
     Def {
         name: QUEUE_DEPTH,

@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::handshake::HandshakeSet;
 use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::transport::quic::QuicWire;
@@ -221,11 +222,21 @@ impl HandshakeRate {
 /// Accepts QUIC connections on `endpoint` until `stop`: address validation
 /// under load, the connection limits, then one task per connection.
 ///
-/// There is no handshake slot as for TLS: quinn runs every handshake's
-/// crypto in the endpoint's one driver task, so an endpoint's handshakes
-/// already take at most one core, and past `quic.handshake_rate` a client
-/// must prove its address before any of it runs.
-pub async fn accept_loop(gw: Arc<Gateway>, endpoint: quinn::Endpoint, stop: CancellationToken) {
+/// There is no handshake slot as for TLS: quinn makes no `Incoming` before
+/// a client's first Initial packet, and no connection waits for a slot
+/// after it; past `quic.handshake_rate` a client must prove its address
+/// before any crypto runs. What a handshake that never finishes holds (its
+/// quinn state, its task, its place in the connection caps) is bounded in
+/// time by `session.login_timeout` (the wait for the client's stream) and
+/// in number by `handshakes`, a set of at most `tls.max_pending_handshakes`
+/// whose oldest is closed to make room: a flood of handshakes that never
+/// finish cannot keep a real device out (tests/quic_handshake_flood.rs).
+pub async fn accept_loop(
+    gw: Arc<Gateway>,
+    endpoint: quinn::Endpoint,
+    handshakes: Arc<HandshakeSet>,
+    stop: CancellationToken,
+) {
     let mut rate = HandshakeRate::new(gw.config().quic.handshake_rate, Instant::now());
     loop {
         let incoming = tokio::select! {
@@ -263,7 +274,7 @@ pub async fn accept_loop(gw: Arc<Gateway>, endpoint: quinn::Endpoint, stop: Canc
                 continue;
             }
         };
-        tokio::spawn(serve(gw.clone(), incoming, guard));
+        handshakes.spawn(serve(gw.clone(), incoming, guard));
     }
     // Draining: new connections are refused; the connections of the
     // endpoint keep running until they drain (the server closes it after).
