@@ -360,6 +360,10 @@ pub struct UpstreamConfig {
     /// How long a new upstream connection has to send its Hello.
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
+    /// An upstream connection whose socket takes no byte of a pending write
+    /// (a reply or an event) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 /// Largest Hello frame (body) the upstream socket reads before
@@ -380,6 +384,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("max_connections", &self.max_connections)
             .field("max_pending_hellos", &self.max_pending_hellos)
             .field("hello_timeout", &self.hello_timeout)
+            .field("stall_timeout", &self.stall_timeout)
             .finish()
     }
 }
@@ -582,6 +587,7 @@ impl Default for UpstreamConfig {
             max_connections: 128,
             max_pending_hellos: 512,
             hello_timeout: Duration::from_secs(2),
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -737,6 +743,10 @@ max_connections = 128
 max_pending_hellos = 512
 # A new connection that sends no Hello within this time is refused.
 hello_timeout = "2s"
+# A connection whose socket takes no byte of a pending reply or event for this
+# long is closed (tether_upstream_stalls_total): a service that stopped reading
+# gives back its place and its queued replies.
+stall_timeout = "30s"
 
 [metrics]
 # The admin listener: the Prometheus scrape endpoint (GET /metrics); "" turns
@@ -1010,6 +1020,11 @@ impl Config {
         {
             return bad("upstream.hello_timeout", "must be 10ms..=5m");
         }
+        if self.upstream.stall_timeout < Duration::from_secs(1)
+            || self.upstream.stall_timeout > Duration::from_secs(3600)
+        {
+            return bad("upstream.stall_timeout", "must be 1s..=1h");
+        }
         let m = &self.metrics;
         if !(1..=65_536).contains(&m.max_connections) {
             return bad("metrics.max_connections", "must be 1..=65536");
@@ -1107,6 +1122,8 @@ mod tests {
         assert!(e.to_string().contains("upstream.reply_queue_bytes"), "{e}");
         let e = Config::parse("[upstream]\nhello_timeout = \"0s\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("upstream.hello_timeout"), "{e}");
+        let e = Config::parse("[upstream]\nstall_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream.stall_timeout"), "{e}");
         let e = Config::parse("[metrics]\nmax_connections = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("metrics.max_connections"), "{e}");
         let e = Config::parse("[metrics]\nheader_timeout = \"0s\"\n", "t").unwrap_err();

@@ -60,6 +60,7 @@ pub const UPSTREAM_HELLOS_EVICTED: &str = "tether_upstream_hellos_evicted_total"
 pub const UPSTREAM_FAILED_HELLOS: &str = "tether_upstream_failed_hellos_total";
 pub const UPSTREAM_REPLY_BYTES: &str = "tether_upstream_reply_bytes";
 pub const UPSTREAM_REPLY_WAITS: &str = "tether_upstream_reply_waits_total";
+pub const UPSTREAM_STALLS: &str = "tether_upstream_stalls_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
 pub const ROOMS: &str = "tether_rooms";
 pub const RESUMES: &str = "tether_resumes_total";
@@ -464,6 +465,13 @@ pub static METRICS: &[Def] = &[
         kind: Kind::Counter,
         unit: None,
         help: "Times an upstream connection's reader stopped reading requests because its replies filled upstream.reply_queue_bytes.",
+        label: none(),
+    },
+    Def {
+        name: UPSTREAM_STALLS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Upstream connections closed because their socket took no byte of a pending reply or event for upstream.stall_timeout.",
         label: none(),
     },
     Def {

@@ -44,6 +44,10 @@ fn sample(prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Tests whose upstream leaves its replies unread take turns: the queued
+/// reply bytes are one process-wide gauge, which one of them asserts on.
+static STUCK_WRITERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Raw {
     frames: FramedRead<OwnedReadHalf, FrameCodec>,
     w: OwnedWriteHalf,
@@ -320,6 +324,7 @@ async fn failed_hellos_are_rate_limited_per_source_but_a_right_secret_gets_in() 
 /// every request is answered once it reads again.
 #[tokio::test]
 async fn replies_to_an_upstream_that_does_not_read_are_bounded_in_bytes() {
+    let _one = STUCK_WRITERS.lock().await;
     const BOUND: u64 = 1024 * 1024;
     const USERS: usize = 20_000;
     const REQUESTS: usize = 100;
@@ -519,4 +524,66 @@ async fn a_stuck_subscriber_is_bounded_in_bytes_and_told_what_it_missed() {
     // Closing the healthy client ends its event stream and its task.
     drop(healthy_client);
     healthy.await.expect("the healthy subscriber lost nothing");
+}
+
+/// A service that stopped reading (its socket full of replies it never
+/// takes) is closed after `upstream.stall_timeout`, and its place under
+/// `upstream.max_connections` comes back: one leaking service cannot keep
+/// every other one out for ever.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_is_closed_after_the_stall_timeout() {
+    let _one = STUCK_WRITERS.lock().await;
+    let stalls = "tether_upstream_stalls_total";
+    let before = sample(stalls);
+    let mut cfg = test_config();
+    cfg.upstream.max_connections = 1;
+    cfg.upstream.stall_timeout = Duration::from_secs(1);
+    let g = start(cfg).await;
+
+    let mut stuck = Raw::connect(&g).await;
+    stuck.send(&hello(false, "stuck")).await;
+    assert!(matches!(
+        stuck.next().await.and_then(|f| f.body),
+        Some(Out::HelloOk(_))
+    ));
+    // Large presence replies it never reads: the socket buffers fill, and
+    // the gateway's write waits.
+    let ids: Vec<String> = (0..20_000).map(|i| format!("user-{i}")).collect();
+    let Raw { frames, mut w } = stuck;
+    let sender = tokio::spawn(async move {
+        for rid in 2..200u64 {
+            let req = frame_bytes(&pb::UpstreamFrame {
+                request_id: rid,
+                body: Some(In::Presence(pb::PresenceRequest {
+                    user_ids: ids.clone(),
+                })),
+            });
+            if w.write_all(&req).await.is_err() {
+                break;
+            }
+        }
+        w
+    });
+    // Its place is taken meanwhile.
+    let mut second = Raw::connect(&g).await;
+    second.send(&hello(false, "second")).await;
+    second.expect_refused(Code::TooManyConnections).await;
+
+    // After the stall timeout the gateway gives up on it, and the place
+    // comes back.
+    let mut tries = 0;
+    let other = loop {
+        match connect(&Endpoint::Tcp(g.upstream.to_string())).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tries += 1;
+                assert!(tries < 1_000, "the place never came back: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    other.ping().await.expect("the new connection works");
+    assert!(sample(stalls) > before, "the stall is counted");
+    drop(frames);
+    sender.abort();
 }

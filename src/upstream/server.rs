@@ -149,6 +149,7 @@ impl UpstreamListeners {
                 // Validated to 64 KiB..=1 GiB: fits a u32 of permits.
                 reply_bytes: u32::try_from(cfg.reply_queue_bytes).unwrap_or(1 << 30),
                 hello_timeout: cfg.hello_timeout,
+                stall_timeout: cfg.stall_timeout,
                 slots: Arc::new(Semaphore::new(cfg.max_connections as usize)),
                 pending: Arc::new(Mutex::new(Pending::new(cfg.max_pending_hellos as usize))),
                 limiter: Mutex::new(HelloLimiter::default()),
@@ -253,6 +254,8 @@ struct ConnParams {
     /// `upstream.reply_queue_bytes`: replies queued per connection.
     reply_bytes: u32,
     hello_timeout: Duration,
+    /// `upstream.stall_timeout`: the longest one write may wait for the peer.
+    stall_timeout: Duration,
     /// One permit per authenticated upstream connection
     /// (`upstream.max_connections`).
     slots: Arc<Semaphore>,
@@ -601,10 +604,21 @@ async fn serve<S>(
     );
     let _ = replies.send(hello_ok, &stop).await;
 
+    // This connection's own stop: the server's, or the writer giving up on
+    // a peer that stopped reading (the reader then stops too, so the
+    // connection gives back its place under `upstream.max_connections`).
+    let stop = stop.child_token();
     // Writer: responses first, then events; flush when nothing else is ready.
-    // A response's charge is given back (dropped) once it is written.
+    // A response's charge is given back (dropped) once it is written. Every
+    // write (and flush) must make progress within `upstream.stall_timeout`.
     let writer_stop = stop.clone();
+    let stall = p.stall_timeout;
+    let writer_peer = peer.clone();
     let writer = tokio::spawn(async move {
+        let stalled = |what: &str| {
+            metrics::counter!(m::UPSTREAM_STALLS).increment(1);
+            tracing::warn!(peer = %writer_peer, timeout = ?stall, "upstream took no byte of a pending {what}: closing it");
+        };
         loop {
             let next = tokio::select! {
                 biased;
@@ -620,27 +634,47 @@ async fn serve<S>(
                 } => e,
             };
             let Some((first, charge)) = next else { break };
-            if w.write_all(&first).await.is_err() {
-                break;
+            match write_within(&mut w, &first, stall).await {
+                Ok(()) => {}
+                Err(Stall::Io) => break,
+                Err(Stall::Timeout) => {
+                    stalled("write");
+                    break;
+                }
             }
             drop(charge);
             // Coalesce whatever else is ready into the same flush.
+            let mut failed = false;
             loop {
                 let more = match resp_rx.try_recv() {
                     Ok(c) => Some((c.bytes.clone(), Some(c))),
                     Err(_) => sub.as_mut().and_then(|s| s.try_recv()).map(|f| (f.0, None)),
                 };
                 let Some((b, charge)) = more else { break };
-                if w.write_all(&b).await.is_err() {
-                    return;
+                if let Err(e) = write_within(&mut w, &b, stall).await {
+                    if e == Stall::Timeout {
+                        stalled("write");
+                    }
+                    failed = true;
+                    break;
                 }
                 drop(charge);
             }
-            if w.flush().await.is_err() {
+            if failed {
                 break;
             }
+            match tokio::time::timeout(stall, w.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    stalled("flush");
+                    break;
+                }
+            }
         }
-        let _ = w.shutdown().await;
+        writer_stop.cancel();
+        // Bounded too: a peer that reads nothing would hold the shutdown.
+        let _ = tokio::time::timeout(stall, w.shutdown()).await;
     });
 
     let mut pacer = Pacer::default();
@@ -673,6 +707,34 @@ async fn serve<S>(
     let _ = writer.await;
     metrics::gauge!(m::UPSTREAM_CONNECTIONS).decrement(1.0);
     tracing::info!(%peer, "upstream disconnected");
+}
+
+/// Why [`write_within`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    Io,
+    Timeout,
+}
+
+/// Writes all of `b`, failing when the socket takes no byte for `stall`.
+/// Progress restarts the clock, so a slow reader that keeps reading is not
+/// cut, however long a large reply takes.
+///
+/// # Cancel safety
+/// Not cancel safe (part of `b` may be written); the writer never cancels it.
+async fn write_within<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut b: &[u8],
+    stall: Duration,
+) -> Result<(), Stall> {
+    while !b.is_empty() {
+        match tokio::time::timeout(stall, w.write(b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(Stall::Io),
+            Ok(Ok(n)) => b = &b[n..],
+            Err(_) => return Err(Stall::Timeout),
+        }
+    }
+    Ok(())
 }
 
 fn user(id: &str) -> Result<UserId, String> {
