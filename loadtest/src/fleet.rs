@@ -1013,16 +1013,13 @@ async fn device_loop(
     }
 }
 
-/// Closes after which a real client resumes its session.
+/// Closes after which a real client resumes its session: those that keep
+/// it (PROTOCOL.md section 11.8: a slow consumer, a heartbeat or an ack
+/// timeout), and a drain (whose resume finds the session ended and starts
+/// a new one).
 fn resumable_close(code: i32) -> bool {
-    use pb::Code;
-    [
-        Code::SlowConsumer,
-        Code::HeartbeatTimeout,
-        Code::ServerDraining,
-    ]
-    .iter()
-    .any(|c| *c as i32 == code)
+    pb::Code::try_from(code)
+        .is_ok_and(|c| tether::session::keeps_state(c) || c == pb::Code::ServerDraining)
 }
 
 /// Sleeps `d`; true if the fleet stopped meanwhile.
@@ -1279,10 +1276,27 @@ async fn session(
     });
     tokio::pin!(ping_at, ack_at, uplink_at, churn_at, stall_at);
     let mut ack_armed = false;
-    // Pushes that arrived with the LoginOk (a resume's replay).
+    // Pushes that arrived with the LoginOk (a resume's replay), acked as
+    // those of any read: when nothing follows the replay, no later read
+    // would ack it, and the gateway would close the connection for its
+    // ack timeout.
     if !rbuf.is_empty() {
         if let Some(end) = handle_frames(shared, d, &mut rbuf) {
             return end;
+        }
+        match ack_due(d, spec.ack_every) {
+            AckDue::Now => {
+                if let Err(e) = send_acks(conn, d).await {
+                    return End::Lost(e.to_string());
+                }
+            }
+            AckDue::Later => {
+                ack_at
+                    .as_mut()
+                    .reset(Instant::now() + d.jitter(spec.ack_delay_ms));
+                ack_armed = true;
+            }
+            AckDue::No => {}
         }
     }
     loop {
@@ -1315,18 +1329,21 @@ async fn session(
                             // Reading slowly is the point: this device stalls here.
                             tokio::time::sleep(Duration::from_secs_f64(n as f64 / spec.slow_bps as f64)).await;
                         }
-                        let behind = (d.seq[0] - d.acked[0]).max(d.seq[1] - d.acked[1]);
-                        if behind >= spec.ack_every.max(1) {
-                            if let Err(e) = send_acks(conn, d).await {
-                                return End::Lost(e.to_string());
+                        match ack_due(d, spec.ack_every) {
+                            AckDue::Now => {
+                                if let Err(e) = send_acks(conn, d).await {
+                                    return End::Lost(e.to_string());
+                                }
                             }
-                        } else if behind > 0 && !ack_armed {
-                            // Jittered: after a stall, the devices read in
-                            // one pass would otherwise all ack in one later
-                            // millisecond, and that burst of writes stalls
-                            // this thread again: an echo every ack delay.
-                            ack_at.as_mut().reset(Instant::now() + d.jitter(spec.ack_delay_ms));
-                            ack_armed = true;
+                            AckDue::Later if !ack_armed => {
+                                // Jittered: after a stall, the devices read in
+                                // one pass would otherwise all ack in one later
+                                // millisecond, and that burst of writes stalls
+                                // this thread again: an echo every ack delay.
+                                ack_at.as_mut().reset(Instant::now() + d.jitter(spec.ack_delay_ms));
+                                ack_armed = true;
+                            }
+                            AckDue::Later | AckDue::No => {}
                         }
                     }
                     Err(e) => return End::Lost(e.to_string()),
@@ -1549,6 +1566,28 @@ fn record_latencies(shared: &Shared, slow: bool, us: &[u64]) {
     });
 }
 
+/// When a device acks the pushes it took in.
+#[derive(Debug, PartialEq, Eq)]
+enum AckDue {
+    /// A lane is `ack_every` pushes behind: now.
+    Now,
+    /// Behind by fewer: after the ack delay.
+    Later,
+    /// Nothing to ack.
+    No,
+}
+
+fn ack_due(d: &Device, ack_every: u64) -> AckDue {
+    let behind = (d.seq[0] - d.acked[0]).max(d.seq[1] - d.acked[1]);
+    if behind >= ack_every.max(1) {
+        AckDue::Now
+    } else if behind > 0 {
+        AckDue::Later
+    } else {
+        AckDue::No
+    }
+}
+
 async fn send_acks(conn: &mut Box<dyn Io>, d: &mut Device) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(32);
     for lane in 0..2 {
@@ -1657,6 +1696,122 @@ mod tests {
         for cut in 0..bytes.len() {
             let _ = parse_push(&bytes[..cut]);
         }
+    }
+
+    /// One device against a stand-in gateway on loopback.
+    fn one_device(addr: SocketAddr) -> FleetSpec {
+        FleetSpec {
+            addrs: vec![addr],
+            tls: None,
+            quic: None,
+            secret: "s".into(),
+            prefix: "u".into(),
+            first: 0,
+            count: 1,
+            rate: 0.0,
+            sources: vec![],
+            ping_ms: Some(60_000),
+            room: None,
+            slow_every: 0,
+            slow_bps: 0,
+            uplink_ms: 0,
+            uplink_size: 0,
+            churn_ms: 0,
+            ack_every: 16,
+            ack_delay_ms: 50,
+            slow_stall_ms: 0,
+            slow_rcvbuf: 0,
+            record_sessions: false,
+            progress_ms: 0,
+            redis: None,
+        }
+    }
+
+    async fn next_client_frame(
+        s: &mut tokio::net::TcpStream,
+        rbuf: &mut BytesMut,
+    ) -> pb::ClientFrame {
+        loop {
+            if let Some(f) = take_frame(rbuf).expect("a frame") {
+                return pb::ClientFrame::decode(&f[..]).expect("a client frame");
+            }
+            assert!(s.read_buf(rbuf).await.expect("read") > 0, "closed");
+        }
+    }
+
+    fn push_frame(seq: u64) -> Vec<u8> {
+        tether::wire::frame_bytes(&pb::ServerFrame {
+            request_id: 0,
+            body: Some(pb::server_frame::Body::Push(pb::Push {
+                seq,
+                message_id: format!("m{seq}"),
+                payload: vec![0u8; 8].into(),
+                ..Default::default()
+            })),
+        })
+        .to_vec()
+    }
+
+    /// Pushes that come in the read that brings the LoginOk (a resume's
+    /// replay) are acknowledged after the ack delay even when nothing
+    /// follows them: no later read would, and the gateway closes a
+    /// connection whose pushes stay unacknowledged for its ack timeout.
+    /// The stand-in answers the login with a LoginOk and three pushes in one
+    /// write; the device's next frame must be their Ack (about 50 ms on),
+    /// not its first Ping (a minute on): an order, not a time limit.
+    #[tokio::test]
+    async fn pushes_that_come_with_the_login_ok_are_acknowledged() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (cmds, cmd_rx) = mpsc::channel(4);
+        let (report_tx, mut reports) = mpsc::channel(64);
+        let fleet = tokio::spawn(run(one_device(addr), cmd_rx, report_tx));
+        let drain = tokio::spawn(async move { while reports.recv().await.is_some() {} });
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut rbuf = BytesMut::new();
+        let login = next_client_frame(&mut s, &mut rbuf).await;
+        assert!(matches!(login.body, Some(pb::client_frame::Body::Login(_))));
+        let mut out = tether::wire::frame_bytes(&pb::ServerFrame {
+            request_id: login.request_id,
+            body: Some(pb::server_frame::Body::LoginOk(pb::LoginOk {
+                session_id: 7,
+                heartbeat_interval_ms: 60_000,
+                ..Default::default()
+            })),
+        })
+        .to_vec();
+        for seq in 1..=3 {
+            out.extend(push_frame(seq));
+        }
+        s.write_all(&out).await.expect("write");
+        let next = next_client_frame(&mut s, &mut rbuf).await;
+        match next.body {
+            Some(pb::client_frame::Body::Ack(a)) => {
+                assert_eq!((a.lane, a.up_to_seq), (pb::Lane::Interactive as i32, 3));
+            }
+            other => panic!("expected the Ack of seq 3, got {other:?}"),
+        }
+        cmds.send(Command::Stop).await.expect("fleet running");
+        fleet.await.expect("fleet ends");
+        drain.await.expect("reports end");
+    }
+
+    /// A device resumes after every Close that keeps its session, as
+    /// PROTOCOL.md section 11.8 tells a client to; one that gave up after an
+    /// ack timeout left the pushes held for it uncounted.
+    #[test]
+    fn a_device_resumes_after_every_close_that_keeps_its_session() {
+        use pb::Code;
+        for c in [Code::HeartbeatTimeout, Code::AckTimeout, Code::SlowConsumer] {
+            assert!(resumable_close(c as i32), "{c:?}");
+        }
+        assert!(resumable_close(Code::ServerDraining as i32));
+        for c in [Code::NormalClose, Code::Kicked, Code::Replaced] {
+            assert!(!resumable_close(c as i32), "{c:?}");
+        }
+        assert!(!resumable_close(-1));
     }
 
     #[test]

@@ -84,6 +84,25 @@ impl RangeSet {
         self.0.iter().map(|r| r.1 - r.0 + 1).sum()
     }
 
+    /// The elements of `1..=last` not in the set, as inclusive ranges.
+    pub fn missing_up_to(&self, last: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut next = 1;
+        for &(a, b) in &self.0 {
+            if a > last {
+                break;
+            }
+            if a > next {
+                out.push((next, a - 1));
+            }
+            next = next.max(b.saturating_add(1));
+        }
+        if next <= last {
+            out.push((next, last));
+        }
+        out
+    }
+
     /// Elements in both.
     pub fn common(&self, o: &RangeSet) -> u64 {
         let (mut i, mut j, mut n) = (0, 0, 0);
@@ -229,6 +248,51 @@ impl Ledger {
     }
 }
 
+/// A session that did not receive every seq of its interactive lane up to
+/// the last one it should have.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Short {
+    pub session: u64,
+    /// Seqs received, each once.
+    pub received: u64,
+    /// The highest seq received (0: none).
+    pub last: u64,
+    /// The seqs missing, as inclusive ranges (the first [`SHORT_RANGES`]).
+    pub missing: Vec<(u64, u64)>,
+}
+
+/// Missing ranges a [`Short`] lists at most.
+pub const SHORT_RANGES: usize = 8;
+
+/// The sessions among `received` (records merged by session) whose
+/// interactive lane lacks a seq of `1..=expected`: when every push went to
+/// every session, each should hold them all. Sessions that handed in no
+/// record are not among them (the caller counts those).
+pub fn short_sessions(received: &[SessionRecord], expected: u64) -> Vec<Short> {
+    let mut seen: BTreeMap<u64, RangeSet> = BTreeMap::new();
+    for rec in received {
+        let set = seen.entry(rec.session).or_default();
+        for &(a, b) in &rec.lanes[0] {
+            set.insert_range(a, b);
+        }
+    }
+    seen.into_iter()
+        .filter_map(|(session, got)| {
+            let mut missing = got.missing_up_to(expected);
+            if missing.is_empty() {
+                return None;
+            }
+            missing.truncate(SHORT_RANGES);
+            Some(Short {
+                session,
+                received: got.len(),
+                last: got.0.last().map_or(0, |r| r.1),
+                missing,
+            })
+        })
+        .collect()
+}
+
 /// Every push accepted for a session, by its fate.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Reconciled {
@@ -287,6 +351,54 @@ mod tests {
         let o = RangeSet::from_ranges(&[(5, 10), (12, 20)]);
         assert_eq!(s.common(&o), 3 + 1 + 1);
         assert_eq!(o.common(&s), 5);
+    }
+
+    #[test]
+    fn missing_up_to_lists_the_holes_and_the_tail() {
+        let s = RangeSet::from_ranges(&[(2, 4), (7, 7), (9, 12)]);
+        assert_eq!(s.missing_up_to(10), vec![(1, 1), (5, 6), (8, 8)]);
+        assert_eq!(s.missing_up_to(15), vec![(1, 1), (5, 6), (8, 8), (13, 15)]);
+        assert_eq!(s.missing_up_to(0), vec![]);
+        assert_eq!(RangeSet::default().missing_up_to(3), vec![(1, 3)]);
+        assert_eq!(RangeSet::from_ranges(&[(1, 5)]).missing_up_to(5), vec![]);
+    }
+
+    #[test]
+    fn short_sessions_merge_records_and_name_what_is_missing() {
+        let rec = |session, lane0: Vec<(u64, u64)>, lane1: Vec<(u64, u64)>| SessionRecord {
+            session,
+            lanes: [lane0, lane1],
+        };
+        let records = vec![
+            // Whole, in two parts (a resume in between).
+            rec(1, vec![(1, 4)], vec![]),
+            rec(1, vec![(5, 10)], vec![]),
+            // Stopped at 6: the tail is missing (bulk seqs do not count).
+            rec(2, vec![(1, 6)], vec![(7, 10)]),
+            // A hole.
+            rec(3, vec![(1, 2), (4, 10)], vec![]),
+        ];
+        let short = short_sessions(&records, 10);
+        assert_eq!(
+            short,
+            vec![
+                Short {
+                    session: 2,
+                    received: 6,
+                    last: 6,
+                    missing: vec![(7, 10)],
+                },
+                Short {
+                    session: 3,
+                    received: 9,
+                    last: 10,
+                    missing: vec![(3, 3)],
+                },
+            ]
+        );
+        let holes: Vec<(u64, u64)> = (0..20).map(|i| (2 * i + 1, 2 * i + 1)).collect();
+        let short = short_sessions(&[rec(4, holes, vec![])], 40);
+        assert_eq!(short[0].missing.len(), SHORT_RANGES);
     }
 
     fn report(session: u64, seq: u64, code: pb::Code) -> pb::Event {

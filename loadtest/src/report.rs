@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::coord::{Outcome, Sample};
 use crate::fleet::{Histogram, Stats};
+use crate::ledger::Short;
 use crate::plot::{Line, Panel, XScale};
 
 /// One headline figure.
@@ -83,6 +84,10 @@ pub struct RunReport {
     /// The soak's samples, books and verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soak: Option<serde_json::Value>,
+    /// Sessions that missed pushes every session should have had (the
+    /// reconnect storm lists them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub short_sessions: Vec<Short>,
     /// Panels a scenario adds to the plot (after the timeline's).
     #[serde(skip)]
     pub panels: Vec<Panel>,
@@ -120,6 +125,7 @@ impl RunReport {
             timeline: out.timeline.clone(),
             failures: out.failures.clone(),
             soak: None,
+            short_sessions: Vec::new(),
             panels: Vec::new(),
         }
     }
@@ -202,6 +208,27 @@ impl RunReport {
         }
         for e in st.errors.iter().chain(&self.failures) {
             let _ = writeln!(s, "  error: {e}");
+        }
+        for x in &self.short_sessions {
+            let missing: Vec<String> = x
+                .missing
+                .iter()
+                .map(|&(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  short: session {} received {} (last seq {}), missing {}",
+                x.session,
+                x.received,
+                x.last,
+                missing.join(", ")
+            );
         }
         s
     }

@@ -453,7 +453,10 @@ pub async fn reconnect(
     settle_s: u64,
 ) -> anyhow::Result<()> {
     check_upstreams(&c, &u)?;
-    let (fleet, t0) = start(&c, spec(&c)?).await?;
+    // Each session's seqs come back, so that a loss names its sessions.
+    let mut fleet_spec = spec(&c)?;
+    fleet_spec.record_sessions = true;
+    let (fleet, t0) = start(&c, fleet_spec).await?;
     let ready = wait_ready(&fleet, &c).await?;
     let (ups, _) = upstreams(&u, false).await?;
     let gateways = ups.len();
@@ -565,7 +568,42 @@ pub async fn reconnect(
         }
     }
     push_figures(&mut r, "gateway", &tally, &got, 0, expected);
+    if expected.is_some() && c.slow_every == 0 {
+        // Every push went to every session, which numbers them 1, 2, ...:
+        // each session should hold 1..=pushes to its gateway.
+        short_figures(&mut r, &out, c.conns, tally.sent / gateways.max(1) as u64);
+    }
     r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// The sessions that missed pushes, by name, when each of `conns`
+/// sessions should hold seqs `1..=per_session`; and those that handed in
+/// no record at all (they received nothing).
+fn short_figures(r: &mut RunReport, out: &crate::coord::Outcome, conns: usize, per_session: u64) {
+    let short = crate::ledger::short_sessions(&out.sessions, per_session);
+    let recorded: std::collections::HashSet<u64> = out.sessions.iter().map(|s| s.session).collect();
+    let unrecorded = conns.saturating_sub(recorded.len());
+    if !short.is_empty() || (unrecorded > 0 && per_session > 0) {
+        r.figure(
+            "short_sessions",
+            "sessions that missed pushes (listed below)",
+            short.len() as f64,
+            "",
+        );
+        r.figure(
+            "unrecorded_sessions",
+            "sessions that handed in no record (received nothing)",
+            unrecorded as f64,
+            "",
+        );
+    }
+    if out.stats.record_overflow > 0 {
+        r.failures.push(format!(
+            "{} session records cut short",
+            out.stats.record_overflow
+        ));
+    }
+    r.short_sessions = short;
 }
 
 /// What the `migrate` scenario does besides the common options.

@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tether::config::Config;
 use tether::gateway::Server;
+use tether::ids::SessionId;
+use tether::wire::pb::Lane;
 use tokio_util::sync::CancellationToken;
 
 struct Gw {
@@ -129,13 +131,40 @@ fn assert_redis_delivered_all(v: &Value, requests: f64, deliveries: u64, why: &s
 }
 
 /// A reconnect storm: all `n` sessions resumed (none started afresh), and
-/// no push went missing, lost or skipped.
-fn assert_every_session_resumed(v: &Value, n: f64) {
-    assert_eq!(figure(v, "resumed"), n);
-    assert_eq!(figure(v, "resume_new"), 0.0);
-    assert_eq!(figure(v, "lost_fast"), 0.0);
-    assert_eq!(figure(v, "missing"), 0.0);
-    assert_eq!(stat(v, "seq_gaps"), 0);
+/// no push went missing, lost or skipped. A failure names the sessions
+/// that missed pushes, and what `gw` still holds for each.
+fn assert_every_session_resumed(v: &Value, n: f64, gw: &Gw) {
+    let why = short_sessions(v, gw);
+    assert_eq!(figure(v, "resumed"), n, "{why}");
+    assert_eq!(figure(v, "resume_new"), 0.0, "{why}");
+    assert_eq!(figure(v, "lost_fast"), 0.0, "{why}");
+    assert_eq!(figure(v, "missing"), 0.0, "{why}");
+    assert_eq!(stat(v, "seq_gaps"), 0, "{why}");
+    assert!(v["short_sessions"].is_null(), "{why}");
+}
+
+/// The run's short sessions (which seqs each missed), each with the
+/// gateway's state of it: a session still registered once the devices
+/// have said goodbye is one whose device gave up on it.
+fn short_sessions(v: &Value, gw: &Gw) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    for x in v["short_sessions"].as_array().into_iter().flatten() {
+        let id = SessionId(x["session"].as_u64().unwrap_or(0));
+        let held = match gw.gw.registry().session(id) {
+            Some(h) => format!(
+                "next seq {}, {} queued, {} unacknowledged, detached: {}, connection generation {}",
+                h.next_seq(Lane::Interactive),
+                h.queued(),
+                h.unacked(),
+                h.is_detached(),
+                h.gen()
+            ),
+            None => "ended".to_owned(),
+        };
+        let _ = writeln!(s, "short session {x}; at the gateway: {held}");
+    }
+    s
 }
 
 fn samples(v: &Value, name: &str) -> u64 {
@@ -417,7 +446,7 @@ async fn reconnect_storm_resumes_every_session_and_loses_nothing() {
         ]),
     )
     .await;
-    assert_every_session_resumed(&v, 200.0);
+    assert_every_session_resumed(&v, 200.0, &gw);
     assert!(
         figure(&v, "received") >= 200.0 * 100.0,
         "two seconds of pushes at least"
@@ -786,7 +815,7 @@ async fn reconnect_storm_over_quic_resumes_every_session() {
         ),
     )
     .await;
-    assert_every_session_resumed(&v, 100.0);
+    assert_every_session_resumed(&v, 100.0, &gw);
     assert!(figure(&v, "received") > 0.0);
 }
 
@@ -815,7 +844,7 @@ async fn quic_devices_resume_in_0rtt_after_a_storm() {
         ),
     )
     .await;
-    assert_every_session_resumed(&v, 50.0);
+    assert_every_session_resumed(&v, 50.0, &gw);
     assert_eq!(figure(&v, "zero_rtt_no_ticket"), 50.0, "first connections");
     assert_eq!(
         figure(&v, "zero_rtt_accepted"),

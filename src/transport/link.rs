@@ -675,11 +675,17 @@ impl Link {
             self.finish();
             return Poll::Ready(());
         }
+        let mut again = again;
         if self.handle.id() != session_before {
             // A resume swapped in another session's handle during this poll:
-            // pushes and timers must wake this task from now on.
+            // pushes and timers must wake this task from now on. Until now
+            // the session had no waker (the resume took the old
+            // connection's), so a push queued after this poll's output woke
+            // nobody, and the pushes queued behind it wake nobody either
+            // (only a push into an empty queue wakes): look again.
             self.handle.register_waker(self.gen, cx.waker());
             self.f.set(Flags::TIMER_SET, false);
+            again = true;
         }
         if again {
             cx.waker().wake_by_ref();
@@ -1278,6 +1284,58 @@ mod tests {
         t.poll();
         assert!(t.done);
         assert!(h.is_detached(), "kept for a resume");
+    }
+
+    /// A resume swaps the session's handle in during a poll, and the
+    /// session's waker is this task's only from the end of that poll. A push
+    /// that comes after the poll's output and before its end finds no waker
+    /// to take: the poll must still leave the task to look again, or the
+    /// push (and every one queued behind it, which wakes nobody either)
+    /// waits for the client's next frame.
+    #[tokio::test(start_paused = true)]
+    async fn a_push_between_a_resumes_output_and_the_end_of_its_poll_is_written() {
+        let gw = gateway(|_| {});
+        let mut a = T::new(&gw, Outputs::One);
+        let ok = a.login();
+        let h = a.session(&ok);
+        a.link.on_read_closed(true);
+        a.poll();
+        assert!(a.done);
+        assert!(h.is_detached(), "kept for a resume");
+
+        // The resume, polled as the driver polls: input, output, end. The
+        // session holds nothing, so only the LoginOk goes out.
+        let mut b = T::new(&gw, Outputs::One);
+        let waker = Waker::from(b.wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let before = b.link.handle().id();
+        b.read(&frame(login_body(Some(pb::Resume {
+            session_id: ok.session_id,
+            resume_token: ok.resume_token.clone(),
+            last_seq: 0,
+            last_bulk_seq: 0,
+        }))));
+        let out = b.write(0);
+        let resumed = out.iter().find_map(|f| match &f.body {
+            Some(pb::server_frame::Body::LoginOk(ok)) => ok.resume,
+            _ => None,
+        });
+        assert_eq!(resumed.map(|r| (r.code, r.replayed)), Some((0, 0)));
+        // Pushes come in before the poll ends.
+        push(&gw, &h, Lane::Interactive, 2);
+        let now = gw.now();
+        assert!(b.link.end(&mut cx, now, false, before).is_pending());
+        assert!(
+            b.woken(),
+            "the poll that resumed leaves its task to run again"
+        );
+        b.poll();
+        assert_eq!(seqs(&b.write(0)), vec![(0, 1), (0, 2)]);
+        // From then on the session's pushes wake this task.
+        b.poll();
+        push(&gw, &h, Lane::Interactive, 1);
+        assert!(b.woken());
+        assert_eq!(seqs(&b.write(0)), vec![(0, 3)]);
     }
 
     #[tokio::test(start_paused = true)]
