@@ -1346,7 +1346,6 @@ async fn drive<P: Pusher>(
     t
 }
 
-/// Waits until `expected` pushes arrived, or until none arrived for 3 s.
 /// Waits until the devices that keep up have their `expected_fast` pushes
 /// (or, when unknown, until every queued push arrived), or until they
 /// received nothing for 5 s. Slow devices' trickle is not progress.
