@@ -2,7 +2,8 @@
 //! acks; a client that migrates to a new address mid-stream; resume across
 //! QUIC and TCP; a stalled bulk stream beside interactive pushes; a
 //! handshake and garbage flood beside an established session; 0-RTT
-//! accepted, refused and replayed by an attacker.
+//! accepted, refused and replayed by an attacker; presence's address right
+//! after a login and a resume.
 
 mod common;
 
@@ -255,6 +256,66 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
             .seq,
         5
     );
+}
+
+/// The one device of `user` that presence lists.
+async fn presence_of(up: &tether::upstream::UpstreamClient, user: &str) -> pb::DevicePresence {
+    let p = up.presence(&[user]).await.expect("presence");
+    assert_eq!(p[0].devices.len(), 1, "{p:?}");
+    p[0].devices[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_has_the_quic_address_right_after_login_and_after_a_resume() {
+    let mut cfg = quic_config();
+    // No heartbeat or timer may poll the connection again before presence
+    // is asked: the address must be there from the login itself.
+    cfg.session.heartbeat_interval = Duration::from_secs(60);
+    cfg.session.idle_timeout = Duration::from_secs(120);
+    let g = start(cfg).await;
+    let (up, mut events) = g.upstream(true).await;
+    let (q, c, ok) = g.login_quic("pa", "phone").await;
+    let from = q.local_addr().unwrap().to_string();
+    let d = presence_of(&up, "pa").await;
+    assert_eq!(
+        (d.transport.as_str(), d.remote_addr.as_str()),
+        ("quic", from.as_str()),
+        "presence asked right after LoginOk"
+    );
+    let opened = wait_event(&mut events, Duration::from_secs(5), |e| match e {
+        pb::event::Kind::Opened(o) => Some(o.remote_addr.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(opened, from, "the same address as SessionOpened");
+
+    // A resume over QUIC from another socket: presence names the new one.
+    drop(c);
+    drop(q);
+    let q2 = g.quic_connector();
+    let mut c2 = q2
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    let ok2 = c2
+        .login_with(resume_login("pa", "phone", &ok, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(ok2.session_id, ok.session_id, "the same session");
+    assert_eq!(ok2.resume.unwrap().code, Code::Ok as i32);
+    let d = presence_of(&up, "pa").await;
+    assert_eq!(
+        d.remote_addr,
+        q2.local_addr().unwrap().to_string(),
+        "presence asked right after the resume's LoginOk"
+    );
+
+    // TCP: the address cannot change, and is in SessionOpened only
+    // (docs/PROTOCOL.md, section 16.2).
+    let (t, _) = g.login("pt", "phone").await;
+    let d = presence_of(&up, "pt").await;
+    assert_eq!((d.transport.as_str(), d.remote_addr.as_str()), ("tcp", ""));
+    drop(t);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
