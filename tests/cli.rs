@@ -1,4 +1,5 @@
-//! The `tether` binary: config errors, print-config, token.
+//! The `tether` binary: config errors, print-config, token, a client's
+//! bounded connect.
 
 use std::io::Read;
 use std::path::Path;
@@ -222,4 +223,36 @@ fn token_command_uses_the_configured_secret() {
     })
     .unwrap();
     assert_eq!(custom.verify(tok, &dev).unwrap().user.as_str(), "bob");
+}
+
+#[test]
+fn a_quic_client_to_a_silent_address_gives_up_within_its_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    tether::tls::generate_dev_cert(dir.path()).unwrap();
+    let ca = dir.path().join(tether::tls::DEV_CERT).display().to_string();
+    // Bound and never read: UDP has no "connection refused" to tell.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let out = run(
+        &[
+            "client",
+            "--quic",
+            "--tls-ca",
+            &ca,
+            "--addr",
+            &addr,
+            "--connect-timeout",
+            "300ms",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "no QUIC answer from {addr} within 300ms (is the gateway listening on UDP {addr}?)"
+        )),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
 }

@@ -3,7 +3,7 @@
 //! QUIC and TCP; a stalled bulk stream beside interactive pushes; a
 //! handshake and garbage flood beside an established session; 0-RTT
 //! accepted, refused and replayed by an attacker; presence's address right
-//! after a login and a resume.
+//! after a login and a resume; a connect that nothing answers.
 
 mod common;
 
@@ -316,6 +316,34 @@ async fn presence_has_the_quic_address_right_after_login_and_after_a_resume() {
     let d = presence_of(&up, "pt").await;
     assert_eq!((d.transport.as_str(), d.remote_addr.as_str()), ("tcp", ""));
     drop(t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_an_address_where_nothing_answers_ends_at_its_timeout() {
+    let g = start(quic_config()).await;
+    // A UDP socket that is bound and never read: no ICMP, no answer.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let q = g
+        .quic_connector()
+        .with_connect_timeout(Duration::from_millis(200));
+    let err = match q.connect(addr, "localhost", false).await {
+        Ok(_) => panic!("a connect to a silent address succeeded"),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "no QUIC answer from {addr} within 200ms (is the gateway listening on UDP {addr}?)"
+        )
+    );
+    // The same connector still reaches a gateway that answers.
+    let mut c = q
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    c.login(&token("ct", "phone"), "phone").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
