@@ -36,7 +36,8 @@ enum Cmd {
         /// TLS listen address (overrides listen.tls).
         #[arg(long)]
         tls: Vec<std::net::SocketAddr>,
-        /// QUIC (UDP) listen address (overrides listen.quic).
+        /// QUIC (UDP) listen address (overrides listen.quic; without either,
+        /// QUIC listens on the TLS addresses).
         #[arg(long)]
         quic: Vec<std::net::SocketAddr>,
         /// Upstream TCP address (overrides upstream.tcp).
@@ -276,7 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.listen.tls = tls;
             }
             if !quic.is_empty() {
-                cfg.listen.quic = quic;
+                cfg.listen.quic = Some(quic);
             }
             if upstream.is_some() {
                 cfg.upstream.tcp = upstream;

@@ -256,3 +256,33 @@ fn a_quic_client_to_a_silent_address_gives_up_within_its_connect_timeout() {
     );
     assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
 }
+
+#[test]
+fn serve_moves_quic_with_tls_and_names_the_override_when_its_port_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    // The UDP port this test holds; TLS asks for the same number over TCP.
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tls = held.local_addr().unwrap().to_string();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[listen]\ntcp = []\n\n[tls]\ndev_cert_dir = \"{}\"\n\n[upstream]\ntcp = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let out = run(
+        &["serve", "--config", &cfg, "--tls", &tls],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "error: QUIC listens where TLS does unless listen.quic or --quic is given: cannot bind UDP {tls}"
+        )),
+        "{err}"
+    );
+}

@@ -3,7 +3,8 @@
 //! QUIC and TCP; a stalled bulk stream beside interactive pushes; a
 //! handshake and garbage flood beside an established session; 0-RTT
 //! accepted, refused and replayed by an attacker; presence's address right
-//! after a login and a resume; a connect that nothing answers.
+//! after a login and a resume; a connect that nothing answers; QUIC on
+//! the TLS address by default.
 
 mod common;
 
@@ -17,7 +18,7 @@ use tether::wire::Code;
 
 fn quic_config() -> tether::config::Config {
     let mut cfg = test_config();
-    cfg.listen.quic = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.listen.quic = Some(vec!["127.0.0.1:0".parse().unwrap()]);
     cfg.limits.login_rate = 0;
     cfg
 }
@@ -344,6 +345,22 @@ async fn a_connect_to_an_address_where_nothing_answers_ends_at_its_timeout() {
         .await
         .unwrap();
     c.login(&token("ct", "phone"), "phone").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_listens_where_tls_does_unless_it_is_set() {
+    let mut cfg = test_config();
+    cfg.listen.tls = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.listen.quic = None;
+    let g = start(cfg).await;
+    let tls = g.tls.expect("a TLS listener");
+    assert_eq!(g.quic, Some(tls), "QUIC on the port TLS was given");
+    let mut c = g
+        .quic_connector()
+        .connect(tls, "localhost", false)
+        .await
+        .unwrap();
+    c.login(&token("ft", "phone"), "phone").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,7 +39,7 @@ async fn gateway(tls: bool, tweak: impl FnOnce(&mut Config)) -> Gw {
     } else {
         vec![]
     };
-    cfg.listen.quic = vec![];
+    cfg.listen.quic = Some(vec![]);
     cfg.upstream.tcp = Some("127.0.0.1:0".parse().expect("addr"));
     cfg.metrics.listen = None;
     cfg.limits.login_rate = 0;
@@ -730,7 +730,7 @@ impl Gw {
 
 async fn quic_gateway() -> Gw {
     gateway(false, |c| {
-        c.listen.quic = vec!["127.0.0.1:0".parse().expect("addr")];
+        c.listen.quic = Some(vec!["127.0.0.1:0".parse().expect("addr")]);
     })
     .await
 }

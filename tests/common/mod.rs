@@ -31,7 +31,7 @@ pub fn test_config() -> Config {
     let mut cfg = Config::default();
     cfg.listen.tcp = vec!["127.0.0.1:0".parse().unwrap()];
     cfg.listen.tls = vec![];
-    cfg.listen.quic = vec![];
+    cfg.listen.quic = Some(vec![]);
     cfg.upstream.tcp = Some("127.0.0.1:0".parse().unwrap());
     cfg.metrics.listen = None;
     cfg.session.timer_tick = Duration::from_millis(20);
