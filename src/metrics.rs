@@ -36,6 +36,7 @@ pub const SLOW_CONSUMERS: &str = "tether_slow_consumers_total";
 pub const ACK_TIMEOUTS: &str = "tether_ack_timeouts_total";
 pub const QUIC_MIGRATIONS: &str = "tether_quic_migrations_total";
 pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
+pub const QUIC_SOCKET_BUFFER: &str = "tether_quic_socket_buffer_bytes";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const PUSH_WAIT: &str = "tether_push_wait_seconds";
 /// From 100 µs (a push written in the pass that took it in) to 10 s (a
@@ -129,6 +130,11 @@ pub fn describe() {
     describe_counter!(
         QUIC_HANDSHAKES,
         "New QUIC clients, by result (accepted, retry, refused, failed, timeout)."
+    );
+    describe_gauge!(
+        QUIC_SOCKET_BUFFER,
+        Unit::Bytes,
+        "The QUIC UDP socket's buffer the kernel granted, by direction (receive, send); less than quic.socket_buffer when net.core.rmem_max or wmem_max caps it."
     );
     describe_histogram!(QUEUE_DEPTH, "Session queue depth observed at each flush.");
     describe_histogram!(
