@@ -2,7 +2,7 @@
 //! loopback (TCP, TLS and QUIC), through the real binary: worker processes, JSON
 //! result and SVG plot included; and the three that also run against redis
 //! (`--redis`), each against a redis-server of its own, which must be on the
-//! PATH. The figures asserted are counts (what was queued arrived, nothing
+//! PATH (`scripts/test` installs it). The figures asserted are counts (what was queued arrived, nothing
 //! was lost), never speeds.
 
 use std::path::Path;
@@ -918,7 +918,7 @@ fn redis_server() -> Redis {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
                 "redis-server is not on the PATH; the side-by-side tests need it: \
-                 apt-get install redis-server"
+                 run the tests with scripts/test, which installs it"
             ),
             Err(e) => panic!("starting redis-server: {e}"),
         };
