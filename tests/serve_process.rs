@@ -172,12 +172,7 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
     );
 
     // SIGTERM: the client hears SERVER_DRAINING, the process exits 0.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(common::sigterm(&child));
     assert_eq!(
         common::expect_closed(&mut c).await,
         pb::Code::ServerDraining
