@@ -438,11 +438,6 @@ impl ListenConfig {
     pub fn quic_addrs(&self) -> &[SocketAddr] {
         self.quic.as_deref().unwrap_or(&self.tls)
     }
-
-    /// Whether QUIC follows `listen.tls` (`listen.quic` is not set).
-    pub fn quic_follows_tls(&self) -> bool {
-        self.quic.is_none()
-    }
 }
 
 impl Default for ListenConfig {
@@ -982,7 +977,6 @@ mod tests {
         let moved: SocketAddr = "127.0.0.1:37443".parse().unwrap();
         let c = Config::parse("[listen]\ntls = [\"127.0.0.1:37443\"]\n", "t").unwrap();
         assert_eq!(c.listen.quic_addrs(), [moved], "QUIC moves with TLS");
-        assert!(c.listen.quic_follows_tls());
         let c = Config::parse(
             "[listen]\ntls = [\"127.0.0.1:37443\"]\nquic = [\"127.0.0.1:9443\"]\n",
             "t",
