@@ -47,10 +47,18 @@ struct QuicParts {
     zero_rtt: Option<quinn::ZeroRttAccepted>,
 }
 
+/// How long a connect waits for the gateway's answer by default: QUIC's
+/// handshake, or TCP's and TLS's in `tether client`. Without a bound, a QUIC
+/// connect to an address where nothing listens waits for QUIC's idle
+/// timeout with nothing to show (UDP has no "connection refused").
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Makes QUIC connections from one UDP socket, remembering TLS sessions so
 /// that a reconnect can log in with 0-RTT data.
 pub struct QuicConnector {
     endpoint: quinn::Endpoint,
+    /// The bound on a connect: handshake and the client's stream.
+    timeout: Duration,
 }
 
 impl QuicConnector {
@@ -82,7 +90,18 @@ impl QuicConnector {
         cfg.transport_config(std::sync::Arc::new(transport));
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(cfg);
-        Ok(Self { endpoint })
+        Ok(Self {
+            endpoint,
+            timeout: CONNECT_TIMEOUT,
+        })
+    }
+
+    /// Bounds each [`QuicConnector::connect`] by `timeout` instead of
+    /// [`CONNECT_TIMEOUT`].
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The local UDP address.
@@ -113,8 +132,31 @@ impl QuicConnector {
     /// gateway took it).
     ///
     /// # Errors
-    /// Connection or handshake failures.
+    /// Connection or handshake failures; [`io::ErrorKind::TimedOut`] when
+    /// the gateway does not answer within the connect timeout
+    /// ([`CONNECT_TIMEOUT`] unless set with
+    /// [`QuicConnector::with_connect_timeout`]).
     pub async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        server_name: &str,
+        early: bool,
+    ) -> io::Result<Client> {
+        match tokio::time::timeout(self.timeout, self.connect_now(addr, server_name, early)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no QUIC answer from {addr} within {} (is the gateway listening on UDP {addr}?)",
+                    humantime::format_duration(self.timeout)
+                ),
+            )),
+        }
+    }
+
+    /// [`QuicConnector::connect`] without its bound.
+    async fn connect_now(
         &self,
         addr: std::net::SocketAddr,
         server_name: &str,
@@ -193,14 +235,17 @@ impl Client {
     }
 
     /// Connects over QUIC from a new UDP socket (see [`QuicConnector`] to
-    /// share one, to rebind it, or for 0-RTT).
+    /// share one, to rebind it, or for 0-RTT), waiting at most `timeout`
+    /// for the gateway's answer.
     ///
     /// # Errors
-    /// Connection, certificate or handshake failures.
+    /// Connection, certificate or handshake failures;
+    /// [`io::ErrorKind::TimedOut`] past `timeout`.
     pub async fn connect_quic(
         addr: std::net::SocketAddr,
         server_name: &str,
         ca: &Path,
+        timeout: Duration,
     ) -> io::Result<Self> {
         let bind = if addr.is_ipv4() {
             std::net::SocketAddr::from(([0, 0, 0, 0], 0))
@@ -208,6 +253,7 @@ impl Client {
             std::net::SocketAddr::from(([0u16; 8], 0))
         };
         QuicConnector::new(bind, ca)?
+            .with_connect_timeout(timeout)
             .connect(addr, server_name, false)
             .await
     }

@@ -169,8 +169,12 @@ pub struct ListenConfig {
     pub tcp: Vec<SocketAddr>,
     /// TLS 1.3 listeners.
     pub tls: Vec<SocketAddr>,
-    /// QUIC listeners (UDP), with the TLS certificate.
-    pub quic: Vec<SocketAddr>,
+    /// QUIC listeners (UDP), with the TLS certificate. `None` (the key
+    /// left out): the TLS listeners' addresses, so that QUIC moves with
+    /// `listen.tls` (TLS is TCP and QUIC is UDP: the same port serves
+    /// both); see [`ListenConfig::quic_addrs`]. An empty list turns QUIC off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic: Option<Vec<SocketAddr>>,
     /// Listen backlog.
     pub backlog: u32,
     /// SO_RCVBUF for client sockets in bytes; 0 keeps the kernel's autotuning.
@@ -502,12 +506,21 @@ impl Default for Config {
     }
 }
 
+impl ListenConfig {
+    /// The addresses QUIC listens on as configured: `listen.quic` when
+    /// set, otherwise `listen.tls`'s. A TLS address with port 0 gets the
+    /// port its TLS listener was given ([`crate::gateway::Server::bind`]).
+    pub fn quic_addrs(&self) -> &[SocketAddr] {
+        self.quic.as_deref().unwrap_or(&self.tls)
+    }
+}
+
 impl Default for ListenConfig {
     fn default() -> Self {
         Self {
             tcp: vec![SocketAddr::from(([0, 0, 0, 0], 7400))],
             tls: vec![SocketAddr::from(([0, 0, 0, 0], 7443))],
-            quic: vec![SocketAddr::from(([0, 0, 0, 0], 7443))],
+            quic: None,
             backlog: 4096,
             recv_buffer: 0,
             send_buffer: 0,
@@ -627,7 +640,9 @@ tcp = ["0.0.0.0:7400"]
 # TLS 1.3 listeners for clients.
 tls = ["0.0.0.0:7443"]
 # QUIC listeners for clients (UDP; ALPN "tether/1", the TLS certificate).
-quic = ["0.0.0.0:7443"]
+# Unset, QUIC listens where TLS does (the same addresses and ports, over UDP),
+# so that moving tls moves QUIC too; [] turns QUIC off.
+# quic = ["0.0.0.0:7443"]
 backlog = 4096
 # SO_RCVBUF / SO_SNDBUF of client sockets in bytes; 0 keeps the kernel's autotuning,
 # which allocates buffer memory only while data is in flight.
@@ -891,7 +906,10 @@ impl Config {
         if self.node_id.is_empty() || self.node_id.len() > 64 {
             return bad("node_id", "must be 1..=64 bytes");
         }
-        if self.listen.tcp.is_empty() && self.listen.tls.is_empty() && self.listen.quic.is_empty() {
+        if self.listen.tcp.is_empty()
+            && self.listen.tls.is_empty()
+            && self.listen.quic_addrs().is_empty()
+        {
             return bad(
                 "listen",
                 "at least one of listen.tcp, listen.tls or listen.quic is needed",
@@ -1146,6 +1164,26 @@ mod tests {
         assert!(e.to_string().contains("upstream"), "{e}");
         let c = Config::parse("[upstream]\ntcp = \"\"\nunix = \"/tmp/t.sock\"\n", "t").unwrap();
         assert_eq!(c.upstream.tcp, None);
+    }
+
+    #[test]
+    fn quic_follows_tls_unless_it_is_set() {
+        let c = Config::default();
+        assert_eq!(c.listen.quic_addrs(), c.listen.tls.as_slice());
+        let moved: SocketAddr = "127.0.0.1:37443".parse().unwrap();
+        let c = Config::parse("[listen]\ntls = [\"127.0.0.1:37443\"]\n", "t").unwrap();
+        assert_eq!(c.listen.quic_addrs(), [moved], "QUIC moves with TLS");
+        let c = Config::parse(
+            "[listen]\ntls = [\"127.0.0.1:37443\"]\nquic = [\"127.0.0.1:9443\"]\n",
+            "t",
+        )
+        .unwrap();
+        let own: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        assert_eq!(c.listen.quic_addrs(), [own], "an explicit listen.quic wins");
+        let c = Config::parse("[listen]\nquic = []\n", "t").unwrap();
+        assert!(c.listen.quic_addrs().is_empty(), "[] turns QUIC off");
+        let e = Config::parse("[listen]\ntcp = []\ntls = []\n", "t").unwrap_err();
+        assert!(e.to_string().contains("listen"), "no listener at all: {e}");
     }
 
     #[test]

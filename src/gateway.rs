@@ -1054,7 +1054,7 @@ impl Server {
     /// Invalid config, unreadable certificate or key (named), or a port in use.
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let tls_config = if cfg.listen.tls.is_empty() && cfg.listen.quic.is_empty() {
+        let tls_config = if cfg.listen.tls.is_empty() && cfg.listen.quic_addrs().is_empty() {
             None
         } else {
             let (c, k) = crate::tls::resolve_paths(
@@ -1090,10 +1090,19 @@ impl Server {
                 };
                 tls_admission = Some(TlsAdmission::new(limits, tc.clone()));
             }
-            if !cfg.listen.quic.is_empty() {
+            // Unset, listen.quic is where TLS listens: the bound TLS
+            // addresses, so that a TLS port 0 shares its port with QUIC too.
+            let (quic_addrs, key) = match &cfg.listen.quic {
+                Some(q) => (q.clone(), "the QUIC listener of listen.quic or --quic"),
+                None => (
+                    addrs.tls.clone(),
+                    "QUIC listens where TLS does unless listen.quic or --quic is given",
+                ),
+            };
+            if !quic_addrs.is_empty() {
                 let server = crate::quic::server_config(&cfg, &tc)?;
-                for a in &cfg.listen.quic {
-                    let ep = crate::quic::bind(*a, &cfg, server.clone())?;
+                for a in quic_addrs {
+                    let ep = crate::quic::bind(a, &cfg, server.clone()).context(key)?;
                     addrs.quic.push(ep.local_addr()?);
                     quic.push(ep);
                 }

@@ -40,7 +40,8 @@ enum Cmd {
         /// TLS listen address (overrides listen.tls).
         #[arg(long)]
         tls: Vec<std::net::SocketAddr>,
-        /// QUIC (UDP) listen address (overrides listen.quic).
+        /// QUIC (UDP) listen address (overrides listen.quic; without either,
+        /// QUIC listens on the TLS addresses).
         #[arg(long)]
         quic: Vec<std::net::SocketAddr>,
         /// Upstream TCP address (overrides upstream.tcp).
@@ -152,6 +153,10 @@ enum Cmd {
         /// Server name to verify with TLS.
         #[arg(long, default_value = "localhost")]
         server_name: String,
+        /// How long to wait for the gateway to answer the connect (TCP, TLS
+        /// or QUIC handshake), e.g. 5s, 500ms.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        connect_timeout: Duration,
         /// A token; minted with the dev secret for --user when omitted.
         #[arg(long)]
         token: Option<String>,
@@ -313,7 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.listen.tls = tls;
             }
             if !quic.is_empty() {
-                cfg.listen.quic = quic;
+                cfg.listen.quic = Some(quic);
             }
             if upstream.is_some() {
                 cfg.upstream.tcp = upstream;
@@ -512,6 +517,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls_ca,
             quic,
             server_name,
+            connect_timeout,
             token,
             user,
             device,
@@ -523,17 +529,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(ca), false) => ClientTransport::Tls(ca),
                 (None, _) => ClientTransport::Tcp,
             };
-            run_client(
+            let dial = Dial {
                 addr,
                 transport,
                 server_name,
-                token,
-                user,
-                device,
-                join,
-                config,
-            )
-            .await
+                timeout: connect_timeout,
+            };
+            run_client(dial, token, user, device, join, config).await
         }
     }
 }
@@ -545,18 +547,57 @@ enum ClientTransport {
     Quic(PathBuf),
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_client(
+/// Where and how `tether client` connects.
+struct Dial {
     addr: String,
     transport: ClientTransport,
     server_name: String,
+    /// The bound on the connect and its handshake.
+    timeout: Duration,
+}
+
+impl Dial {
+    /// Connects, waiting at most `timeout` for the gateway's answer.
+    async fn connect(&self) -> anyhow::Result<tether::client::Client> {
+        use tether::client::Client;
+        let Dial {
+            addr,
+            server_name,
+            timeout,
+            ..
+        } = self;
+        let within = humantime::format_duration(*timeout);
+        match &self.transport {
+            ClientTransport::Quic(ca) => {
+                let to = tokio::net::lookup_host(addr)
+                    .await?
+                    .next()
+                    .with_context(|| format!("{addr} resolves to no address"))?;
+                // The QUIC connector has the bound and its own message.
+                Ok(Client::connect_quic(to, server_name, ca, *timeout).await?)
+            }
+            ClientTransport::Tls(ca) => {
+                tokio::time::timeout(*timeout, Client::connect_tls(addr, server_name, ca))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no TLS answer from {addr} within {within}"))?
+                    .with_context(|| format!("cannot connect over TLS to {addr}"))
+            }
+            ClientTransport::Tcp => tokio::time::timeout(*timeout, Client::connect_tcp(addr))
+                .await
+                .map_err(|_| anyhow::anyhow!("no TCP answer from {addr} within {within}"))?
+                .with_context(|| format!("cannot connect over TCP to {addr}")),
+        }
+    }
+}
+
+async fn run_client(
+    dial: Dial,
     token: Option<String>,
     user: String,
     device: String,
     join: Vec<String>,
     config: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use tether::client::Client;
     let token = match token {
         Some(t) => t,
         None => {
@@ -570,17 +611,7 @@ async fn run_client(
             )?
         }
     };
-    let mut c = match &transport {
-        ClientTransport::Quic(ca) => {
-            let to = tokio::net::lookup_host(&addr)
-                .await?
-                .next()
-                .with_context(|| format!("{addr} resolves to no address"))?;
-            Client::connect_quic(to, &server_name, ca).await?
-        }
-        ClientTransport::Tls(ca) => Client::connect_tls(&addr, &server_name, ca).await?,
-        ClientTransport::Tcp => Client::connect_tcp(&addr).await?,
-    };
+    let mut c = dial.connect().await?;
     let ok = c.login(&token, &device).await?;
     println!(
         "logged in as {} (session {:016x} on {}, heartbeat {} ms)",

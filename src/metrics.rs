@@ -44,6 +44,7 @@ pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
 pub const QUIC_HANDSHAKES_PENDING: &str = "tether_quic_handshakes_pending";
 pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
 pub const TLS_HANDSHAKES_PENDING: &str = "tether_tls_handshakes_pending";
+pub const QUIC_SOCKET_BUFFER: &str = "tether_quic_socket_buffer_bytes";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const PUSH_WAIT: &str = "tether_push_wait_seconds";
 /// From 100 µs (a push written in the pass that took it in) to 10 s (a
@@ -353,6 +354,16 @@ pub static METRICS: &[Def] = &[
         unit: None,
         help: "QUIC connections accepted that have not opened their stream yet.",
         label: none(),
+    },
+    Def {
+        name: QUIC_SOCKET_BUFFER,
+        kind: Kind::Gauge,
+        unit: Some(Unit::Bytes),
+        help: "The QUIC UDP socket's buffer the kernel granted, by direction (receive, send); less than quic.socket_buffer when net.core.rmem_max or wmem_max caps it.",
+        label: Some(Label {
+            key: "direction",
+            values: || vec!["receive", "send"],
+        }),
     },
     Def {
         name: TLS_HANDSHAKES,

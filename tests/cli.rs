@@ -1,4 +1,5 @@
-//! The `tether` binary: config errors, print-config, token.
+//! The `tether` binary: config errors, print-config, token, a client's
+//! bounded connect.
 
 use std::io::Read;
 use std::path::Path;
@@ -273,12 +274,11 @@ fn serve_log(dir: &Path, extra_config: &str, args: &[&str]) -> String {
             }
         }
     }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; the
+    // pid is our own child's, not yet reaped (we hold its `Child`). A system
+    // call rather than the `kill` program, which a minimal system lacks.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let t0 = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if t0.elapsed() > Duration::from_secs(20) {
@@ -370,5 +370,67 @@ fn a_failed_serve_with_json_logs_ends_on_a_json_error_line() {
             .as_str()
             .is_some_and(|e| e.contains(&port.to_string())),
         "{log}"
+    );
+}
+
+#[test]
+fn a_quic_client_to_a_silent_address_gives_up_within_its_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    tether::tls::generate_dev_cert(dir.path()).unwrap();
+    let ca = dir.path().join(tether::tls::DEV_CERT).display().to_string();
+    // Bound and never read: UDP has no "connection refused" to tell.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let out = run(
+        &[
+            "client",
+            "--quic",
+            "--tls-ca",
+            &ca,
+            "--addr",
+            &addr,
+            "--connect-timeout",
+            "300ms",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "no QUIC answer from {addr} within 300ms (is the gateway listening on UDP {addr}?)"
+        )),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+}
+
+#[test]
+fn serve_moves_quic_with_tls_and_names_the_override_when_its_port_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    // The UDP port this test holds; TLS asks for the same number over TCP.
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tls = held.local_addr().unwrap().to_string();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[listen]\ntcp = []\n\n[tls]\ndev_cert_dir = \"{}\"\n\n[upstream]\ntcp = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let out = run(
+        &["serve", "--config", &cfg, "--tls", &tls],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "error: QUIC listens where TLS does unless listen.quic or --quic is given: cannot bind UDP {tls}"
+        )),
+        "{err}"
     );
 }

@@ -96,7 +96,7 @@ fn summary(mut v: Vec<Duration>) -> String {
 #[ignore = "a ~15 s measurement; run by name"]
 async fn interactive_latency_beside_a_bulk_flood_tcp_and_quic() {
     let mut cfg = test_config();
-    cfg.listen.quic = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.listen.quic = Some(vec!["127.0.0.1:0".parse().unwrap()]);
     cfg.limits.login_rate = 0;
     cfg.delivery.ack_timeout = Duration::from_secs(60);
     let g = start(cfg).await;

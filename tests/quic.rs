@@ -2,7 +2,9 @@
 //! acks; a client that migrates to a new address mid-stream; resume across
 //! QUIC and TCP; a stalled bulk stream beside interactive pushes; a
 //! handshake and garbage flood beside an established session; 0-RTT
-//! accepted, refused and replayed by an attacker.
+//! accepted, refused and replayed by an attacker; presence's address right
+//! after a login and a resume; a connect that nothing answers; QUIC on
+//! the TLS address by default.
 
 mod common;
 
@@ -16,7 +18,7 @@ use tether::wire::Code;
 
 fn quic_config() -> tether::config::Config {
     let mut cfg = test_config();
-    cfg.listen.quic = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.listen.quic = Some(vec!["127.0.0.1:0".parse().unwrap()]);
     cfg.limits.login_rate = 0;
     cfg
 }
@@ -255,6 +257,110 @@ async fn a_session_resumes_from_quic_to_tcp_and_back() {
             .seq,
         5
     );
+}
+
+/// The one device of `user` that presence lists.
+async fn presence_of(up: &tether::upstream::UpstreamClient, user: &str) -> pb::DevicePresence {
+    let p = up.presence(&[user]).await.expect("presence");
+    assert_eq!(p[0].devices.len(), 1, "{p:?}");
+    p[0].devices[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_has_the_quic_address_right_after_login_and_after_a_resume() {
+    let mut cfg = quic_config();
+    // No heartbeat or timer may poll the connection again before presence
+    // is asked: the address must be there from the login itself.
+    cfg.session.heartbeat_interval = Duration::from_secs(60);
+    cfg.session.idle_timeout = Duration::from_secs(120);
+    let g = start(cfg).await;
+    let (up, mut events) = g.upstream(true).await;
+    let (q, c, ok) = g.login_quic("pa", "phone").await;
+    let from = q.local_addr().unwrap().to_string();
+    let d = presence_of(&up, "pa").await;
+    assert_eq!(
+        (d.transport.as_str(), d.remote_addr.as_str()),
+        ("quic", from.as_str()),
+        "presence asked right after LoginOk"
+    );
+    let opened = wait_event(&mut events, Duration::from_secs(5), |e| match e {
+        pb::event::Kind::Opened(o) => Some(o.remote_addr.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(opened, from, "the same address as SessionOpened");
+
+    // A resume over QUIC from another socket: presence names the new one.
+    drop(c);
+    drop(q);
+    let q2 = g.quic_connector();
+    let mut c2 = q2
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    let ok2 = c2
+        .login_with(resume_login("pa", "phone", &ok, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(ok2.session_id, ok.session_id, "the same session");
+    assert_eq!(ok2.resume.unwrap().code, Code::Ok as i32);
+    let d = presence_of(&up, "pa").await;
+    assert_eq!(
+        d.remote_addr,
+        q2.local_addr().unwrap().to_string(),
+        "presence asked right after the resume's LoginOk"
+    );
+
+    // TCP: the address cannot change, and is in SessionOpened only
+    // (docs/PROTOCOL.md, section 16.2).
+    let (t, _) = g.login("pt", "phone").await;
+    let d = presence_of(&up, "pt").await;
+    assert_eq!((d.transport.as_str(), d.remote_addr.as_str()), ("tcp", ""));
+    drop(t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_an_address_where_nothing_answers_ends_at_its_timeout() {
+    let g = start(quic_config()).await;
+    // A UDP socket that is bound and never read: no ICMP, no answer.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let q = g
+        .quic_connector()
+        .with_connect_timeout(Duration::from_millis(200));
+    let err = match q.connect(addr, "localhost", false).await {
+        Ok(_) => panic!("a connect to a silent address succeeded"),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "no QUIC answer from {addr} within 200ms (is the gateway listening on UDP {addr}?)"
+        )
+    );
+    // The same connector still reaches a gateway that answers.
+    let mut c = q
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .unwrap();
+    c.login(&token("ct", "phone"), "phone").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_listens_where_tls_does_unless_it_is_set() {
+    let mut cfg = test_config();
+    cfg.listen.tls = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.listen.quic = None;
+    let g = start(cfg).await;
+    let tls = g.tls.expect("a TLS listener");
+    assert_eq!(g.quic, Some(tls), "QUIC on the port TLS was given");
+    let mut c = g
+        .quic_connector()
+        .connect(tls, "localhost", false)
+        .await
+        .unwrap();
+    c.login(&token("ft", "phone"), "phone").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,7 +116,7 @@ async fn idle_quic_session_memory_is_bounded() {
     println!("gateway RSS per idle logged-in QUIC session: {per:.0} bytes ({n} sessions, {before} -> {after} KiB)");
     drop(clients);
     // SIGTERM: the gateway drains and exits (a wrapper writes its report).
-    let _ = Command::new("kill").arg(pid.to_string()).status();
+    common::sigterm(&child);
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     // The target is 16 KiB; this guard only catches regressions. Measured
     // when written: about 33 KB, most of it quinn's own per-connection state

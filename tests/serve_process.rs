@@ -1,5 +1,6 @@
 //! The real binary: `tether serve` on free ports, a device over TCP, a push
-//! over the Unix upstream socket, the Prometheus endpoint, and SIGTERM drain.
+//! over the Unix upstream socket, the Prometheus endpoint (with the QUIC
+//! socket's granted buffer), and SIGTERM drain.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -49,7 +50,7 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
     std::fs::write(
         &cfg,
         format!(
-            "[listen]\ntcp = [\"127.0.0.1:{tcp}\"]\ntls = []\nquic = []\n\n[upstream]\ntcp = \"\"\nunix = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[shutdown]\ndrain_timeout = \"3s\"\n",
+            "[listen]\ntcp = [\"127.0.0.1:{tcp}\"]\ntls = []\nquic = [\"127.0.0.1:0\"]\n\n[upstream]\ntcp = \"\"\nunix = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[shutdown]\ndrain_timeout = \"3s\"\n",
             sock.display()
         ),
     )
@@ -99,6 +100,21 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
         "{text}"
     );
     assert_eq!(metric(&text, "tether_sessions "), Some(1.0), "{text}");
+    // The QUIC socket's buffer as the kernel granted it: quic.socket_buffer
+    // (8 MiB), or less where net.core.rmem_max caps it.
+    let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok());
+    if let Some(max) = rmem_max {
+        assert_eq!(
+            metric(
+                &text,
+                "tether_quic_socket_buffer_bytes{direction=\"receive\"}"
+            ),
+            Some(max.min(8_388_608.0)),
+            "{text}"
+        );
+    }
     assert_eq!(
         metric(&text, "tether_connections{transport=\"tcp\"}"),
         Some(1.0),
@@ -156,12 +172,7 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
     );
 
     // SIGTERM: the client hears SERVER_DRAINING, the process exits 0.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(common::sigterm(&child));
     assert_eq!(
         common::expect_closed(&mut c).await,
         pb::Code::ServerDraining

@@ -2,7 +2,7 @@
 //! loopback (TCP, TLS and QUIC), through the real binary: worker processes, JSON
 //! result and SVG plot included; and the three that also run against redis
 //! (`--redis`), each against a redis-server of its own, which must be on the
-//! PATH. The figures asserted are counts (what was queued arrived, nothing
+//! PATH (`scripts/test` installs it). The figures asserted are counts (what was queued arrived, nothing
 //! was lost), never speeds.
 
 use std::path::Path;
@@ -41,7 +41,7 @@ async fn gateway(tls: bool, tweak: impl FnOnce(&mut Config)) -> Gw {
     } else {
         vec![]
     };
-    cfg.listen.quic = vec![];
+    cfg.listen.quic = Some(vec![]);
     cfg.upstream.tcp = Some("127.0.0.1:0".parse().expect("addr"));
     cfg.metrics.listen = None;
     cfg.limits.login_rate = 0;
@@ -759,7 +759,7 @@ impl Gw {
 
 async fn quic_gateway() -> Gw {
     gateway(false, |c| {
-        c.listen.quic = vec!["127.0.0.1:0".parse().expect("addr")];
+        c.listen.quic = Some(vec!["127.0.0.1:0".parse().expect("addr")]);
     })
     .await
 }
@@ -947,7 +947,7 @@ fn redis_server() -> Redis {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
                 "redis-server is not on the PATH; the side-by-side tests need it: \
-                 apt-get install redis-server"
+                 run the tests with scripts/test, which installs it"
             ),
             Err(e) => panic!("starting redis-server: {e}"),
         };

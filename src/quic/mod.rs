@@ -166,17 +166,28 @@ pub fn bind(
         // Every client's packets share this socket: with the kernel's
         // default buffer (about 208 KiB) a burst of acks and pings from
         // thousands of clients overflows it, and QUIC then retransmits.
+        // The kernel caps what it grants without an error: read it back.
         let _ = sock.set_recv_buffer_size(want);
         let _ = sock.set_send_buffer_size(want);
-        let got = sock.recv_buffer_size().unwrap_or(0);
-        // Linux reports twice the size it was asked for (bookkeeping).
-        if got < want {
-            tracing::warn!(
-                %addr,
-                wanted = want,
-                got,
-                "the QUIC socket's receive buffer is smaller than quic.socket_buffer: raise net.core.rmem_max"
-            );
+        let sides = [
+            (Direction::Receive, sock.recv_buffer_size()),
+            (Direction::Send, sock.send_buffer_size()),
+        ];
+        for (dir, reported) in sides {
+            let Ok(reported) = reported else { continue };
+            let got = granted(reported);
+            metrics::gauge!(m::QUIC_SOCKET_BUFFER, "direction" => dir.label()).set(got as f64);
+            if got < want {
+                tracing::warn!(
+                    %addr,
+                    configured = want,
+                    granted = got,
+                    "the kernel granted the QUIC socket a smaller {} buffer than quic.socket_buffer: raise {} to at least {want} (sysctl -w {}={want})",
+                    dir.label(),
+                    dir.sysctl(),
+                    dir.sysctl(),
+                );
+            }
         }
     }
     sock.bind(&addr.into())
@@ -189,6 +200,42 @@ pub fn bind(
         Arc::new(quinn::TokioRuntime),
     )
     .with_context(|| format!("cannot start QUIC on {addr}"))
+}
+
+/// A side of the QUIC socket's kernel buffer.
+#[derive(Clone, Copy)]
+enum Direction {
+    Receive,
+    Send,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::Receive => "receive",
+            Direction::Send => "send",
+        }
+    }
+
+    /// The sysctl that caps what an unprivileged `setsockopt` gets.
+    fn sysctl(self) -> &'static str {
+        match self {
+            Direction::Receive => "net.core.rmem_max",
+            Direction::Send => "net.core.wmem_max",
+        }
+    }
+}
+
+/// The buffer size the kernel granted, from what `getsockopt` reports:
+/// Linux reports twice the size it set (the other half is its bookkeeping
+/// allowance, socket(7)), so a capped 4 MiB reads back as the 8 MiB asked
+/// for; other systems report the size itself.
+fn granted(reported: usize) -> usize {
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
 }
 
 /// Counts handshakes per second to decide when new clients must prove
@@ -376,6 +423,38 @@ pub fn client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_granted_buffer_is_read_back_as_the_kernel_reports_it() {
+        // Linux: 8 MiB asked, rmem_max 4 MiB: getsockopt reports 8 MiB.
+        let (want, capped) = (8 << 20, 4 << 20);
+        if cfg!(target_os = "linux") {
+            assert_eq!(granted(2 * capped), capped);
+            assert!(granted(2 * capped) < want, "a capped buffer is seen");
+            assert_eq!(granted(2 * want), want, "a full grant is not");
+        } else {
+            assert_eq!(granted(capped), capped);
+        }
+    }
+
+    #[test]
+    fn a_capped_socket_buffer_reads_back_smaller_than_asked() {
+        // Whatever this machine's net.core.rmem_max: ask for more than any
+        // kernel grants by default and compare with what it reports.
+        use socket2::{Domain, Protocol, Socket, Type};
+        let max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        let Some(max) = max else { return };
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        let want = max * 2;
+        sock.set_recv_buffer_size(want).unwrap();
+        let got = granted(sock.recv_buffer_size().unwrap());
+        // SO_RCVBUF is capped at rmem_max even for root (only
+        // SO_RCVBUFFORCE goes past it, and the gateway does not use it).
+        assert_eq!(got, max, "granted {got}, rmem_max {max}");
+        assert!(got < want);
+    }
 
     #[test]
     fn the_handshake_rate_admits_its_budget_per_second() {

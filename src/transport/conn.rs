@@ -218,6 +218,7 @@ impl<W: Wire> Future for Connection<W> {
         this.wire.poll_events(cx, &mut this.link);
 
         let mut again = this.poll_input(cx, now);
+        this.wire.on_input(&this.link);
         let paused = this.link.input_paused();
 
         if !this.link.is_closed() {

@@ -87,6 +87,12 @@ pub trait Wire: Unpin + Send {
     /// Transport events a poll should notice (QUIC: the handshake was
     /// confirmed, the peer's address changed). Nothing for a byte stream.
     fn poll_events(&mut self, _cx: &mut Context<'_>, _link: &mut Link) {}
+
+    /// Called after each read of input, before any output: a Login or a
+    /// resume read just now has its session by then, and its LoginOk is
+    /// not written yet (QUIC: enter the connection for presence, so that
+    /// a service told of the login finds the address at once).
+    fn on_input(&mut self, _link: &Link) {}
 }
 
 impl<T: Transport> Wire for T {

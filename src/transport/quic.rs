@@ -150,8 +150,11 @@ impl Wire for QuicWire {
         Some(self.conn.remote_address())
     }
 
-    fn poll_events(&mut self, cx: &mut Context<'_>, link: &mut Link) {
+    fn on_input(&mut self, link: &Link) {
         self.track(link);
+    }
+
+    fn poll_events(&mut self, cx: &mut Context<'_>, link: &mut Link) {
         if let Some(c) = self.confirmed.as_mut() {
             if let Poll::Ready(accepted) = c.as_mut().poll(cx) {
                 tracing::trace!(zero_rtt = accepted, "QUIC handshake confirmed");

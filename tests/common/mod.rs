@@ -26,12 +26,23 @@ pub struct TestGateway {
     pub certs: tempfile::TempDir,
 }
 
+/// Sends SIGTERM to a child process; false if it is already gone. A system
+/// call rather than the `kill` program, which a minimal system lacks.
+pub fn sigterm(child: &std::process::Child) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return false;
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; the
+    // pid is our own child's, not yet reaped (we hold its `Child`).
+    unsafe { libc::kill(pid, libc::SIGTERM) == 0 }
+}
+
 /// A config bound to loopback ephemeral ports, TLS off, dev cert in a temp dir.
 pub fn test_config() -> Config {
     let mut cfg = Config::default();
     cfg.listen.tcp = vec!["127.0.0.1:0".parse().unwrap()];
     cfg.listen.tls = vec![];
-    cfg.listen.quic = vec![];
+    cfg.listen.quic = Some(vec![]);
     cfg.upstream.tcp = Some("127.0.0.1:0".parse().unwrap());
     cfg.metrics.listen = None;
     cfg.session.timer_tick = Duration::from_millis(20);
