@@ -537,7 +537,14 @@ async fn a_returning_client_logs_in_with_0rtt_and_falls_back_when_refused() {
     let tried = c.login(&token("z", "phone"), "phone").await;
     let verdict = c.zero_rtt_accepted().await;
     assert_eq!(verdict, Some(false), "refused by a node that never saw it");
-    assert!(tried.is_err(), "the 0-RTT login is lost with the refusal");
+    // A login written as 0-RTT data is lost with the refusal (an error
+    // here). On a loaded machine the handshake can finish, refusing 0-RTT,
+    // before the client's first write; the login then goes as 1-RTT data
+    // and is answered, which is also right. Either way a plain reconnect
+    // works (below).
+    if let Ok(ok) = &tried {
+        eprintln!("the login went after the handshake, as 1-RTT data: {ok:?}");
+    }
     let mut c = q.connect(other, "localhost", false).await.unwrap();
     c.login(&token("z", "phone"), "phone").await.unwrap();
     stop.cancel();
@@ -848,5 +855,38 @@ async fn a_client_that_allows_no_unidirectional_stream_gets_bulk_on_its_own_stre
             (pb::Lane::Bulk as i32, 1)
         ],
         "both lanes arrive on the client's stream"
+    );
+}
+
+/// One login timeout from the end of the handshake covers both the wait for
+/// the client's stream and the wait for its Login: a client that opens its
+/// stream late does not get a second timeout for the Login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_the_stream_counts_in_the_login_timeout() {
+    let mut cfg = quic_config();
+    cfg.session.login_timeout = Duration::from_secs(1);
+    let g = start(cfg).await;
+    let mut c = g
+        .quic_connector()
+        .connect(g.quic.unwrap(), "localhost", false)
+        .await
+        .expect("handshake");
+    let handshaken = Instant::now();
+    // The stream reaches the gateway with its first bytes: two bytes of a
+    // length prefix, late, and never a Login.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    c.send_raw(&[0, 0]).await.unwrap();
+    let f = c
+        .recv_timeout(Duration::from_secs(5))
+        .await
+        .expect("a frame in time")
+        .expect("a Close, not the end");
+    assert_eq!(close_of(&f), Code::LoginTimeout);
+    let took = handshaken.elapsed();
+    // One timeout (1 s, plus a timer tick) rather than the stream's wait
+    // plus a whole second one (1.9 s).
+    assert!(
+        took < Duration::from_millis(1_500),
+        "closed {took:?} after the handshake"
     );
 }

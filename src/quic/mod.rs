@@ -363,8 +363,11 @@ async fn serve(gw: Arc<Gateway>, incoming: quinn::Incoming, guard: ConnGuard) {
     };
     metrics::counter!(m::QUIC_HANDSHAKES, "result" => "accepted").increment(1);
     // The client's stream comes with its first bytes (the Login): wait for
-    // it as long as a login may take.
+    // it as long as a login may take. The same login timeout goes on after
+    // the stream came (Connection::since), so a client gets one
+    // `session.login_timeout` from here to its LoginOk, not one per step.
     let login = gw.config().session.login_timeout;
+    let since = gw.now();
     let (send, recv) = match tokio::time::timeout(login, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -398,7 +401,13 @@ async fn serve(gw: Arc<Gateway>, incoming: quinn::Incoming, guard: ConnGuard) {
     let wire = QuicWire::new(conn, send, recv, bulk, confirmed);
     // A task of its own: this setup's future (handshake, timeouts) is about
     // 1.7 KB, and a task keeps the size of its largest state for its life.
-    tokio::spawn(Connection::new(gw, wire, TransportKind::Quic, guard));
+    tokio::spawn(Connection::since(
+        gw,
+        wire,
+        TransportKind::Quic,
+        guard,
+        since,
+    ));
 }
 
 /// The Rust client's QUIC configuration, trusting the certificates in

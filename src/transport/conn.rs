@@ -98,7 +98,22 @@ pub struct Connection<W: Wire> {
 
 impl<W: Wire> Connection<W> {
     pub fn new(gw: Arc<Gateway>, wire: W, kind: TransportKind, guard: ConnGuard) -> Self {
-        let mut link = Link::new(gw, kind, wire.outputs(), guard.disarm());
+        let now = gw.now();
+        Self::since(gw, wire, kind, guard, now)
+    }
+
+    /// A connection whose login time counts from `since` rather than from
+    /// now: a QUIC connection's, from the end of its handshake, so that the
+    /// wait for the client's stream and the wait for its Login share one
+    /// `session.login_timeout`.
+    pub fn since(
+        gw: Arc<Gateway>,
+        wire: W,
+        kind: TransportKind,
+        guard: ConnGuard,
+        since: std::time::Instant,
+    ) -> Self {
+        let mut link = Link::new(gw, kind, wire.outputs(), guard.disarm(), since);
         if wire.early() {
             link.set_early();
         }

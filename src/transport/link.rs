@@ -294,13 +294,15 @@ pub struct Link {
 impl Link {
     /// A new connection of `kind`, whose accounting `ip` was taken by a
     /// [`ConnGuard`](super::ConnGuard); the link releases it when dropped.
+    /// Its login deadline counts from `since` (at most now).
     pub(crate) fn new(
         gw: Arc<Gateway>,
         kind: TransportKind,
         outputs: Outputs,
         ip: Option<Box<IpAddr>>,
+        since: Instant,
     ) -> Self {
-        let now = gw.now();
+        let now = since.min(gw.now());
         let handle = SessionHandle::new(gw.next_session_id());
         gw.connection_opened(&handle);
         let mut f = Flags(Flags::FLUSH_ON_CLOSE);
@@ -1112,7 +1114,7 @@ mod tests {
                 .expect("no cap")
                 .disarm_for_test();
             Self {
-                link: Link::new(gw.clone(), TransportKind::Memory, outputs, ip),
+                link: Link::new(gw.clone(), TransportKind::Memory, outputs, ip, gw.now()),
                 gw: gw.clone(),
                 wakes: Arc::default(),
                 done: false,
