@@ -8,7 +8,6 @@
 //! under a 20,000-descriptor limit with a margin. The test raises its soft
 //! descriptor limit to the hard one, which the child inherits.
 
-use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,14 +17,6 @@ mod common;
 
 const SILENT: usize = 5_000;
 const SLOW: usize = 5_000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Raises the soft descriptor limit to the hard one; returns it.
 fn raise_nofile() -> u64 {
@@ -42,21 +33,6 @@ fn raise_nofile() -> u64 {
     l.rlim_cur
 }
 
-/// GET /metrics over a raw socket.
-fn scrape(port: u16) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(prefix))
@@ -66,7 +42,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
 }
 
 async fn metrics_of(port: u16) -> String {
-    tokio::task::spawn_blocking(move || scrape(port))
+    tokio::task::spawn_blocking(move || common::scrape(port))
         .await
         .unwrap()
 }
@@ -129,7 +105,11 @@ async fn a_real_tls_login_gets_through_10k_silent_and_slow_sockets_within_a_seco
         "the descriptor limit {limit} is too low for this test"
     );
     let dir = tempfile::tempdir().unwrap();
-    let (tls, upstream, metrics) = (free_port(), free_port(), free_port());
+    let (tls, upstream, metrics) = (
+        common::free_tcp_port(),
+        common::free_tcp_port(),
+        common::free_tcp_port(),
+    );
     let cfg = dir.path().join("tether.toml");
     // Default [tls] and [limits]: the defaults are what this proves.
     std::fs::write(

@@ -27,27 +27,11 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "spawns the gateway and 2,200 QUIC sessions; run by name (.ci/run does)"]
 async fn idle_quic_session_memory_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (common::free_udp_port(), common::free_tcp_port());
     let cfg = dir.path().join("tether.toml");
     std::fs::write(
         &cfg,

@@ -2,7 +2,7 @@
 //! over the Unix upstream socket, the Prometheus endpoint (with the QUIC
 //! socket's granted buffer), and SIGTERM drain.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,28 +11,6 @@ use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
 use tether::wire::pb;
 
 mod common;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET /metrics over a raw socket (no HTTP client in the dependency tree).
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
 
 fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
@@ -44,7 +22,7 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
 #[tokio::test]
 async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let (tcp, metrics) = (free_port(), free_port());
+    let (tcp, metrics) = (common::free_tcp_port(), common::free_tcp_port());
     let sock = dir.path().join("upstream.sock");
     let cfg = dir.path().join("tether.toml");
     std::fs::write(
@@ -90,7 +68,7 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
     let f = common::next(&mut c).await;
     assert_eq!(&common::push_of(&f).payload[..], b"over-unix");
 
-    let text = tokio::task::spawn_blocking(move || scrape(metrics))
+    let text = tokio::task::spawn_blocking(move || common::scrape(metrics))
         .await
         .unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -156,7 +134,7 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
     // sampled once a second.
     let mut rss = None;
     for _ in 0..30 {
-        let text = tokio::task::spawn_blocking(move || scrape(metrics))
+        let text = tokio::task::spawn_blocking(move || common::scrape(metrics))
             .await
             .unwrap();
         rss = metric(&text, "tether_process_resident_memory_bytes ");

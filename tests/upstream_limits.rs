@@ -160,18 +160,26 @@ async fn the_hello_past_the_cap_is_refused() {
 
     // A closed connection gives its place back.
     drop(second);
-    let mut tries = 0;
-    let again = loop {
-        match connect(&Endpoint::Tcp(g.upstream.to_string())).await {
-            Ok(c) => break c,
+    let again = connect_once_free(&g, 500).await;
+    again.ping().await.expect("the new connection works");
+}
+
+/// Connects (with a Hello) to the upstream TCP socket as soon as a place
+/// under `upstream.max_connections` is free, trying every 10 ms, at most
+/// `tries` times.
+async fn connect_once_free(g: &TestGateway, tries: u32) -> UpstreamClient {
+    let ep = Endpoint::Tcp(g.upstream.to_string());
+    let mut tried = 0;
+    loop {
+        match connect(&ep).await {
+            Ok(c) => return c,
             Err(e) => {
-                tries += 1;
-                assert!(tries < 500, "the place never came back: {e}");
+                tried += 1;
+                assert!(tried < tries, "the place never came back: {e}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-    };
-    again.ping().await.expect("the new connection works");
+    }
 }
 
 async fn connect(ep: &Endpoint) -> Result<UpstreamClient, tether::upstream::ClientError> {
@@ -571,17 +579,7 @@ async fn an_upstream_that_stops_reading_is_closed_after_the_stall_timeout() {
 
     // After the stall timeout the gateway gives up on it, and the place
     // comes back.
-    let mut tries = 0;
-    let other = loop {
-        match connect(&Endpoint::Tcp(g.upstream.to_string())).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tries += 1;
-                assert!(tries < 1_000, "the place never came back: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let other = connect_once_free(&g, 1_000).await;
     other.ping().await.expect("the new connection works");
     assert!(sample(stalls) > before, "the stall is counted");
     drop(frames);

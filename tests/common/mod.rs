@@ -37,6 +37,42 @@ pub fn sigterm(child: &std::process::Child) -> bool {
     unsafe { libc::kill(pid, libc::SIGTERM) == 0 }
 }
 
+/// A TCP port free on loopback now (bound and let go): for a child
+/// `tether serve`, which needs port numbers in its config. Another process
+/// may take it in between; the tests that use it accept that.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A UDP port free on loopback now (see [`free_tcp_port`]).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /metrics on loopback `port` over a raw socket (no HTTP client in the
+/// dependency tree): the whole response, head and body.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
 /// A config bound to loopback ephemeral ports, TLS off, dev cert in a temp dir.
 pub fn test_config() -> Config {
     let mut cfg = Config::default();
