@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/tether/v1/client.proto",
         "proto/tether/v1/upstream.proto",
+        "proto/tether/v1/cluster.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     let mut config = prost_build::Config::new();

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prost::Message;
 use tether::auth::Identity;
-use tether::bus::{Bus, Command, Destination, LocalBus, PushTarget};
+use tether::bus::{Bus, Command, LocalBus, PushTarget};
 use tether::config::{ClientJoin, MultiLogin, SlowConsumerPolicy};
 use tether::ids::{DeviceId, NodeId, RoomId, SessionId, TransportKind, UserId};
 use tether::registry::Registry;
@@ -242,7 +242,7 @@ fn bench_pressure(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let bus = LocalBus::new(NodeId::new("bench"), f.router.clone());
+    let bus = LocalBus::new(NodeId::new("bench"), f.router.clone(), Arc::default());
     g.bench_function("tick_gap_during_broadcast", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -268,7 +268,7 @@ fn bench_pressure(c: &mut Criterion) {
                         target: PushTarget::Everyone,
                         push: shared.clone(),
                     };
-                    black_box(bus.request(Destination::All, cmd).await.unwrap());
+                    black_box(bus.request(cmd).await);
                     // The ticker's run after the push ends its longest wait.
                     tokio::task::yield_now().await;
                     done.store(true, Ordering::Relaxed);

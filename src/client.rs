@@ -1,4 +1,4 @@
-//! A small device client over TCP, TLS, QUIC or any byte stream: the
+//! A small device client over TCP, TLS, WebSocket, QUIC or any byte stream: the
 //! `tether client` command, the integration tests and the load tool use it.
 //! It speaks the protocol documented in docs/PROTOCOL.md and nothing more.
 
@@ -209,9 +209,7 @@ impl Client {
     /// # Errors
     /// Connection failures.
     pub async fn connect_tcp(addr: impl tokio::net::ToSocketAddrs) -> io::Result<Self> {
-        let s = tokio::net::TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        Ok(Self::over(s))
+        Ok(Self::over(tcp_stream(addr).await?))
     }
 
     /// Connects over TLS 1.3, trusting only the certificates in `ca` (e.g. the
@@ -224,14 +222,40 @@ impl Client {
         server_name: &str,
         ca: &Path,
     ) -> io::Result<Self> {
-        let cfg = crate::tls::client_config_pinned(ca).map_err(io::Error::other)?;
-        let name = crate::tls::server_name(server_name).map_err(io::Error::other)?;
-        let s = tokio::net::TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        let tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(name, s)
-            .await?;
-        Ok(Self::over(tls))
+        Ok(Self::over(tls_stream(addr, server_name, ca).await?))
+    }
+
+    /// Connects over WebSocket (`ws://addr/tether`), with `req`'s `Host`
+    /// and `Origin`.
+    ///
+    /// # Errors
+    /// Connection failures, or the gateway refused the upgrade (the error
+    /// says its status).
+    pub async fn connect_ws(
+        addr: impl tokio::net::ToSocketAddrs,
+        req: &crate::ws_client::WsRequest,
+    ) -> io::Result<Self> {
+        let s = tcp_stream(addr).await?;
+        Ok(Self::over(
+            crate::ws_client::WsClientIo::connect(s, req).await?,
+        ))
+    }
+
+    /// Connects over WebSocket over TLS (`wss://addr/tether`), trusting only
+    /// the certificates in `ca`, verifying `server_name`.
+    ///
+    /// # Errors
+    /// Connection, certificate or handshake failures, or a refused upgrade.
+    pub async fn connect_wss(
+        addr: impl tokio::net::ToSocketAddrs,
+        server_name: &str,
+        ca: &Path,
+        req: &crate::ws_client::WsRequest,
+    ) -> io::Result<Self> {
+        let tls = tls_stream(addr, server_name, ca).await?;
+        Ok(Self::over(
+            crate::ws_client::WsClientIo::connect(tls, req).await?,
+        ))
     }
 
     /// Connects over QUIC from a new UDP socket (see [`QuicConnector`] to
@@ -504,4 +528,24 @@ async fn next_bulk(q: &mut QuicParts) -> Option<io::Result<Bytes>> {
         q.bulk = Some(FramedRead::new(s, FrameCodec::new(MAX_FRAME)));
     }
     q.bulk.as_mut()?.next().await
+}
+
+/// A TCP connection to `addr`, with Nagle off (frames go out as written).
+async fn tcp_stream(addr: impl tokio::net::ToSocketAddrs) -> io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// A TLS connection to `addr`, trusting only the certificates in `ca` and
+/// verifying `server_name`.
+async fn tls_stream(
+    addr: impl tokio::net::ToSocketAddrs,
+    server_name: &str,
+    ca: &Path,
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let cfg = crate::tls::client_config_pinned(ca).map_err(io::Error::other)?;
+    let name = crate::tls::server_name(server_name).map_err(io::Error::other)?;
+    let s = tcp_stream(addr).await?;
+    tokio_rustls::TlsConnector::from(cfg).connect(name, s).await
 }

@@ -10,23 +10,26 @@
 //! 1. **Nothing read yet.** The task holds the socket and one timer, no
 //!    rustls state and no slot; it waits for the socket to become readable
 //!    (a few hundred bytes per silent socket, most of it tokio's).
-//! 2. **The ClientHello arriving.** The first TLS record is read into a
-//!    buffer that grows only with the bytes that arrive (its header says
-//!    how long it is), then handed to rustls's `Acceptor` (through
-//!    `tokio_rustls::LazyConfigAcceptor`), which reads the rest of the
-//!    ClientHello if it spans records, before any crypto. A peer that
-//!    trickles bytes thus costs its bytes, not rustls's state. Phases 1 and
-//!    2 together must end within `tls.hello_timeout` of accept, so a peer
-//!    that trickles a byte a second is cut off after a few seconds.
+//! 2. **The ClientHello arriving.** Its records are read into a buffer
+//!    that grows only with the bytes that arrive (the record headers and
+//!    the handshake header say how long it is), before any rustls state
+//!    exists. A peer that trickles bytes thus costs its bytes, not rustls's
+//!    state. Phases 1 and 2 together must end within `tls.hello_timeout` of
+//!    accept, so a peer that trickles a byte a second is cut off after a
+//!    few seconds.
 //! 3. **The key exchange.** With a complete ClientHello the connection
-//!    takes one of `tls.max_handshakes` slots, and rustls computes the key
-//!    exchange and the signature and writes the gateway's flight. The slot
-//!    is given back as soon as that flight is handed to the socket: the
-//!    wait for the client's Finished costs no CPU, and a slot held over it
-//!    would let a peer that replays one captured ClientHello and then stays
-//!    silent hold a slot for the whole `tls.handshake_timeout`, which is the
+//!    takes one of `tls.max_handshakes` slots, and rustls (its unbuffered
+//!    API: every buffer is ours) computes the key exchange and the
+//!    signature and the gateway's flight is written. The slot is given
+//!    back as soon as that flight is handed to the socket: the wait for
+//!    the client's Finished costs no CPU, and a slot held over it would let
+//!    a peer that replays one captured ClientHello and then stays silent
+//!    hold a slot for the whole `tls.handshake_timeout`, which is the
 //!    lockout this module exists to prevent. The whole handshake must end
-//!    within `tls.handshake_timeout` of accept.
+//!    within `tls.handshake_timeout` of accept. At its end rustls hands
+//!    over the traffic secrets, and the connection runs its records itself
+//!    ([`crate::tls13`]): nothing of rustls's buffers outlives the
+//!    handshake.
 //!
 //! What bounds the sockets in phases 1 to 3 (descriptors and memory) is
 //! `tls.max_pending_handshakes`: when that many handshakes are in progress,
@@ -54,13 +57,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 use tokio::time::{timeout_at, Instant};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
+
+use crate::tls13::{Established, Keys, SecretCapture, TrafficSecrets};
 
 use crate::metrics as m;
 
@@ -131,6 +137,13 @@ pub struct TlsAdmission {
 impl TlsAdmission {
     /// Admission with `limits`, for listeners with the server config `config`.
     pub fn new(limits: HandshakeLimits, config: Arc<rustls::ServerConfig>) -> Arc<Self> {
+        // The records after the handshake are ours (src/tls13.rs), with
+        // the keys rustls hands over only when asked to, and the traffic
+        // secrets it gives its key log only.
+        let mut c = (*config).clone();
+        c.enable_secret_extraction = true;
+        c.key_log = Arc::new(SecretCapture);
+        let config = Arc::new(c);
         Arc::new(Self {
             config,
             slots: Semaphore::new(limits.max_handshakes.max(1)),
@@ -153,7 +166,7 @@ impl TlsAdmission {
     /// unrun, and whatever it owns (the connection's accounting) with it.
     pub fn spawn<F>(self: &Arc<Self>, stream: TcpStream, remote: SocketAddr, then: F)
     where
-        F: FnOnce(TlsStream<TcpStream>) + Send + 'static,
+        F: FnOnce(Established<TcpStream>) + Send + 'static,
     {
         let me = self.clone();
         self.pending.spawn(async move {
@@ -181,7 +194,7 @@ impl TlsAdmission {
     pub async fn handshake<IO: HelloIo>(
         &self,
         mut io: IO,
-    ) -> Result<TlsStream<IO>, HandshakeError> {
+    ) -> Result<Established<IO>, HandshakeError> {
         let start = Instant::now();
         let hello_by = start + self.hello_timeout;
         let done_by = start + self.handshake_timeout;
@@ -191,13 +204,13 @@ impl TlsAdmission {
             Ok(Err(_)) => return Err(HandshakeError::Failed),
             Ok(Ok(())) => {}
         }
-        // Phase 2: the first record in a buffer that grows only with what
+        // Phase 2: the ClientHello in a buffer that grows only with what
         // arrives, so a byte-a-second peer costs its bytes, not rustls's
-        // read buffer and connection state.
-        let mut first = Vec::new();
+        // connection state.
+        let mut hello = Vec::new();
         match timeout_at(
             hello_by,
-            poll_fn(|cx| poll_first_record(&mut io, cx, &mut first)),
+            poll_fn(|cx| poll_client_hello(&mut io, cx, &mut hello)),
         )
         .await
         {
@@ -205,114 +218,234 @@ impl TlsAdmission {
             Ok(Err(_)) => return Err(HandshakeError::Failed),
             Ok(Ok(())) => {}
         }
-        // The rest in a box of its own (rustls's state makes it about 7 KB):
+        // The rest in a box of its own (rustls's state makes it a few KB):
         // a task keeps the size of its largest state for its life, and the
-        // task of a peer that has not sent its first record must stay the
+        // task of a peer that has not sent its ClientHello must stay the
         // size of phases 1 and 2 (256 bytes).
-        Box::pin(self.after_first_record(io, first, hello_by, done_by)).await
+        Box::pin(self.key_exchange(io, hello, done_by)).await
     }
 
-    async fn after_first_record<IO: HelloIo>(
+    /// Phase 3, on rustls's unbuffered API: every byte in and out goes
+    /// through buffers of ours, so that when the handshake is done nothing
+    /// of rustls's is left but the keys ([`crate::tls13`]).
+    async fn key_exchange<IO: HelloIo>(
         &self,
         mut io: IO,
-        first: Vec<u8>,
-        hello_by: Instant,
+        mut incoming: Vec<u8>,
         done_by: Instant,
-    ) -> Result<TlsStream<IO>, HandshakeError> {
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut rest = &first[..];
-        while !rest.is_empty() {
-            // rustls takes at most its read size per call, and a whole
-            // record always fits its buffer.
-            if acceptor.read_tls(&mut rest).is_err() {
-                return Err(HandshakeError::Failed);
-            }
-        }
-        drop(first);
-        let start = match acceptor.accept() {
-            // Usually the whole ClientHello is in its first record.
-            Ok(Some(accepted)) => StartHandshake::from_parts(accepted, io),
-            // It spans records: rustls reads the rest.
-            Ok(None) => {
-                let acceptor = LazyConfigAcceptor::new(acceptor, io);
-                match timeout_at(hello_by, acceptor).await {
-                    Err(_) => return Err(HandshakeError::HelloTimeout),
+    ) -> Result<Established<IO>, HandshakeError> {
+        // A slot is held from here until the gateway's flight is written,
+        // and only while rustls works: should rustls still want more of the
+        // ClientHello (a header that lied about its length), the slot goes
+        // back while the peer is waited for.
+        let mut permit = None;
+        let mut flight_out = false;
+        let mut conn = UnbufferedServerConnection::new(self.config.clone())
+            .map_err(|_| HandshakeError::Failed)?;
+        let mut outgoing = Vec::new();
+        let mut early = Vec::new();
+        let mut secrets = TrafficSecrets::default();
+        loop {
+            if !flight_out && permit.is_none() {
+                permit = match timeout_at(done_by, self.slots.acquire()).await {
+                    Err(_) => return Err(HandshakeError::Timeout),
                     Ok(Err(_)) => return Err(HandshakeError::Failed),
-                    Ok(Ok(s)) => s,
-                }
+                    Ok(Ok(p)) => Some(p),
+                };
             }
-            // Not a ClientHello rustls can take: its alert, best effort.
-            Err((_, mut alert)) => {
-                let _ = timeout_at(
-                    hello_by,
-                    poll_fn(|cx| {
-                        let mut w = SyncWrite { io: &mut io, cx };
-                        loop {
-                            match alert.write(&mut w) {
-                                Ok(0) => return Poll::Ready(()),
-                                Ok(_) => {}
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                    return Poll::Pending
+            // rustls computes the key exchange and signs in here,
+            // synchronously, when it meets the ClientHello.
+            SecretCapture::clear();
+            let (discard, step) = {
+                let status = conn.process_tls_records(&mut incoming);
+                let step = match status.state {
+                    Err(_) => Step::Fail,
+                    Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, &mut outgoing),
+                    Ok(ConnectionState::TransmitTlsData(t)) => {
+                        t.done();
+                        Step::Transmit
+                    }
+                    Ok(ConnectionState::BlockedHandshake) => Step::Read,
+                    Ok(ConnectionState::ReadTraffic(mut r)) => {
+                        let mut step = Step::Again;
+                        while let Some(rec) = r.next_record() {
+                            match rec {
+                                Ok(rec) if early.len() + rec.payload.len() <= MAX_EARLY => {
+                                    early.extend_from_slice(rec.payload);
                                 }
-                                Err(_) => return Poll::Ready(()),
+                                _ => step = Step::Fail,
                             }
                         }
-                    }),
-                )
-                .await;
-                return Err(HandshakeError::Failed);
+                        step
+                    }
+                    Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
+                    // A close, or 0-RTT data (not offered on TLS).
+                    Ok(_) => Step::Fail,
+                };
+                (status.discard, step)
+            };
+            SecretCapture::take(&mut secrets);
+            incoming.drain(..discard);
+            match step {
+                Step::Again => {}
+                Step::Transmit => {
+                    match timeout_at(done_by, io.write_all(&outgoing)).await {
+                        Err(_) => return Err(HandshakeError::Timeout),
+                        Ok(Err(_)) => return Err(HandshakeError::Failed),
+                        Ok(Ok(())) => {}
+                    }
+                    outgoing = Vec::new();
+                    // The gateway's flight is out: the wait for the
+                    // client's answer costs no CPU, and holds no slot.
+                    permit = None;
+                    flight_out = true;
+                }
+                // Writable once our Finished is out; done once the
+                // client's is in.
+                Step::Done if !conn.is_handshaking() => break,
+                Step::Read | Step::Done => {
+                    permit = None;
+                    if incoming.len() >= MAX_HANDSHAKE_INPUT {
+                        return Err(HandshakeError::Failed);
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match timeout_at(done_by, io.read(&mut chunk)).await {
+                        Err(_) => return Err(HandshakeError::Timeout),
+                        Ok(Err(_) | Ok(0)) => return Err(HandshakeError::Failed),
+                        Ok(Ok(n)) => incoming.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                Step::Fail => {
+                    // rustls queues its alert on failure: send it, best
+                    // effort, without waiting.
+                    let status = conn.process_tls_records(&mut incoming);
+                    if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
+                        outgoing.clear();
+                        if matches!(encode(&mut e, &mut outgoing), Step::Again) {
+                            let _ = poll_fn(|cx| {
+                                Poll::Ready(Pin::new(&mut io).poll_write(cx, &outgoing))
+                            })
+                            .await;
+                        }
+                    }
+                    return Err(HandshakeError::Failed);
+                }
             }
-        };
-        // Phase 3: the key exchange under a slot.
-        let permit = match timeout_at(done_by, self.slots.acquire()).await {
-            Err(_) => return Err(HandshakeError::Timeout),
-            Ok(Err(_)) => return Err(HandshakeError::Failed),
-            Ok(Ok(p)) => p,
-        };
-        // rustls computes the key exchange and signs here, synchronously.
-        let mut accept = start.into_stream(self.config.clone());
-        // One poll writes the gateway's flight (a fresh socket's buffer
-        // holds it) and finds the client's answer not there yet.
-        let first = poll_fn(|cx| Poll::Ready(Pin::new(&mut accept).poll(cx))).await;
+        }
         drop(permit);
-        let done = match first {
-            Poll::Ready(r) => r,
-            Poll::Pending => match timeout_at(done_by, accept).await {
-                Err(_) => return Err(HandshakeError::Timeout),
-                Ok(r) => r,
-            },
-        };
-        done.map_err(|_| HandshakeError::Failed)
+        let (keys, _key_schedule) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(|_| HandshakeError::Failed)?;
+        let keys = Keys::new(keys, secrets).map_err(|_| HandshakeError::Failed)?;
+        Ok(Established {
+            io,
+            keys,
+            input: incoming,
+            early,
+        })
     }
 }
 
-/// The most a first record may hold before it is handed to rustls as it
-/// is: a TLS plaintext record's limit (2^14) plus its 5-byte header.
+/// What the handshake loop does after one call into rustls.
+enum Step {
+    /// Call rustls again.
+    Again,
+    /// Write what was encoded.
+    Transmit,
+    /// Read more from the peer.
+    Read,
+    Done,
+    Fail,
+}
+
+/// Encodes rustls's next handshake record onto `out`.
+fn encode<D>(e: &mut rustls::unbuffered::EncodeTlsData<'_, D>, out: &mut Vec<u8>) -> Step {
+    let start = out.len();
+    out.resize(start + 4096, 0);
+    let r = match e.encode(&mut out[start..]) {
+        Err(EncodeError::InsufficientSize(s)) => {
+            out.resize(start + s.required_size, 0);
+            e.encode(&mut out[start..])
+        }
+        r => r,
+    };
+    match r {
+        Ok(n) => {
+            out.truncate(start + n);
+            Step::Again
+        }
+        Err(_) => Step::Fail,
+    }
+}
+
+/// The most a record may hold, with its 5-byte header (2^14 of plaintext).
 const MAX_FIRST_RECORD: usize = 5 + (1 << 14);
 
-/// Reads into `buf` until it holds the peer's first TLS record whole (the
-/// record header says how long it is). Ready early with what is there when
-/// the bytes cannot be a handshake record, or claim more than a record may
-/// hold: rustls then refuses them with the right alert.
-fn poll_first_record<IO: AsyncRead + Unpin>(
+/// The largest ClientHello read before rustls sees it (rustls's own limit
+/// for a handshake message).
+const MAX_HELLO: usize = 0xffff;
+
+/// The most handshake input held at once (a ClientHello spanning records,
+/// or the client's second flight).
+const MAX_HANDSHAKE_INPUT: usize = 2 * MAX_HELLO;
+
+/// The most application data taken with the client's Finished (a Login is
+/// a few hundred bytes).
+const MAX_EARLY: usize = 64 * 1024;
+
+/// How many more bytes the ClientHello in `buf` needs (0 when it is whole,
+/// or when what is there cannot be one: rustls then refuses it with the
+/// right alert). Reads no further than the record it is in.
+fn hello_wants(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    let mut payload = 0;
+    let mut hello_len = None;
+    loop {
+        let Some(h) = buf.get(pos..pos + 5) else {
+            return pos + 5 - buf.len();
+        };
+        if h[0] != 0x16 {
+            return 0;
+        }
+        let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+        if 5 + len > MAX_FIRST_RECORD {
+            return 0;
+        }
+        if buf.len() < pos + 5 + len {
+            return pos + 5 + len - buf.len();
+        }
+        if hello_len.is_none() {
+            // The handshake header: type, then a 24-bit length.
+            let Some(m) = buf.get(pos + 5..pos + 9) else {
+                return 0;
+            };
+            let n = 4 + (usize::from(m[1]) << 16 | usize::from(m[2]) << 8 | usize::from(m[3]));
+            if n > MAX_HELLO {
+                return 0;
+            }
+            hello_len = Some(n);
+        }
+        payload += len;
+        pos += 5 + len;
+        if hello_len.is_some_and(|n| payload >= n) {
+            return 0;
+        }
+    }
+}
+
+/// Reads into `buf` until it holds the peer's ClientHello whole (record
+/// headers and the handshake header say how long it is), and no further.
+/// Ready early when the bytes cannot be a ClientHello (see [`hello_wants`]).
+fn poll_client_hello<IO: AsyncRead + Unpin>(
     io: &mut IO,
     cx: &mut Context<'_>,
     buf: &mut Vec<u8>,
 ) -> Poll<io::Result<()>> {
     loop {
-        if buf.first().is_some_and(|&t| t != 0x16) {
+        let want = hello_wants(buf);
+        if want == 0 {
             return Poll::Ready(Ok(()));
         }
-        if buf.len() >= 5 {
-            let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-            if 5 + len > MAX_FIRST_RECORD || buf.len() >= 5 + len {
-                return Poll::Ready(Ok(()));
-            }
-        }
-        let want = match buf.get(3..5) {
-            Some(l) => 5 + usize::from(u16::from_be_bytes([l[0], l[1]])) - buf.len(),
-            None => 5 - buf.len(),
-        };
         // The read buffer lives on the stack for this call only.
         let mut tmp = [0u8; 2048];
         let n = want.min(tmp.len());
@@ -324,29 +457,6 @@ fn poll_first_record<IO: AsyncRead + Unpin>(
                 return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
             }
             Poll::Ready(Ok(())) => buf.extend_from_slice(rb.filled()),
-        }
-    }
-}
-
-/// `std::io::Write` over an `AsyncWrite` inside a poll: `WouldBlock` when
-/// the socket is full (the waker is registered).
-struct SyncWrite<'a, 'b, IO> {
-    io: &'a mut IO,
-    cx: &'a mut Context<'b>,
-}
-
-impl<IO: AsyncWrite + Unpin> io::Write for SyncWrite<'_, '_, IO> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match Pin::new(&mut *self.io).poll_write(self.cx, buf) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match Pin::new(&mut *self.io).poll_flush(self.cx) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
 }
@@ -605,24 +715,8 @@ mod tests {
 
     /// Server and client configs around a fresh self-signed certificate.
     fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let cert = ck.cert.der().clone();
-        let key =
-            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
-        let server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        (Arc::new(server), Arc::new(client))
+        let (server, client) = crate::tls::test_configs();
+        (Arc::new(server), client)
     }
 
     fn admission(max_handshakes: usize) -> (Arc<TlsAdmission>, Arc<rustls::ClientConfig>) {
@@ -709,6 +803,16 @@ mod tests {
         let stalled_half = tokio::spawn(async move { a.handshake(half).await.err() });
         let a = adm.clone();
         let stalled_replay = tokio::spawn(async move { a.handshake(replayed).await.err() });
+        // And one whose first record is too short to say how long its
+        // ClientHello is: rustls gets it, asks for more, and the slot goes
+        // back while it waits.
+        let (short, mut short_peer) = pipe();
+        short_peer
+            .write_all(&[0x16, 3, 1, 0, 2, 1, 0])
+            .await
+            .unwrap();
+        let a = adm.clone();
+        let stalled_short = tokio::spawn(async move { a.handshake(short).await.err() });
         tokio::task::yield_now().await;
         // A real client now finishes at once, without a tick of time.
         let (server, peer) = pipe();
@@ -728,7 +832,8 @@ mod tests {
             Some(HandshakeError::HelloTimeout)
         );
         assert_eq!(stalled_replay.await.unwrap(), Some(HandshakeError::Timeout));
-        drop((half_peer, replay_peer));
+        assert_eq!(stalled_short.await.unwrap(), Some(HandshakeError::Timeout));
+        drop((half_peer, replay_peer, short_peer));
     }
 
     #[tokio::test]
@@ -776,7 +881,7 @@ mod tests {
             .await
             .unwrap();
         let mut buf = Vec::new();
-        poll_fn(|cx| poll_first_record(&mut server, cx, &mut buf))
+        poll_fn(|cx| poll_client_hello(&mut server, cx, &mut buf))
             .await
             .unwrap();
         assert_eq!(buf, [0x16, 3, 1, 0, 3, 1, 2, 3]);
@@ -786,7 +891,7 @@ mod tests {
         let (mut server, mut peer) = pipe();
         peer.write_all(&[0x16, 3, 1, 0, 9, 1]).await.unwrap();
         drop(peer);
-        let r = poll_fn(|cx| poll_first_record(&mut server, cx, &mut buf)).await;
+        let r = poll_fn(|cx| poll_client_hello(&mut server, cx, &mut buf)).await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 

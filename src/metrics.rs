@@ -44,6 +44,12 @@ pub const QUIC_HANDSHAKES: &str = "tether_quic_handshakes_total";
 pub const QUIC_HANDSHAKES_PENDING: &str = "tether_quic_handshakes_pending";
 pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
 pub const TLS_HANDSHAKES_PENDING: &str = "tether_tls_handshakes_pending";
+pub const WS_UPGRADES: &str = "tether_ws_upgrades_total";
+pub const WS_CLOSES: &str = "tether_ws_closes_total";
+/// The `result` values of [`WS_UPGRADES`].
+pub const WS_UPGRADE_RESULTS: [&str; 11] = [
+    "accepted", "page", "400", "403", "404", "405", "426", "431", "503", "timeout", "failed",
+];
 pub const QUIC_SOCKET_BUFFER: &str = "tether_quic_socket_buffer_bytes";
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
 pub const PUSH_WAIT: &str = "tether_push_wait_seconds";
@@ -63,6 +69,12 @@ pub const UPSTREAM_REPLY_BYTES: &str = "tether_upstream_reply_bytes";
 pub const UPSTREAM_REPLY_WAITS: &str = "tether_upstream_reply_waits_total";
 pub const UPSTREAM_STALLS: &str = "tether_upstream_stalls_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
+pub const BUS_CONNECTED: &str = "tether_bus_connected";
+pub const BUS_DISCONNECTS: &str = "tether_bus_disconnects_total";
+pub const BUS_REQUESTS: &str = "tether_bus_requests_total";
+pub const CLUSTER_NODES: &str = "tether_cluster_nodes";
+pub const SESSIONS_MOVED: &str = "tether_sessions_moved_total";
+pub const SESSION_TAKES: &str = "tether_session_takes_total";
 pub const ROOMS: &str = "tether_rooms";
 pub const RESUMES: &str = "tether_resumes_total";
 pub const ACKED: &str = "tether_pushes_acked_total";
@@ -76,6 +88,8 @@ pub const PARKED_ANSWERS: &str = "tether_parked_answers_total";
 pub const ADMIN_CONNECTIONS: &str = "tether_admin_connections";
 pub const ADMIN_REFUSED: &str = "tether_admin_connections_refused_total";
 pub const ADMIN_TIMEOUTS: &str = "tether_admin_timeouts_total";
+pub const API_REQUESTS: &str = "tether_api_requests_total";
+pub const API_REFUSED: &str = "tether_api_refused_total";
 
 /// What a metric is in Prometheus terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,13 +122,20 @@ pub struct Label {
 }
 
 /// The client transports, as labels (`memory` is for tests and in-process
-/// use, and appears only when counted).
-pub const TRANSPORT_LABELS: [&str; 3] = ["tcp", "tls", "quic"];
+/// use, and appears only when counted): every [`TransportKind`] a device
+/// connects over.
+pub fn transport_labels() -> Vec<&'static str> {
+    TransportKind::ALL
+        .into_iter()
+        .filter(|k| k.is_client())
+        .map(TransportKind::as_str)
+        .collect()
+}
 
 const fn transport() -> Option<Label> {
     Some(Label {
         key: "transport",
-        values: || TRANSPORT_LABELS.to_vec(),
+        values: transport_labels,
     })
 }
 
@@ -218,14 +239,14 @@ pub static METRICS: &[Def] = &[
         name: PARKED,
         kind: Kind::Gauge,
         unit: None,
-        help: "Idle plain-TCP connections parked: no task and no reactor entry, their socket watched by the parker (listen.park_after).",
+        help: "Idle TCP and TLS connections parked: no task and no reactor entry, their socket watched by the parker (listen.park_after).",
         label: none(),
     },
     Def {
         name: PARKS,
         kind: Kind::Counter,
         unit: None,
-        help: "Times a quiet plain-TCP connection was parked; a push, a close or a deadline unparks it, and so does a read that needs more than an answer.",
+        help: "Times a quiet TCP or TLS connection was parked; a push, a close or a deadline unparks it, and so does a read that needs more than an answer.",
         label: none(),
     },
     Def {
@@ -376,6 +397,26 @@ pub static METRICS: &[Def] = &[
         }),
     },
     Def {
+        name: WS_UPGRADES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "WebSocket upgrade requests, by result: accepted, page (a plain GET answered with the example browser client, listen.ws_page), the HTTP status of a refusal (400, 403, 404, 405, 426, 431; 503 for a connection limit), timeout (no whole request within session.login_timeout) or failed (the peer closed or the socket failed).",
+        label: Some(Label {
+            key: "result",
+            values: || WS_UPGRADE_RESULTS.to_vec(),
+        }),
+    },
+    Def {
+        name: WS_CLOSES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "WebSocket connections the gateway closed for a frame it refuses, by close code: 1002 (protocol error), 1003 (a text message), 1008 (too many fragments), 1009 (a message over limits.max_frame).",
+        label: Some(Label {
+            key: "code",
+            values: || vec!["1002", "1003", "1008", "1009"],
+        }),
+    },
+    Def {
         name: TLS_HANDSHAKES_PENDING,
         kind: Kind::Gauge,
         unit: None,
@@ -405,6 +446,67 @@ pub static METRICS: &[Def] = &[
             key: "result",
             values: || vec!["ok", "unavailable", "duplicate"],
         }),
+    },
+    Def {
+        name: BUS_CONNECTED,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "1 while the cluster bus (bus.kind = \"nats\") is connected to a NATS server, else 0 (always 0 with the local bus).",
+        label: none(),
+    },
+    Def {
+        name: BUS_DISCONNECTS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Times the cluster bus lost its NATS connection (it reconnects by itself).",
+        label: none(),
+    },
+    Def {
+        name: BUS_REQUESTS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Commands sent to other nodes, by result: ok, timeout (no answer within bus.request_timeout), unreachable (the node is gone or the bus is down), error (the answer made no sense).",
+        label: Some(Label {
+            key: "result",
+            values: || vec!["ok", "timeout", "unreachable", "error"],
+        }),
+    },
+    Def {
+        name: SESSIONS_MOVED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Sessions that moved between nodes with a resume, by direction: in (resumed here from another node), out (handed to another node).",
+        label: Some(Label {
+            key: "direction",
+            values: || vec!["in", "out"],
+        }),
+    },
+    Def {
+        name: SESSION_TAKES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Resumes here of sessions another node held, by result: ok, or the code of why the session could not be fetched (the client then gets CODE_RESUME_EXPIRED).",
+        label: Some(Label {
+            key: "result",
+            values: || {
+                vec![
+                    "ok",
+                    Code::ResumeExpired.as_str_name(),
+                    Code::ResumeRejected.as_str_name(),
+                    Code::NodeUnreachable.as_str_name(),
+                    Code::NodeTimeout.as_str_name(),
+                    Code::BadRequest.as_str_name(),
+                    Code::Internal.as_str_name(),
+                ]
+            },
+        }),
+    },
+    Def {
+        name: CLUSTER_NODES,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Nodes of the cluster this node knows alive, itself included.",
+        label: none(),
     },
     Def {
         name: UPSTREAM_CONNECTIONS,
@@ -570,6 +672,26 @@ pub static METRICS: &[Def] = &[
             values: || vec!["header", "idle", "request"],
         }),
     },
+    Def {
+        name: API_REQUESTS,
+        kind: Kind::Counter,
+        unit: None,
+        help: "HTTP API requests that passed the key check, by route (push, kick, rooms_add, rooms_remove, presence).",
+        label: Some(Label {
+            key: "route",
+            values: || vec!["push", "kick", "rooms_add", "rooms_remove", "presence"],
+        }),
+    },
+    Def {
+        name: API_REFUSED,
+        kind: Kind::Counter,
+        unit: None,
+        help: "HTTP API requests refused before they ran, by reason: off (no api.keys, 403), unauthorized (missing or unknown key, 401), too_large (body over api.max_body, 413), timeout (body not in within metrics.request_timeout, 408), bad_json (400).",
+        label: Some(Label {
+            key: "reason",
+            values: || vec!["off", "unauthorized", "too_large", "timeout", "bad_json"],
+        }),
+    },
 ];
 
 /// Describes every metric of [`METRICS`] (Prometheus HELP lines).
@@ -656,8 +778,8 @@ pub struct Hot {
     pub writes: Counter,
     pub bytes_out: Counter,
     pub bytes_in: Counter,
-    frames_in: [Counter; 4],
-    frames_out: [Counter; 4],
+    frames_in: [Counter; TransportKind::ALL.len()],
+    frames_out: [Counter; TransportKind::ALL.len()],
     pub acked: Counter,
     pub deliveries: Counter,
     /// By target: user, device, users, room, everyone.
@@ -678,17 +800,10 @@ pub const TARGET_USERS: usize = 2;
 pub const TARGET_ROOM: usize = 3;
 pub const TARGET_EVERYONE: usize = 4;
 
-const TRANSPORTS: [TransportKind; 4] = [
-    TransportKind::Tcp,
-    TransportKind::Tls,
-    TransportKind::Quic,
-    TransportKind::Memory,
-];
-
 impl Hot {
     fn new() -> Self {
         let by_transport = |name: &'static str| {
-            TRANSPORTS.map(|t| metrics::counter!(name, "transport" => t.as_str()))
+            TransportKind::ALL.map(|t| metrics::counter!(name, "transport" => t.as_str()))
         };
         Self {
             writes: metrics::counter!(WRITES),
@@ -750,6 +865,13 @@ impl Exporter {
     /// one entry per open connection): call it off the async workers.
     pub fn render(&self) -> String {
         self.process.collect();
+        self.handle.render()
+    }
+
+    /// The recorder's series alone, without reading `/proc` for the
+    /// `process_*` ones: what the status page's sampler reads once a
+    /// second (the descriptor count walks one entry per connection).
+    pub fn render_series(&self) -> String {
         self.handle.render()
     }
 
@@ -831,9 +953,20 @@ mod tests {
     }
 
     #[test]
-    fn transport_handles_are_indexed_by_the_enum() {
-        for (i, t) in TRANSPORTS.iter().enumerate() {
-            assert_eq!(*t as usize, i, "{t:?}");
+    fn every_transport_has_a_hot_counter_and_a_label() {
+        let hot = Hot::new();
+        assert_eq!(hot.frames_in.len(), TransportKind::ALL.len());
+        for k in TransportKind::ALL {
+            // Indexes its own slot (a kind past the array would panic here).
+            let _ = hot.frames_in(k);
+            let _ = hot.frames_out(k);
+            assert_eq!(
+                k.is_client(),
+                transport_labels().contains(&k.as_str()),
+                "{k:?}"
+            );
         }
+        assert!(transport_labels().contains(&"ws"));
+        assert!(transport_labels().contains(&"wss"));
     }
 }

@@ -106,12 +106,22 @@ impl SessionShards {
     }
 }
 
+/// Told when a user gets a first session on this node or loses the last,
+/// and when a room gets a first member or loses the last (the cluster bus
+/// announces them). Called under the registry's shard locks, in the order
+/// the changes happen for one user or room: it must only take note.
+pub trait Watch: Send + Sync {
+    fn user(&self, user: &UserId, present: bool);
+    fn room(&self, room: &RoomId, present: bool);
+}
+
 /// All sessions of one node.
 pub struct Registry {
     sessions: SessionShards,
     users: DashMap<UserId, Devices>,
     rooms: DashMap<RoomId, Arc<Room>>,
     room_count: AtomicUsize,
+    watch: std::sync::OnceLock<Arc<dyn Watch>>,
 }
 
 impl Default for Registry {
@@ -131,7 +141,23 @@ impl Registry {
             users: DashMap::with_shard_amount(shards),
             rooms: DashMap::with_shard_amount(shards),
             room_count: AtomicUsize::new(0),
+            watch: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the watcher of users and rooms (once; later calls are ignored).
+    pub fn set_watch(&self, w: Arc<dyn Watch>) {
+        let _ = self.watch.set(w);
+    }
+
+    /// Every user with a session here.
+    pub fn user_ids(&self) -> Vec<UserId> {
+        self.users.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// Every room with a member here.
+    pub fn room_ids(&self) -> Vec<RoomId> {
+        self.rooms.iter().map(|e| e.key().clone()).collect()
     }
 
     /// Registers a logged-in session (its info must be set) and returns the
@@ -162,6 +188,7 @@ impl Registry {
         let mut replaced = Vec::new();
         {
             let mut devices = self.users.entry(info.user.clone()).or_default();
+            let first = devices.is_empty();
             if max_devices > 0 && policy == MultiLogin::PerDevice {
                 let others = devices
                     .iter()
@@ -183,6 +210,11 @@ impl Registry {
                 !same
             });
             devices.push(h.clone());
+            if first {
+                if let Some(w) = self.watch.get() {
+                    w.user(&info.user, true);
+                }
+            }
         }
         self.sessions
             .shard(h.id())
@@ -209,7 +241,15 @@ impl Registry {
         if let Some(info) = h.info() {
             self.users.remove_if_mut(&info.user, |_, devices| {
                 devices.retain(|d| !d.ptr_eq(h));
-                devices.is_empty()
+                let empty = devices.is_empty();
+                if empty {
+                    // Under the shard lock, so that a login racing with
+                    // this removal is announced after it.
+                    if let Some(w) = self.watch.get() {
+                        w.user(&info.user, false);
+                    }
+                }
+                empty
             });
         }
     }
@@ -237,6 +277,9 @@ impl Registry {
             list.push(room.clone());
             let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
                 self.room_count.fetch_add(1, Ordering::Relaxed);
+                if let Some(w) = self.watch.get() {
+                    w.room(room, true);
+                }
                 Arc::default()
             });
             entry.members.write().insert(h.id(), h.clone());
@@ -267,7 +310,13 @@ impl Registry {
         let removed = self.rooms.remove_if(room, |_, r| {
             let mut m = r.members.write();
             m.remove(&id);
-            m.is_empty()
+            let empty = m.is_empty();
+            if empty {
+                if let Some(w) = self.watch.get() {
+                    w.room(room, false);
+                }
+            }
+            empty
         });
         if removed.is_some() {
             self.room_count.fetch_sub(1, Ordering::Relaxed);

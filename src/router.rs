@@ -14,13 +14,13 @@
 
 use std::sync::{Arc, Weak};
 
-use crate::bus::{Command, Outcome, PushOutcome, PushTarget};
+use crate::bus::{Command, Executor, Outcome, PushOutcome, PushTarget};
 use crate::config::SlowConsumerPolicy;
 use crate::ids::{NodeId, UserId};
 use crate::metrics as m;
 use crate::registry::Registry;
 use crate::session::delivery::Item;
-use crate::session::{Budget, DeliveryConfig};
+use crate::session::{Budget, DeliveryConfig, WriteDelay};
 use crate::session::{CloseCmd, Enqueued, SessionHandle};
 use crate::wire::{pb, Code, SharedPush};
 
@@ -38,38 +38,17 @@ pub trait RouterHooks: Send + Sync {
     }
 }
 
-/// A write delay: sessions woken by pushes are woken in batches, every
-/// `delay`, so that pushes arriving in between go out in one write. Trades a
-/// little latency for far fewer writes when a moderate rate of broadcasts
-/// reaches many sessions (each push alone would cost one write per session).
-pub struct WriteDelay {
-    delay: std::time::Duration,
-    wakers: parking_lot::Mutex<Vec<std::task::Waker>>,
-}
-
-impl WriteDelay {
-    pub fn new(delay: std::time::Duration) -> Arc<Self> {
-        Arc::new(Self {
-            delay,
-            wakers: parking_lot::Mutex::new(Vec::new()),
-        })
+/// The bus runs this node's commands on the router.
+impl Executor for Router {
+    fn execute(&self, cmd: &Command) -> Outcome {
+        Router::execute(self, cmd)
     }
 
-    /// Wakes `w` at the next flush.
-    pub fn defer(&self, w: std::task::Waker) {
-        self.wakers.lock().push(w);
-    }
-
-    /// Wakes every deferred session; returns how many.
-    pub fn flush(&self) -> usize {
-        let batch = std::mem::take(&mut *self.wakers.lock());
-        let n = batch.len();
-        batch.into_iter().for_each(std::task::Waker::wake);
-        n
-    }
-
-    pub fn delay(&self) -> std::time::Duration {
-        self.delay
+    fn run<'a>(
+        &'a self,
+        cmd: &'a Command,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(Router::run(self, cmd))
     }
 }
 
@@ -95,6 +74,33 @@ pub struct Router {
     write_delay: std::sync::OnceLock<Arc<WriteDelay>>,
     /// Spare handle buffers for fan-outs (see [`SPARE_BUFFERS`]).
     spare: parking_lot::Mutex<Vec<Vec<SessionHandle>>>,
+    /// Sessions that moved here from another node lately, and the pushes
+    /// they hold (see [`Router::note_brought`]); counted, so that the
+    /// hot path pays one atomic load while there are none.
+    brought: parking_lot::Mutex<std::collections::HashMap<crate::ids::SessionId, Brought>>,
+    brought_count: std::sync::atomic::AtomicUsize,
+    /// How long a moved session's pushes are remembered (at least
+    /// [`BROUGHT_FOR`]; the cluster bus sets it from its request timeout).
+    brought_for: std::sync::OnceLock<std::time::Duration>,
+}
+
+/// The pushes a moved session holds: those it brought, and those queued
+/// for it here since.
+struct Brought {
+    at: std::time::Instant,
+    /// Hashes of their bodies.
+    bodies: std::collections::HashSet<u64>,
+}
+
+/// How long a moved session's pushes are remembered, at least: longer than
+/// a push takes to reach every node.
+pub const BROUGHT_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn body_hash(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Default)]
@@ -104,6 +110,8 @@ struct Tally {
     live: u64,
     dropped: u64,
     evicted: Vec<Item>,
+    /// Sessions that had ended when the push reached them.
+    closed: Vec<(UserId, crate::ids::DeviceId)>,
     hooks: Option<Arc<dyn RouterHooks>>,
     delay: Option<Arc<WriteDelay>>,
 }
@@ -115,12 +123,19 @@ impl Tally {
             live: 0,
             dropped: 0,
             evicted: Vec::new(),
+            closed: Vec::new(),
             hooks,
             delay,
         }
     }
 
     fn add(&mut self, h: &SessionHandle, push: &SharedPush, router: &Router) {
+        if router.holds(h, push) {
+            // A moved session that has it already: brought from its old
+            // node, or queued here by the other copy of a push that
+            // reached both nodes (counted where it was queued).
+            return;
+        }
         let (cfg, budget) = (&router.delivery, &router.budget);
         let offered = match &self.delay {
             Some(d) => h.enqueue_deferred(push, cfg, budget, &mut self.evicted, d),
@@ -148,7 +163,14 @@ impl Tally {
                 self.sessions += 1;
                 metrics::counter!(m::SLOW_CONSUMERS).increment(1);
             }
-            Enqueued::Closed => {}
+            Enqueued::Closed => {
+                // Ended between the map walk and the enqueue (a move to
+                // another node, a kick): the cluster bus forwards it to
+                // where a moved session went.
+                if let Some(i) = h.info() {
+                    self.closed.push((i.user.clone(), i.device.clone()));
+                }
+            }
         }
         if !self.evicted.is_empty() {
             // A detached (or slow) session's oldest push made room: the
@@ -200,7 +222,20 @@ impl Router {
             hooks: std::sync::OnceLock::new(),
             write_delay: std::sync::OnceLock::new(),
             spare: parking_lot::Mutex::new(Vec::new()),
+            brought: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            brought_count: std::sync::atomic::AtomicUsize::new(0),
+            brought_for: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Remembers a moved session's pushes for `d` (once; never less than
+    /// [`BROUGHT_FOR`]).
+    pub fn remember_moved_for(&self, d: std::time::Duration) {
+        let _ = self.brought_for.set(d.max(BROUGHT_FOR));
+    }
+
+    fn brought_for(&self) -> std::time::Duration {
+        self.brought_for.get().copied().unwrap_or(BROUGHT_FOR)
     }
 
     /// Defers the wake-ups of pushes through `delay` (once).
@@ -285,15 +320,16 @@ impl Router {
                 user,
                 device,
                 close,
+                before_ms,
             } => {
                 let mut n = 0;
                 // Cloned out of the map: ending a detached session unregisters
                 // it, which must not happen under the user shard's lock.
                 for h in self.registry.user_sessions(user.as_str()) {
-                    let hit = match device {
-                        Some(d) => h.info().is_some_and(|i| &i.device == d),
-                        None => true,
-                    };
+                    let hit = h.info().is_some_and(|i| {
+                        device.as_ref().is_none_or(|d| &i.device == d)
+                            && (*before_ms == 0 || i.since_ms < *before_ms)
+                    });
                     if hit {
                         let ended = h.is_detached()
                             && self.hooks().is_some_and(|k| k.end_detached(&h, close.code));
@@ -392,6 +428,57 @@ impl Router {
     /// Asks every session to close with `cmd` (drain).
     pub fn close_all(&self, cmd: &CloseCmd) -> usize {
         self.registry.for_each(|h| h.request_close(cmd.clone()))
+    }
+
+    /// A session moved here from another node with these pushes (`at`:
+    /// when it arrived). For a while (see [`Router::remember_moved_for`])
+    /// the router remembers them, and every push queued for the session
+    /// here, so that the same push reaching it twice is queued once: a room
+    /// push or a broadcast sent to both nodes as it moved, which the old
+    /// node also sends on because it missed the session there.
+    pub fn note_brought<'a>(
+        &self,
+        id: crate::ids::SessionId,
+        bodies: impl Iterator<Item = &'a [u8]>,
+        at: std::time::Instant,
+    ) {
+        let bodies = bodies.map(body_hash).collect();
+        let keep = self.brought_for();
+        let mut m = self.brought.lock();
+        m.retain(|_, b| at.saturating_duration_since(b.at) < keep);
+        m.insert(id, Brought { at, bodies });
+        self.brought_count
+            .store(m.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `h`, a session that moved here lately, holds `push` already.
+    /// If not, the push is noted as held (check and note are one step, so
+    /// that two copies of a push racing to the session queue it once).
+    fn holds(&self, h: &SessionHandle, push: &SharedPush) -> bool {
+        if self
+            .brought_count
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            return false;
+        }
+        let keep = self.brought_for();
+        let mut m = self.brought.lock();
+        // Forget what is past remembering, so that the check costs one
+        // atomic load again once moves are over.
+        let now = push.arrived;
+        m.retain(|_, b| now.saturating_duration_since(b.at) < keep);
+        self.brought_count
+            .store(m.len(), std::sync::atomic::Ordering::Relaxed);
+        m.get_mut(&h.id())
+            .is_some_and(|b| !b.bodies.insert(body_hash(&push.body)))
+    }
+
+    /// Asks every session's connection to close, keeping the sessions (a
+    /// draining node of a cluster, whose sessions move to other nodes).
+    pub fn close_all_keeping(&self, cmd: &CloseCmd) -> usize {
+        self.registry
+            .for_each(|h| h.request_close_keeping(cmd.clone()))
     }
 }
 
@@ -538,6 +625,100 @@ impl<'a> FanOut<'a> {
             sessions: self.tally.sessions,
             dropped: self.tally.dropped,
             missing_users: std::mem::take(&mut self.missing),
+            closed: std::mem::take(&mut self.tally.closed),
+            moved: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MultiLogin;
+    use crate::ids::{DeviceId, SessionId, TransportKind};
+    use crate::session::SessionInfo;
+
+    fn session(registry: &Registry, id: u64, user: &str) -> SessionHandle {
+        let h = SessionHandle::new(SessionId(id));
+        h.set_info(SessionInfo {
+            user: UserId::new(user),
+            device: DeviceId::new("phone"),
+            platform: pb::Platform::Ios,
+            transport: TransportKind::Tcp,
+            since_ms: 0,
+        });
+        registry.register(&h, MultiLogin::PerDevice);
+        h
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_push_queued_for_a_moved_session_here_is_not_queued_again_when_sent_on() {
+        let registry = Arc::new(Registry::new());
+        let router = Router::new(
+            NodeId::new("b"),
+            registry.clone(),
+            1 << 20,
+            SlowConsumerPolicy::Disconnect,
+            8,
+        );
+        router.remember_moved_for(std::time::Duration::from_secs(7));
+        let h = session(&registry, 1, "ann");
+        let other = session(&registry, 2, "bob");
+        let now = tokio::time::Instant::now().into_std();
+        // It brought nothing; a broadcast reaches it here after it arrived.
+        router.note_brought(h.id(), std::iter::empty(), now);
+        let everyone = PushTarget::Everyone;
+        let b1 = SharedPush::new("b1", b"x", "", "");
+        assert_eq!(router.push(&everyone, &b1).sessions, 2);
+        // The old node missed it there and sends it on, as a device push.
+        let device = PushTarget::Device(UserId::new("ann"), DeviceId::new("phone"));
+        let sent_on = SharedPush::new("b1", b"x", "", "");
+        assert_eq!(router.push(&device, &sent_on).sessions, 0);
+        assert_eq!((h.queued(), other.queued()), (1, 1));
+        // A session that did not move is not looked at.
+        let again = SharedPush::new("b1", b"x", "", "");
+        let bob = PushTarget::Device(UserId::new("bob"), DeviceId::new("phone"));
+        assert_eq!(router.push(&bob, &again).sessions, 1);
+        // The memory lasts as long as the bus asked, not BROUGHT_FOR.
+        tokio::time::advance(BROUGHT_FOR).await;
+        let late = SharedPush::new("b1", b"x", "", "");
+        assert_eq!(router.push(&device, &late).sessions, 0);
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        let later = SharedPush::new("b1", b"x", "", "");
+        assert_eq!(router.push(&device, &later).sessions, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_push_a_moved_session_brought_is_not_queued_twice_for_a_while() {
+        let registry = Arc::new(Registry::new());
+        let router = Router::new(
+            NodeId::new("b"),
+            registry.clone(),
+            1 << 20,
+            SlowConsumerPolicy::Disconnect,
+            8,
+        );
+        let h = session(&registry, 1, "ann");
+        let brought = SharedPush::new("m1", b"hello", "", "");
+        let now = tokio::time::Instant::now().into_std();
+        router.note_brought(h.id(), std::iter::once(&brought.body[..]), now);
+        let everyone = PushTarget::Everyone;
+        // The same push, reaching this node too (a new object, the same bytes).
+        let again = SharedPush::new("m1", b"hello", "", "");
+        assert_eq!(router.push(&everyone, &again).sessions, 0);
+        let other = SharedPush::new("m2", b"hello", "", "");
+        assert_eq!(router.push(&everyone, &other).sessions, 1);
+        assert_eq!(h.queued(), 1);
+        // Past BROUGHT_FOR the same bytes are a new push, and the check is
+        // off the hot path again.
+        tokio::time::advance(BROUGHT_FOR).await;
+        let later = SharedPush::new("m1", b"hello", "", "");
+        assert_eq!(router.push(&everyone, &later).sessions, 1);
+        assert_eq!(
+            router
+                .brought_count
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
 }

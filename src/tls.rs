@@ -168,3 +168,27 @@ pub fn client_config_pinned(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsE
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned()).map_err(|e| format!("invalid server name {host}: {e}"))
 }
+
+/// A server config (TLS 1.3, ring) around a fresh self-signed certificate
+/// for localhost, and a client config that trusts exactly it: for tests
+/// that run handshakes in memory.
+#[cfg(test)]
+pub(crate) fn test_configs() -> (rustls::ServerConfig, Arc<rustls::ClientConfig>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (server, Arc::new(client))
+}

@@ -1,5 +1,5 @@
 //! The admin listener over real sockets: every metric of the table on the
-//! page from the start, the process series, 404s, and the bounds (header
+//! page from the start, the process series, 404s and 405s, and the bounds (header
 //! timeout for silent and dribbling clients, the connection cap).
 
 use std::net::SocketAddr;
@@ -35,9 +35,7 @@ async fn start(limits: Limits) -> (SocketAddr, tokio_util::sync::DropGuard) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let admin = Arc::new(Admin {
-        exporter: exporter(),
-    });
+    let admin = Arc::new(Admin::metrics_only(exporter()));
     tokio::spawn(tether::admin::serve(listener, admin, limits, stop.clone()));
     (addr, stop.drop_guard())
 }
@@ -132,7 +130,7 @@ async fn process_series_are_on_the_page() {
 #[tokio::test]
 async fn unknown_paths_get_404_and_other_methods_405() {
     let (addr, _stop) = start(limits()).await;
-    let r = get(addr, "/").await;
+    let r = get(addr, "/nothing").await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     let r = get(addr, "/metrics/extra").await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");

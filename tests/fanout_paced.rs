@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tether::bus::{Bus, Command, Destination, LocalBus, Outcome, PushTarget};
+use tether::bus::{Bus, Command, LocalBus, Outcome, PushTarget};
 use tether::config::{MultiLogin, SlowConsumerPolicy};
 use tether::ids::{DeviceId, NodeId, RoomId, SessionId, TransportKind, UserId};
 use tether::registry::Registry;
@@ -52,7 +52,7 @@ fn fleet() -> Fleet {
         4,
     ));
     Fleet {
-        bus: LocalBus::new(NodeId::new("n"), router),
+        bus: LocalBus::new(NodeId::new("n"), router, Arc::default()),
         registry,
         handles,
         room,
@@ -100,14 +100,10 @@ async fn push_watched(
     };
     tokio::task::yield_now().await; // the watcher sees the state before the push
     let push = SharedPush::new("m-1", b"hello", "test", "");
-    let out = f
-        .bus
-        .request(Destination::All, Command::Push { target, push })
-        .await
-        .unwrap();
+    let out = f.bus.request(Command::Push { target, push }).await;
     done.store(true, Ordering::Release);
     watcher.await.unwrap();
-    let Outcome::Push(out) = out.into_iter().next().unwrap().1 else {
+    let Outcome::Push(out) = out.outcome else {
         panic!("a push has a push outcome");
     };
     let seen = std::mem::take(&mut *seen.lock());

@@ -8,7 +8,7 @@
 //! under a 20,000-descriptor limit with a margin. The test raises its soft
 //! descriptor limit to the hard one, which the child inherits.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use tether::client::Client;
@@ -106,9 +106,9 @@ async fn a_real_tls_login_gets_through_10k_silent_and_slow_sockets_within_a_seco
     );
     let dir = tempfile::tempdir().unwrap();
     let (tls, upstream, metrics) = (
-        common::free_tcp_port(),
-        common::free_tcp_port(),
-        common::free_tcp_port(),
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
     );
     let cfg = dir.path().join("tether.toml");
     // Default [tls] and [limits]: the defaults are what this proves.
@@ -123,15 +123,7 @@ async fn a_real_tls_login_gets_through_10k_silent_and_slow_sockets_within_a_seco
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = common::serve_binary(dir.path(), &cfg, Stdio::null());
     let ca = dir.path().join("dev-cert.pem");
     let _gw = Gateway { child, _dir: dir };
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], tls).into();

@@ -59,7 +59,7 @@ async fn device(mut c: Client, base: Instant, quic: bool) -> Vec<Duration> {
                 }
                 if let Some(seq) = ahead.pop_front() {
                     bulk_done += 1;
-                    if bulk_done % 8 == 0 {
+                    if bulk_done.is_multiple_of(8) {
                         c.ack_lane(pb::Lane::Bulk, seq).await.unwrap();
                     }
                 }

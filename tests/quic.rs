@@ -432,7 +432,7 @@ async fn a_handshake_and_garbage_flood_leaves_established_sessions_receiving() {
                     x ^= x << 17;
                     let len = 1 + (x % 1400) as usize;
                     let mut d: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         d[0] = 0xc3; // long header, Initial
                         d.truncate(len.min(40));
                     }

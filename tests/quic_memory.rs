@@ -31,7 +31,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[ignore = "spawns the gateway and 2,200 QUIC sessions; run by name (.ci/run does)"]
 async fn idle_quic_session_memory_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let (udp, tcp) = (common::free_udp_port(), common::free_tcp_port());
+    let (udp, tcp) = (common::free_port(), common::free_port());
     let cfg = dir.path().join("tether.toml");
     std::fs::write(
         &cfg,

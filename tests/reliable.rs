@@ -302,7 +302,7 @@ async fn kill_mid_stream_and_resume_delivers_every_push_once_in_order() {
     // (Not a multiple of 50: some pushes it saw are not acknowledged.)
     while last < 3_017 {
         let p = recv_push(&mut c).await;
-        if on_push(&p, &mut last) && last % 50 == 0 {
+        if on_push(&p, &mut last) && last.is_multiple_of(50) {
             c.ack(last).await.unwrap();
         }
     }
@@ -347,7 +347,7 @@ async fn kill_mid_stream_and_resume_delivers_every_push_once_in_order() {
 
     while last < STREAM {
         let p = recv_push(&mut c).await;
-        if on_push(&p, &mut last) && (last % 50 == 0 || last == STREAM) {
+        if on_push(&p, &mut last) && (last.is_multiple_of(50) || last == STREAM) {
             c.ack(last).await.unwrap();
         }
     }

@@ -3,10 +3,9 @@
 //! socket's granted buffer), and SIGTERM drain.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tether::client::Client;
 use tether::upstream::{Endpoint, UpstreamClient, UpstreamOptions};
 use tether::wire::pb;
 
@@ -22,7 +21,7 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
 #[tokio::test]
 async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let (tcp, metrics) = (common::free_tcp_port(), common::free_tcp_port());
+    let (tcp, metrics) = (common::free_port(), common::free_port());
     let sock = dir.path().join("upstream.sock");
     let cfg = dir.path().join("tether.toml");
     std::fs::write(
@@ -33,28 +32,10 @@ async fn serve_binary_pushes_over_unix_socket_exports_metrics_and_drains_on_sigt
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::serve_binary(dir.path(), &cfg, Stdio::piped());
 
     // Wait for the client port.
-    let t0 = Instant::now();
-    let mut c = loop {
-        if let Ok(c) = Client::connect_tcp(("127.0.0.1", tcp)).await {
-            break c;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "gateway did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut c = common::connect_when_up(tcp).await;
     c.login(&common::token("alice", "phone"), "phone")
         .await
         .unwrap();

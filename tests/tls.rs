@@ -189,3 +189,80 @@ async fn stalled_tls_handshake_is_dropped() {
         .unwrap();
     t.login(&token("alice", "phone"), "phone").await.unwrap();
 }
+
+/// Records a peer sends after the handshake that are not TLS (or do not
+/// authenticate) close that connection only, and its session waits for a
+/// resume as for any lost connection; the other sessions carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_records_after_the_handshake_close_that_connection_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = tls_config();
+    cfg.listen.park_after = Duration::from_millis(100);
+    let g = start(cfg).await;
+    let tls_addr = g.tls.expect("a TLS listener");
+    let mut good = Client::connect_tls(tls_addr, "localhost", &g.ca())
+        .await
+        .unwrap();
+    good.login(&token("bob", "phone"), "phone").await.unwrap();
+
+    let attacks: [&[u8]; 4] = [
+        // Application data that does not authenticate.
+        &[
+            23, 3, 3, 0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+        ],
+        // A plaintext handshake record (a renegotiation attempt).
+        &[22, 3, 3, 0, 4, 1, 0, 0, 0],
+        // A record longer than TLS allows.
+        &[23, 3, 3, 0xff, 0xff],
+        // Not TLS at all.
+        b"GET / HTTP/1.1\r\n\r\n",
+    ];
+    for (i, bytes) in attacks.iter().enumerate() {
+        let cert = g.ca();
+        let cfg = tether::tls::client_config_pinned(&cert).unwrap();
+        let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+        let name = tether::tls::server_name("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .expect("handshake");
+        // Log in over TLS, then let it park, then write raw bytes under
+        // the TLS layer.
+        let login = tether::wire::frame_bytes(&pb::ClientFrame {
+            request_id: 1,
+            body: Some(pb::client_frame::Body::Login(pb::Login {
+                token: token(&format!("mallory{i}"), "phone"),
+                device_id: "phone".into(),
+                platform: pb::Platform::Desktop as i32,
+                protocol_version: 1,
+                resume: None,
+            })),
+        });
+        tls.write_all(&login).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tls.read(&mut buf).await.unwrap();
+        assert!(n > 0, "a LoginOk");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tls.get_mut().0.write_all(bytes).await.unwrap();
+        // The gateway closes the connection: the TCP stream ends (or is
+        // reset) within a second.
+        let tcp = tls.get_mut().0;
+        let end = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut b = [0u8; 1024];
+            loop {
+                match tcp.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "attack {i}: the connection stayed open");
+    }
+    // Every session waits for a resume; the good one still works.
+    ping_pong(&mut good).await;
+    let (up, _) = g.upstream(false).await;
+    let r = up.push_user("bob", "still here").await.unwrap();
+    assert_eq!(r.sessions, 1);
+    assert_eq!(&push_of(&next(&mut good).await).payload[..], b"still here");
+}

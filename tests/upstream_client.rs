@@ -79,6 +79,7 @@ async fn a_subscribed_client_gets_replies_under_an_event_flood() {
                     message_id: format!("{}", p.payload.len()),
                     sessions: 0,
                     dropped: 0,
+                    failed: Vec::new(),
                 }),
                 _ => Out::Pong(pb::Pong::default()),
             };

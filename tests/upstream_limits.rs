@@ -502,10 +502,10 @@ async fn a_stuck_subscriber_is_bounded_in_bytes_and_told_what_it_missed() {
             assert!(polls < 2_000, "the healthy subscriber stalled");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let queued = g.gw.local_bus().hub().queued_bytes() as u64;
+        let queued = g.gw.hub().queued_bytes() as u64;
         assert!(queued <= 2 * BOUND, "two subscribers hold {queued} bytes");
     }
-    let queued = g.gw.local_bus().hub().queued_bytes() as u64;
+    let queued = g.gw.hub().queued_bytes() as u64;
     assert!(queued <= BOUND, "the stuck subscriber holds {queued} bytes");
     assert!(queued > BOUND / 2, "its queue did fill up: {queued} bytes");
     let dropped = sample(dropped_metric) - dropped_before;

@@ -16,10 +16,12 @@ use anyhow::Context as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::fleet::{self, Command, FleetSpec, Histogram, Hists, Report, SessionRecord, Stats};
+use crate::fleet::{
+    self, Command, FleetSpec, Histogram, Hists, IdRecord, Report, SessionRecord, Stats,
+};
 
 /// Connections one worker process holds at most by default.
 pub const PER_WORKER: usize = 15_000;
@@ -29,6 +31,8 @@ pub const PER_WORKER: usize = 15_000;
 pub enum Gauge {
     /// `/proc/PID/smaps_rollup` (the gateway runs on this host).
     Pid(u32),
+    /// The sum over several processes on this host (a cluster's gateways).
+    Pids(Vec<u32>),
     /// The `tether_process_resident_memory_bytes` gauge on a Prometheus
     /// endpoint (`host:port`).
     Metrics(String),
@@ -39,6 +43,7 @@ impl Gauge {
     pub async fn read(&self) -> Option<u64> {
         match self {
             Gauge::Pid(pid) => rss_kib(*pid).map(|k| k * 1024),
+            Gauge::Pids(pids) => Some(pids.iter().filter_map(|&p| rss_kib(p)).sum::<u64>() * 1024),
             Gauge::Metrics(addr) => scrape(addr, "tether_process_resident_memory_bytes")
                 .await
                 .map(|v| v as u64),
@@ -175,7 +180,9 @@ pub async fn scrape_text(addr: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// One second of the run, summed over workers.
+/// The run at one moment, summed over workers: taken each second, and at
+/// the end of each phase (every device settled, the run over), so that a run
+/// shorter than a second still has a first and a last sample to plot.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Sample {
     /// Seconds since the fleet started.
@@ -188,6 +195,22 @@ pub struct Sample {
     pub churns: u64,
     /// Gateway resident bytes, when a gauge is set.
     pub gateway_rss: Option<u64>,
+}
+
+impl Sample {
+    /// The totals `t` now, `started` being when the fleet started.
+    fn of(t: &Stats, started: Instant, gateway_rss: Option<u64>) -> Sample {
+        Sample {
+            t: started.elapsed().as_secs_f64(),
+            online: t.online,
+            logins: t.logins,
+            pushes: t.pushes + t.slow_pushes,
+            uplinks_acked: t.uplinks_acked,
+            resumes: t.resumes,
+            churns: t.churns,
+            gateway_rss,
+        }
+    }
 }
 
 /// What a finished fleet hands back.
@@ -204,6 +227,8 @@ pub struct Outcome {
     pub workers: usize,
     /// What each session received, when the fleet recorded it.
     pub sessions: Vec<SessionRecord>,
+    /// The payload ids each device received, when the fleet recorded them.
+    pub ids: Vec<IdRecord>,
 }
 
 #[derive(Default)]
@@ -214,6 +239,7 @@ struct Agg {
     failed: Vec<Option<String>>,
     timeline: Vec<Sample>,
     sessions: Vec<SessionRecord>,
+    ids: Vec<IdRecord>,
 }
 
 impl Agg {
@@ -233,6 +259,8 @@ impl Agg {
 /// A running fleet.
 pub struct Fleet {
     cmds: Vec<mpsc::Sender<Command>>,
+    /// Asks the monitor for a sample now; it answers once it is recorded.
+    marks: mpsc::Sender<oneshot::Sender<()>>,
     agg: Arc<Mutex<Agg>>,
     changed: Arc<Notify>,
     monitor: tokio::task::JoinHandle<()>,
@@ -294,11 +322,14 @@ impl Fleet {
             failed: vec![None; parts],
             timeline: Vec::new(),
             sessions: Vec::new(),
+            ids: Vec::new(),
         }));
         let changed = Arc::new(Notify::new());
         let started = Instant::now();
+        let (marks, marks_rx) = mpsc::channel(4);
         let monitor = tokio::spawn(monitor(
             rx,
+            marks_rx,
             agg.clone(),
             changed.clone(),
             gauge,
@@ -308,6 +339,7 @@ impl Fleet {
         ));
         Ok(Fleet {
             cmds,
+            marks,
             agg,
             changed,
             monitor,
@@ -316,6 +348,16 @@ impl Fleet {
             total: spec.count,
             workers,
         })
+    }
+
+    /// Records a sample of the timeline now (the end of a phase), besides
+    /// the one each second; returns once it is recorded.
+    pub async fn mark(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.marks.send(tx).await.is_ok() {
+            // The monitor is gone only once the fleet finished.
+            let _ = rx.await;
+        }
     }
 
     /// The sum of the workers' latest reports.
@@ -360,13 +402,21 @@ impl Fleet {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
-            if let Ok(a) = self.agg.lock() {
-                if let Some(f) = a.failed.iter().flatten().next() {
-                    anyhow::bail!("a worker failed: {f}");
+            // The guard is dropped at the end of the statement, before the
+            // mark's await.
+            let ready = match self.agg.lock() {
+                Ok(a) => {
+                    if let Some(f) = a.failed.iter().flatten().next() {
+                        anyhow::bail!("a worker failed: {f}");
+                    }
+                    a.ready.iter().all(|r| *r).then(|| a.totals())
                 }
-                if a.ready.iter().all(|r| *r) {
-                    return Ok(a.totals());
-                }
+                Err(_) => None,
+            };
+            if let Some(t) = ready {
+                // The end of the login phase: devices online, logins.
+                self.mark().await;
+                return Ok(t);
             }
             if Instant::now() >= deadline {
                 let t = self.totals();
@@ -382,6 +432,14 @@ impl Fleet {
         }
     }
 
+    /// Why a worker failed, if one did.
+    pub fn worker_failure(&self) -> Option<String> {
+        self.agg
+            .lock()
+            .ok()
+            .and_then(|a| a.failed.iter().flatten().next().cloned())
+    }
+
     /// Sends a command to every worker.
     pub async fn command(&self, c: Command) {
         for tx in &self.cmds {
@@ -391,6 +449,9 @@ impl Fleet {
 
     /// Stops every worker and collects the figures.
     pub async fn finish(mut self) -> Outcome {
+        // The last sample while the devices are still online: however short
+        // the run, the timeline ends on its true totals.
+        self.mark().await;
         self.command(Command::Stop).await;
         let (_, _) = self.wait_for(Duration::from_secs(30), |_| false).await;
         self.monitor.abort();
@@ -408,9 +469,11 @@ impl Fleet {
             failures: Vec::new(),
             workers: self.workers,
             sessions: Vec::new(),
+            ids: Vec::new(),
         };
         if let Ok(mut a) = self.agg.lock() {
             out.sessions = std::mem::take(&mut a.sessions);
+            out.ids = std::mem::take(&mut a.ids);
             out.stats = a.totals();
             out.timeline = a.timeline.clone();
             for (w, h) in a.done.iter().enumerate() {
@@ -491,9 +554,14 @@ async fn spawn_worker(
     Ok(child)
 }
 
-/// Takes in reports, samples the timeline each second, draws progress.
+/// Takes in reports, samples the timeline each second and when asked
+/// (`marks`), draws progress.
+// Eight arguments: the channels and shared state it alone drives; a struct
+// made only to pass them would be read in this one place.
+#[allow(clippy::too_many_arguments)]
 async fn monitor(
     mut rx: mpsc::Receiver<(usize, Report)>,
+    mut marks: mpsc::Receiver<oneshot::Sender<()>>,
     agg: Arc<Mutex<Agg>>,
     changed: Arc<Notify>,
     gauge: Option<Gauge>,
@@ -532,15 +600,27 @@ async fn monitor(
                             a.latest[w] = stats;
                             a.ready[w] = true;
                         }
-                        Report::Done { stats, hists, sessions } => {
+                        Report::Done { stats, hists, sessions, ids } => {
                             a.latest[w] = stats;
                             a.done[w] = Some(hists);
                             a.sessions.extend(sessions);
+                            a.ids.extend(ids);
                         }
                         Report::Failed { message } => a.failed[w] = Some(message),
                     }
                 }
                 changed.notify_waiters();
+            }
+            Some(done) = marks.recv() => {
+                let rss = match &gauge {
+                    Some(g) => g.read().await,
+                    None => None,
+                };
+                let t = agg.lock().map(|a| a.totals()).unwrap_or_default();
+                if let Ok(mut a) = agg.lock() {
+                    a.timeline.push(Sample::of(&t, started, rss));
+                }
+                let _ = done.send(());
             }
             _ = second.tick() => {
                 let rss = match &gauge {
@@ -548,16 +628,7 @@ async fn monitor(
                     None => None,
                 };
                 let t = agg.lock().map(|a| a.totals()).unwrap_or_default();
-                let s = Sample {
-                    t: started.elapsed().as_secs_f64(),
-                    online: t.online,
-                    logins: t.logins,
-                    pushes: t.pushes + t.slow_pushes,
-                    uplinks_acked: t.uplinks_acked,
-                    resumes: t.resumes,
-                    churns: t.churns,
-                    gateway_rss: rss,
-                };
+                let s = Sample::of(&t, started, rss);
                 let dt = (s.t - prev.t).max(1e-3);
                 let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
                 online.set_position(s.online);

@@ -40,6 +40,10 @@ pub struct FleetSpec {
     /// Connect over QUIC instead of TCP (`addrs` are UDP addresses).
     #[serde(default)]
     pub quic: Option<QuicSpec>,
+    /// Connect over WebSocket (over TLS with `tls`): `addrs` are the
+    /// gateway's WebSocket listeners.
+    #[serde(default)]
+    pub ws: bool,
     /// HS256 secret the tokens are minted with.
     pub secret: String,
     /// User ids are `{prefix}{i}`, device ids `d{i}`.
@@ -56,6 +60,10 @@ pub struct FleetSpec {
     pub ping_ms: Option<u64>,
     /// Room every device joins after login.
     pub room: Option<String>,
+    /// With more than 0, device `i` is also in room `r<i % rooms>`, from
+    /// its token (joined at login).
+    #[serde(default)]
+    pub rooms: usize,
     /// Every `slow_every`-th device (by global index) reads at `slow_bps`
     /// bytes per second and gives up when the gateway closes it (0: none).
     pub slow_every: usize,
@@ -93,6 +101,18 @@ pub struct FleetSpec {
     /// gateway (no TLS, no QUIC).
     #[serde(default)]
     pub redis: Option<RedisSpec>,
+    /// The gateways at `addrs` are one cluster: a device whose gateway
+    /// drains it, drops its connection or cannot be reached moves on to the
+    /// next address (or to the Close's `reconnect_to`, after its
+    /// `reconnect_after_ms`) and resumes its session there.
+    #[serde(default)]
+    pub failover: bool,
+    /// Keep the payload id of every push received (bytes 8 to 16 of its
+    /// payload, after the send time), count a payload seen twice in
+    /// `Stats::id_dups`, and hand the ids back with the final report
+    /// ([`IdRecord`]).
+    #[serde(default)]
+    pub record_ids: bool,
 }
 
 /// What a redis subscriber subscribes to: its user's channel `u:<user>`
@@ -112,6 +132,19 @@ pub struct SessionRecord {
     pub session: u64,
     pub lanes: [Vec<(u64, u64)>; 2],
 }
+
+/// The payload ids one device received ([`FleetSpec::record_ids`]),
+/// sorted.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdRecord {
+    /// The device's global index.
+    pub device: usize,
+    pub ids: Vec<u64>,
+}
+
+/// Payload ids one device keeps at most; past that `Stats::ids_overflow`
+/// counts what it did not keep.
+const MAX_IDS: usize = 1 << 20;
 
 /// Ranges one lane of one session records at most; past that the record is
 /// cut short and `Stats::record_overflow` counts it (a session that skips
@@ -175,6 +208,9 @@ pub enum Report {
         /// With `record_sessions`: what every session received.
         #[serde(default)]
         sessions: Vec<SessionRecord>,
+        /// With `record_ids`: the payload ids every device received.
+        #[serde(default)]
+        ids: Vec<IdRecord>,
     },
     Failed {
         message: String,
@@ -245,6 +281,17 @@ pub struct Stats {
     /// session records are missing).
     #[serde(default)]
     pub unfinished: u64,
+    /// With `record_ids`: pushes with a new seq whose payload id the device
+    /// had received before (a duplicate the seqs do not show), and ids not
+    /// kept past `MAX_IDS`.
+    #[serde(default)]
+    pub id_dups: u64,
+    #[serde(default)]
+    pub ids_overflow: u64,
+    /// With `failover`: connections made to another gateway than the one
+    /// before (after a drain, a lost connection or a failed connect).
+    #[serde(default)]
+    pub failovers: u64,
     /// Server Close and Error frames and login refusals, by code.
     #[serde(with = "code_map")]
     pub codes: BTreeMap<i32, u64>,
@@ -286,6 +333,9 @@ impl Stats {
         self.zero_rtt_refused += o.zero_rtt_refused;
         self.zero_rtt_no_ticket += o.zero_rtt_no_ticket;
         self.unfinished += o.unfinished;
+        self.id_dups += o.id_dups;
+        self.ids_overflow += o.ids_overflow;
+        self.failovers += o.failovers;
         for (k, v) in &o.codes {
             *self.codes.entry(*k).or_default() += v;
         }
@@ -413,6 +463,7 @@ pub async fn run(
         codes: Mutex::new(BTreeMap::new()),
         errors: Mutex::new(Vec::new()),
         records: Mutex::new(Vec::new()),
+        ids: Mutex::new(Vec::new()),
         running: AtomicU64::new(0),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Run(0, 1000));
@@ -460,8 +511,8 @@ pub async fn run(
     spawner.abort();
     // Devices notice Stop at their next poll; give them a moment to leave
     // (and to hand in their session records).
-    let deadline =
-        Instant::now() + Duration::from_secs(if shared.spec.record_sessions { 10 } else { 2 });
+    let records = shared.spec.record_sessions || shared.spec.record_ids;
+    let deadline = Instant::now() + Duration::from_secs(if records { 10 } else { 2 });
     while (shared.counters.online.load(Relaxed) > 0 || shared.running.load(Relaxed) > 0)
         && Instant::now() < deadline
     {
@@ -474,11 +525,17 @@ pub async fn run(
         .lock()
         .map(|mut r| std::mem::take(&mut *r))
         .unwrap_or_default();
+    let ids = shared
+        .ids
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default();
     let _ = reports
         .send(Report::Done {
             stats,
             hists,
             sessions,
+            ids,
         })
         .await;
 }
@@ -555,6 +612,9 @@ struct Counters {
     record_overflow: AtomicU64,
     rebinds: AtomicU64,
     rebind_errors: AtomicU64,
+    id_dups: AtomicU64,
+    ids_overflow: AtomicU64,
+    failovers: AtomicU64,
 }
 
 #[derive(Default)]
@@ -606,6 +666,7 @@ struct Shared {
     errors: Mutex<Vec<String>>,
     // std Mutex: held for a push, never across an await.
     records: Mutex<Vec<SessionRecord>>,
+    ids: Mutex<Vec<IdRecord>>,
     /// Device tasks still running.
     running: AtomicU64,
 }
@@ -651,6 +712,9 @@ impl Shared {
             zero_rtt_refused: zero_rtt.refused,
             zero_rtt_no_ticket: zero_rtt.no_ticket,
             unfinished: self.running.load(Relaxed),
+            id_dups: l(&c.id_dups),
+            ids_overflow: l(&c.ids_overflow),
+            failovers: l(&c.failovers),
             codes: self.codes.lock().map(|m| m.clone()).unwrap_or_default(),
             errors: self.errors.lock().map(|m| m.clone()).unwrap_or_default(),
         }
@@ -709,8 +773,9 @@ async fn spawn_devices(shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
     }
 }
 
-/// A device's connection: TCP, TLS over TCP, or QUIC (both of the
-/// gateway's streams merged, see [`crate::quic::QuicIo`]).
+/// A device's connection: TCP, TLS over TCP, WebSocket over either, or
+/// QUIC (both of the gateway's streams merged, see
+/// [`crate::quic::QuicIo`]).
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {
     /// Drops the connection as a device that lost its network would: no
     /// Close frame, no orderly end.
@@ -734,6 +799,35 @@ impl Io for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     fn abort(self: Box<Self>) {
         reset(self.get_ref().0);
     }
+}
+
+/// WebSocket, framed by hand with the gateway's own codec
+/// (`tether::ws_client`): masked, and no buffer while idle, for thousands of
+/// connections per process.
+impl Io for tether::ws_client::WsClientIo<tokio::net::TcpStream> {
+    fn abort(self: Box<Self>) {
+        reset(self.get_ref());
+    }
+}
+
+impl Io for tether::ws_client::WsClientIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    fn abort(self: Box<Self>) {
+        reset(self.get_ref().get_ref().0);
+    }
+}
+
+/// The WebSocket upgrade over a connected stream, within 10 s.
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    host: String,
+) -> std::io::Result<tether::ws_client::WsClientIo<S>> {
+    let req = tether::ws_client::WsRequest { host, origin: None };
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tether::ws_client::WsClientIo::connect(s, &req),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "WebSocket upgrade timed out"))?
 }
 
 impl Io for crate::quic::QuicIo {
@@ -788,6 +882,13 @@ struct Device {
     /// did before.
     churn_at: Option<Instant>,
     churned: bool,
+    /// With `record_ids`: the payload ids received.
+    ids: std::collections::HashSet<u64>,
+    /// With `failover`: how many addresses on from its own the device
+    /// connects to, and where and when a draining Close said to reconnect.
+    hop: usize,
+    redirect: Option<SocketAddr>,
+    reconnect_after_ms: u32,
 }
 
 impl Device {
@@ -803,6 +904,48 @@ impl Device {
     fn jitter(&mut self, ms: u64) -> Duration {
         let ms = ms.max(1);
         Duration::from_millis(ms / 2 + self.next_rand() % ms)
+    }
+
+    /// The gateway address to connect to next: where a draining Close
+    /// said, else the device's own (`ix mod n`), `hop` addresses on.
+    fn addr(&mut self, spec: &FleetSpec) -> Option<SocketAddr> {
+        if let Some(a) = self.redirect.take() {
+            return Some(a);
+        }
+        let n = spec.addrs.len();
+        spec.addrs.get((self.ix + self.hop) % n.max(1)).copied()
+    }
+
+    /// With `failover`: the next connection goes to the next gateway.
+    fn fail_over(&mut self, shared: &Shared) {
+        if shared.spec.failover && shared.spec.addrs.len() > 1 {
+            self.hop += 1;
+            shared.counters.failovers.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// How long to wait before reconnecting after a draining Close: its
+    /// `reconnect_after_ms` plus up to half of it again (at most 10 s), or
+    /// about 200 ms when it names none.
+    fn drain_delay(&mut self) -> Duration {
+        match u64::from(std::mem::take(&mut self.reconnect_after_ms)).min(10_000) {
+            0 => self.jitter(200),
+            ms => Duration::from_millis(ms + self.next_rand() % (ms / 2 + 1)),
+        }
+    }
+
+    /// Notes a payload id received with a new seq; false when the device
+    /// had it already.
+    fn note_id(&mut self, shared: &Shared, id: u64) -> bool {
+        if self.ids.contains(&id) {
+            return false;
+        }
+        if self.ids.len() < MAX_IDS {
+            self.ids.insert(id);
+        } else {
+            shared.counters.ids_overflow.fetch_add(1, Relaxed);
+        }
+        true
     }
 
     /// Notes a push received (not a duplicate) in the session's record.
@@ -854,6 +997,10 @@ async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
         recv: Default::default(),
         churn_at: None,
         churned: false,
+        ids: Default::default(),
+        hop: 0,
+        redirect: None,
+        reconnect_after_ms: 0,
     };
     if shared.spec.redis.is_some() {
         redis::device_loop(ix, &shared, &mut d, phase).await;
@@ -861,6 +1008,13 @@ async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
         device_loop(ix, &shared, &mut d, phase).await;
     }
     d.end_record(&shared);
+    if shared.spec.record_ids {
+        let mut ids: Vec<u64> = std::mem::take(&mut d.ids).into_iter().collect();
+        ids.sort_unstable();
+        if let Ok(mut r) = shared.ids.lock() {
+            r.push(IdRecord { device: ix, ids });
+        }
+    }
     shared.running.fetch_sub(1, Relaxed);
 }
 
@@ -881,8 +1035,9 @@ async fn device_loop(
     loop {
         let resuming = d.session.is_some();
         let started = Instant::now();
+        let addr = d.addr(spec);
         let conn = tokio::select! {
-            c = connect(shared, ix) => c,
+            c = connect_to(shared, ix, addr) => c,
             _ = phase.wait_for(|p| *p == Phase::Stop) => return,
         };
         let mut conn = match conn {
@@ -890,6 +1045,7 @@ async fn device_loop(
             Err(e) => {
                 shared.counters.connect_errors.fetch_add(1, Relaxed);
                 shared.error(format!("connect: {e}"));
+                d.fail_over(shared);
                 if !settled {
                     settled = true;
                     shared.counters.settled.fetch_add(1, Relaxed);
@@ -969,7 +1125,13 @@ async fn device_loop(
                         if !resumable_close(code) {
                             return;
                         }
-                        if sleep_or_stop(&mut phase, d.jitter(200)).await {
+                        let pause = if code == pb::Code::ServerDraining as i32 && spec.failover {
+                            d.fail_over(shared);
+                            d.drain_delay()
+                        } else {
+                            d.jitter(200)
+                        };
+                        if sleep_or_stop(&mut phase, pause).await {
                             return;
                         }
                     }
@@ -983,6 +1145,7 @@ async fn device_loop(
                     End::Lost(e) => {
                         c.drops.fetch_add(1, Relaxed);
                         shared.error(format!("connection lost: {e}"));
+                        d.fail_over(shared);
                         if sleep_or_stop(&mut phase, d.jitter(200)).await {
                             return;
                         }
@@ -996,6 +1159,9 @@ async fn device_loop(
                     shared.error(format!("login refused with code {code}"));
                     return;
                 }
+                if code == pb::Code::ServerDraining as i32 {
+                    d.fail_over(shared);
+                }
                 if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
                     return;
                 }
@@ -1004,6 +1170,7 @@ async fn device_loop(
             Err(LoginFail::Io(e)) => {
                 shared.counters.connect_errors.fetch_add(1, Relaxed);
                 shared.error(format!("login: {e}"));
+                d.fail_over(shared);
                 if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
                     return;
                 }
@@ -1033,11 +1200,23 @@ async fn sleep_or_stop(phase: &mut watch::Receiver<Phase>, d: Duration) -> bool 
 
 async fn connect(shared: &Shared, ix: usize) -> std::io::Result<Box<dyn Io>> {
     let spec = &shared.spec;
+    connect_to(
+        shared,
+        ix,
+        spec.addrs.get(ix % spec.addrs.len().max(1)).copied(),
+    )
+    .await
+}
+
+/// Connects device `ix` to `addr`.
+async fn connect_to(
+    shared: &Shared,
+    ix: usize,
+    addr: Option<SocketAddr>,
+) -> std::io::Result<Box<dyn Io>> {
+    let spec = &shared.spec;
     shared.counters.connects.fetch_add(1, Relaxed);
-    let addr = *spec
-        .addrs
-        .get(ix % spec.addrs.len().max(1))
-        .ok_or_else(|| std::io::Error::other("no gateway address"))?;
+    let addr = addr.ok_or_else(|| std::io::Error::other("no gateway address"))?;
     if let Some(q) = &shared.quic {
         // The fleet's k-th device, so that devices spread over endpoints.
         return Ok(Box::new(q.connect(ix - spec.first, addr).await?));
@@ -1059,6 +1238,7 @@ async fn connect(shared: &Shared, ix: usize) -> std::io::Result<Box<dyn Io>> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
     match &shared.tls {
+        None if spec.ws => Ok(Box::new(upgrade(s, addr.to_string()).await?)),
         None => Ok(Box::new(s)),
         Some((c, name)) => {
             let t = tokio::time::timeout(Duration::from_secs(10), c.connect(name.clone(), s))
@@ -1066,6 +1246,13 @@ async fn connect(shared: &Shared, ix: usize) -> std::io::Result<Box<dyn Io>> {
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
                 })??;
+            if spec.ws {
+                let host = spec
+                    .tls
+                    .as_ref()
+                    .map_or_else(|| addr.to_string(), |t| t.server_name.clone());
+                return Ok(Box::new(upgrade(t, host).await?));
+            }
             Ok(Box::new(t))
         }
     }
@@ -1094,7 +1281,13 @@ async fn login(
         &d.user,
         None,
         Duration::from_secs(86_400),
-        shared.spec.room.iter().cloned().collect(),
+        shared
+            .spec
+            .room
+            .iter()
+            .cloned()
+            .chain((shared.spec.rooms > 0).then(|| format!("r{}", d.ix % shared.spec.rooms)))
+            .collect(),
     )
     .map_err(|e| LoginFail::Io(std::io::Error::other(e.to_string())))?;
     let resume = d.session.as_ref().map(|s| pb::Resume {
@@ -1231,12 +1424,15 @@ async fn session(
     mut generation: u32,
 ) -> End {
     let spec = &shared.spec;
-    if let Some(room) = &spec.room {
+    let rooms = spec
+        .room
+        .iter()
+        .cloned()
+        .chain((spec.rooms > 0).then(|| format!("r{}", d.ix % spec.rooms)));
+    for (rid, room) in (2..).zip(rooms) {
         let join = pb::ClientFrame {
-            request_id: 2,
-            body: Some(pb::client_frame::Body::Join(pb::Join {
-                room: room.clone(),
-            })),
+            request_id: rid,
+            body: Some(pb::client_frame::Body::Join(pb::Join { room })),
         };
         if let Err(e) = write_frame(conn, join).await {
             return End::Lost(e.to_string());
@@ -1450,6 +1646,13 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
             }
             d.seq[lane] = p.seq;
             d.note(shared, lane, p.seq);
+            if shared.spec.record_ids {
+                if let Some(id) = p.id {
+                    if !d.note_id(shared, id) {
+                        c.id_dups.fetch_add(1, Relaxed);
+                    }
+                }
+            }
             arrivals.push(shared, d.slow, p.payload_len, p.sent_ns);
             continue;
         }
@@ -1475,6 +1678,8 @@ fn handle_frames(shared: &Shared, d: &mut Device, rbuf: &mut BytesMut) -> Option
                 }
             }
             Ok(Some(pb::server_frame::Body::Close(cl))) => {
+                d.reconnect_after_ms = cl.reconnect_after_ms;
+                d.redirect = cl.reconnect_to.parse().ok();
                 end = Some(End::Closed(cl.code));
                 break;
             }
@@ -1618,6 +1823,9 @@ struct PushInfo {
     payload_len: usize,
     /// The send time in the payload's first 8 bytes, if it has them.
     sent_ns: Option<u64>,
+    /// Bytes 8 to 16 of the payload, if it has them: the payload id of a
+    /// scenario that numbers its pushes.
+    id: Option<u64>,
 }
 
 /// Reads a ServerFrame holding a push by walking the protobuf by hand, so
@@ -1637,6 +1845,7 @@ fn parse_push(mut b: &[u8]) -> Option<PushInfo> {
         lane: 0,
         payload_len: 0,
         sent_ns: None,
+        id: None,
     };
     while !inner.is_empty() {
         let key = decode_varint(&mut inner).ok()?;
@@ -1655,6 +1864,10 @@ fn parse_push(mut b: &[u8]) -> Option<PushInfo> {
                 if key >> 3 == 3 {
                     p.payload_len = n;
                     p.sent_ns = sent_ns(v);
+                    p.id = v
+                        .get(8..16)
+                        .and_then(|t| t.try_into().ok())
+                        .map(u64::from_le_bytes);
                 }
                 inner = &inner[n..];
             }
@@ -1704,6 +1917,7 @@ mod tests {
             addrs: vec![addr],
             tls: None,
             quic: None,
+            ws: false,
             secret: "s".into(),
             prefix: "u".into(),
             first: 0,
@@ -1712,6 +1926,7 @@ mod tests {
             sources: vec![],
             ping_ms: Some(60_000),
             room: None,
+            rooms: 0,
             slow_every: 0,
             slow_bps: 0,
             uplink_ms: 0,
@@ -1724,6 +1939,8 @@ mod tests {
             record_sessions: false,
             progress_ms: 0,
             redis: None,
+            failover: false,
+            record_ids: false,
         }
     }
 

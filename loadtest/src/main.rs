@@ -8,9 +8,11 @@
 //! `broadcast` and `unicast` also run against a redis server (`--redis`),
 //! to compare the two driven the same way.
 
+mod cluster;
 mod coord;
 mod fleet;
 mod ledger;
+mod million;
 mod plot;
 mod quic;
 mod redis;
@@ -145,6 +147,34 @@ enum Cmd {
         #[command(flatten)]
         migrate: scenario::MigrateOpts,
     },
+    /// Starts the gateways of one cluster (--gateway-bin, one
+    /// --gateway-config each; a private nats-server with --nats-server),
+    /// spreads the devices over them, pushes unicasts and broadcasts at a
+    /// steady rate, and restarts each gateway in turn (SIGTERM, exit,
+    /// start, accept). Drained devices resume on another gateway. Reports
+    /// pushes accepted, delivered, lost and duplicated (by payload id, per
+    /// device) and the resumes; exits non-zero unless lost and duplicated
+    /// are both 0.
+    RollingRestart {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        upstream: Upstream,
+        #[command(flatten)]
+        rolling: cluster::RollingOpts,
+    },
+    /// A whole cluster on this host, started by the tool (a private
+    /// nats-server and --gateways gateways), --conns devices over it in
+    /// rooms, and the phases of a million-connection test: ramp, idle hold,
+    /// broadcast, a push to each room, unicasts, a reconnect storm.
+    /// Reports login rate, memory per connection (gateways and kernel),
+    /// heartbeat CPU, push times and losses; exits non-zero on any loss.
+    Million {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        million: million::MillionOpts,
+    },
     /// Minutes of mixed load on one gateway: unicast and broadcast, churn,
     /// slow consumers, a reconnect storm every period, hostile connections.
     /// Samples the gateway's RSS and CPU (--pid, or --metrics for RSS) and
@@ -203,6 +233,11 @@ pub struct Common {
     /// addresses, e.g. 127.0.0.1:7443).
     #[arg(long, conflicts_with = "tls")]
     pub quic: bool,
+    /// Connect over WebSocket (`ws://ADDR/tether`; --addr are then the
+    /// gateway's listen.ws addresses). With --tls, WebSocket over TLS
+    /// (`wss://`, --addr its listen.wss addresses).
+    #[arg(long, conflicts_with = "quic")]
+    pub ws: bool,
     /// QUIC client endpoints (UDP sockets) the devices share, over all
     /// workers; each binds the --sources round-robin. Default: one per 256
     /// devices.
@@ -316,6 +351,13 @@ pub struct Pushes {
     /// redis has no batch publish). 1 sends each push alone.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub batch: u16,
+    /// The gateways are one cluster: every unicast goes through the
+    /// upstream socket of a gateway other than the one its user logged in
+    /// to (round robin over the others), and every broadcast goes once, to
+    /// one gateway (round robin), and must reach every device cluster-wide.
+    /// Needs two --addr or more and one --upstream per --addr.
+    #[arg(long, conflicts_with = "redis")]
+    pub cross_node: bool,
 }
 
 /// `host:port`, resolved to its first address.
@@ -418,6 +460,12 @@ fn main() -> anyhow::Result<()> {
                 upstream,
                 soak,
             } => soak::soak(common, upstream, soak).await,
+            Cmd::RollingRestart {
+                common,
+                upstream,
+                rolling,
+            } => cluster::rolling_restart(common, upstream, rolling).await,
+            Cmd::Million { common, million } => million::million(common, million).await,
         }
     })
 }

@@ -236,15 +236,7 @@ impl RunReport {
     /// The plot: rates, devices online and (when sampled) gateway memory
     /// over time, and the latency percentile spectrum.
     pub fn svg(&self) -> String {
-        let rate = |f: fn(&Sample) -> u64| -> Vec<(f64, f64)> {
-            self.timeline
-                .windows(2)
-                .map(|w| {
-                    let dt = (w[1].t - w[0].t).max(1e-3);
-                    (w[1].t, f(&w[1]).saturating_sub(f(&w[0])) as f64 / dt)
-                })
-                .collect()
-        };
+        let rate = |f: fn(&Sample) -> u64| rate_steps(&self.timeline, |s| s.t, f);
         let mut rates = Vec::new();
         for (label, f) in [
             (
@@ -341,6 +333,40 @@ impl RunReport {
     }
 }
 
+/// Samples closer together than this are taken as one window when rates
+/// are drawn: the workers report every 200 ms, so a shorter window (the
+/// sample at the end of a phase, just after a second's) would measure when
+/// reports arrived, not the rate.
+const MIN_RATE_WINDOW_S: f64 = 0.25;
+
+/// The rate of counter `f` over samples taken at `t` seconds, as steps: for
+/// each window, its mean rate at its start and at its end. A window ends at
+/// the first sample at least [`MIN_RATE_WINDOW_S`] after its start, or at
+/// the last sample: a run shorter than that is one window, its mean rate
+/// over the whole run.
+pub fn rate_steps<T>(
+    timeline: &[T],
+    t: impl Fn(&T) -> f64,
+    f: impl Fn(&T) -> u64,
+) -> Vec<(f64, f64)> {
+    let mut points = Vec::new();
+    let Some(mut from) = timeline.first() else {
+        return points;
+    };
+    for (i, s) in timeline.iter().enumerate().skip(1) {
+        let dt = t(s) - t(from);
+        let last = i + 1 == timeline.len();
+        if (dt < MIN_RATE_WINDOW_S && !last) || dt <= 0.0 {
+            continue;
+        }
+        let r = f(s).saturating_sub(f(from)) as f64 / dt;
+        points.push((t(from), r));
+        points.push((t(s), r));
+        from = s;
+    }
+    points
+}
+
 fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
@@ -387,6 +413,44 @@ mod tests {
         assert_eq!(human(-4200.0), "-4,200");
         assert_eq!(human(0.25), "0.25");
         assert_eq!(human(f64::NAN), "-");
+    }
+
+    fn at(t: f64, online: u64, pushes: u64) -> Sample {
+        Sample {
+            t,
+            online,
+            pushes,
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn a_run_shorter_than_a_rate_window_is_one_window_at_its_mean_rate() {
+        // A 0.14 s broadcast: the first second's sample, then the end of
+        // the login phase and the end of the run.
+        let timeline = [at(0.0, 0, 0), at(0.1, 2000, 0), at(0.14, 2000, 2000)];
+        let r = rate_steps(&timeline, |s| s.t, |s| s.pushes);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!(r[0].0, 0.0);
+        assert_eq!(r[1].0, 0.14);
+        assert!((r[0].1 - 2000.0 / 0.14).abs() < 1e-6, "{r:?}");
+        assert_eq!(r[0].1, r[1].1);
+        assert!(rate_steps(&timeline[..1], |s| s.t, |s| s.pushes).is_empty());
+    }
+
+    #[test]
+    fn a_sample_just_after_another_joins_the_next_window() {
+        let timeline = [
+            at(0.0, 0, 0),
+            at(1.0, 10, 1000),
+            at(1.01, 10, 1100),
+            at(2.0, 10, 2000),
+        ];
+        let r = rate_steps(&timeline, |s| s.t, |s| s.pushes);
+        assert_eq!(
+            r,
+            vec![(0.0, 1000.0), (1.0, 1000.0), (1.0, 1000.0), (2.0, 1000.0)]
+        );
     }
 
     #[test]

@@ -132,47 +132,49 @@ pub async fn broadcast(
     }
     let (fleet, t0) = start(&c, spec).await?;
     let ready = wait_ready(&fleet, &c).await?;
-    let waits_before = gateway_waits(&c).await;
-    let (tally, gateways, start_ns) = match redis {
+    let mut converge = None;
+    let (tally, gateways, start_ns, waits_before) = match redis {
         None => {
             let (ups, _) = upstreams(&u, false).await?;
+            if p.cross_node {
+                converge = Some(crate::cluster::converge(&ups, &c, ready.online).await);
+            }
+            let waits_before = gateway_waits(&c).await;
             let target = if room {
                 pb::push_request::Target::Room(ROOM.into())
             } else {
                 pb::push_request::Target::Everyone(true)
             };
             let gateways = ups.len();
-            // One request per gateway reaches the devices online there.
-            let fanout = ready.online.div_ceil(gateways.max(1) as u64);
+            // One request per gateway reaches the devices online there;
+            // across nodes, one request reaches them all.
+            let per_push = if p.cross_node { 1 } else { gateways.max(1) };
+            let fanout = ready.online.div_ceil(per_push as u64);
             let window = Window::new(&fleet, p.max_inflight_deliveries, fanout * batch as u64);
             let start_ns = fleet::unix_nanos();
-            let tally = drive(
-                &ups,
-                p.msgs,
-                p.rate,
-                batch,
-                u.inflight,
-                None,
-                window,
-                |_| {
+            let tally = drive(&ups, p.msgs, p.rate, batch, u.inflight, None, window, |n| {
+                if p.cross_node {
+                    vec![(n % gateways.max(1), request(target.clone(), p.size))]
+                } else {
                     (0..gateways)
                         .map(|g| (g, request(target.clone(), p.size)))
                         .collect()
-                },
-            )
+                }
+            })
             .await;
-            (tally, gateways, start_ns)
+            (tally, per_push, start_ns, waits_before)
         }
         Some(addr) => {
             let pubs = vec![redis::publishers(addr, u.upstreams).await?];
             let channel = redis::room_channel(ROOM);
             let window = Window::new(&fleet, p.max_inflight_deliveries, ready.online);
             let start_ns = fleet::unix_nanos();
+            let waits_before = gateway_waits(&c).await;
             let tally = drive(&pubs, p.msgs, p.rate, 1, u.inflight, None, window, |_| {
                 vec![(0, publish(&channel, p.size))]
             })
             .await;
-            (tally, 1, start_ns)
+            (tally, 1, start_ns, waits_before)
         }
     };
     let expected = everyone_expected(&c, &tally, gateways);
@@ -189,11 +191,12 @@ pub async fn broadcast(
             c.conns, p.msgs, p.size
         ),
         None => format!(
-            "{} devices, {} pushes of {} B to {}{rate}",
+            "{} devices, {} pushes of {} B to {}{rate}{}",
             c.conns,
             p.msgs,
             p.size,
             if room { "a room" } else { "everyone" },
+            cross_title(&p, &c),
         ),
     };
     let mut r = report(
@@ -212,8 +215,46 @@ pub async fn broadcast(
         start_ns,
         Some(expected),
     );
+    converge_figure(&mut r, converge);
     gateway_wait_figures(&mut r, waits_before, gateway_waits(&c).await);
     r.emit(c.json.as_deref(), c.plot.as_deref())
+}
+
+/// The title's note on `--cross-node`.
+fn cross_title(p: &Pushes, c: &Common) -> String {
+    if p.cross_node {
+        format!(", across a cluster of {} gateways", c.addr.len())
+    } else {
+        String::new()
+    }
+}
+
+/// How long the cluster took to see every device from every gateway
+/// (`--cross-node`), or that it never did.
+fn converge_figure(r: &mut RunReport, converge: Option<Result<f64, String>>) {
+    match converge {
+        Some(Ok(s)) => r.figure(
+            "cluster_converge_s",
+            "seconds until every gateway saw every device",
+            s,
+            "s",
+        ),
+        Some(Err(e)) => r.failures.push(e),
+        None => {}
+    }
+}
+
+/// The gateway that takes unicast `n` to the user of device `t`: the one
+/// holding it (`t mod gateways`, as the devices spread), or with
+/// `cross_node` one of the others, round robin over them by `n`.
+pub(crate) fn unicast_gateway(t: usize, n: usize, gateways: usize, cross_node: bool) -> usize {
+    let g = gateways.max(1);
+    let home = t % g;
+    if cross_node && g > 1 {
+        (home + 1 + n % (g - 1)) % g
+    } else {
+        home
+    }
 }
 
 /// Unicast pushes to random users; with `redis`, PUBLISH to their channels.
@@ -229,8 +270,7 @@ pub async fn unicast(
     let batch = batch_of(&p, redis)?;
     let spec = push_spec(&c, &u, &p, redis, true)?;
     let (fleet, t0) = start(&c, spec).await?;
-    wait_ready(&fleet, &c).await?;
-    let waits_before = gateway_waits(&c).await;
+    let ready = wait_ready(&fleet, &c).await?;
     // A fixed pseudo-random sequence of targets (xorshift), so runs compare.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let conns = c.conns.max(1) as u64;
@@ -244,28 +284,37 @@ pub async fn unicast(
         .collect();
     let prefix = c.prefix.clone();
     let window = Window::new(&fleet, p.max_inflight_deliveries, batch as u64);
-    let (tally, start_ns) = match redis {
+    let mut converge = None;
+    let (tally, start_ns, waits_before) = match redis {
         None => {
             let (ups, _) = upstreams(&u, false).await?;
+            if p.cross_node {
+                converge = Some(crate::cluster::converge(&ups, &c, ready.online).await);
+            }
+            let waits_before = gateway_waits(&c).await;
             let gateways = ups.len();
+            let addrs = c.addr.len().max(1);
             let start_ns = fleet::unix_nanos();
             let tally = drive(&ups, p.msgs, p.rate, batch, u.inflight, None, window, |n| {
                 let t = targets[n];
                 let user = pb::push_request::Target::UserId(format!("{prefix}{t}"));
-                vec![(t % c.addr.len().max(1) % gateways, request(user, p.size))]
+                // With one upstream socket for several listeners, gateway 0.
+                let g = unicast_gateway(t % addrs, n, addrs, p.cross_node) % gateways.max(1);
+                vec![(g, request(user, p.size))]
             })
             .await;
-            (tally, start_ns)
+            (tally, start_ns, waits_before)
         }
         Some(addr) => {
             let pubs = vec![redis::publishers(addr, u.upstreams).await?];
+            let waits_before = gateway_waits(&c).await;
             let start_ns = fleet::unix_nanos();
             let tally = drive(&pubs, p.msgs, p.rate, 1, u.inflight, None, window, |n| {
                 let user = format!("{prefix}{}", targets[n]);
                 vec![(0, publish(&redis::user_channel_of(&user), p.size))]
             })
             .await;
-            (tally, start_ns)
+            (tally, start_ns, waits_before)
         }
     };
     let fast = targets
@@ -280,7 +329,7 @@ pub async fn unicast(
         None => ("devices", "pushes"),
     };
     let title = format!(
-        "{} {who}, {} {what} of {} B to random users{}{}",
+        "{} {who}, {} {what} of {} B to random users{}{}{}",
         c.conns,
         p.msgs,
         p.size,
@@ -293,7 +342,8 @@ pub async fn unicast(
             format!(", {batch} per request")
         } else {
             String::new()
-        }
+        },
+        cross_title(&p, &c),
     );
     let mut r = report(
         "unicast",
@@ -310,6 +360,7 @@ pub async fn unicast(
         "/s",
     );
     push_figures(&mut r, server(redis), &tally, &got, start_ns, expected);
+    converge_figure(&mut r, converge);
     gateway_wait_figures(&mut r, waits_before, gateway_waits(&c).await);
     r.emit(c.json.as_deref(), c.plot.as_deref())
 }
@@ -869,6 +920,7 @@ pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
         addrs: c.addr.clone(),
         tls,
         quic,
+        ws: c.ws,
         secret: c.secret.clone(),
         prefix: c.prefix.clone(),
         first: 0,
@@ -877,6 +929,7 @@ pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
         sources: c.sources.iter().flatten().copied().collect(),
         ping_ms: c.ping_ms,
         room: None,
+        rooms: 0,
         slow_every: c.slow_every,
         slow_bps: c.slow_bps,
         uplink_ms: 0,
@@ -889,6 +942,8 @@ pub(crate) fn spec(c: &Common) -> anyhow::Result<FleetSpec> {
         record_sessions: false,
         progress_ms: 0,
         redis: None,
+        failover: false,
+        record_ids: false,
     })
 }
 
@@ -1154,6 +1209,12 @@ fn push_spec(
         Some(addr) => redis_spec(c, addr, user_channel)?,
         None => {
             check_upstreams(c, u)?;
+            if p.cross_node {
+                anyhow::ensure!(
+                    c.addr.len() >= 2 && u.upstream.len() == c.addr.len(),
+                    "--cross-node needs a cluster: two --addr or more, and one --upstream per --addr in the same order"
+                );
+            }
             spec(c)?
         }
     };

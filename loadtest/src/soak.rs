@@ -1029,10 +1029,10 @@ impl Sampler {
 
 /// Clock ticks per second of /proc/PID/stat times: USER_HZ, 100 on every
 /// Linux architecture this runs on.
-const CLK_TCK: f64 = 100.0;
+pub(crate) const CLK_TCK: f64 = 100.0;
 
 /// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after
     // the last ')'. utime and stime are fields 14 and 15 (state is 3).
@@ -1081,15 +1081,11 @@ fn panels(samples: &[SoakSample]) -> Vec<Panel> {
         label: label.to_owned(),
         points: samples.iter().filter_map(|s| Some((s.t, f(s)?))).collect(),
     };
+    // Steps over windows of at least 0.25 s: the samples at the end of the
+    // load and of the drain can come just after a periodic one.
     let rate = |label: &str, f: &dyn Fn(&SoakSample) -> u64| Line {
         label: label.to_owned(),
-        points: samples
-            .windows(2)
-            .map(|w| {
-                let dt = (w[1].t - w[0].t).max(1e-3);
-                (w[1].t, f(&w[1]).saturating_sub(f(&w[0])) as f64 / dt)
-            })
-            .collect(),
+        points: crate::report::rate_steps(samples, |s| s.t, f),
     };
     let panel = |title: &str, y: &str, lines: Vec<Line>| Panel {
         title: title.into(),

@@ -5,6 +5,9 @@
 //! PATH (`scripts/test` installs it). The figures asserted are counts (what was queued arrived, nothing
 //! was lost), never speeds.
 
+mod common;
+use common::{figure, stat};
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -21,6 +24,8 @@ struct Gw {
     tcp: String,
     tls: Option<String>,
     quic: Option<String>,
+    /// The WebSocket listeners (plain, over TLS), when both are configured.
+    ws: Option<(String, String)>,
     upstream: String,
     stop: CancellationToken,
     certs: tempfile::TempDir,
@@ -57,6 +62,11 @@ async fn gateway(tls: bool, tweak: impl FnOnce(&mut Config)) -> Gw {
         tcp: a.tcp[0].to_string(),
         tls: a.tls.first().map(|a| a.to_string()),
         quic: a.quic.first().map(|a| a.to_string()),
+        ws: a
+            .ws
+            .first()
+            .zip(a.wss.first())
+            .map(|(w, s)| (w.to_string(), s.to_string())),
         upstream: a.upstream_tcp.expect("upstream").to_string(),
         stop,
         certs,
@@ -102,20 +112,6 @@ async fn run(dir: &Path, args: Vec<String>) -> Value {
         "summary table printed:\n{stdout}"
     );
     v
-}
-
-fn figure(v: &Value, key: &str) -> f64 {
-    v["figures"]
-        .as_array()
-        .and_then(|f| f.iter().find(|f| f["key"] == key))
-        .and_then(|f| f["value"].as_f64())
-        .unwrap_or_else(|| panic!("figure {key} missing in {v:#}"))
-}
-
-fn stat(v: &Value, key: &str) -> u64 {
-    v["stats"][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stat {key} missing"))
 }
 
 /// A push run against redis: `requests` PUBLISHes reached `deliveries`
@@ -216,6 +212,52 @@ async fn broadcast_over_two_worker_processes_and_two_source_addresses() {
     assert_eq!(samples(&v, "login"), 300);
     assert!(!v["timeline"].as_array().expect("timeline").is_empty());
     assert_eq!(v["params"]["workers_used"], 2, "two worker processes");
+}
+
+/// A broadcast far shorter than the one-second sampling interval still
+/// plots what happened: devices online at the end of the login phase and
+/// of the run, and the push rate over the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_shorter_than_a_second_plots_devices_online_and_a_rate() {
+    let gw = gateway(false, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "broadcast",
+            "--addr",
+            &gw.tcp,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "200",
+            "--msgs",
+            "1",
+            "--workers",
+            "0",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "received"), 200.0);
+    let timeline = v["timeline"].as_array().expect("timeline");
+    eprintln!("{} s, timeline {timeline:?}", v["duration_s"]);
+    let n = |s: &Value, k: &str| s[k].as_f64().expect("a number");
+    // The run's own last sample: every device online, every push in.
+    let last = timeline.last().expect("a last sample");
+    assert_eq!(n(last, "online"), 200.0, "{timeline:?}");
+    assert_eq!(n(last, "pushes"), 200.0, "{timeline:?}");
+    assert!(
+        timeline.len() >= 2,
+        "a first and a last sample: {timeline:?}"
+    );
+    assert!(n(&timeline[0], "t") < n(last, "t"), "{timeline:?}");
+    assert!(v["duration_s"].as_f64().is_some_and(|d| d > 0.0));
+    // The plot has the rate and the devices online, not "no data".
+    let svg = std::fs::read_to_string(dir.path().join("plot.svg")).expect("plot");
+    assert!(!svg.contains("no data"), "{svg}");
+    assert!(svg.contains("pushes received /s"), "no push rate line");
+    assert!(svg.contains("logins /s"), "no login rate line");
+    assert!(svg.contains("devices online"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,6 +463,70 @@ async fn room_broadcast_over_tls() {
     assert_eq!(figure(&v, "received"), 2000.0);
     assert_eq!(figure(&v, "lost_fast"), 0.0);
     assert_eq!(stat(&v, "logins"), 100);
+}
+
+/// `--ws`: devices over WebSocket (the load tool's own framing), and with
+/// `--tls` over WebSocket over TLS; a room broadcast reaches every device,
+/// and a reconnect storm over wss resumes every session and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_broadcast_over_ws_and_a_storm_over_wss() {
+    let gw = gateway(false, |c| {
+        c.listen.ws = vec!["127.0.0.1:0".parse().expect("addr")];
+        c.listen.wss = vec!["127.0.0.1:0".parse().expect("addr")];
+    })
+    .await;
+    let addrs = gw.ws.clone().expect("ws and wss listeners");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "broadcast",
+            "--room",
+            "--ws",
+            "--addr",
+            &addrs.0,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "100",
+            "--msgs",
+            "20",
+            "--workers",
+            "1",
+        ]),
+    )
+    .await;
+    assert_eq!(figure(&v, "received"), 2000.0);
+    assert_eq!(figure(&v, "lost_fast"), 0.0);
+    assert_eq!(stat(&v, "logins"), 100);
+
+    let ca = gw.certs.path().join("dev-cert.pem");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = run(
+        dir.path(),
+        args(&[
+            "reconnect",
+            "--ws",
+            "--tls",
+            "--ca",
+            &ca.display().to_string(),
+            "--addr",
+            &addrs.1,
+            "--upstream",
+            &gw.upstream,
+            "--conns",
+            "100",
+            "--workers",
+            "1",
+            "--push-rate",
+            "50",
+            "--settle",
+            "1",
+        ]),
+    )
+    .await;
+    assert_every_session_resumed(&v, 100.0, &gw);
+    assert_eq!(samples(&v, "resume"), 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -921,16 +1027,13 @@ impl Drop for Redis {
 }
 
 /// Starts a redis-server on a free loopback port. redis-server takes a port
-/// number, not a bound socket, so the port is found by binding port 0 and
-/// letting go of it; should another process take it meanwhile, the server
+/// number, not a bound socket, so a free one is picked (common::free_port);
+/// should another process take it meanwhile, the server
 /// cannot bind and exits, or the process that answers is not ours: then
 /// another port is tried.
 fn redis_server() -> Redis {
     for _ in 0..5 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = common::free_port();
         assert_ne!(port, 6379, "never the default redis port");
         let dir = tempfile::tempdir().expect("tempdir");
         let spawned = Command::new("redis-server")

@@ -47,12 +47,11 @@ use futures_util::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::gateway::Gateway;
 use crate::handshake::HandshakeSet;
 use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::transport::quic::QuicWire;
-use crate::transport::{ConnGuard, Connection};
+use crate::transport::{ConnGuard, Connection, NodeRef};
 
 /// The ALPN protocol id of Tether's frames over QUIC.
 pub const ALPN: &[u8] = b"tether/1";
@@ -279,12 +278,12 @@ impl HandshakeRate {
 /// whose oldest is closed to make room: a flood of handshakes that never
 /// finish cannot keep a real device out (tests/quic_handshake_flood.rs).
 pub async fn accept_loop(
-    gw: Arc<Gateway>,
+    node: NodeRef,
     endpoint: quinn::Endpoint,
     handshakes: Arc<HandshakeSet>,
     stop: CancellationToken,
 ) {
-    let mut rate = HandshakeRate::new(gw.config().quic.handshake_rate, Instant::now());
+    let mut rate = HandshakeRate::new(node.config().quic.handshake_rate, Instant::now());
     loop {
         let incoming = tokio::select! {
             _ = stop.cancelled() => break,
@@ -304,11 +303,11 @@ pub async fn accept_loop(
             }
             continue;
         }
-        let guard = if gw.limits().pending_full() {
+        let guard = if node.pending_full() {
             metrics::counter!(m::PENDING_LOGINS_REFUSED).increment(1);
             Err(crate::wire::Code::TooManyConnections)
         } else {
-            ConnGuard::acquire(&gw, remote, TransportKind::Quic)
+            ConnGuard::acquire(&node, remote, TransportKind::Quic)
         };
         let guard = match guard {
             Ok(g) => g,
@@ -321,7 +320,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        handshakes.spawn(serve(gw.clone(), incoming, guard));
+        handshakes.spawn(serve(node.clone(), incoming, guard));
     }
     // Draining: new connections are refused; the connections of the
     // endpoint keep running until they drain (the server closes it after).
@@ -329,7 +328,7 @@ pub async fn accept_loop(
 }
 
 /// One connection: the handshake, the client's stream, then the driver.
-async fn serve(gw: Arc<Gateway>, incoming: quinn::Incoming, guard: ConnGuard) {
+async fn serve(node: NodeRef, incoming: quinn::Incoming, guard: ConnGuard) {
     let remote = incoming.remote_address();
     let connecting = match incoming.accept() {
         Ok(c) => c,
@@ -346,7 +345,7 @@ async fn serve(gw: Arc<Gateway>, incoming: quinn::Incoming, guard: ConnGuard) {
     let (conn, confirmed) = match connecting.into_0rtt() {
         Ok((conn, confirmed)) => (conn, Some(confirmed)),
         Err(connecting) => {
-            let timeout = gw.config().tls.handshake_timeout;
+            let timeout = node.config().tls.handshake_timeout;
             match tokio::time::timeout(timeout, connecting).await {
                 Ok(Ok(c)) => (c, None),
                 Ok(Err(e)) => {
@@ -366,8 +365,8 @@ async fn serve(gw: Arc<Gateway>, incoming: quinn::Incoming, guard: ConnGuard) {
     // it as long as a login may take. The same login timeout goes on after
     // the stream came (Connection::since), so a client gets one
     // `session.login_timeout` from here to its LoginOk, not one per step.
-    let login = gw.config().session.login_timeout;
-    let since = gw.now();
+    let login = node.config().session.login_timeout;
+    let since = node.now();
     let (send, recv) = match tokio::time::timeout(login, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -402,7 +401,7 @@ async fn serve(gw: Arc<Gateway>, incoming: quinn::Incoming, guard: ConnGuard) {
     // A task of its own: this setup's future (handshake, timeouts) is about
     // 1.7 KB, and a task keeps the size of its largest state for its life.
     tokio::spawn(Connection::since(
-        gw,
+        node,
         wire,
         TransportKind::Quic,
         guard,

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 pub use crate::budget::{Budget, ITEM_OVERHEAD};
 
-use crate::config::SlowConsumerPolicy;
+use crate::config::{Config, SlowConsumerPolicy};
 use crate::wire::pb::Lane;
 use crate::wire::SharedPush;
 
@@ -69,6 +69,24 @@ pub struct DeliveryConfig {
     pub ack_timeout: Duration,
     /// Connections one push may be written on before it is given up.
     pub max_tries: u8,
+}
+
+impl DeliveryConfig {
+    /// The sans-IO delivery settings of a validated config.
+    pub fn from_config(cfg: &Config) -> Self {
+        let d = &cfg.delivery;
+        Self {
+            // Validated to fit in memory (at most the replay budget).
+            queue_bytes: [d.queue_bytes as usize, d.bulk_queue_bytes as usize],
+            detached_bytes: d.detached_bytes as usize,
+            detached_bytes_per_user: d.detached_bytes_per_user as usize,
+            stall_timeout: d.stall_timeout,
+            window: [d.window as usize, d.bulk_window as usize],
+            policy: [cfg.session.slow_consumer, SlowConsumerPolicy::Drop],
+            ack_timeout: d.ack_timeout,
+            max_tries: d.max_tries,
+        }
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -225,6 +243,22 @@ pub struct LaneResume {
     pub gap: bool,
     /// Pushes that will be replayed.
     pub replay: u64,
+}
+
+/// A detached session's delivery state on its way to another node.
+#[derive(Debug, Default)]
+pub struct Exported {
+    pub next_seq: [u64; 2],
+    pub lanes: [ExportedLane; 2],
+}
+
+/// One lane of an [`Exported`] state.
+#[derive(Debug, Default)]
+pub struct ExportedLane {
+    /// The highest seq written on any connection.
+    pub written: u64,
+    /// Pushes still held, by seq: `(seq, tries, push)`.
+    pub items: Vec<(u64, u8, SharedPush)>,
 }
 
 /// A session's delivery state.
@@ -668,6 +702,82 @@ impl Delivery {
         }
         budget.give(items * ITEM_OVERHEAD);
         self.held = 0;
+    }
+
+    /// Takes a detached session's whole state out, for a move to another
+    /// node: what [`Delivery::import`] rebuilds there. This node's budget
+    /// gets back its per-push charges (each body's with its last reference).
+    /// Call [`Delivery::detach`] first.
+    pub fn export(&mut self, budget: &Budget) -> Exported {
+        let mut out = Exported {
+            next_seq: self.next_seq,
+            lanes: Default::default(),
+        };
+        let mut items = 0;
+        if let Some(bufs) = self.bufs.take() {
+            let [a, b] = *bufs;
+            for (l, lb) in [a, b].into_iter().enumerate() {
+                items += lb.window.len() + lb.queue.len();
+                out.lanes[l].written = lb.written;
+                out.lanes[l].items = lb
+                    .window
+                    .into_iter()
+                    .chain(lb.queue)
+                    .map(|it| (it.seq, it.tries, it.push))
+                    .collect();
+                out.lanes[l].items.sort_by_key(|(seq, _, _)| *seq);
+            }
+        } else {
+            for (l, e) in out.lanes.iter_mut().enumerate() {
+                e.written = self.next_seq[l] - 1;
+            }
+        }
+        budget.give(items * ITEM_OVERHEAD);
+        self.held = 0;
+        out
+    }
+
+    /// A detached session's state moved from another node. Each push is
+    /// charged to this node's budget as if queued here; those that do not
+    /// fit (or beyond `cfg.detached_bytes`) are left out, and the resume
+    /// reports the gap.
+    pub fn import(e: Exported, cfg: &DeliveryConfig, budget: &Arc<Budget>) -> Self {
+        let mut d = Self {
+            next_seq: [e.next_seq[0].max(1), e.next_seq[1].max(1)],
+            bufs: None,
+            held: 0,
+        };
+        let mut bufs = [LaneBufs::new(d.next_seq[0]), LaneBufs::new(d.next_seq[1])];
+        for (l, lane) in e.lanes.into_iter().enumerate() {
+            bufs[l].written = lane.written.min(d.next_seq[l] - 1);
+            for (seq, tries, push) in lane.items {
+                let cost = push.body.len() + ITEM_OVERHEAD;
+                if seq == 0 || seq >= d.next_seq[l] || d.held + cost > cfg.detached_bytes {
+                    continue;
+                }
+                if bufs[l].queue.back().is_some_and(|b| b.seq >= seq) {
+                    continue; // out of order or repeated: not from a real export
+                }
+                if !budget.try_take(ITEM_OVERHEAD) {
+                    continue;
+                }
+                if !push.charge.charge(budget, push.body.len()) {
+                    budget.give(ITEM_OVERHEAD);
+                    continue;
+                }
+                d.held += cost;
+                bufs[l].queued_bytes += cost;
+                bufs[l].queue.push_back(Item {
+                    seq,
+                    push,
+                    tries,
+                    online: false,
+                });
+            }
+        }
+        d.bufs = Some(Box::new(bufs));
+        d.shrink();
+        d
     }
 
     /// Lets go of freed pushes: this session's bytes, and the node budget's
@@ -1313,6 +1423,81 @@ mod tests {
         d.resume([4, 0], &c, &b, &mut delivered, &mut Vec::new());
         assert!(delivered.is_empty());
         assert_eq!(d.queued(), 1);
+    }
+
+    #[test]
+    fn export_then_import_moves_exactly_what_is_held() {
+        let cfg = DeliveryConfig::default();
+        let (a, b) = (Budget::new(1 << 20), Budget::new(1 << 20));
+        let t = Instant::now();
+        let mut d = Delivery::default();
+        let mut ev = Vec::new();
+        for i in 0..5 {
+            d.enqueue(
+                &push(Lane::Interactive, &format!("m{i}")),
+                false,
+                &cfg,
+                &a,
+                &mut ev,
+            );
+        }
+        // Two written, one acknowledged; the connection goes away.
+        let mut sent = Vec::new();
+        d.poll_send(t, 2, Lanes::ALL, &cfg, &mut |_l, seq, _p: &SharedPush| {
+            sent.push(seq)
+        });
+        assert_eq!(sent, [1, 2]);
+        let mut acked = Vec::new();
+        d.ack(Lane::Interactive, 1, &[], t, &a, &mut acked);
+        assert_eq!(acked.len(), 1);
+        drop(acked);
+        d.detach();
+        let mut e = d.export(&a);
+        // What crosses the wire is the bytes: the new node's pushes are its
+        // own, and the old node's charges go with its copies.
+        for lane in &mut e.lanes {
+            for it in &mut lane.items {
+                it.2 = SharedPush::from_body(it.2.body.clone(), it.2.lane, it.2.report.as_deref());
+            }
+        }
+        assert_eq!(a.used(), 0, "the old node keeps nothing");
+        assert_eq!(e.next_seq, [6, 1]);
+        let seqs: Vec<u64> = e.lanes[0].items.iter().map(|x| x.0).collect();
+        assert_eq!(seqs, [2, 3, 4, 5]);
+        let mut d2 = Delivery::import(e, &cfg, &b);
+        assert!(b.used() > 0, "the new node is charged");
+        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
+        let r = d2.resume([1, 0], &cfg, &b, &mut delivered, &mut failed);
+        assert!(!r[0].gap);
+        assert_eq!(r[0].replay, 4, "2..=5 replay on the new node");
+        assert_eq!(d2.next_seq(Lane::Interactive), 6);
+    }
+
+    #[test]
+    fn an_import_bigger_than_detached_bytes_keeps_the_oldest_and_the_resume_sees_the_gap() {
+        let cost = push(Lane::Interactive, "m1").body.len() + ITEM_OVERHEAD;
+        let cfg = DeliveryConfig {
+            detached_bytes: 2 * cost,
+            ..DeliveryConfig::default()
+        };
+        let budget = Budget::new(1 << 20);
+        let e = Exported {
+            next_seq: [4, 1],
+            lanes: [
+                ExportedLane {
+                    written: 0,
+                    items: (1..=3)
+                        .map(|s| (s, 0, push(Lane::Interactive, &format!("m{s}"))))
+                        .collect(),
+                },
+                ExportedLane::default(),
+            ],
+        };
+        let mut d = Delivery::import(e, &cfg, &budget);
+        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
+        let r = d.resume([0, 0], &cfg, &budget, &mut delivered, &mut failed);
+        assert_eq!(r[0].replay, 2);
+        assert_eq!(d.next_seq(Lane::Interactive), 4);
     }
 
     #[test]

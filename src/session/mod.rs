@@ -11,13 +11,15 @@
 mod core;
 pub mod delivery;
 mod handle;
+mod write_delay;
 
 pub use self::core::{
     LoginGrant, Refreshed, Session, SessionEnv, SessionParams, UplinkAck, CLOSE_LINGER,
     MAX_INVALID_FRAMES,
 };
-pub use delivery::{Budget, DeliveryConfig, Lanes, ITEM_OVERHEAD};
+pub use delivery::{Budget, DeliveryConfig, Exported, ExportedLane, Lanes, ITEM_OVERHEAD};
 pub use handle::{
-    keeps_state, shared_size, CloseCmd, End, Enqueued, SessionHandle, SessionInfo, Uplink,
-    WeakSession,
+    keeps_state, shared_size, CloseCmd, End, Enqueued, Moved, MovedUplink, SessionHandle,
+    SessionInfo, Uplink, WeakSession,
 };
+pub use write_delay::WriteDelay;

@@ -10,13 +10,11 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::io::ReadBuf;
 
-use crate::gateway::Gateway;
 use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::session::SessionHandle;
@@ -24,6 +22,7 @@ use crate::wire::Code;
 
 use super::link::Link;
 use super::Wire;
+use super::{Node, NodeRef};
 
 /// Bytes read per poll before yielding to other connections.
 const READ_BUDGET: usize = 64 * 1024;
@@ -38,7 +37,7 @@ const IOV: usize = 64;
 /// Held while a connection has no [`Connection`] yet (TLS or QUIC
 /// handshake); the connection then takes the duty over, to stay small.
 pub struct ConnGuard {
-    gw: Arc<Gateway>,
+    node: NodeRef,
     ip: Option<std::net::IpAddr>,
     kind: TransportKind,
     armed: bool,
@@ -46,16 +45,12 @@ pub struct ConnGuard {
 
 impl ConnGuard {
     /// Accounts for a new connection; the code when a connection cap refuses it.
-    pub fn acquire(
-        gw: &Arc<Gateway>,
-        remote: SocketAddr,
-        kind: TransportKind,
-    ) -> Result<Self, Code> {
-        let ip = gw.limits().acquire_conn(remote.ip())?;
+    pub fn acquire(node: &NodeRef, remote: SocketAddr, kind: TransportKind) -> Result<Self, Code> {
+        let ip = node.acquire_conn(remote.ip())?;
         metrics::gauge!(m::CONNECTIONS, "transport" => kind.as_str()).increment(1.0);
         metrics::counter!(m::CONNECTIONS_ACCEPTED, "transport" => kind.as_str()).increment(1);
         Ok(Self {
-            gw: gw.clone(),
+            node: node.clone(),
             ip,
             kind,
             armed: true,
@@ -76,15 +71,15 @@ impl ConnGuard {
     }
 }
 
-pub(crate) fn release(gw: &Gateway, ip: Option<std::net::IpAddr>, kind: TransportKind) {
-    gw.limits().release_conn(ip);
+pub(crate) fn release(node: &dyn Node, ip: Option<std::net::IpAddr>, kind: TransportKind) {
+    node.release_conn(ip);
     metrics::gauge!(m::CONNECTIONS, "transport" => kind.as_str()).decrement(1.0);
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         if self.armed {
-            release(&self.gw, self.ip, self.kind);
+            release(&*self.node, self.ip, self.kind);
         }
     }
 }
@@ -97,9 +92,9 @@ pub struct Connection<W: Wire> {
 }
 
 impl<W: Wire> Connection<W> {
-    pub fn new(gw: Arc<Gateway>, wire: W, kind: TransportKind, guard: ConnGuard) -> Self {
-        let now = gw.now();
-        Self::since(gw, wire, kind, guard, now)
+    pub fn new(node: NodeRef, wire: W, kind: TransportKind, guard: ConnGuard) -> Self {
+        let now = node.now();
+        Self::since(node, wire, kind, guard, now)
     }
 
     /// A connection whose login time counts from `since` rather than from
@@ -107,13 +102,13 @@ impl<W: Wire> Connection<W> {
     /// wait for the client's stream and the wait for its Login share one
     /// `session.login_timeout`.
     pub fn since(
-        gw: Arc<Gateway>,
+        node: NodeRef,
         wire: W,
         kind: TransportKind,
         guard: ConnGuard,
         since: std::time::Instant,
     ) -> Self {
-        let mut link = Link::new(gw, kind, wire.outputs(), guard.disarm(), since);
+        let mut link = Link::new(node, kind, wire.outputs(), guard.disarm(), since);
         if wire.early() {
             link.set_early();
         }
@@ -129,6 +124,10 @@ impl<W: Wire> Connection<W> {
         &self.link
     }
 
+    pub(crate) fn wire(&self) -> &W {
+        &self.wire
+    }
+
     /// The wire and the link, apart (a connection that parks).
     pub(crate) fn into_parts(self) -> (W, Link) {
         (self.wire, self.link)
@@ -142,6 +141,10 @@ impl<W: Wire> Connection<W> {
     /// Reads and feeds input. Returns true when the read budget ran out with
     /// data possibly left (the task must be polled again).
     fn poll_input(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        // Input held for the node (a resume whose session another node
+        // holds, see Node::await_take) runs once the node is ready.
+        let wire = &self.wire;
+        self.link.retry_held(now, &|| wire.peer_addr());
         let mut budget = READ_BUDGET;
         // Uninitialised: zeroing 8 KiB on every poll (most polls are for
         // output, or find nothing to read) showed in the profile.
@@ -239,7 +242,13 @@ impl<W: Wire> Future for Connection<W> {
         if !this.link.is_closed() {
             let mut flushed = true;
             for out in 0..this.link.outputs() {
-                match this.poll_output(out, cx, now) {
+                // All written: what the wire holds goes out too (TLS
+                // records the socket did not take at once).
+                let written = match this.poll_output(out, cx, now) {
+                    Poll::Ready(Ok(true)) => this.wire.poll_flush(out, cx).map_ok(|()| true),
+                    other => other,
+                };
+                match written {
                     Poll::Ready(Ok(true)) => {}
                     Poll::Ready(Ok(false)) => {
                         again = true;
@@ -264,14 +273,6 @@ impl<W: Wire> Future for Connection<W> {
             }
         }
         this.link.end(cx, now, again, session_before)
-    }
-}
-
-#[cfg(parking)]
-impl Connection<tokio::net::TcpStream> {
-    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.wire.as_raw_fd()
     }
 }
 
@@ -342,7 +343,9 @@ mod tests {
     use tokio::io::{AsyncRead, AsyncWrite};
 
     use crate::ids::SessionId;
-    use crate::transport::testkit::{self, advance, Wakes};
+    use std::sync::Arc;
+
+    use crate::transport::testkit::{self, advance, FakeNode, Wakes};
 
     /// Both ends of a scripted connection.
     #[derive(Default)]
@@ -459,13 +462,14 @@ mod tests {
     }
 
     impl Driven {
-        fn new(gw: &Arc<Gateway>) -> Self {
+        fn new(node: &Arc<FakeNode>) -> Self {
             let io = Scripted::new();
             let remote = SocketAddr::from(([127, 0, 0, 1], 1));
-            let guard = ConnGuard::acquire(gw, remote, TransportKind::Memory).expect("no cap");
+            let node = NodeRef::new(node.clone());
+            let guard = ConnGuard::acquire(&node, remote, TransportKind::Memory).expect("no cap");
             Self {
                 conn: Box::pin(Connection::new(
-                    gw.clone(),
+                    node,
                     io.clone(),
                     TransportKind::Memory,
                     guard,
@@ -501,14 +505,14 @@ mod tests {
             self.wakes.0.load(Ordering::SeqCst) > 0
         }
 
-        fn login(&mut self, gw: &Gateway, resume: Option<pb::Resume>) -> pb::LoginOk {
+        fn login(&mut self, node: &FakeNode, resume: Option<pb::Resume>) -> pb::LoginOk {
             let login = pb::ClientFrame {
                 request_id: 1,
                 body: Some(testkit::login_body(resume)),
             };
             self.io.send(&login.encode_to_vec());
             self.settle(10);
-            let _ = gw;
+            let _ = node;
             match self.io.frames().into_iter().find_map(|f| f.body) {
                 Some(pb::server_frame::Body::LoginOk(ok)) => ok,
                 other => panic!("expected LoginOk, got {other:?}"),
@@ -516,47 +520,47 @@ mod tests {
         }
     }
 
-    fn gateway() -> Arc<Gateway> {
-        testkit::gateway(|_| {})
+    fn node() -> Arc<FakeNode> {
+        testkit::node(|_| {})
     }
 
-    fn push(gw: &Gateway, h: &SessionHandle, n: usize) {
+    fn push(node: &FakeNode, h: &SessionHandle, n: usize) {
         for i in 0..n {
             let p = SharedPush::new(&format!("m{i}"), &[0u8; 100], "t", "");
-            let r = h.enqueue(&p, gw.delivery(), gw.budget(), &mut Vec::new());
+            let r = h.enqueue(&p, node.delivery(), node.budget(), &mut Vec::new());
             assert_eq!(r, crate::session::Enqueued::Queued);
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_blocked_write_with_retransmissions_due_does_not_spin() {
-        let gw = gateway();
-        let mut c = Driven::new(&gw);
-        let ok = c.login(&gw, None);
-        let h = gw.registry().session(SessionId(ok.session_id)).unwrap();
-        push(&gw, &h, 4);
+        let node = node();
+        let mut c = Driven::new(&node);
+        let ok = c.login(&node, None);
+        let h = node.session(SessionId(ok.session_id)).unwrap();
+        push(&node, &h, 4);
         c.settle(10);
         assert_eq!(c.io.frames().len(), 4, "four pushes written, none acked");
         // The peer stops reading: the next pushes stay in a pending write.
         c.io.set_room(0);
-        push(&gw, &h, 4);
+        push(&node, &h, 4);
         c.settle(10);
         // Past the first retransmission deadline (10 s): the write is still
         // refused, so nothing can be retransmitted; the task must sleep until
         // the socket or the stall rule wakes it, not wake itself.
-        advance(&gw, Duration::from_secs(11)).await;
+        advance(&node, Duration::from_secs(11)).await;
         let polls = c.settle(1000);
         assert!(
             polls <= 2,
             "the connection woke itself {polls} times in a row with a retransmission due"
         );
         // The stall rule closes it once the socket took nothing for 30 s.
-        advance(&gw, Duration::from_secs(20)).await;
+        advance(&node, Duration::from_secs(20)).await;
         assert!(c.woken(), "the stall deadline wakes the connection");
         c.settle(10);
         assert!(!c.done, "the Close frame waits for the linger");
         advance(
-            &gw,
+            &node,
             crate::session::CLOSE_LINGER + Duration::from_millis(200),
         )
         .await;
@@ -572,21 +576,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stall_shorter_than_the_timeout_is_not_a_slow_consumer() {
-        let gw = gateway();
-        let mut c = Driven::new(&gw);
-        let ok = c.login(&gw, None);
-        let h = gw.registry().session(SessionId(ok.session_id)).unwrap();
+        let node = node();
+        let mut c = Driven::new(&node);
+        let ok = c.login(&node, None);
+        let h = node.session(SessionId(ok.session_id)).unwrap();
         c.io.set_room(0);
-        push(&gw, &h, 2);
+        push(&node, &h, 2);
         c.settle(10);
-        advance(&gw, Duration::from_secs(25)).await;
+        advance(&node, Duration::from_secs(25)).await;
         c.settle(10);
         // The socket takes a few bytes: progress restarts the stall clock.
         c.io.set_room(10);
         c.settle(10);
         c.io.set_room(0);
         c.settle(10);
-        advance(&gw, Duration::from_secs(25)).await;
+        advance(&node, Duration::from_secs(25)).await;
         c.settle(10);
         assert!(!c.done);
         assert!(
@@ -610,14 +614,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_replaced_by_a_resume_lingers_out_on_a_dead_path() {
-        let gw = gateway();
-        let mut a = Driven::new(&gw);
-        let ok = a.login(&gw, None);
+        let node = node();
+        let mut a = Driven::new(&node);
+        let ok = a.login(&node, None);
         // The phone left Wi-Fi: connection A stays open and silent, and the
         // device resumes on connection B.
-        let mut b = Driven::new(&gw);
+        let mut b = Driven::new(&node);
         let ok_b = b.login(
-            &gw,
+            &node,
             Some(pb::Resume {
                 session_id: ok.session_id,
                 resume_token: ok.resume_token.clone(),
@@ -640,7 +644,7 @@ mod tests {
         assert!(!a.done, "A lingers for the peer's EOF");
         // Nothing comes from A's peer: the linger deadline must end A.
         advance(
-            &gw,
+            &node,
             crate::session::CLOSE_LINGER + Duration::from_millis(200),
         )
         .await;
@@ -651,8 +655,8 @@ mod tests {
         a.settle(10);
         assert!(a.done, "the replaced connection finished after its linger");
         drop(a);
-        assert_eq!(gw.limits().connections(), 1, "only B is left");
-        let h = gw.registry().session(SessionId(ok.session_id)).unwrap();
+        assert_eq!(node.connections(), 1, "only B is left");
+        let h = node.session(SessionId(ok.session_id)).unwrap();
         assert!(!h.is_detached(), "B still holds the session");
         b.settle(10);
         assert!(!b.done);

@@ -25,15 +25,14 @@
 //! has its own pending write, stall clock and ack deadline.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use smallvec::SmallVec;
 
+use super::{ConnEnv, Node, NodeRef};
 use crate::config::SlowConsumerPolicy;
-use crate::gateway::{Gateway, GatewayEnv};
 use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::session::{CloseCmd, Lanes, Session, SessionHandle};
@@ -272,7 +271,7 @@ pub(crate) fn tick_after(a: u32, b: u32) -> bool {
 pub struct Link {
     session: Session,
     handle: SessionHandle,
-    gw: Arc<Gateway>,
+    node: NodeRef,
     /// Set when per-IP accounting counted this connection (boxed: per-IP
     /// accounting is off by default, and then a connection pays 8 bytes).
     ip: Option<Box<IpAddr>>,
@@ -296,21 +295,21 @@ impl Link {
     /// [`ConnGuard`](super::ConnGuard); the link releases it when dropped.
     /// Its login deadline counts from `since` (at most now).
     pub(crate) fn new(
-        gw: Arc<Gateway>,
+        node: NodeRef,
         kind: TransportKind,
         outputs: Outputs,
         ip: Option<Box<IpAddr>>,
         since: Instant,
     ) -> Self {
-        let now = since.min(gw.now());
-        let handle = SessionHandle::new(gw.next_session_id());
-        gw.connection_opened(&handle);
+        let now = since.min(node.now());
+        let handle = SessionHandle::new(node.next_session_id());
+        node.connection_opened(&handle);
         let mut f = Flags(Flags::FLUSH_ON_CLOSE);
         f.set(Flags::TWO_OUTPUTS, outputs == Outputs::Two);
         Self {
-            session: Session::new(now, gw.params().clone()),
+            session: Session::new(now, node.params().clone()),
             handle,
-            gw,
+            node,
             ip,
             rbuf: None,
             out: None,
@@ -327,15 +326,17 @@ impl Link {
         &self.handle
     }
 
-    pub fn gateway(&self) -> &Gateway {
-        &self.gw
+    /// The node this connection runs on.
+    pub fn node(&self) -> &dyn Node {
+        &*self.node
     }
 
-    pub(crate) fn gateway_arc(&self) -> &Arc<Gateway> {
-        &self.gw
+    /// The node, shared (the parker takes it to park the connection).
+    pub(crate) fn gateway_arc(&self) -> &NodeRef {
+        &self.node
     }
 
-    /// When this connection may park (see park.rs): a logged-in plain-TCP
+    /// When this connection may park (see park.rs): a logged-in TCP, TLS or WebSocket
     /// connection with nothing partly read, nothing pending on its socket
     /// and no control frame waiting, `listen.park_after` after the peer's
     /// last frame. The session's own queues and windows are checked when it
@@ -345,16 +346,19 @@ impl Link {
         if !self.idle_shape() || self.f.has(Flags::UNPARKED) {
             return None;
         }
-        let after = self.gw.park_after()?;
+        let after = self.node.park_after()?;
         Some(self.session.quiet_since()? + after)
     }
 
-    /// What parking asks of the link itself, whatever the quiet time: plain
-    /// TCP, logged in, nothing partly read, nothing waiting to be written,
-    /// the peer still sending.
+    /// What parking asks of the link itself, whatever the quiet time: TCP,
+    /// TLS or WebSocket (the wire's own buffers are checked when it parks), logged
+    /// in, nothing partly read, nothing waiting to be written, the peer
+    /// still sending.
     fn idle_shape(&self) -> bool {
-        self.kind == TransportKind::Tcp
-            && self.registered()
+        matches!(
+            self.kind,
+            TransportKind::Tcp | TransportKind::Tls | TransportKind::Ws | TransportKind::Wss
+        ) && self.registered()
             && self.rbuf.is_none()
             && self.out.is_none()
             && !self.f.has(Flags::READ_CLOSED)
@@ -409,9 +413,9 @@ impl Link {
         self.handle.try_park(self.gen, waker, false) && self.arm(now)
     }
 
-    /// The gateway's clock.
+    /// The node's clock.
     pub fn now(&self) -> Instant {
-        self.gw.now()
+        self.node.now()
     }
 
     pub fn kind(&self) -> TransportKind {
@@ -476,7 +480,7 @@ impl Link {
             );
         }
         let wheel_fired = !self.f.has(Flags::TIMER_SET)
-            || tick_after(self.gw.wheel().cursor() as u32, self.timer);
+            || tick_after(self.node.wheel().cursor() as u32, self.timer);
         self.check_stall(now);
         if wheel_fired {
             // Woken by the wheel (or never armed): the checks that only a
@@ -491,14 +495,14 @@ impl Link {
                 let cut = matches!(cmd.code, Code::SlowConsumer | Code::AckTimeout);
                 self.f.set(Flags::FLUSH_ON_CLOSE, !cut);
                 self.session.close(now, cmd);
-            } else if !self.f.has(Flags::REGISTERED) && self.gw.is_draining() {
-                self.session.close(now, self.gw.drain_close());
+            } else if !self.f.has(Flags::REGISTERED) && self.node.is_draining() {
+                self.session.close(now, self.node.drain_close());
             }
         }
         self.session.handle_timeout(now);
         if wheel_fired && self.registered() {
             self.handle
-                .prune_uplinks(now, self.gw.config().delivery.dedup_window);
+                .prune_uplinks(now, self.node.config().delivery.dedup_window);
         }
     }
 
@@ -523,6 +527,26 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Offers input held for the node ([`Node::await_take`]) again: it runs
+    /// once the node no longer asks to wait (and not before a QUIC
+    /// handshake is confirmed).
+    pub fn retry_held(&mut self, now: Instant, peer: &dyn Fn() -> Option<SocketAddr>) {
+        if self.f.has(Flags::DEFERRED) && !self.f.has(Flags::EARLY) {
+            self.f.set(Flags::DEFERRED, false);
+            if let Some(buf) = self.rbuf.take() {
+                if !self.session.is_closing() {
+                    self.feed_owned(now, buf, peer);
+                }
+            }
+        }
+    }
+
+    /// Whether the node asks this connection to hold `body` (its first
+    /// frames only, before it logs in; see [`Node::await_take`]).
+    fn must_wait(&self, body: &[u8]) -> bool {
+        !self.f.has(Flags::REGISTERED) && self.node.await_take(&self.handle, body)
     }
 
     /// Whether a frame may run before the handshake is confirmed.
@@ -593,7 +617,7 @@ impl Link {
         let hot = m::hot();
         hot.writes.increment(1);
         hot.bytes_out.increment(n as u64);
-        self.gw.count_write();
+        self.node.count_write();
         let lanes = self.lanes_of(out);
         let Some(p) = self.out.as_mut() else { return };
         let Some(b) = p.0[out].as_mut() else { return };
@@ -701,7 +725,7 @@ impl Link {
     // -----------------------------------------------------------------
 
     fn feed(&mut self, now: Instant, mut data: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
-        let max = self.gw.params().max_frame;
+        let max = self.node.params().max_frame;
         if let Some(mut buf) = self.rbuf.take() {
             buf.extend_from_slice(data);
             return self.feed_owned(now, buf, peer);
@@ -712,6 +736,9 @@ impl Link {
                 Ok(Some(total)) if data.len() >= total => {
                     let (frame, rest) = data.split_at(total);
                     if self.f.has(Flags::EARLY) && !Self::idempotent(&frame[LEN_PREFIX..]) {
+                        return self.defer(data);
+                    }
+                    if self.must_wait(&frame[LEN_PREFIX..]) {
                         return self.defer(data);
                     }
                     self.on_frame(now, &frame[LEN_PREFIX..], peer);
@@ -740,15 +767,17 @@ impl Link {
         mut buf: Box<BytesMut>,
         peer: &dyn Fn() -> Option<SocketAddr>,
     ) {
-        let max = self.gw.params().max_frame;
+        let max = self.node.params().max_frame;
         while !self.session.is_closing() {
-            if self.f.has(Flags::EARLY) {
-                if let Ok(Some(total)) = frame_len(&buf, max) {
-                    if buf.len() >= total && !Self::idempotent(&buf[LEN_PREFIX..total]) {
-                        self.f.set(Flags::DEFERRED, true);
-                        self.rbuf = Some(buf);
-                        return;
-                    }
+            if let Ok(Some(total)) = frame_len(&buf, max) {
+                let body = buf.get(LEN_PREFIX..total);
+                let hold = body.is_some_and(|b| {
+                    (self.f.has(Flags::EARLY) && !Self::idempotent(b)) || self.must_wait(b)
+                });
+                if hold {
+                    self.f.set(Flags::DEFERRED, true);
+                    self.rbuf = Some(buf);
+                    return;
                 }
             }
             match crate::wire::decode_frame(&mut buf, max) {
@@ -765,15 +794,16 @@ impl Link {
     fn on_frame(&mut self, now: Instant, body: &[u8], peer: &dyn Fn() -> Option<SocketAddr>) {
         m::hot().frames_in(self.kind).increment(1);
         let mut registered = self.f.has(Flags::REGISTERED);
-        let mut env = GatewayEnv {
-            gw: &self.gw,
+        let conn = ConnEnv {
             handle: &mut self.handle,
             gen: &mut self.gen,
             kind: self.kind,
             peer,
             registered: &mut registered,
         };
-        self.session.handle_frame(now, body, &mut env);
+        let session = &mut self.session;
+        self.node
+            .with_env(conn, &mut |env| session.handle_frame(now, body, env));
         self.f.set(Flags::REGISTERED, registered);
     }
 
@@ -822,7 +852,7 @@ impl Link {
                 now,
                 BATCH_FRAMES - b.frames as usize,
                 self.lanes_of(out),
-                self.gw.delivery(),
+                self.node.delivery(),
                 &mut b,
             );
             let moved = (b.frames - before) as usize;
@@ -860,7 +890,7 @@ impl Link {
     /// the bulk queue's byte bound drops what does not fit, and interactive
     /// pushes go on).
     fn stall_closes(&self, out: usize) -> bool {
-        out == 0 || self.gw.delivery().policy[1] == SlowConsumerPolicy::Disconnect
+        out == 0 || self.node.delivery().policy[1] == SlowConsumerPolicy::Disconnect
     }
 
     /// The stall rule: a write refused for `delivery.stall_timeout` closes the
@@ -870,7 +900,7 @@ impl Link {
         if self.session.is_closing() {
             return;
         }
-        let timeout = self.gw.delivery().stall_timeout;
+        let timeout = self.node.delivery().stall_timeout;
         let stalled = (0..self.outputs()).any(|out| {
             self.stall_closes(out)
                 && self
@@ -926,7 +956,7 @@ impl Link {
             return None;
         }
         self.handle
-            .ack_deadline(self.gen, Lanes(lanes), self.gw.delivery())
+            .ack_deadline(self.gen, Lanes(lanes), self.node.delivery())
     }
 
     /// Closes without flushing, keeping a logged-in session for a resume.
@@ -955,7 +985,7 @@ impl Link {
     /// loop.
     fn next_wakeup(&mut self, now: Instant) -> Option<Instant> {
         let closing = self.session.is_closing();
-        let timeout = self.gw.delivery().stall_timeout;
+        let timeout = self.node.delivery().stall_timeout;
         let stall = if closing {
             None
         } else {
@@ -997,14 +1027,14 @@ impl Link {
         // Ticks are kept as the low 32 bits and compared with wrapping
         // arithmetic: registrations lie within the wheel's horizon (a few
         // thousand ticks) of its cursor, so the difference always fits.
-        let cursor = self.gw.wheel().cursor() as u32;
+        let cursor = self.node.wheel().cursor() as u32;
         if self.f.has(Flags::TIMER_SET) && tick_after(cursor, self.timer) {
             self.f.set(Flags::TIMER_SET, false);
         }
         let Some(deadline) = self.next_wakeup(now) else {
             return true;
         };
-        let wheel = self.gw.wheel();
+        let wheel = self.node.wheel();
         let want = wheel.tick_ceil(deadline) as u32;
         if !self.f.has(Flags::TIMER_SET) || tick_after(self.timer, want) {
             match wheel.schedule(deadline, &self.handle) {
@@ -1026,8 +1056,16 @@ impl Link {
     fn disarm_timer(&mut self) {
         if self.f.has(Flags::TIMER_SET) {
             self.f.set(Flags::TIMER_SET, false);
-            self.gw.wheel().cancel(self.timer, &self.handle);
+            self.node.wheel().cancel(self.timer, &self.handle);
         }
+    }
+
+    /// The connection is gone without the driver (its socket could not
+    /// stay in or rejoin the reactor): the session ends as for a lost
+    /// connection, kept for a resume. Dropping a link instead ends it as a
+    /// runtime shutting down does (`CODE_SERVER_DRAINING`).
+    pub(crate) fn lost(mut self) {
+        self.finish();
     }
 
     fn finish(&mut self) {
@@ -1036,11 +1074,11 @@ impl Link {
         }
         self.f.set(Flags::FINISHED, true);
         self.disarm_timer();
-        self.gw.connection_settled(&self.handle);
+        self.node.connection_settled(&self.handle);
         let code = self.session.close_code().unwrap_or(Code::ConnectionLost);
         metrics::counter!(m::CLOSES, "reason" => code.as_str_name()).increment(1);
         if self.registered() {
-            self.gw.connection_ended(&self.handle, self.gen, code);
+            self.node.connection_ended(&self.handle, self.gen, code);
         }
     }
 }
@@ -1052,13 +1090,13 @@ impl Drop for Link {
         if !self.f.has(Flags::FINISHED) {
             self.f.set(Flags::FINISHED, true);
             self.disarm_timer();
-            self.gw.connection_settled(&self.handle);
+            self.node.connection_settled(&self.handle);
             if self.registered() {
-                self.gw
+                self.node
                     .connection_ended(&self.handle, self.gen, Code::ServerDraining);
             }
         }
-        super::conn::release(&self.gw, self.ip.as_deref().copied(), self.kind);
+        super::conn::release(&*self.node, self.ip.as_deref().copied(), self.kind);
     }
 }
 
@@ -1077,13 +1115,14 @@ mod tests {
     use super::*;
     use crate::ids::SessionId;
     use crate::session::Enqueued;
-    use crate::transport::testkit::{advance, gateway, login_body, Wakes};
+    use crate::transport::testkit::{self, advance, login_body, FakeNode, Wakes};
     use crate::wire::pb;
+    use std::sync::Arc;
 
     /// A link and the driver's side of it.
     struct T {
         link: Link,
-        gw: Arc<Gateway>,
+        node: Arc<FakeNode>,
         wakes: Arc<Wakes>,
         done: bool,
     }
@@ -1108,14 +1147,15 @@ mod tests {
     }
 
     impl T {
-        fn new(gw: &Arc<Gateway>, outputs: Outputs) -> Self {
+        fn new(node: &Arc<FakeNode>, outputs: Outputs) -> Self {
             let remote = SocketAddr::from(([127, 0, 0, 1], 1));
-            let ip = super::super::ConnGuard::acquire(gw, remote, TransportKind::Memory)
+            let dyn_node = NodeRef::new(node.clone());
+            let ip = super::super::ConnGuard::acquire(&dyn_node, remote, TransportKind::Memory)
                 .expect("no cap")
                 .disarm_for_test();
             Self {
-                link: Link::new(gw.clone(), TransportKind::Memory, outputs, ip, gw.now()),
-                gw: gw.clone(),
+                link: Link::new(dyn_node, TransportKind::Memory, outputs, ip, node.now()),
+                node: node.clone(),
                 wakes: Arc::default(),
                 done: false,
             }
@@ -1128,8 +1168,8 @@ mod tests {
             let waker = Waker::from(self.wakes.clone());
             let mut cx = Context::from_waker(&waker);
             let before = self.link.handle().id();
-            self.link.begin(self.gw.now(), &waker);
-            let now = self.gw.now();
+            self.link.begin(self.node.now(), &waker);
+            let now = self.node.now();
             self.done = self.link.end(&mut cx, now, false, before).is_ready();
             self.wakes.0.load(Ordering::SeqCst) > 0
         }
@@ -1140,14 +1180,14 @@ mod tests {
 
         fn read(&mut self, bytes: &[u8]) {
             let waker = Waker::from(self.wakes.clone());
-            self.link.begin(self.gw.now(), &waker);
-            self.link.on_read(self.gw.now(), bytes, &|| None);
+            self.link.begin(self.node.now(), &waker);
+            self.link.on_read(self.node.now(), bytes, &|| None);
         }
 
         /// Everything output `out` has to write, as if the socket took it all.
         fn write(&mut self, out: usize) -> Vec<pb::ServerFrame> {
             let mut bytes = BytesMut::new();
-            let now = self.gw.now();
+            let now = self.node.now();
             while let Some(b) = self.link.batch(out, true, now) {
                 let n: usize = b.chunks().iter().map(|c| c.len()).sum();
                 for c in b.chunks() {
@@ -1160,7 +1200,7 @@ mod tests {
 
         /// Output `out` has a batch and the socket refuses it.
         fn refuse(&mut self, out: usize) -> bool {
-            let now = self.gw.now();
+            let now = self.node.now();
             if self.link.batch(out, true, now).is_none() {
                 return false;
             }
@@ -1177,17 +1217,16 @@ mod tests {
         }
 
         fn session(&self, ok: &pb::LoginOk) -> SessionHandle {
-            self.gw
-                .registry()
+            self.node
                 .session(SessionId(ok.session_id))
                 .expect("registered")
         }
     }
 
-    fn push(gw: &Gateway, h: &SessionHandle, lane: Lane, n: usize) {
+    fn push(node: &FakeNode, h: &SessionHandle, lane: Lane, n: usize) {
         for i in 0..n {
             let p = SharedPush::with(&format!("m{i}"), &[0u8; 100], "t", "", lane, false);
-            let r = h.enqueue(&p, gw.delivery(), gw.budget(), &mut Vec::new());
+            let r = h.enqueue(&p, node.delivery(), node.budget(), &mut Vec::new());
             assert_eq!(r, Enqueued::Queued);
         }
     }
@@ -1211,11 +1250,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_kick_writes_the_queued_pushes_before_the_close() {
-        let gw = gateway(|_| {});
-        let mut t = T::new(&gw, Outputs::One);
+        let node = testkit::node(|_| {});
+        let mut t = T::new(&node, Outputs::One);
         let ok = t.login();
         let h = t.session(&ok);
-        push(&gw, &h, Lane::Interactive, 3);
+        push(&node, &h, Lane::Interactive, 3);
         h.request_close(CloseCmd::new(Code::Kicked, "bye"));
         t.poll();
         let out = t.write(0);
@@ -1232,15 +1271,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_consumer_is_cut_without_a_flush_and_keeps_its_session() {
-        let gw = gateway(|_| {});
-        let mut t = T::new(&gw, Outputs::One);
+        let node = testkit::node(|_| {});
+        let mut t = T::new(&node, Outputs::One);
         let ok = t.login();
         let h = t.session(&ok);
-        push(&gw, &h, Lane::Interactive, 2);
+        push(&node, &h, Lane::Interactive, 2);
         assert!(t.refuse(0), "the socket refuses the pushes");
-        push(&gw, &h, Lane::Interactive, 2);
+        push(&node, &h, Lane::Interactive, 2);
         t.poll();
-        advance(&gw, Duration::from_secs(31)).await;
+        advance(&node, Duration::from_secs(31)).await;
         assert!(t.woken(), "the stall deadline is armed");
         t.poll();
         // The refused batch is what the socket would still take; then only
@@ -1257,26 +1296,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_unacknowledged_window_closes_a_dead_path_and_nothing_is_written_twice() {
-        let gw = gateway(|c| c.delivery.ack_timeout = Duration::from_secs(10));
-        let mut t = T::new(&gw, Outputs::One);
+        let node = testkit::node(|c| c.delivery.ack_timeout = Duration::from_secs(10));
+        let mut t = T::new(&node, Outputs::One);
         let ok = t.login();
         let h = t.session(&ok);
-        push(&gw, &h, Lane::Interactive, 2);
+        push(&node, &h, Lane::Interactive, 2);
         t.poll();
         assert_eq!(seqs(&t.write(0)), vec![(0, 1), (0, 2)]);
         t.poll();
         // An ack of the first at 6 s restarts the clock for the second.
-        advance(&gw, Duration::from_secs(6)).await;
+        advance(&node, Duration::from_secs(6)).await;
         t.read(&frame(pb::client_frame::Body::Ack(pb::Ack {
             lane: pb::Lane::Interactive as i32,
             up_to_seq: 1,
             ranges: vec![],
         })));
         t.poll();
-        advance(&gw, Duration::from_secs(6)).await;
+        advance(&node, Duration::from_secs(6)).await;
         t.poll();
         assert!(t.write(0).is_empty(), "12 s in, 6 s since the ack: open");
-        advance(&gw, Duration::from_millis(4_200)).await;
+        advance(&node, Duration::from_millis(4_200)).await;
         assert!(t.woken(), "the ack deadline wakes the connection");
         t.poll();
         let out = t.write(0);
@@ -1296,8 +1335,8 @@ mod tests {
     /// waits for the client's next frame.
     #[tokio::test(start_paused = true)]
     async fn a_push_between_a_resumes_output_and_the_end_of_its_poll_is_written() {
-        let gw = gateway(|_| {});
-        let mut a = T::new(&gw, Outputs::One);
+        let node = testkit::node(|_| {});
+        let mut a = T::new(&node, Outputs::One);
         let ok = a.login();
         let h = a.session(&ok);
         a.link.on_read_closed(true);
@@ -1307,7 +1346,7 @@ mod tests {
 
         // The resume, polled as the driver polls: input, output, end. The
         // session holds nothing, so only the LoginOk goes out.
-        let mut b = T::new(&gw, Outputs::One);
+        let mut b = T::new(&node, Outputs::One);
         let waker = Waker::from(b.wakes.clone());
         let mut cx = Context::from_waker(&waker);
         let before = b.link.handle().id();
@@ -1324,8 +1363,8 @@ mod tests {
         });
         assert_eq!(resumed.map(|r| (r.code, r.replayed)), Some((0, 0)));
         // Pushes come in before the poll ends.
-        push(&gw, &h, Lane::Interactive, 2);
-        let now = gw.now();
+        push(&node, &h, Lane::Interactive, 2);
+        let now = node.now();
         assert!(b.link.end(&mut cx, now, false, before).is_pending());
         assert!(
             b.woken(),
@@ -1335,22 +1374,22 @@ mod tests {
         assert_eq!(seqs(&b.write(0)), vec![(0, 1), (0, 2)]);
         // From then on the session's pushes wake this task.
         b.poll();
-        push(&gw, &h, Lane::Interactive, 1);
+        push(&node, &h, Lane::Interactive, 1);
         assert!(b.woken());
         assert_eq!(seqs(&b.write(0)), vec![(0, 3)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_write_suspends_the_ack_deadline_and_progress_restarts_it() {
-        let gw = gateway(|c| c.delivery.ack_timeout = Duration::from_secs(10));
-        let mut t = T::new(&gw, Outputs::One);
+        let node = testkit::node(|c| c.delivery.ack_timeout = Duration::from_secs(10));
+        let mut t = T::new(&node, Outputs::One);
         let ok = t.login();
         let h = t.session(&ok);
-        push(&gw, &h, Lane::Interactive, 1);
+        push(&node, &h, Lane::Interactive, 1);
         assert!(t.refuse(0));
         t.poll();
         // 20 s refused: past the ack timeout but within the stall timeout.
-        advance(&gw, Duration::from_secs(20)).await;
+        advance(&node, Duration::from_secs(20)).await;
         t.poll();
         assert!(
             !t.link.session.is_closing(),
@@ -1359,22 +1398,22 @@ mod tests {
         // The socket takes it: the client reads, so the push gets 10 s from now.
         assert_eq!(seqs(&t.write(0)), vec![(0, 1)]);
         t.poll();
-        advance(&gw, Duration::from_secs(9)).await;
+        advance(&node, Duration::from_secs(9)).await;
         t.poll();
         assert!(!t.link.session.is_closing());
-        advance(&gw, Duration::from_secs(2)).await;
+        advance(&node, Duration::from_secs(2)).await;
         t.poll();
         assert_eq!(close_code(&t.write(0)), Some(Code::AckTimeout as i32));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_bulk_stream_does_not_stop_interactive_pushes() {
-        let gw = gateway(|_| {});
-        let mut t = T::new(&gw, Outputs::Two);
+        let node = testkit::node(|_| {});
+        let mut t = T::new(&node, Outputs::Two);
         let ok = t.login();
         let h = t.session(&ok);
-        push(&gw, &h, Lane::Bulk, 3);
-        push(&gw, &h, Lane::Interactive, 2);
+        push(&node, &h, Lane::Bulk, 3);
+        push(&node, &h, Lane::Interactive, 2);
         assert!(t.refuse(1), "the bulk stream's window is shut");
         let out = t.write(0);
         assert_eq!(
@@ -1385,9 +1424,9 @@ mod tests {
         // Far past the stall timeout: a stalled bulk stream (policy drop) is
         // not a slow consumer, and interactive pushes keep flowing.
         for _ in 0..10 {
-            advance(&gw, Duration::from_secs(5)).await;
+            advance(&node, Duration::from_secs(5)).await;
             t.poll();
-            push(&gw, &h, Lane::Interactive, 1);
+            push(&node, &h, Lane::Interactive, 1);
             assert_eq!(seqs(&t.write(0)).len(), 1);
             t.read(&frame(pb::client_frame::Body::Ack(pb::Ack {
                 lane: pb::Lane::Interactive as i32,
@@ -1404,8 +1443,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn before_the_handshake_is_confirmed_only_idempotent_requests_run() {
-        let gw = gateway(|_| {});
-        let mut t = T::new(&gw, Outputs::Two);
+        let node = testkit::node(|_| {});
+        let mut t = T::new(&node, Outputs::Two);
         t.link.set_early();
         // A 0-RTT flight: a login, an uplink, a ping.
         let ok = t.login();
@@ -1421,7 +1460,7 @@ mod tests {
         assert!(!t.link.wants_read(), "no more input while a request waits");
         // A replay of the flight is never confirmed: nothing more happens.
         // The real one is: the Send runs once, then the Ping.
-        t.link.confirm(gw.now(), &|| None);
+        t.link.confirm(node.now(), &|| None);
         let out = t.write(0);
         let kinds: Vec<&str> = out
             .iter()
@@ -1438,18 +1477,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_draining_gateway_closes_a_connection_that_never_logged_in() {
-        let gw = gateway(|_| {});
-        let mut t = T::new(&gw, Outputs::One);
+        let node = testkit::node(|_| {});
+        let mut t = T::new(&node, Outputs::One);
         t.poll();
-        gw.start_drain();
+        node.start_drain();
         t.poll();
         assert_eq!(close_code(&t.write(0)), Some(Code::ServerDraining as i32));
     }
 
     #[tokio::test(start_paused = true)]
     async fn lingering_reads_at_most_the_linger_budget() {
-        let gw = gateway(|_| {});
-        let mut t = T::new(&gw, Outputs::One);
+        let node = testkit::node(|_| {});
+        let mut t = T::new(&node, Outputs::One);
         let _ = t.login();
         t.read(&frame(pb::client_frame::Body::Close(pb::Close::default())));
         assert_eq!(close_code(&t.write(0)), Some(Code::NormalClose as i32));
@@ -1458,7 +1497,7 @@ mod tests {
         let chunk = [0u8; 8 * 1024];
         let mut read = 0;
         while t.link.wants_read() {
-            t.link.on_read(gw.now(), &chunk, &|| None);
+            t.link.on_read(node.now(), &chunk, &|| None);
             read += chunk.len();
             assert!(read <= LINGER_BYTES, "read past the linger budget");
         }

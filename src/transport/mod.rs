@@ -10,16 +10,22 @@
 //!   frame is kept), no write buffer unless a write is blocked, and no
 //!   per-connection timer (deadlines go to the shared
 //!   [`TimerWheel`](crate::timer::TimerWheel)).
-//! - A [`Wire`] is how bytes move: any [`Transport`] byte stream (TCP, TLS,
-//!   an in-memory pipe) with one output, or QUIC streams (quic.rs) with two.
+//! - A [`Wire`] is how bytes move: any [`Transport`] byte stream (TCP, an
+//!   in-memory pipe) with one output, TLS records over one ([`TlsStream`],
+//!   tls.rs), WebSocket messages over either ([`WsStream`], ws.rs, after
+//!   the HTTP upgrade of upgrade.rs), or QUIC streams (quic.rs) with two.
 
 mod conn;
 mod link;
+mod node;
 #[cfg(parking)]
 mod park;
 pub mod quic;
 #[cfg(test)]
 mod testkit;
+pub mod tls;
+pub mod upgrade;
+pub mod ws;
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -30,8 +36,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use conn::{ConnGuard, Connection};
 pub use link::{Link, Outputs, WriteBatch};
+pub use node::{ConnEnv, Node, NodeRef};
 #[cfg(parking)]
-pub use park::{Parker, TcpConnection};
+pub use park::{
+    Parkable, Parker, Parking, TcpConnection, TlsConnection, WsConnection, WssConnection,
+};
+pub use tls::TlsStream;
+pub use ws::WsStream;
 
 /// A byte stream a session can run over.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
@@ -70,6 +81,12 @@ pub trait Wire: Unpin + Send {
     /// Whether output `out` takes large push bodies as slices of their own
     /// (`writev`) rather than copied into one flat buffer.
     fn vectored(&self, out: usize) -> bool;
+
+    /// Writes what the wire itself holds for output `out` (a TLS record
+    /// the socket did not take whole); `Pending` until it is out.
+    fn poll_flush(&mut self, _out: usize, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 
     /// Ends every output (the Close frame is written).
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
@@ -138,18 +155,6 @@ impl<T: Transport> Wire for T {
 impl Transport for tokio::net::TcpStream {
     fn peer_addr(&self) -> Option<SocketAddr> {
         tokio::net::TcpStream::peer_addr(self).ok()
-    }
-}
-
-/// TLS: each slice of a `writev` would cost a TLS record of its own, so a
-/// TLS stream reports that it is not vectored and gets one flat buffer.
-impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
-    fn peer_addr(&self) -> Option<SocketAddr> {
-        self.get_ref().0.peer_addr().ok()
-    }
-
-    fn vectored(&self) -> bool {
-        false
     }
 }
 

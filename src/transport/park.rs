@@ -1,4 +1,5 @@
-//! Parking: an idle plain-TCP connection without a task or a reactor entry.
+//! Parking: an idle TCP, TLS or WebSocket connection without a task or a
+//! reactor entry.
 //!
 //! Half of an idle connection's heap is tokio's: the task cell and the
 //! socket's registration with the I/O driver, 256 bytes each (both are
@@ -45,12 +46,15 @@ use crate::metrics as m;
 
 use super::conn::Connection;
 use super::link::{Link, Outputs};
+use super::tls::TlsStream;
+use super::ws::WsStream;
 use super::Wire;
+use crate::ids::TransportKind;
 
 /// Readiness events taken per `epoll_wait`.
 const EVENTS: usize = 256;
 
-/// Parks idle plain-TCP connections of one gateway. Does nothing until
+/// Parks idle TCP and TLS connections of one gateway. Does nothing until
 /// [`Parker::start`] (the server starts it with its TCP listeners).
 #[derive(Default)]
 pub struct Parker {
@@ -82,6 +86,82 @@ struct Shared {
 struct Parked {
     socket: std::net::TcpStream,
     link: Link,
+    /// A TLS connection's keys (its buffers are empty: only a quiet
+    /// connection parks). A WebSocket connection keeps nothing of its
+    /// wire: it parks only quiet, and its link's kind says to make its
+    /// [`WsStream`] anew when it unparks.
+    tls: Option<Box<TlsStream<()>>>,
+}
+
+/// Whether a link's connection runs WebSocket over its socket (or over
+/// TLS over it).
+fn is_ws(link: &Link) -> bool {
+    matches!(link.kind(), TransportKind::Ws | TransportKind::Wss)
+}
+
+/// A WebSocket wire made anew over `io` for a connection that was quiet
+/// when it parked.
+fn ws_over<S>(io: S, link: &Link) -> WsStream<S> {
+    let max = u32::try_from(link.node().params().max_frame).unwrap_or(u32::MAX);
+    WsStream::new(io, Vec::new(), max)
+}
+
+/// A wire whose connection can park: a plain-TCP socket, or TLS over one.
+pub trait Parkable: Wire + Sized + Send + 'static {
+    fn raw_fd(&self) -> RawFd;
+
+    /// Whether the wire holds nothing that parking would lose (TLS: no
+    /// partial record, no unread plaintext, nothing unwritten).
+    fn quiet(&self) -> bool;
+
+    /// The socket out of the reactor, and a TLS connection's keys.
+    fn into_parked(self) -> io::Result<(std::net::TcpStream, Option<Box<TlsStream<()>>>)>;
+}
+
+impl Parkable for TcpStream {
+    fn raw_fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+
+    fn quiet(&self) -> bool {
+        true
+    }
+
+    fn into_parked(self) -> io::Result<(std::net::TcpStream, Option<Box<TlsStream<()>>>)> {
+        Ok((self.into_std()?, None))
+    }
+}
+
+impl Parkable for TlsStream<TcpStream> {
+    fn raw_fd(&self) -> RawFd {
+        self.io().as_raw_fd()
+    }
+
+    fn quiet(&self) -> bool {
+        self.is_quiet()
+    }
+
+    fn into_parked(self) -> io::Result<(std::net::TcpStream, Option<Box<TlsStream<()>>>)> {
+        let (socket, mut keys) = self.split();
+        keys.shed();
+        Ok((socket.into_std()?, Some(Box::new(keys))))
+    }
+}
+
+/// WebSocket over either: parks as what it runs over, keeping nothing of
+/// its own (it is quiet).
+impl<S: Parkable> Parkable for WsStream<S> {
+    fn raw_fd(&self) -> RawFd {
+        self.io().raw_fd()
+    }
+
+    fn quiet(&self) -> bool {
+        self.is_quiet() && self.io().quiet()
+    }
+
+    fn into_parked(self) -> io::Result<(std::net::TcpStream, Option<Box<TlsStream<()>>>)> {
+        self.split().0.into_parked()
+    }
 }
 
 /// Every parker of the process, by id (one per gateway; never removed, a
@@ -211,7 +291,7 @@ impl Parker {
     /// Parks the connection in `slot` if its session agrees (nothing arrived
     /// since its poll began): takes it out of `slot` and returns true; the
     /// caller's task then ends. False leaves it where it was.
-    pub(crate) fn park(&self, slot: &mut Option<Connection<TcpStream>>) -> bool {
+    pub(crate) fn park<W: Parkable>(&self, slot: &mut Option<Connection<W>>) -> bool {
         let Some(shared) = self.shared.get() else {
             return false;
         };
@@ -221,7 +301,10 @@ impl Parker {
         let Some(conn) = slot.as_ref() else {
             return false;
         };
-        let fd = conn.raw_fd();
+        if !conn.wire().quiet() {
+            return false;
+        }
+        let fd = conn.wire().raw_fd();
         let Ok(idx) = usize::try_from(fd) else {
             return false;
         };
@@ -237,14 +320,14 @@ impl Parker {
             return false;
         };
         let (wire, link) = conn.into_parts();
-        let socket = match wire.into_std() {
+        let (socket, tls) = match wire.into_parked() {
             Ok(s) => s,
             Err(e) => {
-                // The socket is gone with its registration; the link's drop
-                // ends the session as a lost connection would.
+                // The socket is gone with its registration: the session
+                // ends as for a lost connection (kept for a resume).
                 tracing::debug!(error = %e, "parking failed: the socket left the reactor in error");
                 drop(slots);
-                drop(link);
+                link.lost();
                 return true;
             }
         };
@@ -254,13 +337,13 @@ impl Parker {
         {
             tracing::debug!(error = %e, "parking failed: epoll refused the socket");
             drop(slots);
-            respawn(socket, link);
+            respawn(socket, tls, link);
             return true;
         }
         if slots.len() <= idx {
             slots.resize_with((idx + 1).next_power_of_two(), || None);
         }
-        slots[idx] = Some(Box::new(Parked { socket, link }));
+        slots[idx] = Some(Box::new(Parked { socket, link, tls }));
         // Counted under the lock, before an unpark can count it out.
         shared.count.fetch_add(1, Ordering::Relaxed);
         shared.parks.fetch_add(1, Ordering::Relaxed);
@@ -365,7 +448,7 @@ fn unpark(shared: &Shared, fd: RawFd, woken: bool) {
         return;
     }
     match answer_in_place(shared, fd, idx, *p) {
-        InPlaceEnd::Stayed => {}
+        InPlaceEnd::Stayed | InPlaceEnd::HandedBack => {}
         InPlaceEnd::Run(p) => hand_back(shared, *p),
         InPlaceEnd::Ended => {
             shared.count.fetch_sub(1, Ordering::Relaxed);
@@ -383,6 +466,9 @@ enum InPlaceEnd {
     /// It finished (its link ended the session as a task's would), and its
     /// socket left the epoll set and closed.
     Ended,
+    /// Bytes were in flight in its wire: it left the epoll set and the
+    /// count, and has a task again.
+    HandedBack,
 }
 
 /// Drives a parked connection whose socket turned readable for one poll
@@ -395,33 +481,47 @@ enum InPlaceEnd {
 /// session still has nothing waiting and no wake-up taken since the poll
 /// began (checked under its lock and the table's, as when parking).
 fn answer_in_place(shared: &Shared, fd: RawFd, idx: usize, p: Parked) -> InPlaceEnd {
-    let Parked { socket, link } = p;
+    match (p.tls.is_some(), is_ws(&p.link)) {
+        (false, false) => in_place::<InPlace>(shared, fd, idx, p),
+        (true, false) => in_place::<TlsStream<InPlace>>(shared, fd, idx, p),
+        (false, true) => in_place::<WsStream<InPlace>>(shared, fd, idx, p),
+        (true, true) => in_place::<WsStream<TlsStream<InPlace>>>(shared, fd, idx, p),
+    }
+}
+
+/// [`answer_in_place`] over the wire stack `S` the parked connection runs.
+fn in_place<S: InPlaceStack>(shared: &Shared, fd: RawFd, idx: usize, p: Parked) -> InPlaceEnd {
+    let Parked { socket, link, tls } = p;
     let waker = park_waker(shared.id, fd);
-    let mut conn = Connection::from_parts(
+    let wire = S::build(
         InPlace {
             socket,
             drained: false,
         },
-        link,
+        tls,
+        &link,
     );
-    if std::future::Future::poll(
-        std::pin::Pin::new(&mut conn),
-        &mut Context::from_waker(&waker),
-    )
-    .is_ready()
-    {
-        // Out of the epoll set before the descriptor closes (and may be
-        // reused by the next accept).
-        let _ = shared.registry.deregister(&mut SourceFd(&fd));
-        drop(conn);
+    let Some((w, link)) = poll_in_place(shared, fd, Connection::from_parts(wire, link), &waker)
+    else {
         return InPlaceEnd::Ended;
+    };
+    if !w.quiet() {
+        // Bytes in flight in the wire (a TLS record or a WebSocket frame
+        // partly in): a task gets the wire whole, its buffers with it.
+        let _ = shared.registry.deregister(&mut SourceFd(&fd));
+        shared.count.fetch_sub(1, Ordering::Relaxed);
+        m::hot().parked.decrement(1.0);
+        w.respawn(link);
+        return InPlaceEnd::HandedBack;
     }
-    let (wire, link) = conn.into_parts();
+    let drained = w.base().drained;
+    let (base, tls) = w.into_kept();
     let p = Box::new(Parked {
-        socket: wire.socket,
+        socket: base.socket,
         link,
+        tls,
     });
-    if wire.drained && p.link.may_stay_parked(p.link.now()) {
+    if drained && p.link.may_stay_parked(p.link.now()) {
         let mut slots = shared.slots.lock();
         if let Some(slot) = slots.get_mut(idx) {
             if slot.is_none() && p.link.try_park(waker) {
@@ -433,6 +533,152 @@ fn answer_in_place(shared: &Shared, fd: RawFd, idx: usize, p: Parked) -> InPlace
         }
     }
     InPlaceEnd::Run(p)
+}
+
+/// A parked connection's wire for one poll in place: plain system calls
+/// on its socket ([`InPlace`]), under TLS, WebSocket, or both.
+trait InPlaceStack: Wire + Sized {
+    /// The wire over the parked socket, from what parking kept.
+    fn build(base: InPlace, tls: Option<Box<TlsStream<()>>>, link: &Link) -> Self;
+    fn base(&self) -> &InPlace;
+    /// Whether nothing is in flight in it (it may park again as it is).
+    fn quiet(&self) -> bool;
+    /// What a quiet wire keeps while parked.
+    fn into_kept(self) -> (InPlace, Option<Box<TlsStream<()>>>);
+    /// The socket and the TLS state with its buffers, for a task.
+    fn into_busy(self) -> (InPlace, Option<Box<TlsStream<()>>>);
+    /// A task for the connection, with everything its wire holds.
+    fn respawn(self, link: Link);
+}
+
+impl InPlaceStack for InPlace {
+    fn build(base: InPlace, _tls: Option<Box<TlsStream<()>>>, _link: &Link) -> Self {
+        base
+    }
+
+    fn base(&self) -> &InPlace {
+        self
+    }
+
+    fn quiet(&self) -> bool {
+        true
+    }
+
+    fn into_kept(self) -> (InPlace, Option<Box<TlsStream<()>>>) {
+        (self, None)
+    }
+
+    fn into_busy(self) -> (InPlace, Option<Box<TlsStream<()>>>) {
+        (self, None)
+    }
+
+    fn respawn(self, link: Link) {
+        respawn(self.socket, None, link);
+    }
+}
+
+impl InPlaceStack for TlsStream<InPlace> {
+    fn build(base: InPlace, tls: Option<Box<TlsStream<()>>>, _link: &Link) -> Self {
+        // The caller picks this stack only for a connection with keys.
+        let t = tls.unwrap_or_else(|| unreachable!("a TLS stack without keys"));
+        t.map_io(|()| base)
+    }
+
+    fn base(&self) -> &InPlace {
+        self.io()
+    }
+
+    fn quiet(&self) -> bool {
+        self.is_quiet()
+    }
+
+    fn into_kept(self) -> (InPlace, Option<Box<TlsStream<()>>>) {
+        let (base, mut rest) = self.split();
+        rest.shed();
+        (base, Some(Box::new(rest)))
+    }
+
+    fn into_busy(self) -> (InPlace, Option<Box<TlsStream<()>>>) {
+        // Its buffers travel with it, in the box.
+        let (base, rest) = self.split();
+        (base, Some(Box::new(rest)))
+    }
+
+    fn respawn(self, link: Link) {
+        let (base, tls) = self.into_busy();
+        respawn(base.socket, tls, link);
+    }
+}
+
+impl<T: InPlaceStack> InPlaceStack for WsStream<T> {
+    fn build(base: InPlace, tls: Option<Box<TlsStream<()>>>, link: &Link) -> Self {
+        ws_over(T::build(base, tls, link), link)
+    }
+
+    fn base(&self) -> &InPlace {
+        self.io().base()
+    }
+
+    fn quiet(&self) -> bool {
+        self.is_quiet() && self.io().quiet()
+    }
+
+    fn into_kept(self) -> (InPlace, Option<Box<TlsStream<()>>>) {
+        self.split().0.into_kept()
+    }
+
+    fn into_busy(self) -> (InPlace, Option<Box<TlsStream<()>>>) {
+        self.split().0.into_busy()
+    }
+
+    fn respawn(self, mut link: Link) {
+        let (inner, ws) = self.split();
+        let (base, tls) = inner.into_busy();
+        link.unparked();
+        let socket = match TcpStream::from_std(base.socket) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "an unparked socket could not rejoin the reactor");
+                link.lost();
+                return;
+            }
+        };
+        match tls {
+            None => {
+                let wire = ws.map_io(|()| socket);
+                tokio::spawn(WsConnection::from(Connection::from_parts(wire, link)));
+            }
+            Some(t) => {
+                let wire = ws.map_io(|()| t.map_io(|()| socket));
+                tokio::spawn(WssConnection::from(Connection::from_parts(wire, link)));
+            }
+        }
+    }
+}
+
+/// Polls a parked connection once where it is, with its parked waker. The
+/// wire and link back; `None` when the connection finished (its link ended
+/// the session as a task's would): its socket, on `fd`, then leaves the
+/// epoll set before it closes (the descriptor may be reused by the next
+/// accept).
+fn poll_in_place<W: Wire>(
+    shared: &Shared,
+    fd: RawFd,
+    mut conn: Connection<W>,
+    waker: &Waker,
+) -> Option<(W, Link)> {
+    let done = std::future::Future::poll(
+        std::pin::Pin::new(&mut conn),
+        &mut Context::from_waker(waker),
+    )
+    .is_ready();
+    if done {
+        let _ = shared.registry.deregister(&mut SourceFd(&fd));
+        drop(conn);
+        None
+    } else {
+        Some(conn.into_parts())
+    }
 }
 
 /// A parked socket's [`Wire`] for one poll in place: plain non-blocking
@@ -530,34 +776,62 @@ fn hand_back(shared: &Shared, p: Parked) {
     let _ = shared.registry.deregister(&mut SourceFd(&fd));
     shared.count.fetch_sub(1, Ordering::Relaxed);
     m::hot().parked.decrement(1.0);
-    respawn(p.socket, p.link);
+    respawn(p.socket, p.tls, p.link);
 }
 
 /// Spawns a driver for a socket and its link again. If the socket cannot
-/// go back to the reactor (out of memory for its registration), the link's
-/// drop ends the session as a lost connection.
-fn respawn(socket: std::net::TcpStream, mut link: Link) {
+/// go back to the reactor (out of memory for its registration), the
+/// session ends as for a lost connection (kept for a resume).
+fn respawn(socket: std::net::TcpStream, tls: Option<Box<TlsStream<()>>>, mut link: Link) {
     link.unparked();
-    match TcpStream::from_std(socket) {
-        Ok(wire) => {
-            tokio::spawn(TcpConnection::from(Connection::from_parts(wire, link)));
+    let socket = match TcpStream::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "an unparked socket could not rejoin the reactor");
+            link.lost();
+            return;
         }
-        Err(e) => tracing::warn!(error = %e, "an unparked socket could not rejoin the reactor"),
+    };
+    match (tls, is_ws(&link)) {
+        (None, false) => {
+            tokio::spawn(TcpConnection::from(Connection::from_parts(socket, link)));
+        }
+        (Some(t), false) => {
+            let wire = t.map_io(|()| socket);
+            tokio::spawn(TlsConnection::from(Connection::from_parts(wire, link)));
+        }
+        (None, true) => {
+            let wire = ws_over(socket, &link);
+            tokio::spawn(WsConnection::from(Connection::from_parts(wire, link)));
+        }
+        (Some(t), true) => {
+            let wire = ws_over(t.map_io(|()| socket), &link);
+            tokio::spawn(WssConnection::from(Connection::from_parts(wire, link)));
+        }
     }
 }
 
-/// A plain-TCP connection's task: drives the [`Connection`], and parks it
+/// A parkable connection's task: drives the [`Connection`], and parks it
 /// when its link says it may.
-#[must_use = "a TcpConnection does nothing unless spawned or awaited"]
-pub struct TcpConnection(Option<Connection<TcpStream>>);
+#[must_use = "a parking connection does nothing unless spawned or awaited"]
+pub struct Parking<W: Parkable>(Option<Connection<W>>);
 
-impl From<Connection<TcpStream>> for TcpConnection {
-    fn from(c: Connection<TcpStream>) -> Self {
+/// A TCP connection's task.
+pub type TcpConnection = Parking<TcpStream>;
+/// A TLS connection's task.
+pub type TlsConnection = Parking<TlsStream<TcpStream>>;
+/// A WebSocket connection's task.
+pub type WsConnection = Parking<WsStream<TcpStream>>;
+/// A WebSocket-over-TLS connection's task.
+pub type WssConnection = Parking<WsStream<TlsStream<TcpStream>>>;
+
+impl<W: Parkable> From<Connection<W>> for Parking<W> {
+    fn from(c: Connection<W>) -> Self {
         Self(Some(c))
     }
 }
 
-impl std::future::Future for TcpConnection {
+impl<W: Parkable> std::future::Future for Parking<W> {
     type Output = ();
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -573,8 +847,9 @@ impl std::future::Future for TcpConnection {
             return Poll::Pending;
         }
         // Refused when something arrived as the connection was about to
-        // park (whatever brought it has woken this task), or when pushes
-        // wait for an ack (which will wake it).
+        // park (whatever brought it has woken this task), when pushes wait
+        // for an ack (which will wake it), or when TLS bytes are in flight
+        // (the socket will wake it).
         let gw = link.gateway_arc().clone();
         if gw.parker().park(&mut this.0) {
             Poll::Ready(())
@@ -588,7 +863,25 @@ impl std::future::Future for TcpConnection {
 mod tests {
     use super::*;
 
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::time::Instant;
+
+    use prost::Message;
+
+    use crate::ids::{SessionId, TransportKind};
+    use crate::session::{CloseCmd, Enqueued, SessionHandle};
+    use crate::transport::testkit::{advance, login_body, node, FakeNode, Wakes};
+    use crate::transport::{ConnGuard, Node, NodeRef};
+    use crate::wire::pb::{self, client_frame::Body, server_frame::Body as Out};
+    use crate::wire::{Code, SharedPush};
+
     fn parker() -> Arc<Shared> {
+        parker_and_epoll().0
+    }
+
+    /// A parker with no task, and its epoll set, for the test to read.
+    fn parker_and_epoll() -> (Arc<Shared>, mio::Poll) {
         let poll = mio::Poll::new().expect("epoll");
         let mut parkers = PARKERS.write();
         let shared = Arc::new(Shared {
@@ -603,7 +896,7 @@ mod tests {
             alive: AtomicBool::new(true),
         });
         parkers.push(Arc::downgrade(&shared));
-        shared
+        (shared, poll)
     }
 
     #[test]
@@ -624,5 +917,408 @@ mod tests {
         drop(a);
         park_waker(id, 7).wake();
         assert_eq!(b.wakes.lock().len(), 3);
+    }
+
+    // -----------------------------------------------------------------
+    // Parking on virtual time. The node's parker is one with no task:
+    // the test plays its task, reading the epoll set and the wake-up queue
+    // and calling `unpark`, so every step happens when the test says.
+    // Sockets are a loopback pair; the clock is tokio's, paused.
+    // -----------------------------------------------------------------
+
+    const PARK_AFTER: Duration = Duration::from_secs(5);
+    /// Bounds a wait for bytes on the loopback pair (a failing test only).
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    struct Rig {
+        node: Arc<FakeNode>,
+        shared: Arc<Shared>,
+        epoll: mio::Poll,
+        client: std::net::TcpStream,
+        /// The connection's task's waker, while it has a task.
+        task: Arc<Wakes>,
+        /// When the peer was last heard from.
+        login: Instant,
+    }
+
+    fn frame(body: Body) -> Vec<u8> {
+        let b = pb::ClientFrame {
+            request_id: 1,
+            body: Some(body),
+        }
+        .encode_to_vec();
+        let mut v = (b.len() as u32).to_be_bytes().to_vec();
+        v.extend(b);
+        v
+    }
+
+    fn ping(t: u64) -> Vec<u8> {
+        frame(Body::Ping(pb::Ping { client_time_ms: t }))
+    }
+
+    fn poll<F: Future + Unpin>(f: &mut F, w: &Arc<Wakes>) -> Poll<F::Output> {
+        let waker = Waker::from(w.clone());
+        Pin::new(f).poll(&mut Context::from_waker(&waker))
+    }
+
+    /// Blocks until the server's socket has bytes to read (it stays
+    /// non-blocking for the link).
+    fn wait_readable(conn: Connection<InPlace>) -> Connection<InPlace> {
+        let (wire, link) = conn.into_parts();
+        wire.socket.set_nonblocking(false).expect("blocking");
+        wire.socket.peek(&mut [0u8; 1]).expect("bytes came");
+        wire.socket.set_nonblocking(true).expect("non-blocking");
+        Connection::from_parts(wire, link)
+    }
+
+    impl Rig {
+        /// A logged-in plain-TCP connection, driven in place so far, and its
+        /// session.
+        fn logged_in() -> (Rig, Connection<InPlace>, SessionHandle) {
+            let (shared, epoll) = parker_and_epoll();
+            let node = node(|c| c.listen.park_after = PARK_AFTER);
+            node.enable_parking();
+            assert!(node.parker().shared.set(shared.clone()).is_ok());
+            assert_eq!(node.park_after(), Some(PARK_AFTER));
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let client = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
+                .expect("connect");
+            let (server, peer) = listener.accept().expect("accept");
+            client.set_read_timeout(Some(PATIENCE)).expect("timeout");
+            server.set_read_timeout(Some(PATIENCE)).expect("timeout");
+            server.set_nonblocking(true).expect("non-blocking");
+            let node_ref = NodeRef::new(node.clone());
+            let guard = ConnGuard::acquire(&node_ref, peer, TransportKind::Tcp).expect("no cap");
+            let wire = InPlace {
+                socket: server,
+                drained: false,
+            };
+            let conn = Connection::new(node_ref, wire, TransportKind::Tcp, guard);
+            let mut rig = Rig {
+                login: node.now(),
+                node,
+                shared,
+                epoll,
+                client,
+                task: Arc::default(),
+            };
+            // Polled once before its Login comes, as a task would be: the
+            // login deadline goes into the wheel (and stays there after).
+            let mut conn = conn;
+            assert!(poll(&mut conn, &rig.task).is_pending());
+            rig.send(&frame(login_body(None)));
+            let mut conn = wait_readable(conn);
+            assert!(poll(&mut conn, &rig.task).is_pending());
+            let ok = match rig.read().body {
+                Some(Out::LoginOk(ok)) => ok,
+                other => panic!("expected LoginOk, got {other:?}"),
+            };
+            let h = rig
+                .node
+                .session(SessionId(ok.session_id))
+                .expect("registered");
+            (rig, conn, h)
+        }
+
+        /// Logged in, quiet for `park_after`, and parked by its task.
+        async fn parked() -> (Rig, RawFd, SessionHandle) {
+            let (rig, mut conn, h) = Rig::logged_in();
+            advance(&rig.node, PARK_AFTER).await;
+            assert!(poll(&mut conn, &rig.task).is_pending());
+            assert!(conn.link().park_due());
+            let (wire, link) = conn.into_parts();
+            let fd = wire.socket.as_raw_fd();
+            let tcp = TcpStream::from_std(wire.socket).expect("reactor");
+            let mut task = TcpConnection::from(Connection::from_parts(tcp, link));
+            assert!(
+                poll(&mut task, &rig.task).is_ready(),
+                "it parks: its task ends"
+            );
+            assert_eq!(rig.node.parked_connections(), 1);
+            assert!(rig.is_parked(fd));
+            (rig, fd, h)
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            self.client.write_all(bytes).expect("write");
+        }
+
+        fn read(&mut self) -> pb::ServerFrame {
+            let mut len = [0u8; 4];
+            self.client.read_exact(&mut len).expect("a frame");
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            self.client.read_exact(&mut body).expect("its body");
+            pb::ServerFrame::decode(&body[..]).expect("valid frame")
+        }
+
+        /// Reads a frame written by a task of the runtime: yields to it
+        /// until the bytes are there.
+        async fn read_from_task(&mut self) -> pb::ServerFrame {
+            self.client.set_nonblocking(true).expect("non-blocking");
+            let t = std::time::Instant::now();
+            while self.client.peek(&mut [0u8; 1]).is_err() && t.elapsed() < PATIENCE {
+                tokio::task::yield_now().await;
+            }
+            self.client.set_nonblocking(false).expect("blocking");
+            self.read()
+        }
+
+        fn is_parked(&self, fd: RawFd) -> bool {
+            let slots = self.shared.slots.lock();
+            slots.get(fd as usize).is_some_and(Option::is_some)
+        }
+
+        /// Waits for the parker's epoll set to report `fd`, as its task does.
+        fn readable(&mut self, fd: RawFd) {
+            let mut events = Events::with_capacity(8);
+            self.epoll.poll(&mut events, Some(PATIENCE)).expect("epoll");
+            let fds: Vec<usize> = events.iter().map(|e| e.token().0).collect();
+            assert_eq!(fds, vec![fd as usize]);
+        }
+
+        /// Unparks what was woken, as the parker's task does; returns the
+        /// descriptors that were queued.
+        fn serve_wakes(&self) -> Vec<RawFd> {
+            let woken = std::mem::take(&mut *self.shared.wakes.lock());
+            for &fd in &woken {
+                unpark(&self.shared, fd, true);
+            }
+            woken
+        }
+    }
+
+    fn offer(node: &FakeNode, h: &SessionHandle) -> Enqueued {
+        let p = SharedPush::with("m", b"hello", "t", "", pb::Lane::Interactive, false);
+        h.enqueue(&p, node.delivery(), node.budget(), &mut Vec::new())
+    }
+
+    fn close_code(f: &pb::ServerFrame) -> Option<i32> {
+        match &f.body {
+            Some(Out::Close(c)) => Some(c.code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_parks_at_park_after_but_not_while_a_push_awaits_its_ack() {
+        let (mut rig, mut conn, h) = Rig::logged_in();
+        let t0 = rig.login;
+        assert_eq!(conn.link().park_at(), Some(t0 + PARK_AFTER));
+        assert!(!conn.link().park_due());
+
+        // A push in flight: the ack deadline, not the park deadline, is armed.
+        assert_eq!(offer(&rig.node, &h), Enqueued::Queued);
+        assert!(poll(&mut conn, &rig.task).is_pending());
+        match rig.read().body {
+            Some(Out::Push(p)) => assert_eq!(p.seq, 1),
+            other => panic!("expected the push, got {other:?}"),
+        }
+        advance(&rig.node, PARK_AFTER).await;
+        assert!(poll(&mut conn, &rig.task).is_pending());
+        assert!(!conn.link().park_due(), "a push waits for its ack");
+
+        // The ack is the peer's last frame: the quiet time counts from it.
+        rig.send(&frame(Body::Ack(pb::Ack {
+            lane: pb::Lane::Interactive as i32,
+            up_to_seq: 1,
+            ranges: vec![],
+        })));
+        let mut conn = wait_readable(conn);
+        assert!(poll(&mut conn, &rig.task).is_pending());
+        let t1 = rig.node.now();
+        assert_eq!(conn.link().park_at(), Some(t1 + PARK_AFTER));
+        assert!(!conn.link().park_due());
+        rig.task.0.store(0, Ordering::SeqCst);
+        advance(&rig.node, PARK_AFTER - Duration::from_millis(200)).await;
+        assert_eq!(rig.task.0.load(Ordering::SeqCst), 0, "not yet");
+        advance(&rig.node, Duration::from_millis(200)).await;
+        assert!(
+            rig.task.0.load(Ordering::SeqCst) > 0,
+            "the wheel wakes the task when it may park"
+        );
+        assert!(poll(&mut conn, &rig.task).is_pending());
+        assert!(conn.link().park_due());
+
+        // A connection just unparked does not park again before a read.
+        let (wire, mut link) = conn.into_parts();
+        link.unparked();
+        assert_eq!(link.park_at(), None);
+        let mut conn = Connection::from_parts(wire, link);
+        assert!(poll(&mut conn, &rig.task).is_pending());
+        assert!(!conn.link().park_due());
+        rig.send(&ping(1));
+        let mut conn = wait_readable(conn);
+        assert!(poll(&mut conn, &rig.task).is_pending());
+        assert!(matches!(rig.read().body, Some(Out::Pong(_))));
+        assert_eq!(conn.link().park_at(), Some(rig.node.now() + PARK_AFTER));
+
+        // Parked by its task: out of the reactor, into the parker's table.
+        advance(&rig.node, PARK_AFTER).await;
+        let (wire, link) = conn.into_parts();
+        let fd = wire.socket.as_raw_fd();
+        let tcp = TcpStream::from_std(wire.socket).expect("reactor");
+        let mut task = TcpConnection::from(Connection::from_parts(tcp, link));
+        assert!(poll(&mut task, &rig.task).is_ready());
+        assert!(rig.is_parked(fd));
+        assert_eq!((rig.node.parked_connections(), rig.node.parks()), (1, 1));
+        assert!(!h.is_detached(), "the session is untouched");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_answers_a_heartbeat_in_place_and_stays_parked() {
+        let (mut rig, fd, h) = Rig::parked().await;
+        rig.send(&ping(77));
+        rig.readable(fd);
+        unpark(&rig.shared, fd, false);
+        match rig.read().body {
+            Some(Out::Pong(p)) => assert_eq!(p.client_time_ms, 77),
+            other => panic!("expected a Pong, got {other:?}"),
+        }
+        assert!(rig.is_parked(fd));
+        assert_eq!(rig.node.parked_connections(), 1);
+        assert_eq!(rig.node.parked_answers(), 1);
+        assert!(rig.shared.wakes.lock().is_empty());
+
+        // Its session still wakes the parker.
+        assert_eq!(offer(&rig.node, &h), Enqueued::Queued);
+        assert_eq!(*rig.shared.wakes.lock(), vec![fd]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_push_that_comes_with_a_heartbeat_is_written_in_place_then_the_task_takes_over() {
+        let (mut rig, fd, h) = Rig::parked().await;
+        assert_eq!(offer(&rig.node, &h), Enqueued::Queued);
+        assert_eq!(*rig.shared.wakes.lock(), vec![fd], "queued for the parker");
+        // The readable event is handled before the wake-up.
+        rig.send(&ping(9));
+        rig.readable(fd);
+        unpark(&rig.shared, fd, false);
+        let mut got: Vec<String> = (0..2)
+            .map(|_| match rig.read().body {
+                Some(Out::Pong(p)) => format!("pong {}", p.client_time_ms),
+                Some(Out::Push(p)) => format!("push {}", p.seq),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, vec!["pong 9", "push 1"], "both written in place");
+        assert!(
+            !rig.is_parked(fd),
+            "a push awaiting its ack needs a task (its ack deadline)"
+        );
+        assert_eq!(rig.node.parked_answers(), 0);
+        // The wake-up queued meanwhile finds nothing parked.
+        assert_eq!(rig.serve_wakes(), vec![fd]);
+        assert_eq!(rig.node.parked_connections(), 0, "counted out once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_frame_unparks_and_the_task_keeps_what_was_read() {
+        let (mut rig, fd, _h) = Rig::parked().await;
+        let p = ping(5);
+        rig.send(&p[..3]);
+        rig.readable(fd);
+        unpark(&rig.shared, fd, false);
+        assert!(!rig.is_parked(fd), "handed back to a task");
+        assert_eq!(rig.node.parked_connections(), 0);
+        assert_eq!(rig.node.parked_answers(), 0);
+        rig.send(&p[3..]);
+        match rig.read_from_task().await.body {
+            Some(Out::Pong(p)) => assert_eq!(p.client_time_ms, 5),
+            other => panic!("expected a Pong, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_up_with_nothing_due_leaves_it_parked_and_a_push_unparks_it() {
+        let (mut rig, fd, h) = Rig::parked().await;
+        // The login deadline's entry is still in the wheel: it fires with
+        // nothing due.
+        advance(&rig.node, Duration::from_secs(5)).await;
+        assert_eq!(rig.serve_wakes(), vec![fd]);
+        assert!(rig.is_parked(fd), "stays parked");
+        // A wake-up for a descriptor with nothing parked is dropped.
+        unpark(&rig.shared, fd + 1, true);
+        assert!(rig.is_parked(fd));
+
+        assert_eq!(offer(&rig.node, &h), Enqueued::Queued);
+        assert_eq!(rig.serve_wakes(), vec![fd]);
+        assert!(!rig.is_parked(fd));
+        assert_eq!(rig.node.parked_connections(), 0);
+        match rig.read_from_task().await.body {
+            Some(Out::Push(p)) => assert_eq!(p.seq, 1),
+            other => panic!("expected the push, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_request_unparks_and_the_close_is_written() {
+        let (mut rig, fd, h) = Rig::parked().await;
+        h.request_close(CloseCmd::new(Code::Kicked, "bye"));
+        assert_eq!(rig.serve_wakes(), vec![fd]);
+        assert!(!rig.is_parked(fd));
+        assert_eq!(
+            close_code(&rig.read_from_task().await),
+            Some(Code::Kicked as i32)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resume_elsewhere_unparks_the_connection_it_took_over() {
+        let (mut rig, fd, h) = Rig::parked().await;
+        let (delivered, failed) = (&mut Vec::new(), &mut Vec::new());
+        let (gen, _, old) = h
+            .attach(
+                TransportKind::Tcp,
+                [0, 0],
+                rig.node.delivery(),
+                rig.node.budget(),
+                delivered,
+                failed,
+            )
+            .expect("resumed");
+        assert_eq!(gen, 1);
+        old.expect("the parked waker").wake();
+        assert_eq!(rig.serve_wakes(), vec![fd]);
+        assert!(!rig.is_parked(fd), "a stale generation does not stay");
+        assert_eq!(
+            close_code(&rig.read_from_task().await),
+            Some(Code::Replaced as i32)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_unparks_at_its_idle_deadline() {
+        let (mut rig, fd, _h) = Rig::parked().await;
+        let idle = rig.node.config().session.idle_timeout;
+        let deadline = rig.login + idle;
+        while rig.node.now() + Duration::from_secs(5) < deadline {
+            advance(&rig.node, Duration::from_secs(5)).await;
+            rig.serve_wakes();
+            assert!(
+                rig.is_parked(fd),
+                "parked at {:?}",
+                rig.node.now() - rig.login
+            );
+        }
+        advance(&rig.node, deadline - rig.node.now()).await;
+        assert_eq!(rig.serve_wakes(), vec![fd]);
+        assert!(!rig.is_parked(fd));
+        assert_eq!(
+            close_code(&rig.read_from_task().await),
+            Some(Code::HeartbeatTimeout as i32)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hang_up_ends_a_parked_connection_in_place_and_keeps_its_session() {
+        let (mut rig, fd, h) = Rig::parked().await;
+        rig.client.shutdown(Shutdown::Both).expect("shutdown");
+        rig.readable(fd);
+        unpark(&rig.shared, fd, false);
+        assert!(!rig.is_parked(fd));
+        assert_eq!(rig.node.parked_connections(), 0);
+        assert!(h.is_detached(), "kept for a resume");
+        assert_eq!(rig.node.parked_answers(), 0);
     }
 }

@@ -20,9 +20,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use std::sync::Arc;
 
 use super::{Link, Outputs, Wire};
-use crate::gateway::QuicPaths;
 use crate::ids::SessionId;
 use crate::metrics as m;
+
+/// The QUIC connection a session is attached over, by session: one entry
+/// per QUIC session (TCP sessions pay nothing), read live so that presence
+/// sees a migration as soon as quinn does.
+pub type QuicPaths = dashmap::DashMap<SessionId, quinn::Connection>;
 
 /// One QUIC connection carrying one session.
 pub struct QuicWire {
@@ -73,7 +77,7 @@ impl QuicWire {
             return;
         }
         self.untrack();
-        let paths = link.gateway().quic_paths().clone();
+        let paths = link.node().quic_paths().clone();
         paths.insert(h.id(), self.conn.clone());
         self.paths = Some((paths, h.id()));
     }
@@ -167,7 +171,7 @@ impl Wire for QuicWire {
         if now != self.remote {
             if now != self.previous {
                 metrics::counter!(m::QUIC_MIGRATIONS).increment(1);
-                link.gateway().count_migration();
+                link.node().count_migration();
                 tracing::debug!(from = %self.remote, to = %now, session = ?link.handle().id(), "QUIC client migrated");
             }
             self.previous = self.remote;

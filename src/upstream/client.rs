@@ -382,6 +382,20 @@ impl UpstreamClient {
     /// # Errors
     /// [`ClientError`].
     pub async fn kick(&self, user: &str, device: &str, reason: &str) -> Result<u64, ClientError> {
+        Ok(self.kick_reply(user, device, reason).await?.sessions)
+    }
+
+    /// [`kick`](Self::kick), with the whole reply: the sessions kicked and,
+    /// in a cluster, the nodes that did not run their part.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn kick_reply(
+        &self,
+        user: &str,
+        device: &str,
+        reason: &str,
+    ) -> Result<pb::CountReply, ClientError> {
         self.count(In::Kick(pb::KickRequest {
             user_id: user.into(),
             device_id: device.into(),
@@ -396,6 +410,20 @@ impl UpstreamClient {
     /// # Errors
     /// [`ClientError`].
     pub async fn room(&self, room: &str, users: &[&str], remove: bool) -> Result<u64, ClientError> {
+        Ok(self.room_reply(room, users, remove).await?.sessions)
+    }
+
+    /// [`room`](Self::room), with the whole reply: the sessions added or
+    /// removed and, in a cluster, the nodes that did not run their part.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn room_reply(
+        &self,
+        room: &str,
+        users: &[&str],
+        remove: bool,
+    ) -> Result<pb::CountReply, ClientError> {
         self.count(In::Room(pb::RoomRequest {
             room: room.into(),
             user_ids: users.iter().map(|u| (*u).to_owned()).collect(),
@@ -404,9 +432,9 @@ impl UpstreamClient {
         .await
     }
 
-    async fn count(&self, body: In) -> Result<u64, ClientError> {
+    async fn count(&self, body: In) -> Result<pb::CountReply, ClientError> {
         match self.call(body).await? {
-            Out::CountReply(r) => Ok(r.sessions),
+            Out::CountReply(r) => Ok(r),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -416,13 +444,22 @@ impl UpstreamClient {
     /// # Errors
     /// [`ClientError`].
     pub async fn presence(&self, users: &[&str]) -> Result<Vec<pb::UserPresence>, ClientError> {
+        Ok(self.presence_reply(users).await?.users)
+    }
+
+    /// [`presence`](Self::presence), with the whole reply: the users and,
+    /// in a cluster, the nodes that did not answer.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn presence_reply(&self, users: &[&str]) -> Result<pb::PresenceReply, ClientError> {
         match self
             .call(In::Presence(pb::PresenceRequest {
                 user_ids: users.iter().map(|u| (*u).to_owned()).collect(),
             }))
             .await?
         {
-            Out::PresenceReply(r) => Ok(r.users),
+            Out::PresenceReply(r) => Ok(r),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -1,4 +1,5 @@
-//! Failed upstream `Hello`s (a wrong secret), counted per source address: a
+//! Failed upstream `Hello`s (a wrong secret), and the HTTP API's requests
+//! with a wrong key, counted per source address: a
 //! small token bucket per source says whether a failure is answered at once
 //! or held back, and a count per source lets the server log one line per
 //! interval instead of one per failure.
@@ -67,6 +68,29 @@ pub struct Report {
     pub source: Source,
     pub failures: u64,
     pub over: Duration,
+}
+
+impl Report {
+    /// Logs the line: `first` for a source's first failure (logged at
+    /// once), else the count of `what` in the last interval.
+    pub fn log(&self, first: &str, what: &str) {
+        if self.over.is_zero() {
+            tracing::warn!(
+                source = %self.source,
+                "{first} (further failures from this source are logged once per {}s with a count)",
+                FAILED_HELLO_LOG_INTERVAL.as_secs()
+            );
+        } else {
+            tracing::warn!(
+                source = %self.source,
+                failures = self.failures,
+                "{} {what} from {} in the last {}s",
+                self.failures,
+                self.source,
+                self.over.as_secs()
+            );
+        }
+    }
 }
 
 struct Entry {

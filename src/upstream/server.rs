@@ -20,7 +20,6 @@
 //! `EventsDropped` notice when its queue is full (in events or in bytes), so a
 //! stuck upstream can neither stall sessions nor hold unbounded memory.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,14 +38,14 @@ use tokio_util::sync::CancellationToken;
 use super::codec::FrameCodec;
 use super::hello_limit::{HelloLimiter, Report, Source, FAILED_HELLO_LOG_INTERVAL};
 use super::pending::{Pending, PendingId};
-use crate::bus::{Command, Destination, Outcome, PushTarget, QueueLimits};
+use super::requests::{self, Refusal};
+use crate::bus::QueueLimits;
 use crate::config::{UpstreamConfig, UPSTREAM_HELLO_MAX};
-use crate::gateway::Gateway;
-use crate::ids::UserId;
 use crate::metrics as m;
-use crate::session::CloseCmd;
+
+use super::UpstreamNode;
 use crate::wire::pb::{gateway_frame::Body as Out, upstream_frame::Body as In};
-use crate::wire::{frame_bytes, pb, Code, SharedPush};
+use crate::wire::{frame_bytes, pb, Code};
 
 /// How long a refused connection gets to read its `Error` (and how long the
 /// gateway reads and discards what it was sending) before it is closed.
@@ -58,7 +57,6 @@ const REFUSAL_DRAIN: usize = 64 * 1024;
 /// (one failure's worth of the budget's refill). The connection stays in the
 /// pre-Hello pool meanwhile, so this holds nothing the pool does not bound.
 const LIMITED_DELAY: Duration = Duration::from_secs(1);
-const MAX_USERS_PER_REQUEST: usize = 100_000;
 /// Pushes in one `PushBatch`.
 pub const MAX_PUSHES_PER_BATCH: usize = 1024;
 /// Deliveries queued by one upstream connection before it yields to sessions.
@@ -173,7 +171,7 @@ impl UpstreamListeners {
     /// Accepts upstream connections until `stop`. Each joins the pre-Hello
     /// pool (evicting its oldest member when the pool is full); a Hello past
     /// `upstream.max_connections` gets `Error{CODE_TOO_MANY_CONNECTIONS}`.
-    pub async fn run(self, gw: Arc<Gateway>, stop: CancellationToken) {
+    pub async fn run(self, node: Arc<dyn UpstreamNode>, stop: CancellationToken) {
         let shared = Arc::new(self.params);
         let mut tasks = tokio::task::JoinSet::new();
         {
@@ -189,7 +187,7 @@ impl UpstreamListeners {
             });
         }
         if let Some(l) = self.tcp {
-            let (gw, p, stop) = (gw.clone(), shared.clone(), stop.clone());
+            let (node, p, stop) = (node.clone(), shared.clone(), stop.clone());
             tasks.spawn(async move {
                 loop {
                     let r = tokio::select! { _ = stop.cancelled() => break, r = l.accept() => r };
@@ -198,7 +196,7 @@ impl UpstreamListeners {
                             let _ = s.set_nodelay(true);
                             let waiting = p.wait_for_hello();
                             tokio::spawn(serve(
-                                gw.clone(),
+                                node.clone(),
                                 p.clone(),
                                 s,
                                 Source::Ip(peer.ip()),
@@ -217,7 +215,7 @@ impl UpstreamListeners {
         }
         #[cfg(unix)]
         if let Some((l, path)) = self.unix {
-            let (gw, p, stop) = (gw.clone(), shared.clone(), stop.clone());
+            let (node, p, stop) = (node.clone(), shared.clone(), stop.clone());
             tasks.spawn(async move {
                 loop {
                     let r = tokio::select! { _ = stop.cancelled() => break, r = l.accept() => r };
@@ -225,7 +223,7 @@ impl UpstreamListeners {
                         Ok((s, _)) => {
                             let waiting = p.wait_for_hello();
                             tokio::spawn(serve(
-                                gw.clone(),
+                                node.clone(),
                                 p.clone(),
                                 s,
                                 Source::Unix,
@@ -319,27 +317,6 @@ impl Drop for Waiting {
 /// The limiter's clock: tokio's, so that paused-time tests control it.
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
-}
-
-/// One line per source and interval, not one per failure.
-fn log_failures(r: &Report) {
-    if r.over.is_zero() {
-        tracing::warn!(
-            source = %r.source,
-            "upstream refused: bad secret (further failures from this source are logged \
-             once per {}s with a count)",
-            FAILED_HELLO_LOG_INTERVAL.as_secs()
-        );
-    } else {
-        tracing::warn!(
-            source = %r.source,
-            failures = r.failures,
-            "{} failed upstream Hellos from {} in the last {}s",
-            r.failures,
-            r.source,
-            r.over.as_secs()
-        );
-    }
 }
 
 /// A reply with its share of the connection's `upstream.reply_queue_bytes`,
@@ -542,7 +519,7 @@ where
 /// pool, given back at its Hello, when it takes a place under
 /// `upstream.max_connections` instead.
 async fn serve<S>(
-    gw: Arc<Gateway>,
+    node: Arc<dyn UpstreamNode>,
     p: Arc<ConnParams>,
     stream: S,
     source: Source,
@@ -585,7 +562,7 @@ async fn serve<S>(
     let mut w = BufWriter::new(w);
     let mut sub = hello
         .subscribe
-        .then(|| gw.bus().subscribe(&hello.group, p.queue));
+        .then(|| node.bus().subscribe(&hello.group, p.queue));
     tracing::info!(%peer, name = %hello.name, subscribe = hello.subscribe, group = %hello.group, "upstream connected");
     metrics::gauge!(m::UPSTREAM_CONNECTIONS).increment(1.0);
 
@@ -598,7 +575,7 @@ async fn serve<S>(
     let hello_ok = reply(
         rid,
         Out::HelloOk(pb::HelloOk {
-            node_id: gw.node_id().to_string(),
+            node_id: node.node_id().to_string(),
             protocol_version: *crate::wire::PROTOCOL_VERSIONS.end(),
         }),
     );
@@ -691,7 +668,7 @@ async fn serve<S>(
             None => break,
         };
         let (out, reached, pushes) = match pb::UpstreamFrame::decode(body) {
-            Ok(f) => handle(&gw, f).await,
+            Ok(f) => handle(&*node, f).await,
             Err(e) => (
                 error(0, Code::BadFrame, format!("undecodable UpstreamFrame: {e}")),
                 0,
@@ -737,24 +714,10 @@ async fn write_within<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn user(id: &str) -> Result<UserId, String> {
-    if id.is_empty() || id.len() > 128 {
-        return Err(format!("user id must be 1..=128 bytes, got {}", id.len()));
-    }
-    Ok(UserId::new(id))
-}
-
-fn users(ids: &[String]) -> Result<Vec<UserId>, String> {
-    if ids.len() > MAX_USERS_PER_REQUEST {
-        return Err(format!("at most {MAX_USERS_PER_REQUEST} users per request"));
-    }
-    ids.iter().map(|u| user(u)).collect()
-}
-
 /// Runs one upstream request and encodes its response; also returns how many
 /// sessions its pushes were queued for, and how many of its pushes reached
 /// any (0 and 0 for other requests).
-async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> (Bytes, u64, u64) {
+async fn handle(node: &dyn UpstreamNode, f: pb::UpstreamFrame) -> (Bytes, u64, u64) {
     let rid = f.request_id;
     let one = |b: Bytes| (b, 0, 0);
     match f.body {
@@ -767,29 +730,54 @@ async fn handle(gw: &Arc<Gateway>, f: pb::UpstreamFrame) -> (Bytes, u64, u64) {
                 server_time_ms: crate::unix_ms(),
             }),
         )),
-        Some(In::Push(p)) => match push(gw, p).await {
-            Ok((r, reached)) => (
-                reply(rid, Out::PushReply(r)),
-                reached,
-                u64::from(reached > 0),
-            ),
-            Err((code, message)) => one(error(rid, code, message)),
+        Some(In::Push(p)) => match requests::push(node, p).await {
+            Ok(done) => {
+                let reached = done.reply.sessions;
+                (
+                    reply(rid, Out::PushReply(done.reply)),
+                    reached,
+                    u64::from(reached > 0),
+                )
+            }
+            Err(r) => one(refused(rid, r)),
         },
-        Some(In::PushBatch(b)) => handle_push_batch(gw, rid, b).await,
-        Some(In::Kick(k)) => one(handle_kick(gw, rid, k).await),
-        Some(In::Room(r)) => one(handle_room(gw, rid, r).await),
-        Some(In::Presence(q)) => one(handle_presence(gw, rid, q).await),
+        Some(In::PushBatch(b)) => handle_push_batch(node, rid, b).await,
+        Some(In::Kick(k)) => one(match requests::kick(node, k).await {
+            Ok(r) => reply(rid, Out::CountReply(r)),
+            Err(r) => refused(rid, r),
+        }),
+        Some(In::Room(r)) => one(match requests::room(node, r).await {
+            Ok(r) => reply(rid, Out::CountReply(r)),
+            Err(r) => refused(rid, r),
+        }),
+        Some(In::Presence(q)) => one(match requests::presence(node, q).await {
+            Ok(r) => reply(rid, Out::PresenceReply(r)),
+            Err(r) => refused(rid, r),
+        }),
     }
+}
+
+/// One line per source and interval, not one per failure.
+fn log_failures(r: &Report) {
+    r.log("upstream refused: bad secret", "failed upstream Hellos");
 }
 
 fn bad_request(rid: u64, message: String) -> Bytes {
     error(rid, Code::BadRequest, message)
 }
 
+fn refused(rid: u64, r: Refusal) -> Bytes {
+    error(rid, r.code, r.message)
+}
+
 /// A batch of pushes, each run as if it came alone, in order; one reply
 /// with a result per push. Paced as the connection's loop paces frames
 /// ([`Pacer`]).
-async fn handle_push_batch(gw: &Arc<Gateway>, rid: u64, b: pb::PushBatch) -> (Bytes, u64, u64) {
+async fn handle_push_batch(
+    node: &dyn UpstreamNode,
+    rid: u64,
+    b: pb::PushBatch,
+) -> (Bytes, u64, u64) {
     if b.pushes.len() > MAX_PUSHES_PER_BATCH {
         let m = format!(
             "at most {MAX_PUSHES_PER_BATCH} pushes per batch, got {}",
@@ -801,249 +789,25 @@ async fn handle_push_batch(gw: &Arc<Gateway>, rid: u64, b: pb::PushBatch) -> (By
     let (mut reached, mut pushes) = (0, 0);
     let mut pacer = Pacer::default();
     for p in b.pushes {
-        results.push(match push(gw, p).await {
-            Ok((r, n)) => {
+        results.push(match requests::push(node, p).await {
+            Ok(done) => {
+                let n = done.reply.sessions;
                 reached += n;
                 pushes += u64::from(n > 0);
                 pacer.after(n, u64::from(n > 0)).await;
                 pb::PushResult {
                     code: Code::Ok as i32,
                     message: String::new(),
-                    reply: Some(r),
+                    reply: Some(done.reply),
                 }
             }
-            Err((code, message)) => pb::PushResult {
-                code: code as i32,
-                message,
+            Err(r) => pb::PushResult {
+                code: r.code as i32,
+                message: r.message,
                 reply: None,
             },
         });
     }
     let out = reply(rid, Out::PushBatchReply(pb::PushBatchReply { results }));
     (out, reached, pushes)
-}
-
-/// A push: validates the target, runs it on every node, reports undelivered
-/// users when asked; returns the reply and the sessions it was queued for,
-/// or the code and message of the refusal.
-async fn push(
-    gw: &Arc<Gateway>,
-    p: pb::PushRequest,
-) -> Result<(pb::PushReply, u64), (Code, String)> {
-    let bad = |m: String| Err((Code::BadRequest, m));
-    let target = match p.target {
-        Some(pb::push_request::Target::UserId(u)) => match user(&u) {
-            Ok(u) => PushTarget::User(u),
-            Err(e) => return bad(e),
-        },
-        Some(pb::push_request::Target::Device(d)) => {
-            match (user(&d.user_id), crate::wire::device(&d.device_id)) {
-                (Ok(u), Ok(d)) => PushTarget::Device(u, d),
-                (Err(e), _) | (_, Err(e)) => return bad(e),
-            }
-        }
-        Some(pb::push_request::Target::Users(l)) => match users(&l.user_ids) {
-            Ok(us) => PushTarget::Users(us),
-            Err(e) => return bad(e),
-        },
-        Some(pb::push_request::Target::Room(r)) => match crate::wire::room(&r) {
-            Ok(r) => PushTarget::Room(r),
-            Err(e) => return bad(e),
-        },
-        Some(pb::push_request::Target::Everyone(true)) => PushTarget::Everyone,
-        Some(pb::push_request::Target::Everyone(false)) | None => {
-            return bad("push needs a target".into())
-        }
-    };
-    if p.message_id.len() > 128 || p.source.len() > 128 {
-        return bad("message_id and source must be at most 128 bytes".into());
-    }
-    let message_id = if p.message_id.is_empty() {
-        gw.new_message_id()
-    } else {
-        p.message_id
-    };
-    let room = match &target {
-        PushTarget::Room(r) => r.as_str(),
-        _ => "",
-    };
-    let lane = pb::Lane::try_from(p.lane).unwrap_or(pb::Lane::Interactive);
-    let shared = SharedPush::with(
-        &message_id,
-        &p.payload,
-        &p.source,
-        room,
-        lane,
-        p.report_delivery,
-    );
-    let device = match &target {
-        PushTarget::Device(_, d) => Some(d.clone()),
-        _ => None,
-    };
-    let outcomes = match gw
-        .bus()
-        .request(
-            Destination::All,
-            Command::Push {
-                target,
-                push: shared,
-            },
-        )
-        .await
-    {
-        Ok(o) => o,
-        Err(e) => return Err((Code::Internal, e.to_string())),
-    };
-    let (mut sessions, mut dropped) = (0, 0);
-    // A user is undelivered when no node had a session for them: with one
-    // node, each of its missing users; with several, those every node lists.
-    let nodes = outcomes.len();
-    let mut missing: Vec<UserId> = Vec::new();
-    let mut counts: HashMap<UserId, usize> = HashMap::new();
-    for (_, o) in outcomes {
-        if let Outcome::Push(po) = o {
-            sessions += po.sessions;
-            dropped += po.dropped;
-            if nodes == 1 {
-                missing = po.missing_users;
-            } else {
-                for u in po.missing_users {
-                    *counts.entry(u).or_default() += 1;
-                }
-            }
-        }
-    }
-    missing.extend(
-        counts
-            .into_iter()
-            .filter(|(_, n)| *n == nodes)
-            .map(|(u, _)| u),
-    );
-    for u in missing {
-        metrics::counter!(m::UNDELIVERED).increment(1);
-        if p.report_undelivered {
-            gw.bus().emit(pb::Event {
-                kind: Some(pb::event::Kind::Undelivered(pb::Undelivered {
-                    message_id: message_id.clone(),
-                    user_id: u.to_string(),
-                    device_id: device.as_ref().map(ToString::to_string).unwrap_or_default(),
-                    code: Code::NotLoggedIn as i32,
-                })),
-            });
-        }
-    }
-    let r = pb::PushReply {
-        message_id,
-        sessions,
-        dropped,
-    };
-    Ok((r, sessions))
-}
-
-/// A kick of one device or every device of a user.
-async fn handle_kick(gw: &Arc<Gateway>, rid: u64, k: pb::KickRequest) -> Bytes {
-    let bad = |m: String| bad_request(rid, m);
-    let u = match user(&k.user_id) {
-        Ok(u) => u,
-        Err(e) => return bad(e),
-    };
-    // A kick ends the session: codes that mean "keep it for a resume"
-    // (or unknown ones) become CODE_KICKED.
-    let code = match Code::try_from(k.code) {
-        Ok(c) if c != Code::Ok && !crate::session::keeps_state(c) => c,
-        _ => Code::Kicked,
-    };
-    let reason = if k.reason.is_empty() {
-        "kicked by the server".to_owned()
-    } else {
-        k.reason.chars().take(256).collect()
-    };
-    let device = if k.device_id.is_empty() {
-        None
-    } else {
-        match crate::wire::device(&k.device_id) {
-            Ok(d) => Some(d),
-            Err(e) => return bad(e),
-        }
-    };
-    let cmd = Command::Kick {
-        user: u,
-        device,
-        close: CloseCmd::new(code, reason),
-    };
-    count_reply(gw, rid, cmd).await
-}
-
-/// Adds sessions to a room, or removes them.
-async fn handle_room(gw: &Arc<Gateway>, rid: u64, r: pb::RoomRequest) -> Bytes {
-    let bad = |m: String| bad_request(rid, m);
-    let room = match crate::wire::room(&r.room) {
-        Ok(r) => r,
-        Err(e) => return bad(e),
-    };
-    let us = match users(&r.user_ids) {
-        Ok(u) => u,
-        Err(e) => return bad(e),
-    };
-    count_reply(
-        gw,
-        rid,
-        Command::Room {
-            room,
-            users: us,
-            remove: r.remove,
-        },
-    )
-    .await
-}
-
-/// Which devices of some users are online, merged over every node.
-async fn handle_presence(gw: &Arc<Gateway>, rid: u64, q: pb::PresenceRequest) -> Bytes {
-    let bad = |m: String| bad_request(rid, m);
-    let us = match users(&q.user_ids) {
-        Ok(u) => u,
-        Err(e) => return bad(e),
-    };
-    let order: Vec<String> = us.iter().map(ToString::to_string).collect();
-    match gw
-        .bus()
-        .request(Destination::All, Command::Presence { users: us })
-        .await
-    {
-        Ok(outcomes) => {
-            let mut merged: HashMap<String, Vec<pb::DevicePresence>> = HashMap::new();
-            for (_, o) in outcomes {
-                if let Outcome::Presence(list) = o {
-                    for up in list {
-                        merged.entry(up.user_id).or_default().extend(up.devices);
-                    }
-                }
-            }
-            let users = order
-                .into_iter()
-                .map(|u| pb::UserPresence {
-                    devices: merged.remove(&u).unwrap_or_default(),
-                    user_id: u,
-                })
-                .collect();
-            reply(rid, Out::PresenceReply(pb::PresenceReply { users }))
-        }
-        Err(e) => error(rid, Code::Internal, e.to_string()),
-    }
-}
-
-async fn count_reply(gw: &Arc<Gateway>, rid: u64, cmd: Command) -> Bytes {
-    match gw.bus().request(Destination::All, cmd).await {
-        Ok(outcomes) => {
-            let sessions = outcomes
-                .iter()
-                .map(|(_, o)| match o {
-                    Outcome::Count(n) => *n,
-                    _ => 0,
-                })
-                .sum();
-            reply(rid, Out::CountReply(pb::CountReply { sessions }))
-        }
-        Err(e) => error(rid, Code::Internal, e.to_string()),
-    }
 }

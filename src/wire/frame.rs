@@ -176,6 +176,19 @@ impl SharedPush {
         }))
     }
 
+    /// A push encoded by another node: `body` as [`SharedPush::with`] made
+    /// it there, queued as it is (the cluster bus hands over a slice of the
+    /// received message, so nothing is copied).
+    pub fn from_body(body: Bytes, lane: super::pb::Lane, report: Option<&str>) -> Self {
+        Self(std::sync::Arc::new(PushData {
+            body,
+            lane,
+            report: report.map(std::sync::Arc::from),
+            arrived: tokio::time::Instant::now().into_std(),
+            charge: crate::budget::BodyCharge::default(),
+        }))
+    }
+
     /// Bytes this push occupies on the wire for one recipient, at most.
     pub fn wire_len(&self) -> usize {
         PUSH_HEADER_MAX + self.body.len()

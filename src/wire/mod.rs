@@ -7,6 +7,7 @@
 
 mod frame;
 mod request;
+pub mod ws;
 
 pub use frame::{
     decode_frame, encode_frame, encode_push_header, frame_bytes, frame_len, FrameError, PushData,

@@ -2,6 +2,12 @@
 //! token minting, and small waits.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod http;
+pub mod nats;
+pub mod system;
+pub use system::free_port;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +29,42 @@ pub struct TestGateway {
     pub gw: Arc<Gateway>,
     pub stop: CancellationToken,
     pub done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// WebSocket listeners (`listen.ws`, `listen.wss`), if configured.
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     pub certs: tempfile::TempDir,
+    /// What [`TestGateway::client`] connects over.
+    pub clients_over: Over,
+}
+
+/// A transport test clients connect over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl Over {
+    /// Adds the listener this transport needs to `cfg` (TCP is always on).
+    pub fn listen(self, cfg: &mut Config) {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        match self {
+            Over::Tcp => {}
+            Over::Tls => cfg.listen.tls = vec![any],
+            Over::Ws => cfg.listen.ws = vec![any],
+            Over::Wss => cfg.listen.wss = vec![any],
+        }
+    }
+}
+
+/// The WebSocket request test clients make (Host only, no Origin).
+pub fn ws_request() -> tether::ws_client::WsRequest {
+    tether::ws_client::WsRequest {
+        host: "localhost".into(),
+        origin: None,
+    }
 }
 
 /// Sends SIGTERM to a child process; false if it is already gone. A system
@@ -37,35 +78,54 @@ pub fn sigterm(child: &std::process::Child) -> bool {
     unsafe { libc::kill(pid, libc::SIGTERM) == 0 }
 }
 
-/// A TCP port free on loopback now (bound and let go): for a child
-/// `tether serve`, which needs port numbers in its config. Another process
-/// may take it in between; the tests that use it accept that.
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A UDP port free on loopback now (see [`free_tcp_port`]).
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET /metrics on loopback `port` over a raw socket (no HTTP client in the
 /// dependency tree): the whole response, head and body.
 pub fn scrape(port: u16) -> String {
+    http_get(port, "/metrics")
+}
+
+/// `tether serve --config <cfg>` of this build, run in `dir`, its output
+/// dropped and its standard error as `stderr` says.
+pub fn serve_binary(
+    dir: &std::path::Path,
+    cfg: &std::path::Path,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start tether serve")
+}
+
+/// A device connection to 127.0.0.1:`port`, retried until a gateway that
+/// is starting listens there (at most 20 s).
+pub async fn connect_when_up(port: u16) -> Client {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(c) = Client::connect_tcp(("127.0.0.1", port)).await {
+            return c;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One HTTP/1.1 GET of `path` on 127.0.0.1:`port`: the whole response.
+pub fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut body = String::new();
@@ -101,7 +161,10 @@ pub async fn start(mut cfg: Config) -> TestGateway {
         gw,
         stop,
         done,
+        ws: addrs.ws.first().copied(),
+        wss: addrs.wss.first().copied(),
         certs,
+        clients_over: Over::Tcp,
     }
 }
 
@@ -122,7 +185,31 @@ pub fn token_rooms(user: &str, rooms: &[&str]) -> String {
 
 impl TestGateway {
     pub async fn client(&self) -> Client {
-        Client::connect_tcp(self.tcp).await.unwrap()
+        self.client_over(self.clients_over).await
+    }
+
+    /// A client over `over` (its listener must be configured).
+    pub async fn client_over(&self, over: Over) -> Client {
+        let none = || panic!("clients over {over:?}, and no such listener");
+        match over {
+            Over::Tcp => Client::connect_tcp(self.tcp).await.unwrap(),
+            Over::Tls => {
+                Client::connect_tls(self.tls.unwrap_or_else(none), "localhost", &self.ca())
+                    .await
+                    .unwrap()
+            }
+            Over::Ws => Client::connect_ws(self.ws.unwrap_or_else(none), &ws_request())
+                .await
+                .unwrap(),
+            Over::Wss => Client::connect_wss(
+                self.wss.unwrap_or_else(none),
+                "localhost",
+                &self.ca(),
+                &ws_request(),
+            )
+            .await
+            .unwrap(),
+        }
     }
 
     pub async fn login(&self, user: &str, device: &str) -> (Client, pb::LoginOk) {
@@ -411,5 +498,43 @@ impl TestGateway {
             .expect("QUIC connect");
         let ok = c.login(&token(user, device), device).await.expect("login");
         (q, c, ok)
+    }
+}
+
+/// The process's metrics recorder, installed once per test binary (it is
+/// process-wide): what the admin listener renders and samples.
+pub fn exporter() -> Arc<tether::metrics::Exporter> {
+    static E: std::sync::OnceLock<Arc<tether::metrics::Exporter>> = std::sync::OnceLock::new();
+    E.get_or_init(|| Arc::new(tether::metrics::install().expect("install the recorder")))
+        .clone()
+}
+
+/// An admin listener on 127.0.0.1 for `g` (status page and API, with
+/// `keys`), until the guard drops.
+pub async fn start_admin(
+    g: &TestGateway,
+    keys: &[&str],
+    max_body: usize,
+    limits: tether::admin::Limits,
+) -> (SocketAddr, tokio_util::sync::DropGuard) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let node: Arc<dyn tether::admin::AdminNode> = g.gw.clone();
+    let settings =
+        tether::admin::ApiSettings::new(keys.iter().map(|k| k.to_string()).collect(), max_body);
+    let admin = Arc::new(tether::admin::Admin::new(exporter(), node, settings));
+    tokio::spawn(tether::admin::serve(listener, admin, limits, stop.clone()));
+    (addr, stop.drop_guard())
+}
+
+/// The admin listener's bounds for tests: generous, but a request's body
+/// must arrive within `request_timeout`.
+pub fn admin_limits(request_timeout: Duration) -> tether::admin::Limits {
+    tether::admin::Limits {
+        max_connections: 64,
+        header_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(10),
+        request_timeout,
     }
 }

@@ -4,6 +4,11 @@
 //! [`DEFAULT_TOML`] is the documented default file that `tether print-config`
 //! prints; a unit test keeps it identical to [`Config::default`].
 
+pub mod api;
+pub mod bus;
+pub mod cid;
+pub mod env;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,6 +30,10 @@ pub enum ConfigError {
     /// A value parsed but is out of its allowed range.
     #[error("invalid config value `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A secret from the environment ([`env::ENV_SECRETS`]) is refused:
+    /// it does not parse, or the key it sets is out of range.
+    #[error("invalid environment variable {var}: {reason}")]
+    Env { var: &'static str, reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,10 +48,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub upstream: UpstreamConfig,
     pub metrics: MetricsConfig,
+    pub api: api::ApiConfig,
     pub shutdown: ShutdownConfig,
     pub delivery: DeliveryConfig,
     pub quic: QuicConfig,
     pub log: LogConfig,
+    pub bus: bus::BusConfig,
 }
 
 /// The QUIC listener's settings (`listen.quic` binds it).
@@ -67,8 +78,8 @@ pub struct QuicConfig {
     /// the kernel's default (about 208 KiB, too small under load).
     pub socket_buffer: u32,
     /// Connection IDs a load balancer can route (QUIC-LB); random when unset.
-    #[serde(skip_serializing)]
-    pub cid: Option<crate::quic::cid::CidConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cid: Option<cid::CidConfig>,
 }
 
 impl Default for QuicConfig {
@@ -144,24 +155,6 @@ impl Default for DeliveryConfig {
     }
 }
 
-impl Config {
-    /// The sans-IO delivery settings.
-    pub fn delivery_config(&self) -> crate::session::DeliveryConfig {
-        let d = &self.delivery;
-        crate::session::DeliveryConfig {
-            // Validated to fit in memory (at most the replay budget).
-            queue_bytes: [d.queue_bytes as usize, d.bulk_queue_bytes as usize],
-            detached_bytes: d.detached_bytes as usize,
-            detached_bytes_per_user: d.detached_bytes_per_user as usize,
-            stall_timeout: d.stall_timeout,
-            window: [d.window as usize, d.bulk_window as usize],
-            policy: [self.session.slow_consumer, SlowConsumerPolicy::Drop],
-            ack_timeout: d.ack_timeout,
-            max_tries: d.max_tries,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
@@ -169,6 +162,17 @@ pub struct ListenConfig {
     pub tcp: Vec<SocketAddr>,
     /// TLS 1.3 listeners.
     pub tls: Vec<SocketAddr>,
+    /// WebSocket listeners over plain TCP (`ws://host:port/tether`).
+    pub ws: Vec<SocketAddr>,
+    /// WebSocket listeners over TLS (`wss://host:port/tether`), with the
+    /// TLS certificate and the TLS handshake limits of `[tls]`.
+    pub wss: Vec<SocketAddr>,
+    /// The `Origin` values a WebSocket upgrade may carry; empty allows any.
+    /// A request without `Origin` (not from a browser) is not checked.
+    pub ws_origins: Vec<String>,
+    /// Whether the WebSocket listeners serve the example browser client
+    /// (`/` and `/tether.js`) to plain GETs.
+    pub ws_page: bool,
     /// QUIC listeners (UDP), with the TLS certificate. `None` (the key
     /// left out): the TLS listeners' addresses, so that QUIC moves with
     /// `listen.tls` (TLS is TCP and QUIC is UDP: the same port serves
@@ -181,8 +185,8 @@ pub struct ListenConfig {
     pub recv_buffer: u32,
     /// SO_SNDBUF for client sockets in bytes; 0 keeps the kernel's autotuning.
     pub send_buffer: u32,
-    /// A plain-TCP connection quiet this long (nothing read, nothing in
-    /// flight) is parked: no task and no reactor entry until it reads or is
+    /// A TCP, TLS or WebSocket connection quiet this long (nothing read,
+    /// nothing in flight) is parked: no task and no reactor entry until it reads or is
     /// woken. 0 turns parking off.
     #[serde(with = "humantime_serde")]
     pub park_after: Duration,
@@ -498,10 +502,12 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             upstream: UpstreamConfig::default(),
             metrics: MetricsConfig::default(),
+            api: api::ApiConfig::default(),
             shutdown: ShutdownConfig::default(),
             delivery: DeliveryConfig::default(),
             quic: QuicConfig::default(),
             log: LogConfig::default(),
+            bus: bus::BusConfig::default(),
         }
     }
 }
@@ -509,7 +515,7 @@ impl Default for Config {
 impl ListenConfig {
     /// The addresses QUIC listens on as configured: `listen.quic` when
     /// set, otherwise `listen.tls`'s. A TLS address with port 0 gets the
-    /// port its TLS listener was given ([`crate::gateway::Server::bind`]).
+    /// port its TLS listener was given (the server binds TLS first).
     pub fn quic_addrs(&self) -> &[SocketAddr] {
         self.quic.as_deref().unwrap_or(&self.tls)
     }
@@ -520,6 +526,10 @@ impl Default for ListenConfig {
         Self {
             tcp: vec![SocketAddr::from(([0, 0, 0, 0], 7400))],
             tls: vec![SocketAddr::from(([0, 0, 0, 0], 7443))],
+            ws: Vec::new(),
+            wss: Vec::new(),
+            ws_origins: Vec::new(),
+            ws_page: true,
             quic: None,
             backlog: 4096,
             recv_buffer: 0,
@@ -639,6 +649,18 @@ node_id = "node-1"
 tcp = ["0.0.0.0:7400"]
 # TLS 1.3 listeners for clients.
 tls = ["0.0.0.0:7443"]
+# WebSocket listeners (path /tether, subprotocol "tether.v1"; one Tether frame
+# per binary message): ws over plain TCP, wss over TLS with the [tls]
+# certificate and handshake limits. Both off by default.
+ws = []
+wss = []
+# The Origin values a WebSocket upgrade may carry (e.g. "https://app.example.com");
+# a browser page from any other origin is refused with 403. [] allows any origin;
+# requests without Origin (not from a browser) are not checked.
+ws_origins = []
+# Serve the example browser client at / and /tether.js on the WebSocket
+# listeners (a static page: it takes its token from the URL's #fragment).
+ws_page = true
 # QUIC listeners for clients (UDP; ALPN "tether/1", the TLS certificate).
 # Unset, QUIC listens where TLS does (the same addresses and ports, over UDP),
 # so that moving tls moves QUIC too; [] turns QUIC off.
@@ -648,7 +670,7 @@ backlog = 4096
 # which allocates buffer memory only while data is in flight.
 recv_buffer = 0
 send_buffer = 0
-# A plain-TCP connection quiet this long (no frame read, nothing unacknowledged)
+# A TCP, TLS or WebSocket connection quiet this long (no frame read, nothing unacknowledged)
 # is parked: it gives up its task and its reactor entry, about 400 bytes, until
 # it reads or is pushed to. "0s" turns parking off.
 park_after = "5s"
@@ -677,6 +699,7 @@ max_pending_handshakes = 8192
 # HS256 (shared secret), RS256 or EdDSA (public key file).
 algorithm = "HS256"
 # HS256 secret. The default is for development only: the gateway warns at start.
+# TETHER_AUTH_SECRET in the environment overrides it.
 secret = "tether-dev-secret-change-me"
 # RS256 / EdDSA: PEM public key that verifies tokens.
 # public_key = "/etc/tether/jwt.pub.pem"
@@ -737,6 +760,7 @@ tcp = "127.0.0.1:7401"
 # unix = "/run/tether/upstream.sock"
 allow_public = false
 # Shared secret upstream services present in Hello. Change it in production.
+# TETHER_UPSTREAM_SECRET in the environment overrides it.
 secret = "tether-dev-upstream-secret"
 # Each subscribed connection's event queue: at most event_queue events and
 # event_queue_bytes bytes of encoded events (16 MiB). When either is reached,
@@ -764,8 +788,9 @@ hello_timeout = "2s"
 stall_timeout = "30s"
 
 [metrics]
-# The admin listener: the Prometheus scrape endpoint (GET /metrics); "" turns
-# it off.
+# The admin listener: the Prometheus scrape endpoint (GET /metrics), the live
+# status page (GET /, GET /status.json) and the HTTP API (/api/v1/, see [api]);
+# "" turns it off.
 listen = "127.0.0.1:9400"
 # Admin connections open at once; more are closed as soon as they are accepted
 # (tether_admin_connections_refused_total).
@@ -775,13 +800,53 @@ max_connections = 64
 header_timeout = "5s"
 # A connection on which no byte moves either way for this long is closed.
 idle_timeout = "10s"
-# Time the gateway may take to answer one request.
+# Time the gateway may take to answer one request (an API request's body
+# included: a body still arriving then is refused with 408).
 request_timeout = "10s"
+
+[api]
+# The HTTP API on the admin listener (/api/v1/: push, kick, rooms, presence).
+# Requests carry "Authorization: Bearer <key>"; any key of the list opens it.
+# Each key is 16..=512 bytes of letters, digits and - . _ ~ + / =. Empty: the
+# API is off (403); /metrics and the status page need no key. The environment
+# variable TETHER_API_KEYS (keys separated by commas) replaces the list.
+keys = []
+# Largest request body, in bytes; a larger one is refused with 413.
+max_body = 1048576
 
 [log]
 # "text": plain lines (coloured only on a terminal); "json": one JSON object
 # per line, for log shippers. `tether serve --log-format` overrides it.
 format = "text"
+
+[bus]
+# How the nodes of a cluster reach each other. "local": one node, nothing to
+# set up. "nats": a cluster joined by a NATS server (2.2 or later; core NATS,
+# no JetStream); every node needs its own node_id, of letters, digits, '-'
+# and '_'.
+kind = "local"
+urls = ["nats://127.0.0.1:4222"]
+# The subject prefix: the nodes with the same one form one cluster.
+cluster = "tether"
+# NATS credentials, if the server asks: user and password, or token.
+# TETHER_BUS_PASSWORD and TETHER_BUS_TOKEN in the environment override them.
+# user = "tether"
+# password = "..."
+# token = "..."
+# How long an upstream request waits for another node; one that does not
+# answer is named in the reply with CODE_NODE_TIMEOUT.
+request_timeout = "2s"
+# How often a node tells the others it is alive, and the silence after which
+# they take it for dead (at least 3 heartbeats).
+heartbeat = "1s"
+node_timeout = "5s"
+# The key every node signs resume tokens with (at least 32 bytes), so that a
+# device resumes on whichever node it reconnects to, and the one before the
+# last rotation. Unset, each node draws a random key and a session resumes
+# only where it is. TETHER_RESUME_SECRET and TETHER_RESUME_SECRET_PREVIOUS
+# override them.
+# resume_secret = "..."
+# resume_secret_previous = "..."
 
 [shutdown]
 # On SIGTERM/SIGINT: stop accepting, send Close(SERVER_DRAINING), flush, and
@@ -852,30 +917,66 @@ socket_buffer = 8388608
 # server_id = "0a01"
 # nonce_len = 12
 # key = "00112233445566778899aabbccddeeff"
+# TETHER_QUIC_CID_KEY in the environment overrides the key.
 "#;
 
 impl Config {
-    /// The admin listener's bounds, from `[metrics]`.
-    pub fn admin_limits(&self) -> crate::admin::Limits {
-        let m = &self.metrics;
-        crate::admin::Limits {
-            max_connections: m.max_connections as usize,
-            header_timeout: m.header_timeout,
-            idle_timeout: m.idle_timeout,
-            request_timeout: m.request_timeout,
-        }
-    }
-
     /// Reads, parses and validates a config file.
     ///
     /// # Errors
     /// [`ConfigError`] naming the file, key and reason.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::load_with(Some(path), &|var| std::env::var(var).ok())
+    }
+
+    /// The file at `path` (or the defaults without one), then the secrets
+    /// `env` sets ([`env::ENV_SECRETS`]: the environment wins), validated.
+    /// [`Config::load`] passes the process's environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, key and reason; [`ConfigError::Env`]
+    /// naming the variable when a value from the environment is refused.
+    pub fn load_with(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse_unchecked(&text, &path.display().to_string())?
+            }
+            None => Config::default(),
+        };
+        let applied =
+            env::apply(&mut cfg, env).map_err(|(var, reason)| ConfigError::Env { var, reason })?;
+        match cfg.validate() {
+            // A value the environment set is named by its variable.
+            Err(ConfigError::Invalid { key, reason }) => {
+                match applied.iter().find(|s| s.key == key) {
+                    Some(s) => Err(ConfigError::Env {
+                        var: s.var,
+                        reason: format!("{key}: {reason}"),
+                    }),
+                    None => Err(ConfigError::Invalid { key, reason }),
+                }
+            }
+            other => other.map(|()| cfg),
+        }
+    }
+
+    /// The configuration as TOML, with the value of every secret of
+    /// [`env::ENV_SECRETS`] replaced by [`env::REDACTED`]: what
+    /// `tether print-config --config` prints.
+    ///
+    /// # Errors
+    /// When a value cannot be written as TOML (none can today).
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut doc = toml::Table::try_from(self)?;
+        env::redact(&mut doc);
+        toml::to_string(&doc)
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.
@@ -883,12 +984,16 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Parse`] or [`ConfigError::Invalid`].
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_owned(),
-            message: e.to_string(),
-        })?;
+        let cfg = Self::parse_unchecked(text, origin)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    fn parse_unchecked(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Checks ranges and cross-field rules.
@@ -906,14 +1011,28 @@ impl Config {
         if self.node_id.is_empty() || self.node_id.len() > 64 {
             return bad("node_id", "must be 1..=64 bytes");
         }
+        if let Err((key, reason)) = self.bus.check(&self.node_id) {
+            return bad(key, reason);
+        }
         if self.listen.tcp.is_empty()
             && self.listen.tls.is_empty()
+            && self.listen.ws.is_empty()
+            && self.listen.wss.is_empty()
             && self.listen.quic_addrs().is_empty()
         {
             return bad(
                 "listen",
-                "at least one of listen.tcp, listen.tls or listen.quic is needed",
+                "at least one of listen.tcp, listen.tls, listen.ws, listen.wss or listen.quic is needed",
             );
+        }
+        for o in &self.listen.ws_origins {
+            let scheme = o.starts_with("http://") || o.starts_with("https://");
+            if !scheme || o.ends_with('/') || o.chars().any(|c| c.is_whitespace()) {
+                return bad(
+                    "listen.ws_origins",
+                    "each must be an origin such as \"https://app.example.com\" (scheme and host, no path)",
+                );
+            }
         }
         let q = &self.quic;
         if q.stream_window < 4096 || q.stream_window > 64 * 1024 * 1024 {
@@ -1056,6 +1175,9 @@ impl Config {
                 return bad(key, "must be 10ms..=5m");
             }
         }
+        if let Err((key, reason)) = self.api.check() {
+            return Err(ConfigError::Invalid { key, reason });
+        }
         if self.shutdown.drain_timeout.is_zero() {
             return bad("shutdown.drain_timeout", "must be greater than zero");
         }
@@ -1182,8 +1304,138 @@ mod tests {
         assert_eq!(c.listen.quic_addrs(), [own], "an explicit listen.quic wins");
         let c = Config::parse("[listen]\nquic = []\n", "t").unwrap();
         assert!(c.listen.quic_addrs().is_empty(), "[] turns QUIC off");
+        let c = Config::parse(
+            "[listen]\nws = [\"127.0.0.1:7480\"]\nws_origins = [\"https://app.example.com\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.listen.ws.len(), 1);
+        for bad in ["app.example.com", "https://app.example.com/", "https://a b"] {
+            let toml = format!("[listen]\nws_origins = [\"{bad}\"]\n");
+            let e = Config::parse(&toml, "t").unwrap_err();
+            assert!(e.to_string().contains("listen.ws_origins"), "{bad}: {e}");
+        }
+        let only_ws = "[listen]\ntcp = []\ntls = []\nquic = []\nwss = [\"127.0.0.1:0\"]\n";
+        assert!(
+            Config::parse(only_ws, "t").is_ok(),
+            "a WebSocket listener alone is enough"
+        );
         let e = Config::parse("[listen]\ntcp = []\ntls = []\n", "t").unwrap_err();
         assert!(e.to_string().contains("listen"), "no listener at all: {e}");
+    }
+
+    /// A lookup over `pairs`, for [`Config::load_with`].
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |var| map.get(var).cloned()
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_file_and_empty_means_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "[auth]\nsecret = \"the-file-auth-secret\"\n[upstream]\nsecret = \"the-file-upstream-secret\"\n[bus]\nuser = \"tether\"\n",
+        )
+        .unwrap();
+        let env = env_of(&[
+            ("TETHER_AUTH_SECRET", "the-env-auth-secret-0123"),
+            ("TETHER_UPSTREAM_SECRET", ""),
+            ("TETHER_BUS_PASSWORD", "nats-password"),
+            ("TETHER_RESUME_SECRET", &"r".repeat(32)),
+        ]);
+        let c = Config::load_with(Some(&path), &env).unwrap();
+        assert_eq!(c.auth.secret, "the-env-auth-secret-0123");
+        assert_eq!(
+            c.upstream.secret, "the-file-upstream-secret",
+            "empty is unset"
+        );
+        assert_eq!(c.bus.password.as_deref(), Some("nats-password"));
+        assert_eq!(c.bus.resume_secret.as_deref(), Some(&*"r".repeat(32)));
+        // Without a file: the defaults, then the environment.
+        let c = Config::load_with(None, &env).unwrap();
+        assert_eq!(c.auth.secret, "the-env-auth-secret-0123");
+        assert_eq!(c.upstream.secret, DEV_UPSTREAM_SECRET);
+        let c = Config::load_with(None, &env_of(&[])).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn a_refused_value_from_the_environment_names_its_variable() {
+        let e = Config::load_with(None, &env_of(&[("TETHER_RESUME_SECRET_PREVIOUS", "short")]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid environment variable TETHER_RESUME_SECRET_PREVIOUS: \
+             bus.resume_secret_previous: must be at least 32 bytes"
+        );
+        let e = Config::load_with(None, &env_of(&[("TETHER_QUIC_CID_KEY", "00")])).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid environment variable TETHER_QUIC_CID_KEY:"),
+            "{e}"
+        );
+        // A file value out of range is still named by its key.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "[upstream]\nsecret = \"short\"\n").unwrap();
+        let e = Config::load_with(Some(&path), &env_of(&[])).unwrap_err();
+        assert!(e.to_string().contains("`upstream.secret`"), "{e}");
+    }
+
+    #[test]
+    fn every_secret_of_the_table_is_redacted_and_nothing_else() {
+        let mut c = Config::parse(
+            "[quic.cid]\nconfig_id = 1\nserver_id = \"0a01\"\nnonce_len = 12\nkey = \"00112233445566778899aabbccddeeff\"\n",
+            "t",
+        )
+        .unwrap();
+        c.bus.password = Some("p".into());
+        c.bus.user = Some("tether".into());
+        c.bus.token = Some("t".into());
+        c.bus.resume_secret = Some("r".repeat(32));
+        c.bus.resume_secret_previous = Some("q".repeat(32));
+        c.api.keys = vec!["k".repeat(16), "j".repeat(16)];
+        let text = c.to_redacted_toml().unwrap();
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        for s in env::ENV_SECRETS {
+            let mut v = &toml::Value::Table(doc.clone());
+            for part in s.key.split('.') {
+                v = &v[part];
+            }
+            // A list of secrets (api.keys) is redacted element by element.
+            let values = match v.as_array() {
+                Some(items) => items.iter().collect(),
+                None => vec![v],
+            };
+            assert!(!values.is_empty(), "{}", s.key);
+            for v in values {
+                assert_eq!(v.as_str(), Some(env::REDACTED), "{}", s.key);
+            }
+        }
+        assert!(!text.contains(&"k".repeat(16)), "{text}");
+        assert_eq!(doc["bus"]["user"].as_str(), Some("tether"));
+        assert_eq!(doc["quic"]["cid"]["server_id"].as_str(), Some("0a01"));
+        assert!(!text.contains(DEV_SECRET) && !text.contains("00112233"));
+        // With the secrets put back, it reads back as the same config.
+        let restored = text
+            .replace(
+                &format!("key = \"{}\"", env::REDACTED),
+                "key = \"ffeeddccbbaa99887766554433221100\"",
+            )
+            .replace(env::REDACTED, &"s".repeat(32));
+        let mut back = Config::parse(&restored, "t").unwrap_or_else(|e| panic!("{e}:\n{text}"));
+        back.auth.secret.clone_from(&c.auth.secret);
+        back.upstream.secret.clone_from(&c.upstream.secret);
+        back.bus.clone_from(&c.bus);
+        back.quic.cid.clone_from(&c.quic.cid);
+        assert_eq!(back.api.keys, ["s".repeat(32), "s".repeat(32)]);
+        back.api.keys.clone_from(&c.api.keys);
+        assert_eq!(back, c);
     }
 
     #[test]

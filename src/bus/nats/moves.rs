@@ -1,0 +1,272 @@
+//! Sessions that move between nodes: the node a session left remembers
+//! where it went and sends on the pushes that missed it (`hints`) until
+//! the new node says it is in place; the node it moves to holds pushes
+//! back while it fetches one (`TakeGuard`, `settle_takes`); and the
+//! handover itself (`serve_takes`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use prost::Message as _;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::Inner;
+use crate::bus::{codec, Command, PushOutcome, PushTarget};
+use crate::ids::{DeviceId, NodeId, RoomId, SessionId, UserId};
+use crate::wire::{pb, Code};
+
+/// How long a node remembers where a session moved: longer than the
+/// directory takes to tell every node (a delta, tens of milliseconds).
+const MOVED_FOR: Duration = Duration::from_secs(10);
+
+/// How long after a session left this node a room push or a broadcast that
+/// missed it here is sent on to its new node: such a push may have reached
+/// the new node before the session did (the planner's own share runs at
+/// once, and the take overtakes a command waiting in a batch), and it ran
+/// here within `request_timeout` of running there.
+#[must_use]
+pub(super) fn forward_window(request_timeout: Duration) -> Duration {
+    MOVED_FOR.min(request_timeout * 2)
+}
+
+/// How long the node a session moved to must remember the pushes it holds
+/// (`Router::remember_moved_for`, which the gateway calls with this),
+/// so that a push the old node sends on within [`forward_window`], taking
+/// up to `request_timeout` to arrive, is recognised if it came already.
+#[must_use]
+pub fn moved_memory(request_timeout: Duration) -> Duration {
+    forward_window(request_timeout) + request_timeout + Duration::from_secs(1)
+}
+
+/// Where a session that left this node went.
+#[derive(Clone)]
+pub(super) struct MovedTo {
+    device: DeviceId,
+    node: NodeId,
+    at: Instant,
+    /// The rooms it was in.
+    rooms: Vec<RoomId>,
+    /// Set once the new node says the session is in place there.
+    pub(super) installed: Arc<(AtomicBool, Notify)>,
+}
+
+/// How long a push that missed a moved session waits for its new node to
+/// say the session is in place, before it is sent on anyway (at most a
+/// quarter of `bus.request_timeout`, so that the asking node still hears).
+const INSTALL_WAIT: Duration = Duration::from_millis(250);
+
+/// A session being fetched from another node
+/// ([`NatsBus::begin_take`](super::NatsBus::begin_take)): pushes wait for
+/// it to be in place (or dropped) before they run here.
+pub struct TakeGuard(pub(super) Arc<Inner>, pub(super) u64);
+
+impl Drop for TakeGuard {
+    fn drop(&mut self) {
+        self.0.takes.lock().remove(&self.1);
+        self.0.takes_done.notify_waiters();
+    }
+}
+
+impl Inner {
+    /// Hands sessions over to the nodes their devices resumed on.
+    pub(super) async fn serve_takes(self: Arc<Self>) {
+        let subject = self.subject(&self.node, "take");
+        let Ok(mut sub) = self.client.subscribe(subject).await else {
+            return;
+        };
+        while let Some(msg) = sub.next().await {
+            let Some(reply) = msg.reply else { continue };
+            let out = match pb::TakeRequest::decode(msg.payload) {
+                Ok(t) if !t.user_id.is_empty() && t.user_id.len() <= 128 => {
+                    let sessions = self.sessions.get().and_then(std::sync::Weak::upgrade);
+                    let device = crate::wire::device(&t.device_id);
+                    let to = crate::config::bus::is_subject(&t.from_node)
+                        .then(|| NodeId::new(&t.from_node));
+                    match (sessions, device, to) {
+                        (Some(s), Ok(d), Some(to)) => {
+                            let u = UserId::new(&t.user_id);
+                            match self.take_noting(&*s, SessionId(t.session_id), &u, &d, &to) {
+                                Ok(m) => codec::encode_moved(&m),
+                                Err(code) => vec![codec::encode_refusal(code)],
+                            }
+                        }
+                        _ => vec![codec::encode_refusal(Code::ResumeExpired)],
+                    }
+                }
+                _ => vec![codec::encode_refusal(Code::BadRequest)],
+            };
+            for b in out {
+                let _ = self.client.publish(reply.clone(), b).await;
+            }
+        }
+    }
+
+    /// Ends the session `id` here for its move to `to`, noting where it
+    /// went. The note and the take are one step under the `moved` lock, so
+    /// that a push that misses the session here (it found it ended, or
+    /// gone) always finds the note, with its rooms.
+    fn take_noting(
+        &self,
+        sessions: &dyn crate::bus::Sessions,
+        id: SessionId,
+        user: &UserId,
+        device: &DeviceId,
+        to: &NodeId,
+    ) -> Result<crate::session::Moved, Code> {
+        let now = Instant::now();
+        let mut m = self.moved.lock();
+        m.retain(|_, v| {
+            v.retain(|t| now.duration_since(t.at) < MOVED_FOR);
+            !v.is_empty()
+        });
+        let taken = sessions.take(id, user, device);
+        if let Ok(s) = &taken {
+            m.entry(user.clone()).or_default().push(MovedTo {
+                device: device.clone(),
+                node: to.clone(),
+                at: now,
+                rooms: s.rooms.clone(),
+                installed: Arc::default(),
+            });
+        }
+        self.moved_count.store(m.len(), Ordering::Relaxed);
+        taken
+    }
+
+    /// Adds to a push's outcome here the sessions it missed because they
+    /// moved to another node a moment ago: those it found ended, the moved
+    /// devices of users it found nowhere, and, for a room push or a
+    /// broadcast, the sessions of that room (or all) that left within
+    /// [`forward_window`]. A push queued before the move went with the
+    /// session; one that missed it is sent on, and the new node queues it
+    /// unless the session holds it already (`Router::note_brought`).
+    /// Before a push runs here: waits (at most a quarter of the request
+    /// timeout) for the sessions being fetched from other nodes to be in
+    /// place. A push that reaches the node a session leaves after it left,
+    /// and this node before it arrived, would otherwise miss it on both; a
+    /// push it brought with it is not queued twice (the session remembers
+    /// what it brought).
+    ///
+    /// Only the fetches under way when the push arrived are waited for, so
+    /// that a stream of moves (a rolling restart) never holds pushes back
+    /// for longer than one fetch.
+    pub(super) async fn settle_takes(&self) {
+        let pending = |upto: u64| self.takes.lock().first().is_some_and(|&f| f <= upto);
+        let upto = self.take_seq.load(Ordering::Acquire);
+        if !pending(upto) {
+            return;
+        }
+        let patience = INSTALL_WAIT.min(self.opts.request_timeout / 4);
+        let _ = tokio::time::timeout(patience, async {
+            loop {
+                let done = self.takes_done.notified();
+                if !pending(upto) {
+                    return;
+                }
+                done.await;
+            }
+        })
+        .await;
+    }
+
+    /// Waits (up to [`INSTALL_WAIT`]) until the nodes these sessions went
+    /// to have them in place, so that the push sent on finds them.
+    pub(super) async fn hints(&self, cmd: &Command, o: &mut PushOutcome) {
+        let waits = self.note_hints(cmd, o);
+        let patience = INSTALL_WAIT.min(self.opts.request_timeout / 4);
+        let all = futures_util::future::join_all(waits.iter().map(|w| async move {
+            let notified = w.1.notified();
+            if !w.0.load(Ordering::Acquire) {
+                let _ = tokio::time::timeout(patience, notified).await;
+            }
+        }));
+        all.await;
+    }
+
+    fn note_hints(&self, cmd: &Command, o: &mut PushOutcome) -> Vec<Arc<(AtomicBool, Notify)>> {
+        let closed = std::mem::take(&mut o.closed);
+        let mut waits = Vec::new();
+        if self.moved_count.load(Ordering::Relaxed) == 0 {
+            return waits;
+        }
+        let Command::Push { target, .. } = cmd else {
+            return waits;
+        };
+        let only = match target {
+            PushTarget::Device(_, d) => Some(d),
+            _ => None,
+        };
+        let now = Instant::now();
+        let m = self.moved.lock();
+        let fresh = |t: &MovedTo| now.duration_since(t.at) < MOVED_FOR;
+        let mut hint = |u: &UserId, t: &MovedTo| {
+            let h = (u.clone(), t.device.clone(), t.node.clone());
+            if !o.moved.contains(&h) {
+                o.moved.push(h);
+                waits.push(t.installed.clone());
+            }
+        };
+        for (u, d) in &closed {
+            if let Some(t) = m
+                .get(u)
+                .and_then(|v| v.iter().rev().find(|t| &t.device == d && fresh(t)))
+            {
+                hint(u, t);
+            }
+        }
+        for u in &o.missing_users {
+            for t in m.get(u).map(Vec::as_slice).unwrap_or_default() {
+                if fresh(t) && only.is_none_or(|x| x == &t.device) {
+                    hint(u, t);
+                }
+            }
+        }
+        let room = match target {
+            PushTarget::Room(r) => Some(Some(r)),
+            PushTarget::Everyone => Some(None),
+            _ => None,
+        };
+        if let Some(room) = room {
+            let window = forward_window(self.opts.request_timeout);
+            for (u, v) in m.iter() {
+                for t in v {
+                    let member = room.is_none_or(|r| t.rooms.contains(r));
+                    if member && now.duration_since(t.at) < window {
+                        hint(u, t);
+                    }
+                }
+            }
+        }
+        waits
+    }
+
+    /// Marks a session that moved from here as in place on its new node.
+    fn installed(&self, user: &str, device: &str, node: &str) {
+        let m = self.moved.lock();
+        for t in m.get(user).map(Vec::as_slice).unwrap_or_default() {
+            if t.device.as_str() == device && t.node.as_str() == node {
+                t.installed.0.store(true, Ordering::Release);
+                t.installed.1.notify_waiters();
+            }
+        }
+    }
+
+    /// Hears from the nodes sessions moved to that they are in place.
+    pub(super) async fn follow_installs(self: Arc<Self>) {
+        let Ok(mut sub) = self
+            .client
+            .subscribe(self.subject(&self.node, "moved"))
+            .await
+        else {
+            return;
+        };
+        while let Some(msg) = sub.next().await {
+            if let Ok(m) = pb::MovedSession::decode(msg.payload) {
+                self.installed(&m.user_id, &m.device_id, &m.node_id);
+            }
+        }
+    }
+}

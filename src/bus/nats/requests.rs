@@ -1,0 +1,673 @@
+//! Commands to other nodes and from them: where a command goes (`plan`),
+//! the per-node queues and batches of requests (`ask`), the merged reply
+//! (`merge`), and the commands other nodes send this one
+//! (`serve_commands`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::Inner;
+use crate::bus::{codec, Command, NodeFailure, Outcome, PushOutcome, PushTarget, Reply};
+use crate::ids::{DeviceId, NodeId, UserId};
+use crate::metrics as m;
+use crate::wire::{pb, Code};
+
+/// Requests on their way to one node at once; commands for it that come
+/// meanwhile wait and go together in the next (see [`Inner::ask`]). Below
+/// it a command goes at once: batches form only under load, where each
+/// round trip then carries all that came meanwhile.
+const MAX_BATCHES: usize = 16;
+/// Commands that may wait for one node; past it a command fails at once
+/// with `CODE_NODE_TIMEOUT`.
+const MAX_WAITING: usize = 4 * codec::MAX_BATCH;
+
+/// An encoded command waiting to go to a node, and who waits for its
+/// outcome.
+type Waiting = (
+    Bytes,
+    tokio::sync::oneshot::Sender<Result<Outcome, (Code, String)>>,
+);
+
+/// The commands waiting to go to one node.
+#[derive(Default)]
+pub(super) struct NodeQueue {
+    waiting: Vec<Waiting>,
+    /// Requests on their way.
+    sending: usize,
+}
+
+/// Commands from other nodes run at once at most; more wait in NATS.
+const MAX_INFLIGHT_COMMANDS: usize = 256;
+
+/// Which nodes a command goes to, and with what.
+pub(super) struct Plan {
+    /// Other nodes (this node's share always runs, in process), each with its command (encoded once when shared).
+    pub(super) remote: Vec<(NodeId, Bytes, Vec<UserId>)>,
+}
+
+impl Inner {
+    /// Decides where `cmd` goes.
+    pub(super) fn plan(&self, cmd: &Command) -> Plan {
+        let now = Instant::now().into_std();
+        let dir = self.dir.read();
+        let each_user = |users: &[UserId], make: &dyn Fn(Vec<UserId>) -> Command| {
+            dir.route_users(users, now)
+                .nodes
+                .into_iter()
+                .map(|(n, us)| (n, codec::encode_command(&make(us.clone())), us))
+                .collect()
+        };
+        let shared = |nodes: Vec<NodeId>| {
+            if nodes.is_empty() {
+                return Vec::new();
+            }
+            let bytes = codec::encode_command(cmd);
+            nodes
+                .into_iter()
+                .map(|n| (n, bytes.clone(), Vec::new()))
+                .collect()
+        };
+        let remote = match cmd {
+            Command::Push { target, push } => match target {
+                PushTarget::User(u) | PushTarget::Device(u, _) => {
+                    let nodes = dir
+                        .route_users([u], now)
+                        .nodes
+                        .into_iter()
+                        .map(|(n, _)| n)
+                        .collect();
+                    let mut v: Vec<(NodeId, Bytes, Vec<UserId>)> = shared(nodes);
+                    v.iter_mut().for_each(|e| e.2 = vec![u.clone()]);
+                    v
+                }
+                PushTarget::Users(us) => each_user(us, &|l| Command::Push {
+                    target: PushTarget::Users(l),
+                    push: push.clone(),
+                }),
+                PushTarget::Room(r) => shared(dir.room_nodes(r)),
+                PushTarget::Everyone => shared(dir.nodes()),
+            },
+            Command::Kick { user, .. } => {
+                let nodes = dir
+                    .route_users([user], now)
+                    .nodes
+                    .into_iter()
+                    .map(|(n, _)| n);
+                shared(nodes.collect())
+            }
+            Command::Room {
+                room,
+                users,
+                remove,
+            } => each_user(users, &|l| Command::Room {
+                room: room.clone(),
+                users: l,
+                remove: *remove,
+            }),
+            Command::Presence { users } => each_user(users, &|l| Command::Presence { users: l }),
+        };
+        Plan { remote }
+    }
+
+    /// Runs the encoded command `payload` on `node`, within
+    /// `bus.request_timeout`. Commands for one node that come while
+    /// [`MAX_BATCHES`] requests to it are on their way wait, and go
+    /// together in the next request (a batch, one message each way): under
+    /// load, a node gets a message per batch of pushes, not per push; with
+    /// nothing on the way, a command goes at once.
+    pub(super) async fn ask(
+        self: &Arc<Self>,
+        node: &NodeId,
+        payload: Bytes,
+    ) -> Result<Outcome, (Code, String)> {
+        if !self.is_up() {
+            metrics::counter!(m::BUS_REQUESTS, "result" => "unreachable").increment(1);
+            return Err((
+                Code::NodeUnreachable,
+                format!("node {node}: the cluster bus is down"),
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let now = {
+            let mut q = self.queues.lock();
+            let q = q.entry(node.clone()).or_default();
+            if q.waiting.len() >= MAX_WAITING {
+                // The node is not keeping up: say so now rather than queue
+                // without bound.
+                metrics::counter!(m::BUS_REQUESTS, "result" => "timeout").increment(1);
+                return Err((
+                    Code::NodeTimeout,
+                    format!("node {node}: {MAX_WAITING} requests already wait for it"),
+                ));
+            }
+            q.waiting.push((payload, tx));
+            (q.sending < MAX_BATCHES).then(|| {
+                q.sending += 1;
+                std::mem::take(&mut q.waiting)
+            })
+        };
+        if let Some(batch) = now {
+            tokio::spawn(self.clone().send_batches(node.clone(), batch));
+        }
+        let timeout = self.opts.request_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(_)) => Err((
+                Code::Internal,
+                format!("node {node}: the request was dropped"),
+            )),
+            Err(_) => Err((
+                Code::NodeTimeout,
+                format!("node {node} did not answer within {timeout:?}"),
+            )),
+        }
+    }
+
+    /// Sends `batch` to `node`, then whatever queued for it meanwhile,
+    /// until nothing waits; hands each caller its outcome.
+    async fn send_batches(self: Arc<Self>, node: NodeId, mut batch: Vec<Waiting>) {
+        loop {
+            let outs: Vec<Result<Outcome, (Code, String)>> = if batch.len() == 1 {
+                vec![self
+                    .request_raw(&node, batch[0].0.clone())
+                    .await
+                    .and_then(|b| codec::decode_outcome(b).map_err(|e| (Code::Internal, e)))]
+            } else {
+                let n = batch.len();
+                let cmds = batch.iter().map(|(b, _)| b.clone()).collect();
+                match self.request_raw(&node, codec::encode_batch(cmds)).await {
+                    Ok(b) => match codec::decode_outcomes(b) {
+                        Ok(list) if list.len() == n => list
+                            .into_iter()
+                            .map(|b| codec::decode_outcome(b).map_err(|e| (Code::Internal, e)))
+                            .collect(),
+                        Ok(_) | Err(_) => {
+                            vec![
+                                Err((
+                                    Code::Internal,
+                                    format!("node {node}: a batch answered wrong")
+                                ));
+                                n
+                            ]
+                        }
+                    },
+                    Err(e) => vec![Err(e); n],
+                }
+            };
+            for ((_, tx), out) in batch.drain(..).zip(outs) {
+                let _ = tx.send(out);
+            }
+            let next = {
+                let mut q = self.queues.lock();
+                let Some(q) = q.get_mut(&node) else { return };
+                if q.waiting.is_empty() {
+                    q.sending -= 1;
+                    None
+                } else {
+                    let take = q.waiting.len().min(codec::MAX_BATCH);
+                    Some(q.waiting.drain(..take).collect::<Vec<_>>())
+                }
+            };
+            match next {
+                Some(b) => batch = b,
+                None => return,
+            }
+        }
+    }
+
+    /// One request to `node` with `payload`, within `bus.request_timeout`;
+    /// the raw answer.
+    async fn request_raw(&self, node: &NodeId, payload: Bytes) -> Result<Bytes, (Code, String)> {
+        let timeout = self.opts.request_timeout;
+        let req = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(timeout));
+        let sent = self.client.send_request(self.subject(node, "cmd"), req);
+        // The client's own timeout starts once the request is queued; this
+        // one bounds the queueing too.
+        let res = match tokio::time::timeout(timeout, sent).await {
+            Ok(r) => r,
+            Err(_) => {
+                metrics::counter!(m::BUS_REQUESTS, "result" => "timeout").increment(1);
+                return Err((
+                    Code::NodeTimeout,
+                    format!("node {node} did not answer within {timeout:?}"),
+                ));
+            }
+        };
+        use async_nats::RequestErrorKind as K;
+        let out = match res {
+            Ok(msg) => Ok(msg.payload),
+            Err(e) => Err(match e.kind() {
+                K::TimedOut => (
+                    Code::NodeTimeout,
+                    format!("node {node} did not answer within {timeout:?}"),
+                ),
+                K::NoResponders => (Code::NodeUnreachable, format!("node {node} is gone")),
+                _ => (Code::NodeUnreachable, format!("node {node}: {e}")),
+            }),
+        };
+        let label = match &out {
+            Ok(_) => "ok",
+            Err((Code::NodeTimeout, _)) => "timeout",
+            Err((Code::NodeUnreachable, _)) => "unreachable",
+            Err(_) => "error",
+        };
+        metrics::counter!(m::BUS_REQUESTS, "result" => label).increment(1);
+        out
+    }
+
+    pub(super) async fn request(self: Arc<Self>, cmd: Command) -> Reply {
+        let deadline = Instant::now() + self.opts.request_timeout;
+        let plan = self.plan(&cmd);
+        let local = async {
+            match &cmd {
+                Command::Push { .. } => {
+                    self.settle_takes().await;
+                    self.executor.run(&cmd).await
+                }
+                other => self.executor.execute(other),
+            }
+        };
+        let remote = futures_util::future::join_all(
+            plan.remote
+                .iter()
+                .map(|(n, bytes, _)| self.ask(n, bytes.clone())),
+        );
+        let (mut local, mut answers) = tokio::join!(local, remote);
+        if let Outcome::Push(o) = &mut local {
+            self.hints(&cmd, o).await;
+        }
+        let mut asked = plan.remote;
+        if let Command::Push { push, .. } = &cmd {
+            // Sessions that moved while the push was on its way: sent on to
+            // their new node, always. The new node may have run its own
+            // share (or been asked, and had the user's other devices) before
+            // the session was in place there; it queues the copy only if the
+            // session lacks it (`Router::note_brought`), so that sending on
+            // is never a duplicate.
+            let mut hints: Vec<(UserId, DeviceId, NodeId)> = Vec::new();
+            if let Outcome::Push(o) = &local {
+                hints.extend(o.moved.iter().cloned());
+            }
+            for a in answers.iter().flatten() {
+                if let Outcome::Push(o) = a {
+                    hints.extend(o.moved.iter().cloned());
+                }
+            }
+            let mut seen = HashSet::new();
+            hints.retain(|h| seen.insert(h.clone()));
+            // Sent on all at once: after a mass move (a drain), a broadcast
+            // may miss thousands of sessions, and requests to one node that
+            // are on their way together go as batches.
+            let mut sent_on = Vec::new();
+            for (u, d, n) in hints {
+                let c = Command::Push {
+                    target: PushTarget::Device(u.clone(), d),
+                    push: push.clone(),
+                };
+                if n == self.node {
+                    // It moved here while the push was on its way (this
+                    // node ran its share before the session was in place).
+                    answers.push(Ok(self.executor.run(&c).await));
+                    asked.push((n, Bytes::new(), vec![u]));
+                    continue;
+                }
+                sent_on.push((n, codec::encode_command(&c), vec![u]));
+            }
+            // Within the request's own deadline: an upstream never waits
+            // longer than bus.request_timeout for other nodes.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let me = &self;
+            let replies =
+                futures_util::future::join_all(sent_on.iter().map(|(n, bytes, _)| async move {
+                    match tokio::time::timeout(left, me.ask(n, bytes.clone())).await {
+                        Ok(a) => a,
+                        Err(_) => Err((
+                            Code::NodeTimeout,
+                            format!("node {n} did not answer within the request's deadline"),
+                        )),
+                    }
+                }))
+                .await;
+            answers.extend(replies);
+            asked.extend(sent_on);
+        }
+        merge(&cmd, local, asked, answers)
+    }
+
+    // ---- commands from other nodes ----
+
+    pub(super) async fn serve_commands(self: Arc<Self>) {
+        let subject = self.subject(&self.node, "cmd");
+        let mut sub = match self.client.subscribe(subject.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cluster bus: cannot subscribe to {subject}: {e}");
+                return;
+            }
+        };
+        let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_COMMANDS));
+        while let Some(msg) = sub.next().await {
+            let Some(reply) = msg.reply else { continue };
+            let cmd = match codec::decode_incoming(msg.payload) {
+                Ok(codec::Incoming::One(cmd)) => cmd,
+                Ok(codec::Incoming::Batch(cmds)) => {
+                    let decoded: Vec<Result<Command, String>> =
+                        cmds.into_iter().map(codec::decode_command).collect();
+                    if decoded
+                        .iter()
+                        .all(|c| c.as_ref().map_or(true, |c| self.runs_inline(c)))
+                    {
+                        // Small commands: here, in order, no task.
+                        let outs = decoded
+                            .iter()
+                            .map(|c| match c {
+                                Ok(c) => codec::encode_outcome(Ok(self.executor.execute(c))),
+                                Err(e) => codec::encode_outcome(Err(e.clone())),
+                            })
+                            .collect();
+                        let _ = self
+                            .client
+                            .publish(reply, codec::encode_outcomes(outs))
+                            .await;
+                        continue;
+                    }
+                    // One task for the batch, its commands in order.
+                    let Ok(permit) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let mut outs = Vec::with_capacity(decoded.len());
+                        for c in decoded {
+                            let out = match c {
+                                Ok(cmd) => Ok(me.run_command(&cmd).await),
+                                Err(e) => Err(e),
+                            };
+                            outs.push(codec::encode_outcome(out));
+                        }
+                        let _ = me.client.publish(reply, codec::encode_outcomes(outs)).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("cluster bus: refused a command: {e}");
+                    let _ = self
+                        .client
+                        .publish(reply, codec::encode_outcome(Err(e)))
+                        .await;
+                    continue;
+                }
+            };
+            // Small commands run here, in turn: a task per command cost
+            // more than the command (a unicast push is a few enqueues).
+            // Fan-outs, and pushes that may wait on a moving session, get
+            // a task of their own.
+            if self.runs_inline(&cmd) {
+                let out = self.executor.execute(&cmd);
+                let _ = self
+                    .client
+                    .publish(reply, codec::encode_outcome(Ok(out)))
+                    .await;
+                continue;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let out = me.run_command(&cmd).await;
+                let _ = me
+                    .client
+                    .publish(reply, codec::encode_outcome(Ok(out)))
+                    .await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Runs a command from another node on this node's sessions.
+    async fn run_command(&self, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::Push { .. } => {
+                if self.runs_inline(cmd) {
+                    return self.executor.execute(cmd);
+                }
+                self.settle_takes().await;
+                let mut o = self.executor.run(cmd).await;
+                if let Outcome::Push(p) = &mut o {
+                    self.hints(cmd, p).await;
+                }
+                o
+            }
+            other => self.executor.execute(other),
+        }
+    }
+
+    /// Whether a command from another node is small enough to run on the
+    /// subscription's own task: a kick, a room change, presence, or a push
+    /// to a few users while no session is moving in or out of this node.
+    fn runs_inline(&self, cmd: &Command) -> bool {
+        const FEW: usize = 64;
+        match cmd {
+            Command::Push { target, .. } => {
+                let small = match target {
+                    PushTarget::User(_) | PushTarget::Device(..) => true,
+                    PushTarget::Users(us) => us.len() <= FEW,
+                    PushTarget::Room(_) | PushTarget::Everyone => false,
+                };
+                small
+                    && self.moved_count.load(Ordering::Relaxed) == 0
+                    && self.takes.lock().is_empty()
+            }
+            Command::Presence { users } | Command::Room { users, .. } => users.len() <= FEW,
+            Command::Kick { .. } => true,
+        }
+    }
+}
+
+/// Gathers the local outcome and the remote ones into one reply.
+fn merge(
+    cmd: &Command,
+    local: Outcome,
+    asked: Vec<(NodeId, Bytes, Vec<UserId>)>,
+    answers: Vec<Result<Outcome, (Code, String)>>,
+) -> Reply {
+    let mut failed = Vec::new();
+    let mut ok = Vec::new();
+    for ((node, _, users), a) in asked.into_iter().zip(answers) {
+        match a {
+            Ok(o) => ok.push((users, o)),
+            Err((code, message)) => failed.push(NodeFailure {
+                node,
+                code,
+                message,
+                users,
+            }),
+        }
+    }
+    let outcome = match cmd {
+        Command::Push { target, .. } => {
+            let mut sum = PushOutcome::default();
+            // Users some node had: not missing, not unreached.
+            let mut reached: HashSet<UserId> = HashSet::new();
+            let targeted: Vec<UserId> = match target {
+                PushTarget::User(u) | PushTarget::Device(u, _) => vec![u.clone()],
+                PushTarget::Users(us) => us.clone(),
+                PushTarget::Room(_) | PushTarget::Everyone => Vec::new(),
+            };
+            let mut add = |o: &PushOutcome, asked: &[UserId]| {
+                sum.sessions += o.sessions;
+                sum.dropped += o.dropped;
+                let missing: HashSet<&UserId> = o.missing_users.iter().collect();
+                reached.extend(asked.iter().filter(|u| !missing.contains(u)).cloned());
+            };
+            if let Outcome::Push(o) = &local {
+                add(o, &targeted);
+            }
+            for (users, o) in &ok {
+                if let Outcome::Push(o) = o {
+                    add(o, users);
+                }
+            }
+            let unreached: HashSet<&UserId> = failed.iter().flat_map(|f| &f.users).collect();
+            sum.missing_users = targeted
+                .iter()
+                .filter(|u| !reached.contains(*u) && !unreached.contains(u))
+                .cloned()
+                .collect();
+            for f in &mut failed {
+                f.users.retain(|u| !reached.contains(u));
+            }
+            Outcome::Push(sum)
+        }
+        Command::Presence { users } => {
+            let mut by_user: HashMap<String, Vec<pb::DevicePresence>> = HashMap::new();
+            let all = std::iter::once(local).chain(ok.into_iter().map(|(_, o)| o));
+            for o in all {
+                if let Outcome::Presence(list) = o {
+                    for up in list {
+                        by_user.entry(up.user_id).or_default().extend(up.devices);
+                    }
+                }
+            }
+            Outcome::Presence(
+                users
+                    .iter()
+                    .map(|u| pb::UserPresence {
+                        user_id: u.to_string(),
+                        devices: by_user.remove(u.as_str()).unwrap_or_default(),
+                    })
+                    .collect(),
+            )
+        }
+        Command::Kick { .. } | Command::Room { .. } => {
+            let all = std::iter::once(local).chain(ok.into_iter().map(|(_, o)| o));
+            Outcome::Count(
+                all.map(|o| match o {
+                    Outcome::Count(n) => n,
+                    _ => 0,
+                })
+                .sum(),
+            )
+        }
+    };
+    Reply { outcome, failed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::RoomId;
+    use crate::wire::SharedPush;
+
+    fn u(s: &str) -> UserId {
+        UserId::new(s)
+    }
+
+    fn push_to(users: &[&str]) -> Command {
+        Command::Push {
+            target: PushTarget::Users(users.iter().map(|s| u(s)).collect()),
+            push: SharedPush::new("m", b"x", "", ""),
+        }
+    }
+
+    fn outcome(sessions: u64, missing: &[&str]) -> Outcome {
+        Outcome::Push(PushOutcome {
+            sessions,
+            dropped: 0,
+            missing_users: missing.iter().map(|s| u(s)).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_user_is_missing_only_when_no_node_had_them() {
+        let cmd = push_to(&["a", "b", "c"]);
+        // Local has a; node n2 was asked about b and c, and had c.
+        let r = merge(
+            &cmd,
+            outcome(1, &["b", "c"]),
+            vec![(NodeId::new("n2"), Bytes::new(), vec![u("b"), u("c")])],
+            vec![Ok(outcome(1, &["b"]))],
+        );
+        let Outcome::Push(p) = r.outcome else {
+            panic!()
+        };
+        assert_eq!(p.sessions, 2);
+        assert_eq!(p.missing_users, [u("b")]);
+        assert!(r.failed.is_empty());
+    }
+
+    #[test]
+    fn users_of_a_node_that_did_not_answer_are_reported_with_it_not_as_missing() {
+        let cmd = push_to(&["a", "b", "c"]);
+        let r = merge(
+            &cmd,
+            outcome(0, &["a", "b", "c"]),
+            vec![
+                (NodeId::new("n2"), Bytes::new(), vec![u("b")]),
+                (NodeId::new("n3"), Bytes::new(), vec![u("c")]),
+            ],
+            vec![Err((Code::NodeTimeout, "slow".into())), Ok(outcome(1, &[]))],
+        );
+        let Outcome::Push(p) = r.outcome else {
+            panic!()
+        };
+        assert_eq!(p.missing_users, [u("a")], "only a is known absent");
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].node.as_str(), "n2");
+        assert_eq!(r.failed[0].code, Code::NodeTimeout);
+        assert_eq!(r.failed[0].users, [u("b")]);
+    }
+
+    #[test]
+    fn counts_add_up_and_presence_merges_in_request_order() {
+        let kick = Command::Room {
+            room: RoomId::new("r"),
+            users: vec![u("a")],
+            remove: false,
+        };
+        let r = merge(
+            &kick,
+            Outcome::Count(2),
+            vec![(NodeId::new("n2"), Bytes::new(), vec![])],
+            vec![Ok(Outcome::Count(3))],
+        );
+        assert_eq!(r.outcome, Outcome::Count(5));
+        let dev = |d: &str| pb::DevicePresence {
+            device_id: d.into(),
+            ..Default::default()
+        };
+        let pres = Command::Presence {
+            users: vec![u("a"), u("b")],
+        };
+        let r = merge(
+            &pres,
+            Outcome::Presence(vec![pb::UserPresence {
+                user_id: "b".into(),
+                devices: vec![dev("1")],
+            }]),
+            vec![(NodeId::new("n2"), Bytes::new(), vec![u("b")])],
+            vec![Ok(Outcome::Presence(vec![pb::UserPresence {
+                user_id: "b".into(),
+                devices: vec![dev("2")],
+            }]))],
+        );
+        let Outcome::Presence(list) = r.outcome else {
+            panic!()
+        };
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].user_id, "a");
+        assert!(list[0].devices.is_empty());
+        assert_eq!(list[1].devices.len(), 2);
+    }
+}
