@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::config::Config;
+use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::wire::Code;
 
@@ -19,6 +20,10 @@ pub struct Limits {
     per_ip: DashMap<IpAddr, u32>,
     max_conns: usize,
     conns: AtomicUsize,
+    /// Open connections by transport, indexed by `TransportKind as usize`:
+    /// this node's own (the `tether_connections` gauge is the process's,
+    /// shared by every node in it).
+    by_kind: [AtomicUsize; TransportKind::ALL.len()],
     /// `limits.max_pending_logins`; 0 = unlimited.
     max_pending: usize,
     /// Connections in `Gateway::pending` (accepted, not logged in yet).
@@ -43,6 +48,7 @@ impl Limits {
             per_ip: DashMap::new(),
             max_conns: l.max_connections as usize,
             conns: AtomicUsize::new(0),
+            by_kind: Default::default(),
             max_pending: l.max_pending_logins as usize,
             pending: AtomicUsize::new(0),
             max_devices: l.max_devices_per_user as usize,
@@ -62,27 +68,31 @@ impl Limits {
     ///
     /// # Errors
     /// `CODE_TOO_MANY_CONNECTIONS` when a cap is reached.
-    pub fn acquire_conn(&self, ip: IpAddr) -> Result<Option<IpAddr>, Code> {
+    pub fn acquire_conn(&self, ip: IpAddr, kind: TransportKind) -> Result<Option<IpAddr>, Code> {
         let n = self.conns.fetch_add(1, Ordering::Relaxed);
         if self.max_conns > 0 && n >= self.max_conns {
             self.conns.fetch_sub(1, Ordering::Relaxed);
             return Err(Code::TooManyConnections);
         }
-        if self.per_ip_max == 0 {
-            return Ok(None);
-        }
-        let mut e = self.per_ip.entry(ip).or_insert(0);
-        if *e >= self.per_ip_max {
-            drop(e);
-            self.conns.fetch_sub(1, Ordering::Relaxed);
-            return Err(Code::TooManyConnections);
-        }
-        *e += 1;
-        Ok(Some(ip))
+        let ip = if self.per_ip_max == 0 {
+            None
+        } else {
+            let mut e = self.per_ip.entry(ip).or_insert(0);
+            if *e >= self.per_ip_max {
+                drop(e);
+                self.conns.fetch_sub(1, Ordering::Relaxed);
+                return Err(Code::TooManyConnections);
+            }
+            *e += 1;
+            Some(ip)
+        };
+        self.by_kind[kind as usize].fetch_add(1, Ordering::Relaxed);
+        Ok(ip)
     }
 
-    pub fn release_conn(&self, ip: Option<IpAddr>) {
+    pub fn release_conn(&self, ip: Option<IpAddr>, kind: TransportKind) {
         self.conns.fetch_sub(1, Ordering::Relaxed);
+        self.by_kind[kind as usize].fetch_sub(1, Ordering::Relaxed);
         if let Some(ip) = ip {
             self.per_ip.remove_if_mut(&ip, |_, n| {
                 *n = n.saturating_sub(1);
@@ -94,6 +104,11 @@ impl Limits {
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.conns.load(Ordering::Relaxed)
+    }
+
+    /// Open connections by transport, in the order of [`TransportKind::ALL`].
+    pub fn connections_by_transport(&self) -> [usize; TransportKind::ALL.len()] {
+        std::array::from_fn(|i| self.by_kind[i].load(Ordering::Relaxed))
     }
 
     /// Connections accepted that have not logged in yet.

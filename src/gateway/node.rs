@@ -15,7 +15,7 @@ use super::env::GatewayEnv;
 use super::Gateway;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::ids::{NodeId, SessionId};
+use crate::ids::{NodeId, SessionId, TransportKind};
 use crate::session::{CloseCmd, DeliveryConfig, SessionEnv, SessionHandle, SessionParams};
 use crate::timer::TimerWheel;
 use crate::transport::quic::QuicPaths;
@@ -57,6 +57,12 @@ impl crate::admin::StatusSource for Gateway {
             node_id: self.node.to_string(),
             draining: self.is_draining(),
             connections: self.limits.connections() as u64,
+            by_transport: TransportKind::ALL
+                .into_iter()
+                .zip(self.limits.connections_by_transport())
+                .filter(|(k, _)| k.is_client())
+                .map(|(k, n)| (k.as_str(), n as u64))
+                .collect(),
             sessions: self.registry.len() as u64,
             detached: self.detached_count() as u64,
             parked: self.parked_connections() as u64,
@@ -87,11 +93,11 @@ impl Node for Gateway {
     fn wheel(&self) -> &TimerWheel {
         &self.wheel
     }
-    fn acquire_conn(&self, ip: IpAddr) -> Result<Option<IpAddr>, Code> {
-        self.limits.acquire_conn(ip)
+    fn acquire_conn(&self, ip: IpAddr, kind: TransportKind) -> Result<Option<IpAddr>, Code> {
+        self.limits.acquire_conn(ip, kind)
     }
-    fn release_conn(&self, ip: Option<IpAddr>) {
-        self.limits.release_conn(ip);
+    fn release_conn(&self, ip: Option<IpAddr>, kind: TransportKind) {
+        self.limits.release_conn(ip, kind);
     }
     fn pending_full(&self) -> bool {
         self.limits.pending_full()

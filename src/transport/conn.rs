@@ -46,7 +46,7 @@ pub struct ConnGuard {
 impl ConnGuard {
     /// Accounts for a new connection; the code when a connection cap refuses it.
     pub fn acquire(node: &NodeRef, remote: SocketAddr, kind: TransportKind) -> Result<Self, Code> {
-        let ip = node.acquire_conn(remote.ip())?;
+        let ip = node.acquire_conn(remote.ip(), kind)?;
         metrics::gauge!(m::CONNECTIONS, "transport" => kind.as_str()).increment(1.0);
         metrics::counter!(m::CONNECTIONS_ACCEPTED, "transport" => kind.as_str()).increment(1);
         Ok(Self {
@@ -72,7 +72,7 @@ impl ConnGuard {
 }
 
 pub(crate) fn release(node: &dyn Node, ip: Option<std::net::IpAddr>, kind: TransportKind) {
-    node.release_conn(ip);
+    node.release_conn(ip, kind);
     metrics::gauge!(m::CONNECTIONS, "transport" => kind.as_str()).decrement(1.0);
 }
 

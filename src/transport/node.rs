@@ -80,9 +80,9 @@ pub trait Node: Send + Sync + 'static {
     ///
     /// # Errors
     /// `CODE_TOO_MANY_CONNECTIONS` when a cap is reached.
-    fn acquire_conn(&self, ip: IpAddr) -> Result<Option<IpAddr>, Code>;
+    fn acquire_conn(&self, ip: IpAddr, kind: TransportKind) -> Result<Option<IpAddr>, Code>;
     /// Gives back what [`Node::acquire_conn`] took.
-    fn release_conn(&self, ip: Option<IpAddr>);
+    fn release_conn(&self, ip: Option<IpAddr>, kind: TransportKind);
     /// Whether a new connection would exceed `limits.max_pending_logins`
     /// (checked at accept, before any per-connection state exists).
     fn pending_full(&self) -> bool;

@@ -21,7 +21,7 @@ use super::quic::QuicPaths;
 use super::{ConnEnv, Node};
 use crate::auth::Identity;
 use crate::config::Config;
-use crate::ids::{RoomId, SessionId, UserId};
+use crate::ids::{RoomId, SessionId, TransportKind, UserId};
 use crate::session::{
     keeps_state, Budget, CloseCmd, DeliveryConfig, End, LoginGrant, Refreshed, SessionEnv,
     SessionHandle, SessionInfo, SessionParams, Uplink, UplinkAck,
@@ -180,11 +180,11 @@ impl Node for FakeNode {
     fn wheel(&self) -> &TimerWheel {
         &self.wheel
     }
-    fn acquire_conn(&self, _ip: IpAddr) -> Result<Option<IpAddr>, Code> {
+    fn acquire_conn(&self, _ip: IpAddr, _kind: TransportKind) -> Result<Option<IpAddr>, Code> {
         self.conns.fetch_add(1, Ordering::SeqCst);
         Ok(None)
     }
-    fn release_conn(&self, _ip: Option<IpAddr>) {
+    fn release_conn(&self, _ip: Option<IpAddr>, _kind: TransportKind) {
         self.conns.fetch_sub(1, Ordering::SeqCst);
     }
     fn pending_full(&self) -> bool {
