@@ -19,7 +19,7 @@ use tether::wire::pb;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::coord::Fleet;
+use crate::coord::Fleets;
 use crate::fleet::{self, Stats};
 use crate::scenario;
 use crate::{Common, Upstream};
@@ -430,7 +430,7 @@ enum Fate {
 /// One push sent: to device `Some(i)`'s user, or to everyone; when (ms
 /// into the run), through which gateway, and its fate.
 #[derive(Clone, Copy, Debug)]
-struct Sent {
+pub(crate) struct Sent {
     id: u64,
     to: Option<usize>,
     at_ms: u64,
@@ -439,7 +439,7 @@ struct Sent {
 }
 
 #[derive(Default)]
-struct Books {
+pub(crate) struct Books {
     next_id: AtomicU64,
     sent: Mutex<Vec<Sent>>,
     /// Accepted unicasts whose reply said no session took them.
@@ -449,21 +449,35 @@ struct Books {
     first_error: Mutex<Option<String>>,
 }
 
+/// The pushes sent while gateways restart, each with a payload id the
+/// books follow.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct PushLoad {
+    /// Unicasts a second, each to one pseudo-random user of `devices`
+    /// (`prefix` + index).
+    pub push_rate: f64,
+    /// Broadcasts (to everyone) a second.
+    pub broadcast_rate: f64,
+    /// Payload bytes, at least 16 (the send time, then the payload id).
+    pub size: usize,
+    pub devices: usize,
+    pub prefix: String,
+    /// Push requests in flight at most.
+    pub inflight: usize,
+}
+
 /// Pushes at the asked rates until `stop`: unicasts to pseudo-random users
 /// and broadcasts, each through the next gateway up, `inflight` requests
 /// at most.
-#[allow(clippy::too_many_arguments)]
 async fn push_loop(
     routes: Arc<Routes>,
     books: Arc<Books>,
-    o: RollingOpts,
-    conns: usize,
-    prefix: String,
-    inflight: usize,
+    o: PushLoad,
     start: Instant,
     stop: Arc<AtomicBool>,
 ) {
-    let sem = Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
+    let (conns, prefix) = (o.devices, o.prefix.clone());
+    let sem = Arc::new(tokio::sync::Semaphore::new(o.inflight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -474,14 +488,14 @@ async fn push_loop(
         tick.tick().await;
         let secs = t0.elapsed().as_secs_f64();
         let mut due: Vec<Option<usize>> = Vec::new();
-        while (unicasts as f64) < o.push_rate as f64 * secs {
+        while (unicasts as f64) < o.push_rate * secs {
             unicasts += 1;
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             due.push(Some((x % conns.max(1) as u64) as usize));
         }
-        while (broadcasts as f64) < o.broadcast_rate as f64 * secs {
+        while (broadcasts as f64) < o.broadcast_rate * secs {
             broadcasts += 1;
             due.push(None);
         }
@@ -560,7 +574,7 @@ fn note_error(books: &Books, e: impl FnOnce() -> String) {
 
 /// One gateway's restart.
 #[derive(Clone, Debug, Serialize)]
-struct Restart {
+pub(crate) struct Restart {
     round: u32,
     gateway: usize,
     /// Seconds into the run when SIGTERM went.
@@ -579,27 +593,27 @@ struct Restart {
 /// The books at the end: what every device should have had, against what
 /// it received.
 #[derive(Debug, Default)]
-struct Tally {
-    accepted_unicasts: u64,
-    accepted_broadcasts: u64,
-    refused: u64,
-    failed: u64,
+pub(crate) struct Tally {
+    pub accepted_unicasts: u64,
+    pub accepted_broadcasts: u64,
+    pub refused: u64,
+    pub failed: u64,
     /// Deliveries due: accepted unicasts plus accepted broadcasts times
     /// devices.
-    due: u64,
+    pub due: u64,
     /// Of those, received and not.
-    delivered: u64,
-    lost: u64,
+    pub delivered: u64,
+    pub lost: u64,
     /// Payloads a device received that no accepted push sent it (nor a
     /// refused or failed one, which may have reached it).
-    unexpected: u64,
+    pub unexpected: u64,
     /// The first few lost: (device, push).
-    examples: Vec<(usize, Sent)>,
+    pub examples: Vec<(usize, Sent)>,
 }
 
 /// Compares what `devices` devices received (`got`, payload ids per device)
 /// with what was sent.
-fn tally(sent: &[Sent], devices: usize, got: &[fleet::IdRecord]) -> Tally {
+pub(crate) fn tally(sent: &[Sent], devices: usize, got: &[fleet::IdRecord]) -> Tally {
     let mut t = Tally::default();
     let mut broadcasts = Vec::new();
     let mut unicasts: HashMap<usize, Vec<&Sent>> = HashMap::new();
@@ -727,95 +741,33 @@ async fn run(
     if let Err(e) = &converged {
         failures.push(e.clone());
     }
-    let routes = Arc::new(Routes {
-        clients: Mutex::new(clients.into_iter().map(Some).collect()),
-        next: AtomicUsize::new(0),
-    });
-    let books = Arc::new(Books::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let pusher = tokio::spawn(push_loop(
-        routes.clone(),
-        books.clone(),
-        o.clone(),
-        c.conns,
-        c.prefix.clone(),
-        u.inflight,
-        run_start,
-        stop.clone(),
-    ));
-    let settle = Duration::from_secs_f64(o.settle.max(0.0));
-    tokio::time::sleep(settle).await;
-    let restarts_start = Instant::now();
-    let mut restarts = Vec::new();
-    let mut broken = false;
-    for round in 1..=o.rounds {
-        for k in 0..n {
-            let r = restart(
-                u,
-                cluster,
-                &fleet,
-                &routes,
-                &users,
-                (k, round),
-                ready.online,
-                run_start,
-            )
-            .await;
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    // The cluster is not whole: stop here, and report.
-                    failures.push(format!("gateway {k}, round {round}: {e:#}"));
-                    broken = true;
-                    break;
-                }
-            };
-            if !r.exited {
-                failures.push(format!(
-                    "gateway {k} did not exit within {} s of SIGTERM: killed",
-                    o.restart_timeout
-                ));
-            }
-            if r.online_s.is_none() {
-                failures.push(format!(
-                    "not every device was back online within {} s of gateway {k}'s restart",
-                    o.restart_timeout
-                ));
-            }
-            restarts.push(r);
-            tokio::time::sleep(settle).await;
-        }
-        if broken {
-            break;
-        }
-    }
-    let restart_s = restarts_start.elapsed().as_secs_f64();
-    stop.store(true, Relaxed);
-    pusher.await.context("the pusher task")?;
-    let sent = books.sent.lock().map(|s| s.clone()).unwrap_or_default();
-    // Wait for the last deliveries: until the devices have what is due, or
-    // nothing came for 5 s.
-    let due: u64 = sent
-        .iter()
-        .filter(|s| s.fate == Fate::Accepted)
-        .map(|s| if s.to.is_some() { 1 } else { c.conns as u64 })
-        .sum();
-    loop {
-        let before = fleet.totals().pushes;
-        let (t, ok) = fleet
-            .wait_for(Duration::from_secs(5), |s| s.pushes >= due)
-            .await;
-        if ok || t.pushes == before {
-            break;
-        }
-    }
+    let phase = RollingPhase {
+        ups: &u.upstream,
+        secret: &u.upstream_secret,
+        users: &users,
+        load: PushLoad {
+            push_rate: o.push_rate as f64,
+            broadcast_rate: o.broadcast_rate as f64,
+            size: o.size,
+            devices: c.conns,
+            prefix: c.prefix.clone(),
+            inflight: u.inflight,
+        },
+        settle: Duration::from_secs_f64(o.settle.max(0.0)),
+        order: (1..=o.rounds)
+            .flat_map(|round| (0..n).map(move |k| (k, round)))
+            .collect(),
+        online: ready.online,
+        restart_timeout: o.restart_timeout,
+    };
+    let rolled = roll(phase, cluster, &Fleets(vec![&fleet]), clients, run_start).await?;
+    failures.extend(rolled.failures.iter().cloned());
     let out = fleet.finish().await;
-    let t = tally(&sent, c.conns, &out.ids);
+    let t = tally(&rolled.sent, c.conns, &out.ids);
     let title = format!(
         "{} devices on {n} gateways, {} unicasts/s and {} broadcasts/s, every gateway restarted {} time(s)",
         c.conns, o.push_rate, o.broadcast_rate, o.rounds
     );
-    let first_error = books.first_error.lock().ok().and_then(|e| e.clone());
     let mut r = scenario::report(
         "rolling-restart",
         title,
@@ -823,13 +775,13 @@ async fn run(
         serde_json::json!({
             "upstream": u,
             "rolling": o,
-            "restarts": restarts,
-            "first_push_error": first_error,
+            "restarts": rolled.restarts,
+            "first_push_error": rolled.first_error,
         }),
         t0,
         &out,
     );
-    figures(&mut r, &t, &out.stats, &books, ready.online);
+    figures(&mut r, &t, &out.stats, &rolled.books, ready.online);
     if let Ok(s) = converged {
         r.figure(
             "cluster_converge_s",
@@ -838,52 +790,7 @@ async fn run(
             "s",
         );
     }
-    r.figure(
-        "restarts",
-        "gateway restarts done",
-        restarts.len() as f64,
-        "",
-    );
-    r.figure(
-        "restart_s",
-        "seconds from the first SIGTERM to the last gateway back",
-        restart_s,
-        "s",
-    );
-    let max = |f: fn(&Restart) -> Option<f64>| {
-        restarts
-            .iter()
-            .filter_map(f)
-            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
-    };
-    if let Some(v) = max(|r| Some(r.exit_s)) {
-        r.figure("exit_s_max", "longest SIGTERM to exit (the drain)", v, "s");
-    }
-    if let Some(v) = max(|r| r.online_s) {
-        r.figure(
-            "online_s_max",
-            "longest SIGTERM until every device was online again",
-            v,
-            "s",
-        );
-    }
-    if let Some(e) = &first_error {
-        // Told to the upstream, so not a loss: a note, not a failure.
-        println!("first push refused or failed: {e}");
-    }
-    for x in &restarts {
-        println!(
-            "restart: round {} gateway {} at {:.1} s: exit {:.2} s{}, start {:.2} s, all online {}, seen by it {}",
-            x.round,
-            x.gateway,
-            x.at_s,
-            x.exit_s,
-            if x.exited { "" } else { " (killed)" },
-            x.start_s,
-            x.online_s.map_or("never".into(), |v| format!("{v:.2} s")),
-            x.converge_s.map_or("never".into(), |v| format!("{v:.2} s")),
-        );
-    }
+    restart_figures(&mut r, &rolled);
     r.failures.extend(failures);
     let duplicated = out.stats.seq_dups + out.stats.id_dups;
     let mut pass = r.failures.is_empty();
@@ -903,20 +810,7 @@ async fn run(
         r.failures
             .push(format!("{} payload ids not kept", out.stats.ids_overflow));
     }
-    for (d, s) in &t.examples {
-        r.failures.push(format!(
-            "lost: device {d} ({}{d}) missed push {} ({} via gateway {} at {:.2} s)",
-            c.prefix,
-            s.id,
-            if s.to.is_some() {
-                "unicast"
-            } else {
-                "broadcast"
-            },
-            s.via,
-            s.at_ms as f64 / 1000.0
-        ));
-    }
+    lost_examples(&mut r, &t, &c.prefix);
     r.figure(
         "verdict_pass",
         "passed (1) or failed (0)",
@@ -926,35 +820,154 @@ async fn run(
     Ok((r, pass))
 }
 
-/// Restarts gateway `k` (in `round`): out of the push routes, SIGTERM,
-/// wait for the exit, start, wait until it accepts, the `online` devices
-/// of the start are online again and it sees them all, then back in the
-/// routes.
-#[allow(clippy::too_many_arguments)]
-async fn restart(
-    u: &Upstream,
+/// What a rolling restart under load needs: the `rolling-restart`
+/// scenario's whole run, and the `million`'s last phase.
+pub(crate) struct RollingPhase<'a> {
+    /// Every gateway's upstream address, in the cluster's order.
+    pub ups: &'a [String],
+    pub secret: &'a str,
+    /// Every device's user, to ask a restarted gateway whether it sees
+    /// them all.
+    pub users: &'a [String],
+    pub load: PushLoad,
+    /// Pushes before the first restart, after each, and after the last.
+    pub settle: Duration,
+    /// The restarts, in order: (gateway, round).
+    pub order: Vec<(usize, u32)>,
+    /// Devices online at the start, which must all come back after each
+    /// restart.
+    pub online: u64,
+    /// Seconds for a gateway to exit, to start, and for its devices to
+    /// come back.
+    pub restart_timeout: u64,
+}
+
+/// What a rolling restart did.
+pub(crate) struct Rolled {
+    pub sent: Vec<Sent>,
+    pub restarts: Vec<Restart>,
+    pub failures: Vec<String>,
+    /// Seconds from the first SIGTERM to the last gateway back.
+    pub restart_s: f64,
+    pub books: Arc<Books>,
+    pub first_error: Option<String>,
+}
+
+/// Pushes `p.load` through the gateways that are up while each gateway of
+/// `p.order` restarts in turn, then waits until the devices have every
+/// delivery due (or none came for 5 s). Stops at the first restart that
+/// leaves the cluster broken (its gateway does not start again), with the
+/// reason in the failures.
+///
+/// # Errors
+/// When the push task panicked.
+pub(crate) async fn roll(
+    p: RollingPhase<'_>,
     cluster: &mut Cluster,
-    fleet: &Fleet,
-    routes: &Routes,
-    users: &[String],
-    (k, round): (usize, u32),
-    online: u64,
+    fleets: &Fleets<'_>,
+    clients: Vec<UpstreamClient>,
     run_start: Instant,
+) -> anyhow::Result<Rolled> {
+    let mut failures = Vec::new();
+    let before = fleets.totals().pushes;
+    let routes = Arc::new(Routes {
+        clients: Mutex::new(clients.into_iter().map(Some).collect()),
+        next: AtomicUsize::new(0),
+    });
+    let books = Arc::new(Books::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pusher = tokio::spawn(push_loop(
+        routes.clone(),
+        books.clone(),
+        p.load.clone(),
+        run_start,
+        stop.clone(),
+    ));
+    let timeout = Duration::from_secs(p.restart_timeout.max(1));
+    tokio::time::sleep(p.settle).await;
+    let restarts_start = Instant::now();
+    let mut restarts = Vec::new();
+    for &(k, round) in &p.order {
+        let r = restart(&p, cluster, fleets, &routes, (k, round), run_start, timeout).await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                // The cluster is not whole: stop here, and report.
+                failures.push(format!("gateway {k}, round {round}: {e:#}"));
+                break;
+            }
+        };
+        if !r.exited {
+            failures.push(format!(
+                "gateway {k} did not exit within {} s of SIGTERM: killed",
+                p.restart_timeout
+            ));
+        }
+        if r.online_s.is_none() {
+            failures.push(format!(
+                "not every device was back online within {} s of gateway {k}'s restart",
+                p.restart_timeout
+            ));
+        }
+        restarts.push(r);
+        tokio::time::sleep(p.settle).await;
+    }
+    let restart_s = restarts_start.elapsed().as_secs_f64();
+    stop.store(true, Relaxed);
+    pusher.await.context("the pusher task")?;
+    let sent = books.sent.lock().map(|s| s.clone()).unwrap_or_default();
+    // Wait for the last deliveries: until the devices have what is due, or
+    // nothing came for 5 s.
+    let due: u64 = sent
+        .iter()
+        .filter(|s| s.fate == Fate::Accepted)
+        .map(|s| if s.to.is_some() { 1 } else { p.online })
+        .sum();
+    loop {
+        let last = fleets.totals().pushes;
+        let (t, ok) = fleets
+            .wait_for(Duration::from_secs(5), |s| s.pushes >= before + due)
+            .await;
+        if ok || t.pushes == last {
+            break;
+        }
+    }
+    let first_error = books.first_error.lock().ok().and_then(|e| e.clone());
+    Ok(Rolled {
+        sent,
+        restarts,
+        failures,
+        restart_s,
+        books,
+        first_error,
+    })
+}
+
+/// Restarts gateway `k` (in `round`): out of the push routes, SIGTERM,
+/// wait for the exit, start, wait until it accepts, the devices online at
+/// the start are online again and it sees them all, then back in the
+/// routes.
+async fn restart(
+    p: &RollingPhase<'_>,
+    cluster: &mut Cluster,
+    fleets: &Fleets<'_>,
+    routes: &Routes,
+    (k, round): (usize, u32),
+    run_start: Instant,
+    timeout: Duration,
 ) -> anyhow::Result<Restart> {
     routes.set(k, None);
     let at = Instant::now();
     let at_s = run_start.elapsed().as_secs_f64();
     let (exit, exited) = cluster.stop(k).await;
     let start = cluster.start(k).await?;
-    let (_, back) = fleet
-        .wait_for(cluster.timeout, |s: &Stats| s.online >= online)
+    let (_, back) = fleets
+        .wait_for(timeout, |s: &Stats| s.online >= p.online)
         .await;
     let online_s = back.then(|| at.elapsed().as_secs_f64());
-    let client = connect(&u.upstream[k], &u.upstream_secret).await?;
-    let online = fleet.totals().online;
-    let converge_s = converge_on(&[&client], users, online, cluster.timeout)
-        .await
-        .ok();
+    let client = connect(&p.ups[k], p.secret).await?;
+    let online = fleets.totals().online;
+    let converge_s = converge_on(&[&client], p.users, online, timeout).await.ok();
     routes.set(k, Some(client));
     Ok(Restart {
         round,
@@ -968,7 +981,82 @@ async fn restart(
     })
 }
 
-fn figures(r: &mut crate::report::RunReport, t: &Tally, s: &Stats, books: &Books, online: u64) {
+/// The restarts' figures (count, time, the longest drain and return), and
+/// one line printed per restart.
+pub(crate) fn restart_figures(r: &mut crate::report::RunReport, rolled: &Rolled) {
+    let restarts = &rolled.restarts;
+    r.figure(
+        "restarts",
+        "gateway restarts done",
+        restarts.len() as f64,
+        "",
+    );
+    r.figure(
+        "restart_s",
+        "seconds from the first SIGTERM to the last gateway back",
+        rolled.restart_s,
+        "s",
+    );
+    let max = |f: fn(&Restart) -> Option<f64>| {
+        restarts
+            .iter()
+            .filter_map(f)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+    };
+    if let Some(v) = max(|r| Some(r.exit_s)) {
+        r.figure("exit_s_max", "longest SIGTERM to exit (the drain)", v, "s");
+    }
+    if let Some(v) = max(|r| r.online_s) {
+        r.figure(
+            "online_s_max",
+            "longest SIGTERM until every device was online again",
+            v,
+            "s",
+        );
+    }
+    if let Some(e) = &rolled.first_error {
+        // Told to the upstream, so not a loss: a note, not a failure.
+        println!("first push refused or failed: {e}");
+    }
+    for x in restarts {
+        println!(
+            "restart: round {} gateway {} at {:.1} s: exit {:.2} s{}, start {:.2} s, all online {}, seen by it {}",
+            x.round,
+            x.gateway,
+            x.at_s,
+            x.exit_s,
+            if x.exited { "" } else { " (killed)" },
+            x.start_s,
+            x.online_s.map_or("never".into(), |v| format!("{v:.2} s")),
+            x.converge_s.map_or("never".into(), |v| format!("{v:.2} s")),
+        );
+    }
+}
+
+/// The first few lost deliveries, each a failure line.
+pub(crate) fn lost_examples(r: &mut crate::report::RunReport, t: &Tally, prefix: &str) {
+    for (d, s) in &t.examples {
+        r.failures.push(format!(
+            "lost: device {d} ({prefix}{d}) missed push {} ({} via gateway {} at {:.2} s)",
+            s.id,
+            if s.to.is_some() {
+                "unicast"
+            } else {
+                "broadcast"
+            },
+            s.via,
+            s.at_ms as f64 / 1000.0
+        ));
+    }
+}
+
+pub(crate) fn figures(
+    r: &mut crate::report::RunReport,
+    t: &Tally,
+    s: &Stats,
+    books: &Books,
+    online: u64,
+) {
     let rows = [
         ("online", "devices online at the start", online),
         (

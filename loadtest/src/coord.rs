@@ -700,6 +700,41 @@ pub async fn worker_main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Several fleets watched as one (the `million`'s TCP and TLS devices).
+pub struct Fleets<'a>(pub Vec<&'a Fleet>);
+
+impl Fleets<'_> {
+    pub fn totals(&self) -> Stats {
+        let mut t = Stats::default();
+        for f in &self.0 {
+            t.add(&f.totals());
+        }
+        t
+    }
+
+    /// Waits until `cond` holds of the totals, or `timeout`; whether it
+    /// did, and the totals.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        cond: impl Fn(&Stats) -> bool,
+    ) -> (Stats, bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self.totals();
+            if cond(&t) {
+                return (t, true);
+            }
+            if Instant::now() >= deadline {
+                return (t, false);
+            }
+            // Each fleet's own wait wakes on its reports; polling the sum
+            // every 20 ms bounds a phase's time to 20 ms.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

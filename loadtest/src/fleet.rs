@@ -102,9 +102,10 @@ pub struct FleetSpec {
     #[serde(default)]
     pub redis: Option<RedisSpec>,
     /// The gateways at `addrs` are one cluster: a device whose gateway
-    /// drains it, drops its connection or cannot be reached moves on to the
-    /// next address (or to the Close's `reconnect_to`, after its
-    /// `reconnect_after_ms`) and resumes its session there.
+    /// drains it, drops its connection, is full or cannot be reached moves
+    /// on to another address, picked at random (or to the Close's
+    /// `reconnect_to`, after its `reconnect_after_ms`), and resumes its
+    /// session there.
     #[serde(default)]
     pub failover: bool,
     /// Keep the payload id of every push received (bytes 8 to 16 of its
@@ -916,10 +917,14 @@ impl Device {
         spec.addrs.get((self.ix + self.hop) % n.max(1)).copied()
     }
 
-    /// With `failover`: the next connection goes to the next gateway.
+    /// With `failover`: the next connection goes to another gateway, one
+    /// picked at random (as a client behind a load balancer would land), so
+    /// that the devices of a gateway that drains spread over the others
+    /// instead of all landing on its neighbour.
     fn fail_over(&mut self, shared: &Shared) {
-        if shared.spec.failover && shared.spec.addrs.len() > 1 {
-            self.hop += 1;
+        let n = shared.spec.addrs.len();
+        if shared.spec.failover && n > 1 {
+            self.hop += 1 + (self.next_rand() % (n as u64 - 1)) as usize;
             shared.counters.failovers.fetch_add(1, Relaxed);
         }
     }
@@ -1159,7 +1164,9 @@ async fn device_loop(
                     shared.error(format!("login refused with code {code}"));
                     return;
                 }
-                if code == pb::Code::ServerDraining as i32 {
+                if code == pb::Code::ServerDraining as i32
+                    || code == pb::Code::TooManyConnections as i32
+                {
                     d.fail_over(shared);
                 }
                 if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {

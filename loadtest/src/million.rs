@@ -20,9 +20,18 @@
 //!    (only these pushes carry a send time) and losses.
 //! 6. **storm**: `--storm-permille` of the devices drop their connections
 //!    at once and resume; lost and duplicated must both be 0.
+//! 7. **restart**: `--restarts` gateways (all by default), one at a time,
+//!    are sent SIGTERM, drain and start again, while unicasts
+//!    (`--restart-push-rate`) and broadcasts (one every
+//!    `--restart-broadcast-every` seconds) go through the gateways that are
+//!    up; the devices of a draining gateway resume on the others. Every
+//!    push carries a payload id and the books are kept per device, as in
+//!    the `rolling-restart` scenario: lost and duplicated must both be 0.
 //!
-//! A rolling restart under load is the `rolling-restart` scenario; it is
-//! not a phase here yet.
+//! Each gateway takes `limits.max_connections` = its open-file limit less
+//! 500, so that a gateway that is full refuses a device
+//! (`CODE_TOO_MANY_CONNECTIONS`, and the device tries another) instead of
+//! running out of descriptors.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -36,7 +45,7 @@ use tether::wire::pb;
 use tokio::time::Instant;
 
 use crate::cluster::Cluster;
-use crate::coord::{Fleet, Gauge};
+use crate::coord::{Fleet, Fleets, Gauge};
 use crate::fleet::{self, Stats};
 use crate::scenario;
 use crate::Common;
@@ -83,6 +92,26 @@ pub struct MillionOpts {
     /// Seconds a push phase, or the storm, may take.
     #[arg(long, default_value_t = 120)]
     pub phase_timeout: u64,
+    /// Gateways restarted, one at a time, in the last phase (gateway 0
+    /// first); all of them when not given, none with 0.
+    #[arg(long)]
+    pub restarts: Option<usize>,
+    /// Unicasts a second while the gateways restart.
+    #[arg(long, default_value_t = 100.0)]
+    pub restart_push_rate: f64,
+    /// Seconds between broadcasts while the gateways restart (0: none).
+    /// Each device keeps the id of every push it received for the books,
+    /// so at a million devices every broadcast costs the load tool about
+    /// 16 MB.
+    #[arg(long, default_value_t = 10.0)]
+    pub restart_broadcast_every: f64,
+    /// Seconds of pushes before the first restart and after each.
+    #[arg(long, default_value_t = 2.0)]
+    pub restart_settle: f64,
+    /// Seconds a gateway may take to exit after SIGTERM, to start, and its
+    /// devices to be online again.
+    #[arg(long, default_value_t = 120)]
+    pub restart_timeout: u64,
 }
 
 /// The upstream secret the generated configs use.
@@ -117,6 +146,7 @@ listen = ""
 [limits]
 login_rate = 0
 max_pending_logins = 0
+max_connections = {max_conns}
 [tls]
 dev_cert_dir = "{certs}"
 [bus]
@@ -127,10 +157,21 @@ resume_secret = "the million scenario's cluster-wide resume secret"
 "#,
         certs = certs.display(),
         nats = o.nats_port,
+        max_conns = max_connections(),
     );
     let path = o.work_dir.join(format!("node-{k}.toml"));
     std::fs::write(&path, cfg).with_context(|| format!("writing {}", path.display()))?;
     Ok((path, tcp, tls, up))
+}
+
+/// A gateway's `limits.max_connections`: the open-file limit it inherits
+/// (raised to the hard one) less 500 for its listeners, the bus, logs and
+/// handshakes in progress; 0 (no cap) when the limit cannot be read.
+fn max_connections() -> u64 {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((_, hard)) if hard > 1000 => hard.min(u64::from(u32::MAX)) - 500,
+        _ => 0,
+    }
 }
 
 /// Kernel memory now, in bytes: slab, and TCP socket buffers.
@@ -175,37 +216,6 @@ fn untimed(target: pb::push_request::Target) -> pb::PushRequest {
         target: Some(target),
         payload: b"tick".to_vec().into(),
         ..Default::default()
-    }
-}
-
-/// The fleets of the run (TCP devices, then TLS ones).
-struct Fleets<'a>(Vec<&'a Fleet>);
-
-impl Fleets<'_> {
-    fn totals(&self) -> Stats {
-        let mut t = Stats::default();
-        for f in &self.0 {
-            t.add(&f.totals());
-        }
-        t
-    }
-
-    /// Waits until `cond` holds of the totals, or `timeout`; whether it
-    /// did, and the totals.
-    async fn wait_for(&self, timeout: Duration, cond: impl Fn(&Stats) -> bool) -> (Stats, bool) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let t = self.totals();
-            if cond(&t) {
-                return (t, true);
-            }
-            if Instant::now() >= deadline {
-                return (t, false);
-            }
-            // Each fleet's own wait wakes on its reports; polling the sum
-            // every 20 ms bounds a phase's time to 20 ms.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 
@@ -280,6 +290,10 @@ async fn run(
         spec.room = Some("all".into());
         spec.rooms = o.rooms;
         spec.record_sessions = false;
+        // The restart phase: devices move to another gateway when theirs
+        // drains, and keep the payload ids they receive for the books.
+        spec.failover = true;
+        spec.record_ids = true;
         let workers = fc
             .workers
             .unwrap_or(count.div_ceil(crate::coord::PER_WORKER).max(1));
@@ -395,7 +409,9 @@ async fn run(
         let client = clients[(rng >> 32) as usize % clients.len()].clone();
         let (sent, errors) = (sent.clone(), errors.clone());
         tasks.spawn(async move {
-            let req = scenario::request(pb::push_request::Target::UserId(user), 64);
+            // The send time alone (8 bytes): no payload id, which only
+            // the restart phase's pushes carry.
+            let req = scenario::request(pb::push_request::Target::UserId(user), 8);
             match client.push(req).await {
                 Ok(r) if r.sessions > 0 => {
                     sent.fetch_add(1, Relaxed);
@@ -472,6 +488,38 @@ async fn run(
         .await;
     let after_storm_lost = (before_b + online).saturating_sub(after.pushes);
 
+    // Rolling restart under load, with the books kept by payload id.
+    let restarts = o.restarts.unwrap_or(o.gateways).min(o.gateways);
+    let rolled = if restarts > 0 {
+        let users: Vec<String> = (0..total).map(|i| format!("{}{i}", c.prefix)).collect();
+        let phase = crate::cluster::RollingPhase {
+            ups,
+            secret: UPSTREAM_SECRET,
+            users: &users,
+            load: crate::cluster::PushLoad {
+                push_rate: o.restart_push_rate.max(0.0),
+                broadcast_rate: if o.restart_broadcast_every > 0.0 {
+                    1.0 / o.restart_broadcast_every
+                } else {
+                    0.0
+                },
+                size: 16,
+                devices: total,
+                prefix: c.prefix.clone(),
+                inflight: 64,
+            },
+            settle: Duration::from_secs_f64(o.restart_settle.max(0.0)),
+            order: (0..restarts).map(|k| (k, 1)).collect(),
+            online,
+            restart_timeout: o.restart_timeout,
+        };
+        let r = crate::cluster::roll(phase, cluster, &fleets_only, clients.clone(), ramp).await?;
+        failures.extend(r.failures.iter().cloned());
+        Some(r)
+    } else {
+        None
+    };
+
     drop(fleets_only);
     let mut outs = Vec::new();
     for (f, _) in fleets {
@@ -488,6 +536,7 @@ async fn run(
             let _ = into.add(from);
         }
         out.failures.extend(o2.failures);
+        out.ids.extend(o2.ids);
     }
     let title = format!(
         "{total} devices ({} over TLS) on {} gateways, {} rooms",
@@ -607,10 +656,59 @@ async fn run(
         after_storm_lost as f64,
         "",
     );
-    let duplicated = out.stats.seq_dups;
+    let mut restart_lost = 0;
+    if let Some(rolled) = &rolled {
+        let t = crate::cluster::tally(&rolled.sent, total, &out.ids);
+        crate::cluster::restart_figures(&mut r, rolled);
+        for (key, label, v) in [
+            (
+                "restart_accepted_unicasts",
+                "restart phase: unicasts accepted (no node failed)",
+                t.accepted_unicasts,
+            ),
+            (
+                "restart_accepted_broadcasts",
+                "restart phase: broadcasts accepted (no node failed)",
+                t.accepted_broadcasts,
+            ),
+            (
+                "restart_refused",
+                "restart phase: pushes a node failed in part, or that failed (the upstream was told)",
+                t.refused + t.failed,
+            ),
+            (
+                "restart_due",
+                "restart phase: deliveries due",
+                t.due,
+            ),
+            (
+                "restart_lost",
+                "restart phase: deliveries lost (due, not received)",
+                t.lost,
+            ),
+            (
+                "restart_unexpected",
+                "restart phase: payloads received that no push sent",
+                t.unexpected,
+            ),
+        ] {
+            r.figure(key, label, v as f64, "");
+        }
+        crate::cluster::lost_examples(&mut r, &t, &c.prefix);
+        if t.accepted_unicasts + t.accepted_broadcasts == 0 {
+            r.failures
+                .push("restart phase: no push was accepted".into());
+        }
+        if out.stats.ids_overflow > 0 {
+            r.failures
+                .push(format!("{} payload ids not kept", out.stats.ids_overflow));
+        }
+        restart_lost = t.lost;
+    }
+    let duplicated = out.stats.seq_dups + out.stats.id_dups;
     r.figure(
         "duplicated",
-        "pushes a device got twice",
+        "pushes a device got twice (a seq, or a payload id, seen before)",
         duplicated as f64,
         "",
     );
@@ -620,7 +718,7 @@ async fn run(
         out.stats.seq_gaps as f64,
         "",
     );
-    let lost = broadcast_lost + rooms_lost + unicast_lost + after_storm_lost;
+    let lost = broadcast_lost + rooms_lost + unicast_lost + after_storm_lost + restart_lost;
     r.figure("lost", "deliveries lost, all phases", lost as f64, "");
     r.failures.extend(failures);
     if lost > 0 || duplicated > 0 || out.stats.seq_gaps > 0 {

@@ -281,7 +281,8 @@ fn million_base(gateways: u16) -> u16 {
 /// The `million` scenario at a small scale: 3 gateways and 2,000 devices
 /// (200 over TLS) in 50 rooms; every figure is there and nothing is lost
 /// or duplicated, through the ramp, the broadcast, the room pushes, the
-/// unicasts and the reconnect storm.
+/// unicasts, the reconnect storm and a rolling restart of every gateway
+/// under load (books kept by payload id).
 #[test]
 fn the_million_scenario_at_a_small_scale_reports_every_figure_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -313,10 +314,20 @@ fn the_million_scenario_at_a_small_scale_reports_every_figure_and_loses_nothing(
         "2",
         "--ramp",
         "2000",
+        "--restart-push-rate",
+        "200",
+        "--restart-broadcast-every",
+        "1",
+        "--restart-settle",
+        "1",
     ]);
     let (v, ok, text) = run(dir.path(), &args);
     assert!(ok, "{text}");
     assert_eq!(figure(&v, "online"), 2000.0);
+    assert_eq!(figure(&v, "restarts"), 3.0, "every gateway, once");
+    assert!(figure(&v, "restart_accepted_unicasts") > 100.0, "{text}");
+    assert!(figure(&v, "restart_accepted_broadcasts") >= 2.0, "{text}");
+    assert!(figure(&v, "restart_due") > 4000.0, "{text}");
     for key in [
         "ramp_s",
         "login_rate",
@@ -344,6 +355,8 @@ fn the_million_scenario_at_a_small_scale_reports_every_figure_and_loses_nothing(
         "storm_resume_new",
         "duplicated",
         "seq_gaps",
+        "restart_lost",
+        "restart_unexpected",
         "lost",
     ] {
         assert_eq!(figure(&v, key), 0.0, "{key}: {text}");
