@@ -1199,13 +1199,15 @@ async fn a_bulk_flood_does_not_delay_interactive_pushes() {
         bulk_seen.load(Ordering::Relaxed) >= 100
     })
     .await;
-    // (bulk received, bulk backlog) when each interactive push was sent.
+    // (bulk received when the gateway had queued it, bulk backlog when it
+    // was sent) for each interactive push. The count starts at the reply,
+    // which comes once the push is queued: what flowed before that was the
+    // upstream request's own way in (long when the machine is busy), which
+    // lanes do not shorten.
     let mut at_send = Vec::new();
     for i in 0..INTERACTIVE {
-        let seen = bulk_seen.load(Ordering::Relaxed);
         // Bulk pushes queued on the session (nothing else is queued).
         let backlog = h.queued() as u64;
-        at_send.push((seen, backlog));
         let r = int_up
             .push(indexed_push(
                 "lane",
@@ -1218,6 +1220,7 @@ async fn a_bulk_flood_does_not_delay_interactive_pushes() {
             .await
             .unwrap();
         assert_eq!((r.sessions, r.dropped), (1, 0));
+        at_send.push((bulk_seen.load(Ordering::Relaxed), backlog));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for p in pushers {
@@ -1233,8 +1236,8 @@ async fn a_bulk_flood_does_not_delay_interactive_pushes() {
     sorted.sort_unstable();
     let (p50, p100) = (sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
     let during_flood = lat.iter().filter(|(_, b)| *b < BULK).count();
-    // Bulk pushes the client read between an interactive push's send and its
-    // arrival: a lane-blind queue would put the whole backlog ahead of it.
+    // Bulk pushes the client read between an interactive push's queueing and
+    // its arrival: a lane-blind queue would put the whole backlog ahead of it.
     let ahead: Vec<(u64, u64)> = lat
         .iter()
         .zip(&at_send)
@@ -1243,7 +1246,7 @@ async fn a_bulk_flood_does_not_delay_interactive_pushes() {
     eprintln!(
         "lanes: {BULK} bulk x {BULK_SIZE} B in {bulk_time:?}; interactive latency p50 {p50:?}, p100 {p100:?}; \
          {during_flood}/{INTERACTIVE} arrived while bulk was still flowing; \
-         (bulk read before it, bulk backlog at send) per interactive push: {ahead:?}"
+         (bulk read after it was queued and before it, bulk backlog at send) per interactive push: {ahead:?}"
     );
     assert!(
         during_flood >= INTERACTIVE as usize / 2,
