@@ -227,13 +227,43 @@ impl UpstreamArgs {
 /// reader at the end of a pipe (`jq`) gets each object as it comes.
 ///
 /// # Errors
-/// When standard output is closed or fails.
+/// When standard output fails (a reader that went away ends the process
+/// quietly instead, see [`out`]).
 fn emit(v: &serde_json::Value) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, v)?;
-    out.write_all(b"\n")?;
-    out.flush()
+    let written = serde_json::to_writer(&mut out, v)
+        .map_err(std::io::Error::from)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    gone_reader_ends(written)
+}
+
+/// `println!` for the commands' output: a reader at the end of a pipe that
+/// went away (`tether events | head -3`) ends the process quietly, where
+/// `println!` panics. The output is flushed at each line.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes `text` on standard output and flushes it; see [`say!`].
+fn out(text: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(text).and_then(|()| out.flush());
+    gone_reader_ends(written)
+}
+
+/// A write to standard output whose reader went away (`EPIPE`) ends the
+/// process with success, as `yes | head` does: nobody is left to read
+/// the rest, and that is no error of ours. Other errors are returned.
+fn gone_reader_ends(written: std::io::Result<()>) -> std::io::Result<()> {
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => r,
+    }
 }
 
 /// The protocol code behind an error, when the gateway refused a request.
@@ -515,7 +545,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server.run(stop).await
         }
         Cmd::PrintConfig { config: None } => {
-            print!("{}", tether::config::DEFAULT_TOML);
+            out(format_args!("{}", tether::config::DEFAULT_TOML))?;
             Ok(())
         }
         Cmd::PrintConfig { config: Some(path) } => {
@@ -523,7 +553,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let text = cfg
                 .to_redacted_toml()
                 .context("cannot write the configuration as TOML")?;
-            print!("{text}");
+            out(format_args!("{text}"))?;
             Ok(())
         }
         Cmd::CheckConfig { config } => {
@@ -535,7 +565,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     tether::tls::server_config(c, k)?;
                 }
             }
-            println!("{}: ok", config.display());
+            say!("{}: ok", config.display())?;
             Ok(())
         }
         Cmd::Token {
@@ -551,10 +581,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "tether token mints HS256 development tokens; with {:?}, mint tokens with your private key",
                 cfg.auth.algorithm
             );
-            println!(
+            say!(
                 "{}",
                 tether::auth::mint_hs256(&cfg.auth.secret, &user, device.as_deref(), ttl, rooms)?
-            );
+            )?;
             Ok(())
         }
         Cmd::Push {
@@ -600,10 +630,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if up.json {
                 emit(&json::push_reply(&r))?;
             } else {
-                println!(
+                say!(
                     "message {} queued for {} session(s), {} dropped",
-                    r.message_id, r.sessions, r.dropped
-                );
+                    r.message_id,
+                    r.sessions,
+                    r.dropped
+                )?;
             }
             Ok(())
         }
@@ -618,7 +650,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if up.json {
                 emit(&json::count_reply(&r))?;
             } else {
-                println!("kicked {} session(s)", r.sessions);
+                say!("kicked {} session(s)", r.sessions)?;
             }
             Ok(())
         }
@@ -634,12 +666,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if up.json {
                 emit(&json::count_reply(&r))?;
             } else {
-                println!(
+                say!(
                     "{} {} session(s) {} {room}",
                     if remove { "removed" } else { "added" },
                     r.sessions,
                     if remove { "from" } else { "to" }
-                );
+                )?;
             }
             Ok(())
         }
@@ -653,7 +685,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for u in reply.users {
                 if u.devices.is_empty() {
-                    println!("{}: offline", u.user_id);
+                    say!("{}: offline", u.user_id)?;
                 }
                 for d in u.devices {
                     let from = if d.remote_addr.is_empty() {
@@ -661,10 +693,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     } else {
                         format!(" from {}", d.remote_addr)
                     };
-                    println!(
+                    say!(
                         "{}: device {} session {:016x} on {} via {}{from} since {}",
-                        u.user_id, d.device_id, d.session_id, d.node_id, d.transport, d.since_ms
-                    );
+                        u.user_id,
+                        d.device_id,
+                        d.session_id,
+                        d.node_id,
+                        d.transport,
+                        d.since_ms
+                    )?;
                 }
             }
             Ok(())
@@ -674,7 +711,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !up.json {
                 eprintln!("subscribed; waiting for events (Ctrl-C to stop)");
                 while let Some(ev) = events.recv().await {
-                    println!("{ev:?}");
+                    say!("{ev:?}")?;
                 }
                 return Ok(());
             }
@@ -827,10 +864,13 @@ async fn run_client(
     };
     let mut c = dial.connect().await?;
     let ok = c.login(&token, &device).await?;
-    println!(
+    say!(
         "logged in as {} (session {:016x} on {}, heartbeat {} ms)",
-        ok.user_id, ok.session_id, ok.node_id, ok.heartbeat_interval_ms
-    );
+        ok.user_id,
+        ok.session_id,
+        ok.node_id,
+        ok.heartbeat_interval_ms
+    )?;
     for r in &join {
         c.join(r).await?;
     }
@@ -842,22 +882,22 @@ async fn run_client(
             _ = ticker.tick() => { c.ping().await?; }
             f = c.recv() => {
                 let Some(f) = f? else {
-                    println!("connection closed by the gateway");
+                    say!("connection closed by the gateway")?;
                     return Ok(());
                 };
                 use pb::server_frame::Body;
                 match f.body {
                     Some(Body::Push(p)) => {
-                        println!("push lane={} seq={} id={} source={} room={} payload={}", p.lane, p.seq, p.message_id, p.source, p.room, String::from_utf8_lossy(&p.payload));
+                        say!("push lane={} seq={} id={} source={} room={} payload={}", p.lane, p.seq, p.message_id, p.source, p.room, String::from_utf8_lossy(&p.payload))?;
                         let lane = pb::Lane::try_from(p.lane).unwrap_or(pb::Lane::Interactive);
                         c.ack_lane(lane, p.seq).await?;
                     }
                     Some(Body::Pong(_)) => {}
                     Some(Body::Close(cl)) => {
-                        println!("closed by the gateway: {:?} {}", pb::Code::try_from(cl.code).unwrap_or(pb::Code::Internal), cl.reason);
+                        say!("closed by the gateway: {:?} {}", pb::Code::try_from(cl.code).unwrap_or(pb::Code::Internal), cl.reason)?;
                         return Ok(());
                     }
-                    other => println!("{other:?}"),
+                    other => say!("{other:?}")?,
                 }
             }
         }

@@ -158,6 +158,26 @@ fn print_config_is_the_default_config() {
     assert_eq!(parsed, Config::default());
 }
 
+/// A reader at the end of a pipe that went away (`tether print-config |
+/// head -1`, `tether events | head`) ends the command quietly, with
+/// success; it used to panic ("failed printing to stdout").
+#[test]
+fn output_to_a_reader_that_went_away_ends_quietly() {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["print-config"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run tether print-config");
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert_eq!(err, "", "nothing to say on standard error");
+}
+
 #[test]
 fn token_command_mints_a_verifiable_token() {
     let out = run(
