@@ -222,6 +222,19 @@ fn untimed(target: pb::push_request::Target) -> pb::PushRequest {
 pub async fn million(mut c: Common, o: MillionOpts) -> anyhow::Result<()> {
     anyhow::ensure!(o.gateways > 0, "--gateways must be at least 1");
     anyhow::ensure!(o.tls_conns <= c.conns, "--tls-conns is more than --conns");
+    // While a gateway restarts, its devices need room on the others.
+    let cap = max_connections() as usize;
+    let restarts = o.restarts.unwrap_or(o.gateways).min(o.gateways);
+    if restarts > 0 && cap > 0 {
+        let room = (o.gateways - 1) * cap;
+        anyhow::ensure!(
+            c.conns <= room,
+            "a rolling restart needs room for every device on the other gateways: {} devices, {} gateways of {cap} connections each hold {room} while one restarts; use --gateways {} or more, or --restarts 0",
+            c.conns,
+            o.gateways,
+            c.conns.div_ceil(cap) + 1
+        );
+    }
     std::fs::create_dir_all(&o.work_dir)
         .with_context(|| format!("creating {}", o.work_dir.display()))?;
     // The gateways inherit this process's limit.
