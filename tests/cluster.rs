@@ -557,6 +557,67 @@ async fn a_broadcast_that_reaches_the_old_node_after_a_move_is_sent_on_once() {
     expect_silence(&mut phone, Duration::from_millis(500)).await;
 }
 
+/// A take whose answer came too late: node b asked node a for a
+/// session, a took it and answered, and b had given up by then (a drain's
+/// thousands of takes at once made answers late, and 4 in 10 resumes of a
+/// 100,000-device rolling restart came back `CODE_RESUME_EXPIRED`). When
+/// b asks again, a answers with the same state; the device resumes with
+/// every push it missed, where it used to find its session gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_answered_too_late_is_answered_again_and_loses_nothing() {
+    use prost::Message as _;
+    let nats = NatsServer::start();
+    let a = node(&nats, "late-take", "a").await;
+    let b = node(&nats, "late-take", "b").await;
+    let (phone, ok) = a.login("ann", "phone").await;
+    converge(&[&a, &b], 1).await;
+    drop(phone);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.gw.detached_count() == 0 {
+        assert!(Instant::now() < deadline, "the session was not kept");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (up_a, _) = a.upstream(false).await;
+    for i in 0..3 {
+        let r = up_a
+            .push(push(
+                pb::push_request::Target::UserId("ann".into()),
+                &format!("missed-{i}"),
+            ))
+            .await
+            .expect("push");
+        assert_eq!(r.sessions, 1, "{r:?}");
+    }
+    // b's first take, whose answer b never reads.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let take = pb::TakeRequest {
+        session_id: ok.session_id,
+        user_id: "ann".into(),
+        device_id: "phone".into(),
+        from_node: "b".into(),
+    };
+    let first = client
+        .request("late-take.node.a.take", take.encode_to_vec().into())
+        .await
+        .expect("a answers the take");
+    let chunk = pb::SessionChunk::decode(first.payload).expect("a chunk");
+    assert_eq!(chunk.code, pb::Code::Ok as i32, "a took the session");
+    assert_eq!(a.gw.detached_count(), 0, "a no longer holds it");
+
+    // The device resumes on b: b's take gets the same state again.
+    let mut phone = b.client().await;
+    let ok2 = phone
+        .login_with(resume_login("ann", "phone", &ok, 0, 0))
+        .await
+        .expect("login");
+    let resumed = ok2.resume.expect("a resume answer");
+    assert_eq!(resumed.code, pb::Code::Ok as i32, "{resumed:?}");
+    for i in 0..3 {
+        got(&mut phone, &format!("missed-{i}")).await;
+    }
+    expect_silence(&mut phone, Duration::from_millis(300)).await;
+}
+
 fn push_to_everyone(payload: &str) -> pb::PushRequest {
     push(pb::push_request::Target::Everyone(true), payload)
 }

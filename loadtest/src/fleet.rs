@@ -890,6 +890,9 @@ struct Device {
     hop: usize,
     redirect: Option<SocketAddr>,
     reconnect_after_ms: u32,
+    /// With `failover`: other gateways tried at once since the last
+    /// backoff (see [`Device::retry_pause`]).
+    quick_tries: usize,
 }
 
 impl Device {
@@ -927,6 +930,25 @@ impl Device {
             self.hop += 1 + (self.next_rand() % (n as u64 - 1)) as usize;
             shared.counters.failovers.fetch_add(1, Relaxed);
         }
+    }
+
+    /// How long to wait after a failed connect or a refused login. With
+    /// `failover` the device has moved on to another gateway, and tries it
+    /// at once (25 to 75 ms): a client with a list of endpoints tries the
+    /// next when one is down, draining or full, and waiting seconds each
+    /// time let sessions outlive their drain. Once it has tried every other
+    /// gateway that way, it backs off (`backoff`, doubled each time up to
+    /// 5 s), then tries them all again.
+    fn retry_pause(&mut self, shared: &Shared, backoff: &mut Duration) -> Duration {
+        let n = shared.spec.addrs.len();
+        if shared.spec.failover && n > 1 && self.quick_tries < n - 1 {
+            self.quick_tries += 1;
+            return self.jitter(50);
+        }
+        self.quick_tries = 0;
+        let pause = self.jitter(backoff.as_millis() as u64);
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        pause
     }
 
     /// How long to wait before reconnecting after a draining Close: its
@@ -1006,6 +1028,7 @@ async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
         hop: 0,
         redirect: None,
         reconnect_after_ms: 0,
+        quick_tries: 0,
     };
     if shared.spec.redis.is_some() {
         redis::device_loop(ix, &shared, &mut d, phase).await;
@@ -1055,10 +1078,10 @@ async fn device_loop(
                     settled = true;
                     shared.counters.settled.fetch_add(1, Relaxed);
                 }
-                if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
+                let pause = d.retry_pause(shared, &mut backoff);
+                if sleep_or_stop(&mut phase, pause).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
@@ -1074,6 +1097,7 @@ async fn device_loop(
         match login {
             Ok(ok) => {
                 backoff = Duration::from_millis(100);
+                d.quick_tries = 0;
                 let us = started.elapsed().as_micros() as u64;
                 let c = &shared.counters;
                 if resuming {
@@ -1164,24 +1188,28 @@ async fn device_loop(
                     shared.error(format!("login refused with code {code}"));
                     return;
                 }
-                if code == pb::Code::ServerDraining as i32
+                let pause = if code == pb::Code::ServerDraining as i32
                     || code == pb::Code::TooManyConnections as i32
                 {
                     d.fail_over(shared);
-                }
-                if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
+                    d.retry_pause(shared, &mut backoff)
+                } else {
+                    let p = d.jitter(backoff.as_millis() as u64);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    p
+                };
+                if sleep_or_stop(&mut phase, pause).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(LoginFail::Io(e)) => {
                 shared.counters.connect_errors.fetch_add(1, Relaxed);
                 shared.error(format!("login: {e}"));
                 d.fail_over(shared);
-                if sleep_or_stop(&mut phase, d.jitter(backoff.as_millis() as u64)).await {
+                let pause = d.retry_pause(shared, &mut backoff);
+                if sleep_or_stop(&mut phase, pause).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -90,6 +90,11 @@ const DELTA_DELAY: Duration = Duration::from_millis(10);
 
 /// Events waiting for the NATS connection, in count and bytes.
 const EVENT_QUEUE: usize = 8192;
+/// Takes of one session a resume makes before it gives up
+/// ([`NatsBus::fetch_session`]): 3 × `bus.request_timeout` in all, 6 s by
+/// default, within the time the node the session left keeps what it sent
+/// (`MOVED_FOR`, 10 s).
+const TAKE_ATTEMPTS: u32 = 3;
 const EVENT_QUEUE_BYTES: usize = 32 << 20;
 
 /// The NATS bus of one node.
@@ -311,11 +316,34 @@ impl NatsBus {
     /// Takes session `id` of `user` and `device` from `node`, which ends it
     /// there: a resume on this node of a session another node held.
     ///
+    /// An answer that does not come within `bus.request_timeout` is asked
+    /// for again, [`TAKE_ATTEMPTS`] times in all: the holder may have
+    /// taken the session and answered late (a node busy with a drain's
+    /// thousands of takes), and it answers a repeated take with the state
+    /// it sent, until this node says the session is in place.
+    ///
     /// # Errors
     /// The holder's refusal (`CODE_RESUME_EXPIRED`, `CODE_RESUME_REJECTED`),
     /// or `CODE_NODE_UNREACHABLE` / `CODE_NODE_TIMEOUT` when it cannot be
     /// asked.
     pub async fn fetch_session(
+        &self,
+        node: &NodeId,
+        id: SessionId,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Moved, Code> {
+        let mut attempt = 1;
+        loop {
+            match self.fetch_once(node, id, user, device).await {
+                Err(Code::NodeTimeout) if attempt < TAKE_ATTEMPTS => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// One take of [`NatsBus::fetch_session`], within `bus.request_timeout`.
+    async fn fetch_once(
         &self,
         node: &NodeId,
         id: SessionId,

@@ -51,6 +51,12 @@ pub(super) struct MovedTo {
     rooms: Vec<RoomId>,
     /// Set once the new node says the session is in place there.
     pub(super) installed: Arc<(AtomicBool, Notify)>,
+    /// The session, as sent, until the new node says it is in place: a
+    /// take of the same session by the same node (its first answer came
+    /// after its deadline, and it asked again) gets the same state, where
+    /// it would otherwise find the session gone and the device lose it.
+    session: SessionId,
+    sent: Option<Arc<Vec<bytes::Bytes>>>,
 }
 
 /// How long a push that missed a moved session waits for its new node to
@@ -88,9 +94,13 @@ impl Inner {
                     match (sessions, device, to) {
                         (Some(s), Ok(d), Some(to)) => {
                             let u = UserId::new(&t.user_id);
-                            match self.take_noting(&*s, SessionId(t.session_id), &u, &d, &to) {
-                                Ok(m) => codec::encode_moved(&m),
-                                Err(code) => vec![codec::encode_refusal(code)],
+                            let id = SessionId(t.session_id);
+                            match self.sent_before(id, &u, &d, &to) {
+                                Some(sent) => sent.to_vec(),
+                                None => match self.take_noting(&*s, id, &u, &d, &to) {
+                                    Ok(sent) => sent.to_vec(),
+                                    Err(code) => vec![codec::encode_refusal(code)],
+                                },
                             }
                         }
                         _ => vec![codec::encode_refusal(Code::ResumeExpired)],
@@ -115,25 +125,47 @@ impl Inner {
         user: &UserId,
         device: &DeviceId,
         to: &NodeId,
-    ) -> Result<crate::session::Moved, Code> {
+    ) -> Result<Arc<Vec<bytes::Bytes>>, Code> {
         let now = Instant::now();
         let mut m = self.moved.lock();
         m.retain(|_, v| {
             v.retain(|t| now.duration_since(t.at) < MOVED_FOR);
             !v.is_empty()
         });
-        let taken = sessions.take(id, user, device);
-        if let Ok(s) = &taken {
+        let taken = sessions.take(id, user, device).map(|s| {
+            let sent = Arc::new(codec::encode_moved(&s));
             m.entry(user.clone()).or_default().push(MovedTo {
                 device: device.clone(),
                 node: to.clone(),
                 at: now,
                 rooms: s.rooms.clone(),
                 installed: Arc::default(),
+                session: id,
+                sent: Some(sent.clone()),
             });
-        }
+            sent
+        });
         self.moved_count.store(m.len(), Ordering::Relaxed);
         taken
+    }
+
+    /// The state sent for session `id` to `to` a moment ago, if `to` has
+    /// not said it is in place yet: `to` asks again (see
+    /// [`MovedTo::sent`]).
+    fn sent_before(
+        &self,
+        id: SessionId,
+        user: &UserId,
+        device: &DeviceId,
+        to: &NodeId,
+    ) -> Option<Arc<Vec<bytes::Bytes>>> {
+        let m = self.moved.lock();
+        m.get(user)?
+            .iter()
+            .rev()
+            .find(|t| t.session == id && &t.device == device && &t.node == to)
+            .filter(|t| t.at.elapsed() < MOVED_FOR && !t.installed.0.load(Ordering::Acquire))
+            .and_then(|t| t.sent.clone())
     }
 
     /// Adds to a push's outcome here the sessions it missed because they
@@ -245,11 +277,12 @@ impl Inner {
 
     /// Marks a session that moved from here as in place on its new node.
     fn installed(&self, user: &str, device: &str, node: &str) {
-        let m = self.moved.lock();
-        for t in m.get(user).map(Vec::as_slice).unwrap_or_default() {
+        let mut m = self.moved.lock();
+        for t in m.get_mut(user).map(Vec::as_mut_slice).unwrap_or_default() {
             if t.device.as_str() == device && t.node.as_str() == node {
                 t.installed.0.store(true, Ordering::Release);
                 t.installed.1.notify_waiters();
+                t.sent = None;
             }
         }
     }
