@@ -90,12 +90,13 @@ const DELTA_DELAY: Duration = Duration::from_millis(10);
 
 /// Events waiting for the NATS connection, in count and bytes.
 const EVENT_QUEUE: usize = 8192;
+const EVENT_QUEUE_BYTES: usize = 32 << 20;
+
 /// Takes of one session a resume makes before it gives up
 /// ([`NatsBus::fetch_session`]): 3 × `bus.request_timeout` in all, 6 s by
 /// default, within the time the node the session left keeps what it sent
 /// (`MOVED_FOR`, 10 s).
 const TAKE_ATTEMPTS: u32 = 3;
-const EVENT_QUEUE_BYTES: usize = 32 << 20;
 
 /// The NATS bus of one node.
 pub struct NatsBus {

@@ -98,7 +98,9 @@ impl Inner {
                             match self.sent_before(id, &u, &d, &to) {
                                 Some(sent) => sent.to_vec(),
                                 None => match self.take_noting(&*s, id, &u, &d, &to) {
-                                    Ok(sent) => sent.to_vec(),
+                                    Ok(m) => {
+                                        self.keep_sent(id, &u, &d, &to, codec::encode_moved(&m))
+                                    }
                                     Err(code) => vec![codec::encode_refusal(code)],
                                 },
                             }
@@ -125,15 +127,15 @@ impl Inner {
         user: &UserId,
         device: &DeviceId,
         to: &NodeId,
-    ) -> Result<Arc<Vec<bytes::Bytes>>, Code> {
+    ) -> Result<crate::session::Moved, Code> {
         let now = Instant::now();
         let mut m = self.moved.lock();
         m.retain(|_, v| {
             v.retain(|t| now.duration_since(t.at) < MOVED_FOR);
             !v.is_empty()
         });
-        let taken = sessions.take(id, user, device).map(|s| {
-            let sent = Arc::new(codec::encode_moved(&s));
+        let taken = sessions.take(id, user, device);
+        if let Ok(s) = &taken {
             m.entry(user.clone()).or_default().push(MovedTo {
                 device: device.clone(),
                 node: to.clone(),
@@ -141,12 +143,40 @@ impl Inner {
                 rooms: s.rooms.clone(),
                 installed: Arc::default(),
                 session: id,
-                sent: Some(sent.clone()),
+                sent: None,
             });
-            sent
-        });
+        }
         self.moved_count.store(m.len(), Ordering::Relaxed);
         taken
+    }
+
+    /// Keeps `sent`, the encoded state of session `id` just taken for
+    /// `to`, in its note until `to` says it is in place; returns it to be
+    /// sent. Encoded outside the `moved` lock, which pushes take; takes run
+    /// one at a time (`serve_takes`), so no repeated take of it can come
+    /// in between.
+    fn keep_sent(
+        &self,
+        id: SessionId,
+        user: &UserId,
+        device: &DeviceId,
+        to: &NodeId,
+        sent: Vec<bytes::Bytes>,
+    ) -> Vec<bytes::Bytes> {
+        let sent = Arc::new(sent);
+        let mut m = self.moved.lock();
+        let note = m.get_mut(user).and_then(|v| {
+            v.iter_mut()
+                .rev()
+                .find(|t| t.session == id && &t.device == device && &t.node == to)
+        });
+        if let Some(t) = note {
+            if !t.installed.0.load(Ordering::Acquire) {
+                t.sent = Some(sent.clone());
+            }
+        }
+        drop(m);
+        Arc::unwrap_or_clone(sent)
     }
 
     /// The state sent for session `id` to `to` a moment ago, if `to` has
