@@ -112,6 +112,11 @@ pub struct MillionOpts {
     /// devices to be online again.
     #[arg(long, default_value_t = 120)]
     pub restart_timeout: u64,
+    /// The gateways' `shutdown.drain_timeout`, in seconds: how long a
+    /// restarting gateway waits for its sessions to be taken by the others
+    /// before it ends the rest.
+    #[arg(long, default_value_t = 10)]
+    pub drain_timeout: u64,
 }
 
 /// The upstream secret the generated configs use.
@@ -149,6 +154,8 @@ max_pending_logins = 0
 max_connections = {max_conns}
 [tls]
 dev_cert_dir = "{certs}"
+[shutdown]
+drain_timeout = "{drain}s"
 [bus]
 kind = "nats"
 urls = ["nats://127.0.0.1:{nats}"]
@@ -158,6 +165,7 @@ resume_secret = "the million scenario's cluster-wide resume secret"
         certs = certs.display(),
         nats = o.nats_port,
         max_conns = max_connections(),
+        drain = o.drain_timeout.max(1),
     );
     let path = o.work_dir.join(format!("node-{k}.toml"));
     std::fs::write(&path, cfg).with_context(|| format!("writing {}", path.display()))?;
@@ -254,7 +262,8 @@ pub async fn million(mut c: Common, o: MillionOpts) -> anyhow::Result<()> {
         tcp.clone(),
         ups.clone(),
         Some(o.work_dir.join("logs")),
-        Duration::from_secs(60),
+        // SIGTERM to exit: the drain, and time to spare.
+        Duration::from_secs(o.drain_timeout.saturating_add(30).max(60)),
     );
     let run = run(&mut c, &o, &mut cluster, tls, &ups).await;
     cluster.stop_all().await;
