@@ -117,6 +117,11 @@ pub struct MillionOpts {
     /// before it ends the rest.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout: u64,
+    /// The gateways' `bus.request_timeout`, in milliseconds (which also
+    /// sets how long a moved session's new node remembers the pushes it
+    /// holds).
+    #[arg(long, default_value_t = 2000)]
+    pub bus_request_timeout_ms: u64,
 }
 
 /// The upstream secret the generated configs use.
@@ -160,12 +165,14 @@ drain_timeout = "{drain}s"
 kind = "nats"
 urls = ["nats://127.0.0.1:{nats}"]
 cluster = "million"
+request_timeout = "{rt}ms"
 resume_secret = "the million scenario's cluster-wide resume secret"
 "#,
         certs = certs.display(),
         nats = o.nats_port,
         max_conns = max_connections(),
         drain = o.drain_timeout.max(1),
+        rt = o.bus_request_timeout_ms,
     );
     let path = o.work_dir.join(format!("node-{k}.toml"));
     std::fs::write(&path, cfg).with_context(|| format!("writing {}", path.display()))?;
