@@ -230,13 +230,8 @@ impl UpstreamArgs {
 /// When standard output fails (a reader that went away ends the process
 /// quietly instead, see [`out`]).
 fn emit(v: &serde_json::Value) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    let written = serde_json::to_writer(&mut out, v)
-        .map_err(std::io::Error::from)
-        .and_then(|()| out.write_all(b"\n"))
-        .and_then(|()| out.flush());
-    gone_reader_ends(written)
+    // `Display` of a `Value` is its compact JSON.
+    out(format_args!("{v}\n"))
 }
 
 /// `println!` for the commands' output: a reader at the end of a pipe that

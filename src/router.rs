@@ -651,8 +651,8 @@ mod tests {
         h
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_push_queued_for_a_moved_session_here_is_not_queued_again_when_sent_on() {
+    /// Node `b`'s registry and router, as a session moves to it.
+    fn node_b() -> (Arc<Registry>, Router) {
         let registry = Arc::new(Registry::new());
         let router = Router::new(
             NodeId::new("b"),
@@ -661,6 +661,12 @@ mod tests {
             SlowConsumerPolicy::Disconnect,
             8,
         );
+        (registry, router)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_push_queued_for_a_moved_session_here_is_not_queued_again_when_sent_on() {
+        let (registry, router) = node_b();
         router.remember_moved_for(std::time::Duration::from_secs(7));
         let h = session(&registry, 1, "ann");
         let other = session(&registry, 2, "bob");
@@ -690,14 +696,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_push_a_moved_session_brought_is_not_queued_twice_for_a_while() {
-        let registry = Arc::new(Registry::new());
-        let router = Router::new(
-            NodeId::new("b"),
-            registry.clone(),
-            1 << 20,
-            SlowConsumerPolicy::Disconnect,
-            8,
-        );
+        let (registry, router) = node_b();
         let h = session(&registry, 1, "ann");
         let brought = SharedPush::new("m1", b"hello", "", "");
         let now = tokio::time::Instant::now().into_std();

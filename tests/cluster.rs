@@ -13,6 +13,16 @@ use tether::config::bus::BusKind;
 use tether::wire::pb;
 
 /// A gateway of the cluster `cluster` on `nats`, named `node`.
+/// Waits (5 s at most) until `g` holds a detached session: the one whose
+/// connection a test just dropped.
+async fn kept_detached(g: &TestGateway) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.gw.detached_count() == 0 {
+        assert!(Instant::now() < deadline, "the session was not kept");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn node(nats: &NatsServer, cluster: &str, node: &str) -> TestGateway {
     node_with(nats, cluster, node, |_| {}).await
 }
@@ -387,11 +397,7 @@ async fn a_session_resumes_on_another_node_with_exactly_what_it_missed() {
     // The phone drops off (no Close): a keeps the session for a resume,
     // and queues what comes meanwhile.
     drop(phone);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.gw.detached_count() == 0 {
-        assert!(Instant::now() < deadline, "the session was not kept");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    kept_detached(&a).await;
     push_n(&up, "ann", 4, 3).await;
 
     // It comes back on b, having seen up to seq 3.
@@ -433,11 +439,7 @@ async fn a_resume_on_another_node_reports_the_gap_or_the_end_never_silence() {
     converge(&[&a, &b], 2).await;
     let (up, _) = b.upstream(false).await;
     drop(phone);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.gw.detached_count() == 0 {
-        assert!(Instant::now() < deadline, "the session was not kept");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    kept_detached(&a).await;
     use pb::push_request::Target as T;
     for i in 0..20 {
         let mut p = push(T::UserId("ann".into()), "");
@@ -509,11 +511,7 @@ async fn a_broadcast_that_reaches_the_old_node_after_a_move_is_sent_on_once() {
     let (up_a, _) = a.upstream(false).await;
     assert_eq!(up_a.room("news", &["ann"], false).await.unwrap(), 1);
     drop(phone);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.gw.detached_count() == 0 {
-        assert!(Instant::now() < deadline, "the session was not kept");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    kept_detached(&a).await;
     let mut phone = b.client().await;
     let ok2 = phone
         .login_with(resume_login("ann", "phone", &ok, 0, 0))
@@ -572,11 +570,7 @@ async fn a_take_answered_too_late_is_answered_again_and_loses_nothing() {
     let (phone, ok) = a.login("ann", "phone").await;
     converge(&[&a, &b], 1).await;
     drop(phone);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.gw.detached_count() == 0 {
-        assert!(Instant::now() < deadline, "the session was not kept");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    kept_detached(&a).await;
     let (up_a, _) = a.upstream(false).await;
     for i in 0..3 {
         let r = up_a

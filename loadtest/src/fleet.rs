@@ -946,6 +946,11 @@ impl Device {
             return self.jitter(50);
         }
         self.quick_tries = 0;
+        self.back_off(backoff)
+    }
+
+    /// A pause around `backoff`, which doubles for next time (up to 5 s).
+    fn back_off(&mut self, backoff: &mut Duration) -> Duration {
         let pause = self.jitter(backoff.as_millis() as u64);
         *backoff = (*backoff * 2).min(Duration::from_secs(5));
         pause
@@ -1194,9 +1199,7 @@ async fn device_loop(
                     d.fail_over(shared);
                     d.retry_pause(shared, &mut backoff)
                 } else {
-                    let p = d.jitter(backoff.as_millis() as u64);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    p
+                    d.back_off(&mut backoff)
                 };
                 if sleep_or_stop(&mut phase, pause).await {
                     return;
