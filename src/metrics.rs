@@ -70,6 +70,7 @@ pub const UPSTREAM_REPLY_WAITS: &str = "tether_upstream_reply_waits_total";
 pub const UPSTREAM_STALLS: &str = "tether_upstream_stalls_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
 pub const BUS_CONNECTED: &str = "tether_bus_connected";
+pub const BUS_COMMANDS_CONNECTED: &str = "tether_bus_commands_connected";
 pub const BUS_DISCONNECTS: &str = "tether_bus_disconnects_total";
 pub const BUS_REQUESTS: &str = "tether_bus_requests_total";
 pub const CLUSTER_NODES: &str = "tether_cluster_nodes";
@@ -452,6 +453,13 @@ pub static METRICS: &[Def] = &[
         kind: Kind::Gauge,
         unit: None,
         help: "1 while the cluster bus (bus.kind = \"nats\") is connected to a NATS server, else 0 (always 0 with the local bus).",
+        label: none(),
+    },
+    Def {
+        name: BUS_COMMANDS_CONNECTED,
+        kind: Kind::Gauge,
+        unit: None,
+        help: "1 while the cluster bus's command link (its own NATS connection for the commands other nodes send this one) is connected and subscribed, else 0.",
         label: none(),
     },
     Def {

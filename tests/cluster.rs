@@ -370,6 +370,44 @@ async fn a_nats_outage_fails_remote_requests_at_once_and_heals_by_itself() {
     }
 }
 
+/// A `PushBatch` of unicasts to users on another node crosses a wave at
+/// a time (consecutive pushes to distinct users together), not as a round
+/// trip per push; and each device still gets its pushes in the batch's
+/// order. 20 users on b, 5 pushes each, interleaved: 100 pushes in 5
+/// waves. One round trip per push would be at least 200 NATS messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_batch_crosses_in_waves_and_keeps_each_devices_order() {
+    let nats = NatsServer::start();
+    let a = node(&nats, "waves", "a").await;
+    let b = node(&nats, "waves", "b").await;
+    let mut devices = Vec::new();
+    for i in 0..20 {
+        devices.push(b.login(&format!("u{i}"), "phone").await.0);
+    }
+    converge(&[&a, &b], 20).await;
+    let (up, _) = a.upstream(false).await;
+    use pb::push_request::Target as T;
+    let pushes: Vec<pb::PushRequest> = (0..5)
+        .flat_map(|k| (0..20).map(move |i| push(T::UserId(format!("u{i}")), &format!("{i}-{k}"))))
+        .collect();
+    let before = nats.messages_in();
+    let replies = up.push_batch(pushes).await.unwrap();
+    let used = nats.messages_in() - before;
+    assert_eq!(replies.len(), 100);
+    for (n, r) in replies.iter().enumerate() {
+        let r = r.as_ref().unwrap_or_else(|e| panic!("push {n}: {e}"));
+        assert_eq!(r.sessions, 1, "push {n}: {r:?}");
+        assert!(r.failed.is_empty(), "push {n}: {r:?}");
+    }
+    // 5 requests and 5 replies, and the nodes' heartbeats meanwhile.
+    assert!(used < 60, "{used} NATS messages for 100 pushes in 5 waves");
+    for (i, d) in devices.iter_mut().enumerate() {
+        for k in 0..5 {
+            got(d, &format!("{i}-{k}")).await;
+        }
+    }
+}
+
 /// Pushes `n` numbered payloads to `user` through `up`, from `from`.
 async fn push_n(up: &tether::upstream::UpstreamClient, user: &str, from: usize, n: usize) {
     use pb::push_request::Target as T;

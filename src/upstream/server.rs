@@ -20,6 +20,7 @@
 //! `EventsDropped` notice when its queue is full (in events or in bytes), so a
 //! stuck upstream can neither stall sessions nor hold unbounded memory.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,6 +66,68 @@ const YIELD_DELIVERIES: u64 = 16_384;
 /// quarter of what a reader that keeps up can have queued of small pushes,
 /// so the woken sessions write before the queues fill.
 const YIELD_PUSHES: u64 = 64;
+
+/// Pushes of a `PushBatch` that run at once at most.
+const MAX_WAVE: usize = 256;
+
+/// The user a push to one user or one device targets; None for a room, a
+/// list or everyone.
+fn unicast_user(p: &pb::PushRequest) -> Option<&str> {
+    match &p.target {
+        Some(pb::push_request::Target::UserId(u)) => Some(u),
+        Some(pb::push_request::Target::Device(d)) => Some(&d.user_id),
+        _ => None,
+    }
+}
+
+/// The results of a `PushBatch` so far, run a wave at a time: consecutive
+/// pushes to distinct users run at once, so that pushes to users on other
+/// nodes cross together (one request per node and wave, not a round trip
+/// per push); a push to a user already in the wave starts the next one,
+/// and a push to a room, a list or everyone runs alone, so that each
+/// session still gets the batch's pushes in the batch's order.
+#[derive(Default)]
+struct BatchRun {
+    results: Vec<pb::PushResult>,
+    reached: u64,
+    pushes: u64,
+    pacer: Pacer,
+}
+
+impl BatchRun {
+    /// Runs the pushes of `wave` at once (emptying it), and keeps their
+    /// results in order.
+    async fn run(&mut self, node: &dyn UpstreamNode, wave: &mut Vec<pb::PushRequest>) {
+        if wave.is_empty() {
+            return;
+        }
+        let done =
+            futures_util::future::join_all(wave.drain(..).map(|p| requests::push(node, p))).await;
+        let (mut reached, mut pushes) = (0, 0);
+        for r in done {
+            self.results.push(match r {
+                Ok(done) => {
+                    let n = done.reply.sessions;
+                    reached += n;
+                    pushes += u64::from(n > 0);
+                    pb::PushResult {
+                        code: Code::Ok as i32,
+                        message: String::new(),
+                        reply: Some(done.reply),
+                    }
+                }
+                Err(r) => pb::PushResult {
+                    code: r.code as i32,
+                    message: r.message,
+                    reply: None,
+                },
+            });
+        }
+        self.reached += reached;
+        self.pushes += pushes;
+        self.pacer.after(reached, pushes).await;
+    }
+}
 
 /// Paces fan-out against the sessions it wakes: after a few pushes (up to
 /// half a queue) or many deliveries, let the woken sessions write. Queues
@@ -770,9 +833,10 @@ fn refused(rid: u64, r: Refusal) -> Bytes {
     error(rid, r.code, r.message)
 }
 
-/// A batch of pushes, each run as if it came alone, in order; one reply
-/// with a result per push. Paced as the connection's loop paces frames
-/// ([`Pacer`]).
+/// A batch of pushes, each run as if it came alone, in order for each
+/// session (a wave at a time, [`BatchRun`]); one reply with a result per
+/// push, in the batch's order. Paced as the connection's loop paces frames
+/// ([`Pacer`]), once per wave.
 async fn handle_push_batch(
     node: &dyn UpstreamNode,
     rid: u64,
@@ -785,29 +849,37 @@ async fn handle_push_batch(
         );
         return (bad_request(rid, m), 0, 0);
     }
-    let mut results = Vec::with_capacity(b.pushes.len());
-    let (mut reached, mut pushes) = (0, 0);
-    let mut pacer = Pacer::default();
+    let mut batch = BatchRun::default();
+    let mut wave: Vec<pb::PushRequest> = Vec::new();
+    let mut users: HashSet<String> = HashSet::new();
     for p in b.pushes {
-        results.push(match requests::push(node, p).await {
-            Ok(done) => {
-                let n = done.reply.sessions;
-                reached += n;
-                pushes += u64::from(n > 0);
-                pacer.after(n, u64::from(n > 0)).await;
-                pb::PushResult {
-                    code: Code::Ok as i32,
-                    message: String::new(),
-                    reply: Some(done.reply),
-                }
+        match unicast_user(&p) {
+            Some(u) if wave.len() < MAX_WAVE && !users.contains(u) => {
+                users.insert(u.to_string());
+                wave.push(p);
             }
-            Err(r) => pb::PushResult {
-                code: r.code as i32,
-                message: r.message,
-                reply: None,
-            },
-        });
+            Some(u) => {
+                batch.run(node, &mut wave).await;
+                users.clear();
+                users.insert(u.to_string());
+                wave.push(p);
+            }
+            None => {
+                // A room, a list or everyone: alone, after what came before.
+                batch.run(node, &mut wave).await;
+                users.clear();
+                wave.push(p);
+                batch.run(node, &mut wave).await;
+            }
+        }
     }
+    batch.run(node, &mut wave).await;
+    let BatchRun {
+        results,
+        reached,
+        pushes,
+        ..
+    } = batch;
     let out = reply(rid, Out::PushBatchReply(pb::PushBatchReply { results }));
     (out, reached, pushes)
 }

@@ -11,23 +11,47 @@ pub struct NatsServer {
     pub port: u16,
     /// Its HTTP monitoring port (`/varz`, `/subsz`).
     pub monitor: u16,
+    /// TLS required of clients, with this certificate and key (PEM files).
+    tls: Option<(String, String)>,
+    /// More arguments (authentication).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts one on a free port and waits until it accepts connections.
     pub fn start() -> Self {
-        let mut s = Self {
-            port: super::free_port(),
-            monitor: super::free_port(),
-            child: None,
-        };
+        Self::start_with(None)
+    }
+
+    /// Starts one with these arguments more (`--user u --pass p`,
+    /// `--auth token`), and TLS if `tls` names a certificate and key.
+    pub fn start_args(tls: Option<(&str, &str)>, extra: &[&str]) -> Self {
+        let mut s = Self::unstarted(tls.map(|(c, k)| (c.to_string(), k.to_string())));
+        s.extra = extra.iter().map(|a| a.to_string()).collect();
         s.restart();
         s
     }
 
+    fn start_with(tls: Option<(String, String)>) -> Self {
+        let mut s = Self::unstarted(tls);
+        s.restart();
+        s
+    }
+
+    fn unstarted(tls: Option<(String, String)>) -> Self {
+        Self {
+            port: super::free_port(),
+            monitor: super::free_port(),
+            tls,
+            extra: Vec::new(),
+            child: None,
+        }
+    }
+
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills it at once (SIGKILL), as a crash would.
@@ -44,6 +68,11 @@ impl NatsServer {
         let child = Command::new(super::system::nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor.to_string()])
+            .args(match &self.tls {
+                Some((cert, key)) => vec!["--tls", "--tlscert", cert, "--tlskey", key],
+                None => vec![],
+            })
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -62,6 +91,18 @@ impl NatsServer {
 }
 
 impl NatsServer {
+    /// Messages the server has received from its clients so far (`/varz`).
+    pub fn messages_in(&self) -> u64 {
+        let page = super::http_get(self.monitor, "/varz");
+        page.lines()
+            .find_map(|l| {
+                let l = l.trim();
+                l.strip_prefix("\"in_msgs\":")
+                    .map(|v| v.trim().trim_end_matches(',').parse().unwrap_or(0))
+            })
+            .unwrap_or_else(|| panic!("no in_msgs in {page}"))
+    }
+
     /// Subscriptions the server holds now (from its `/subsz` page).
     pub fn subscriptions(&self) -> u64 {
         let page = super::http_get(self.monitor, "/subsz");

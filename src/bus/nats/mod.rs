@@ -3,7 +3,8 @@
 //!
 //! Subjects, under the cluster's prefix `P` (`bus.cluster`):
 //! - `P.node.<id>.cmd`: commands for one node (request/reply, protobuf
-//!   `NodeCommand` / `NodeOutcome`).
+//!   `NodeCommand` / `NodeOutcome`), heard on the node's command link, a
+//!   NATS connection of its own (`link.rs`).
 //! - `P.node.<id>.snap`: a node's whole directory state, in chunks.
 //! - `P.node.<id>.take`: hand a session over to the node its device
 //!   resumed on (the state comes back in chunks); `P.node.<id>.moved`: the
@@ -27,6 +28,7 @@
 //! `bus.token`) and no one else access to its subjects.
 
 mod events;
+mod link;
 mod moves;
 mod requests;
 mod sync;

@@ -1,15 +1,13 @@
 //! Commands to other nodes and from them: where a command goes (`plan`),
 //! the per-node queues and batches of requests (`ask`), the merged reply
-//! (`merge`), and the commands other nodes send this one
-//! (`serve_commands`).
+//! (`merge`), and the answers to the commands other nodes send this one
+//! (`answer`, which the command link in `link.rs` runs).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::Inner;
@@ -124,8 +122,17 @@ impl<T> NodeQueue<T> {
     }
 }
 
-/// Commands from other nodes run at once at most; more wait in NATS.
-const MAX_INFLIGHT_COMMANDS: usize = 256;
+/// Commands from other nodes that run on tasks of their own at once at
+/// most; past it the command link reads no more until one is done.
+pub(super) const MAX_INFLIGHT_COMMANDS: usize = 256;
+
+/// The answer to a command from another node ([`Inner::answer`]).
+pub(super) enum Answer {
+    /// Ran; the encoded outcome.
+    Now(Bytes),
+    /// To run on a task of its own; yields the encoded outcome.
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>>),
+}
 
 /// Which nodes a command goes to, and with what.
 pub(super) struct Plan {
@@ -437,93 +444,57 @@ impl Inner {
 
     // ---- commands from other nodes ----
 
-    pub(super) async fn serve_commands(self: Arc<Self>) {
-        let subject = self.subject(&self.node, "cmd");
-        let mut sub = match self.client.subscribe(subject.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cluster bus: cannot subscribe to {subject}: {e}");
-                return;
+    /// What to answer a command from another node (the link's message
+    /// `payload`, see `link.rs`): small commands run here, at once and in
+    /// order, and their answer is ready (a task per command cost more than
+    /// the command: a unicast push is a few enqueues); fan-outs, and
+    /// pushes that may wait on a moving session, are work for a task of
+    /// their own (a batch with one of them: one task, its commands in
+    /// order).
+    pub(super) fn answer(self: &Arc<Self>, payload: Bytes) -> Answer {
+        match codec::decode_incoming(payload) {
+            Ok(codec::Incoming::One(cmd)) => {
+                if self.runs_inline(&cmd) {
+                    return Answer::Now(codec::encode_outcome(Ok(self.executor.execute(&cmd))));
+                }
+                let me = self.clone();
+                Answer::Later(Box::pin(async move {
+                    codec::encode_outcome(Ok(me.run_command(&cmd).await))
+                }))
             }
-        };
-        let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_COMMANDS));
-        while let Some(msg) = sub.next().await {
-            let Some(reply) = msg.reply else { continue };
-            let cmd = match codec::decode_incoming(msg.payload) {
-                Ok(codec::Incoming::One(cmd)) => cmd,
-                Ok(codec::Incoming::Batch(cmds)) => {
-                    let decoded: Vec<Result<Command, String>> =
-                        cmds.into_iter().map(codec::decode_command).collect();
-                    if decoded
+            Ok(codec::Incoming::Batch(cmds)) => {
+                let decoded: Vec<Result<Command, String>> =
+                    cmds.into_iter().map(codec::decode_command).collect();
+                if decoded
+                    .iter()
+                    .all(|c| c.as_ref().map_or(true, |c| self.runs_inline(c)))
+                {
+                    let outs = decoded
                         .iter()
-                        .all(|c| c.as_ref().map_or(true, |c| self.runs_inline(c)))
-                    {
-                        // Small commands: here, in order, no task.
-                        let outs = decoded
-                            .iter()
-                            .map(|c| match c {
-                                Ok(c) => codec::encode_outcome(Ok(self.executor.execute(c))),
-                                Err(e) => codec::encode_outcome(Err(e.clone())),
-                            })
-                            .collect();
-                        let _ = self
-                            .client
-                            .publish(reply, codec::encode_outcomes(outs))
-                            .await;
-                        continue;
+                        .map(|c| match c {
+                            Ok(c) => codec::encode_outcome(Ok(self.executor.execute(c))),
+                            Err(e) => codec::encode_outcome(Err(e.clone())),
+                        })
+                        .collect();
+                    return Answer::Now(codec::encode_outcomes(outs));
+                }
+                let me = self.clone();
+                Answer::Later(Box::pin(async move {
+                    let mut outs = Vec::with_capacity(decoded.len());
+                    for c in decoded {
+                        let out = match c {
+                            Ok(cmd) => Ok(me.run_command(&cmd).await),
+                            Err(e) => Err(e),
+                        };
+                        outs.push(codec::encode_outcome(out));
                     }
-                    // One task for the batch, its commands in order.
-                    let Ok(permit) = slots.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let mut outs = Vec::with_capacity(decoded.len());
-                        for c in decoded {
-                            let out = match c {
-                                Ok(cmd) => Ok(me.run_command(&cmd).await),
-                                Err(e) => Err(e),
-                            };
-                            outs.push(codec::encode_outcome(out));
-                        }
-                        let _ = me.client.publish(reply, codec::encode_outcomes(outs)).await;
-                        drop(permit);
-                    });
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!("cluster bus: refused a command: {e}");
-                    let _ = self
-                        .client
-                        .publish(reply, codec::encode_outcome(Err(e)))
-                        .await;
-                    continue;
-                }
-            };
-            // Small commands run here, in turn: a task per command cost
-            // more than the command (a unicast push is a few enqueues).
-            // Fan-outs, and pushes that may wait on a moving session, get
-            // a task of their own.
-            if self.runs_inline(&cmd) {
-                let out = self.executor.execute(&cmd);
-                let _ = self
-                    .client
-                    .publish(reply, codec::encode_outcome(Ok(out)))
-                    .await;
-                continue;
+                    codec::encode_outcomes(outs)
+                }))
             }
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let out = me.run_command(&cmd).await;
-                let _ = me
-                    .client
-                    .publish(reply, codec::encode_outcome(Ok(out)))
-                    .await;
-                drop(permit);
-            });
+            Err(e) => {
+                tracing::warn!("cluster bus: refused a command: {e}");
+                Answer::Now(codec::encode_outcome(Err(e)))
+            }
         }
     }
 
