@@ -925,11 +925,19 @@ impl Device {
     /// that the devices of a gateway that drains spread over the others
     /// instead of all landing on its neighbour.
     fn fail_over(&mut self, shared: &Shared) {
-        let n = shared.spec.addrs.len();
-        if shared.spec.failover && n > 1 {
-            self.hop += 1 + (self.next_rand() % (n as u64 - 1)) as usize;
+        if self.hop_on(shared.spec.failover, shared.spec.addrs.len()) {
             shared.counters.failovers.fetch_add(1, Relaxed);
         }
+    }
+
+    /// [`Device::fail_over`]'s rule, over `n` gateways: moves `hop` on by
+    /// 1 to n - 1 (never back to the same gateway); true when it moved.
+    fn hop_on(&mut self, failover: bool, n: usize) -> bool {
+        if !failover || n < 2 {
+            return false;
+        }
+        self.hop += 1 + (self.next_rand() % (n as u64 - 1)) as usize;
+        true
     }
 
     /// How long to wait after a failed connect or a refused login. With
@@ -940,8 +948,12 @@ impl Device {
     /// gateway that way, it backs off (`backoff`, doubled each time up to
     /// 5 s), then tries them all again.
     fn retry_pause(&mut self, shared: &Shared, backoff: &mut Duration) -> Duration {
-        let n = shared.spec.addrs.len();
-        if shared.spec.failover && n > 1 && self.quick_tries < n - 1 {
+        self.pause_over(shared.spec.failover, shared.spec.addrs.len(), backoff)
+    }
+
+    /// [`Device::retry_pause`]'s rule, over `n` gateways.
+    fn pause_over(&mut self, failover: bool, n: usize, backoff: &mut Duration) -> Duration {
+        if failover && n > 1 && self.quick_tries < n - 1 {
             self.quick_tries += 1;
             return self.jitter(50);
         }
@@ -1012,29 +1024,36 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Device `ix` of `spec`, not connected yet.
+    fn new(ix: usize, spec: &FleetSpec) -> Self {
+        Device {
+            ix,
+            user: format!("{}{ix}", spec.prefix),
+            device: format!("d{ix}"),
+            slow: spec.slow_every > 0 && ix.is_multiple_of(spec.slow_every),
+            seq: [0; 2],
+            acked: [0; 2],
+            session: None,
+            uplink_no: 0,
+            inflight: VecDeque::new(),
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (ix as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+            recv: Default::default(),
+            churn_at: None,
+            churned: false,
+            ids: Default::default(),
+            hop: 0,
+            redirect: None,
+            reconnect_after_ms: 0,
+            quick_tries: 0,
+        }
+    }
+}
+
 async fn device(ix: usize, shared: Arc<Shared>, phase: watch::Receiver<Phase>) {
     shared.running.fetch_add(1, Relaxed);
     let spec = &shared.spec;
-    let mut d = Device {
-        ix,
-        user: format!("{}{ix}", spec.prefix),
-        device: format!("d{ix}"),
-        slow: spec.slow_every > 0 && ix.is_multiple_of(spec.slow_every),
-        seq: [0; 2],
-        acked: [0; 2],
-        session: None,
-        uplink_no: 0,
-        inflight: VecDeque::new(),
-        rng: 0x9e37_79b9_7f4a_7c15 ^ (ix as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
-        recv: Default::default(),
-        churn_at: None,
-        churned: false,
-        ids: Default::default(),
-        hop: 0,
-        redirect: None,
-        reconnect_after_ms: 0,
-        quick_tries: 0,
-    };
+    let mut d = Device::new(ix, spec);
     if shared.spec.redis.is_some() {
         redis::device_loop(ix, &shared, &mut d, phase).await;
     } else {
@@ -1947,6 +1966,57 @@ mod tests {
         for cut in 0..bytes.len() {
             let _ = parse_push(&bytes[..cut]);
         }
+    }
+
+    #[test]
+    fn a_failed_device_tries_every_other_gateway_quickly_then_backs_off() {
+        let spec = one_device("127.0.0.1:1".parse().unwrap());
+        let mut d = Device::new(7, &spec);
+        let quick = Duration::from_millis(25)..Duration::from_millis(75);
+        let mut backoff = Duration::from_millis(400);
+        // 4 gateways: three quick tries (the three others), then a pause
+        // around the backoff, which doubles; then three quick tries again.
+        for round in 0..3 {
+            for _ in 0..3 {
+                let p = d.pause_over(true, 4, &mut backoff);
+                assert!(quick.contains(&p), "round {round}: {p:?}");
+            }
+            let before = backoff;
+            let p = d.pause_over(true, 4, &mut backoff);
+            assert!(
+                p >= before / 2 && p < before * 3 / 2,
+                "round {round}: {p:?} around {before:?}"
+            );
+            assert_eq!(backoff, (before * 2).min(Duration::from_secs(5)));
+        }
+        // Without failover (or with one gateway) every pause backs off, up
+        // to 5 s.
+        let mut backoff = Duration::from_secs(2);
+        for (failover, n) in [(false, 4), (true, 1)] {
+            let p = d.pause_over(failover, n, &mut backoff);
+            assert!(p >= Duration::from_millis(1_000), "{p:?}");
+        }
+        assert_eq!(backoff, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn failing_over_never_lands_on_the_same_gateway_and_reaches_them_all() {
+        let spec = one_device("127.0.0.1:1".parse().unwrap());
+        let mut d = Device::new(3, &spec);
+        let n = 5;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let from = (d.ix + d.hop) % n;
+            assert!(d.hop_on(true, n));
+            let to = (d.ix + d.hop) % n;
+            assert_ne!(from, to, "moved to the gateway it left");
+            seen.insert(to);
+        }
+        assert_eq!(seen.len(), n, "a random pick reaches every gateway");
+        let hop = d.hop;
+        assert!(!d.hop_on(false, n), "no failover: it stays");
+        assert!(!d.hop_on(true, 1), "one gateway: nowhere to go");
+        assert_eq!(d.hop, hop);
     }
 
     /// One device against a stand-in gateway on loopback.

@@ -17,8 +17,10 @@
 //! The protocol spoken is the subset a subscriber needs (INFO, CONNECT,
 //! SUB, PUB, MSG, HMSG, PING, PONG, +OK, -ERR), parsed in place from the
 //! read buffer (`parse`); it is small and fixed, and a parser of our own
-//! costs no copy and no allocation per message. Everything else (requests,
-//! events, the directory, takes) stays on the library's client. TLS is
+//! costs no copy and no allocation per message. The takes of sessions that
+//! resume on another node (`P.node.<id>.take`) come on the link too.
+//! Everything else (this node's own requests, events, the directory) stays
+//! on the library's client. TLS is
 //! spoken as the library speaks it: after the server's INFO, with the
 //! system's roots (`SSL_CERT_FILE` names others).
 //!
@@ -52,14 +54,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Servers the link knows at most (`bus.urls` and those a NATS cluster
 /// names).
 const MAX_SERVERS: usize = 64;
-/// The subscription's id on the link (it has one).
-const SID: &str = "1";
+/// The link's subscriptions: commands, and takes of sessions.
+const SID_COMMANDS: u64 = 1;
+const SID_TAKES: u64 = 2;
 
 /// A protocol operation from the server.
 #[derive(Debug, PartialEq)]
 pub(super) enum Op {
-    /// A message: its reply subject (a request's inbox) and payload.
+    /// A message: the subscription it came on, its reply subject (a
+    /// request's inbox) and payload.
     Msg {
+        sid: u64,
         reply: Option<Bytes>,
         payload: Bytes,
     },
@@ -128,6 +133,9 @@ pub(super) fn parse(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Op>
                     "a message of {total} bytes, over the limit of {max_payload}"
                 ));
             }
+            let sid = args[1]
+                .parse::<u64>()
+                .map_err(|_| format!("a malformed {verb} subscription id"))?;
             let has_reply = args.len() == 3 + sizes;
             let need = end + 2 + total + 2;
             if buf.len() < need {
@@ -142,6 +150,7 @@ pub(super) fn parse(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Op>
             frame.advance(end + 2 + headers);
             frame.truncate(total - headers);
             Ok(Some(Op::Msg {
+                sid,
                 reply,
                 payload: frame.freeze(),
             }))
@@ -327,8 +336,11 @@ impl Inner {
             if let Some(t) = &self.opts.token {
                 connect["auth_token"] = t.as_str().into();
             }
-            let subject = self.subject(&self.node, "cmd");
-            let hello = format!("CONNECT {connect}\r\nPING\r\nSUB {subject} {SID}\r\nPING\r\n");
+            let hello = format!(
+                "CONNECT {connect}\r\nPING\r\nSUB {} {SID_COMMANDS}\r\nSUB {} {SID_TAKES}\r\nPING\r\n",
+                self.subject(&self.node, "cmd"),
+                self.subject(&self.node, "take"),
+            );
             stream
                 .write_all(hello.as_bytes())
                 .await
@@ -385,17 +397,35 @@ impl Inner {
                     Err(e) => return format!("reading: {e}"),
                     Ok(_) => loop {
                         match parse(&mut buf, max_payload) {
-                            Ok(Some(Op::Msg { reply, payload })) => {
+                            Ok(Some(Op::Msg { sid, reply, payload })) => {
                                 let Some(reply) = reply else { continue };
+                                if sid == SID_TAKES {
+                                    // Chunks of at most 256 KiB.
+                                    for b in self.answer_take(payload) {
+                                        put_pub(&mut out, &reply, &b);
+                                    }
+                                    continue;
+                                }
                                 match self.answer(payload) {
                                     Answer::Now(b) => {
                                         put_pub(&mut out, &reply, &fit(b, max_payload));
                                     }
                                     Answer::Later(work) => {
                                         // At most MAX_INFLIGHT_COMMANDS at
-                                        // once; past it, reading waits.
-                                        let Ok(permit) = slots.clone().acquire_owned().await else {
-                                            return "stopping".into();
+                                        // once; past it, reading waits (the
+                                        // answers ready go out first).
+                                        let permit = match slots.clone().try_acquire_owned() {
+                                            Ok(p) => p,
+                                            Err(_) => {
+                                                if let Err(e) = wr.write_all(&out).await {
+                                                    return format!("writing: {e}");
+                                                }
+                                                out.clear();
+                                                let Ok(p) = slots.clone().acquire_owned().await else {
+                                                    return "stopping".into();
+                                                };
+                                                p
+                                            }
                                         };
                                         let tx = tx.clone();
                                         tokio::spawn(async move {
@@ -503,14 +533,17 @@ mod tests {
                 Op::Info(Bytes::from_static(b"{\"max_payload\":1048576}")),
                 Op::Ping,
                 Op::Msg {
+                    sid: 1,
                     reply: Some(Bytes::from_static(b"_INBOX.x")),
                     payload: Bytes::from_static(b"hello")
                 },
                 Op::Msg {
+                    sid: 1,
                     reply: None,
                     payload: Bytes::from_static(b"abc")
                 },
                 Op::Msg {
+                    sid: 1,
                     reply: Some(Bytes::from_static(b"_INBOX.y")),
                     payload: Bytes::from_static(b"hi")
                 },
@@ -538,6 +571,7 @@ mod tests {
             assert_eq!(
                 ops[0],
                 Op::Msg {
+                    sid: 1,
                     reply: Some(Bytes::from_static(b"r")),
                     payload: Bytes::from_static(b"0123456789")
                 }
@@ -545,6 +579,7 @@ mod tests {
             assert_eq!(
                 ops[2],
                 Op::Msg {
+                    sid: 1,
                     reply: None,
                     payload: Bytes::from_static(b"\r\n")
                 },
@@ -556,9 +591,10 @@ mod tests {
 
     #[test]
     fn what_is_not_the_protocol_is_refused_not_buffered() {
-        let bad: [&[u8]; 7] = [
+        let bad: [&[u8]; 8] = [
             b"MSG s 1 r 99999\r\n",
             b"MSG s 1 r x\r\n",
+            b"MSG s one r 1\r\n",
             b"MSG s\r\n",
             b"HMSG s 1 9 5\r\n",
             b"MSG s 1 3\r\nabcXY",

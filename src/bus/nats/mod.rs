@@ -4,7 +4,7 @@
 //! Subjects, under the cluster's prefix `P` (`bus.cluster`):
 //! - `P.node.<id>.cmd`: commands for one node (request/reply, protobuf
 //!   `NodeCommand` / `NodeOutcome`), heard on the node's command link, a
-//!   NATS connection of its own (`link.rs`).
+//!   NATS connection of its own (`link.rs`), as its takes are.
 //! - `P.node.<id>.snap`: a node's whole directory state, in chunks.
 //! - `P.node.<id>.take`: hand a session over to the node its device
 //!   resumed on (the state comes back in chunks); `P.node.<id>.moved`: the
@@ -253,7 +253,6 @@ impl NatsBus {
         };
         spawn(Box::pin(inner.clone().serve_commands()));
         spawn(Box::pin(inner.clone().serve_snapshots()));
-        spawn(Box::pin(inner.clone().serve_takes()));
         spawn(Box::pin(inner.clone().follow_installs()));
         spawn(Box::pin(inner.clone().follow_directory()));
         spawn(Box::pin(inner.clone().announce()));

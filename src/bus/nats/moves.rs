@@ -2,7 +2,7 @@
 //! where it went and sends on the pushes that missed it (`hints`) until
 //! the new node says it is in place; the node it moves to holds pushes
 //! back while it fetches one (`TakeGuard`, `settle_takes`); and the
-//! handover itself (`serve_takes`).
+//! handover itself (`answer_take`, which the command link runs).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -77,42 +77,32 @@ impl Drop for TakeGuard {
 }
 
 impl Inner {
-    /// Hands sessions over to the nodes their devices resumed on.
-    pub(super) async fn serve_takes(self: Arc<Self>) {
-        let subject = self.subject(&self.node, "take");
-        let Ok(mut sub) = self.client.subscribe(subject).await else {
-            return;
-        };
-        while let Some(msg) = sub.next().await {
-            let Some(reply) = msg.reply else { continue };
-            let out = match pb::TakeRequest::decode(msg.payload) {
-                Ok(t) if !t.user_id.is_empty() && t.user_id.len() <= 128 => {
-                    let sessions = self.sessions.get().and_then(std::sync::Weak::upgrade);
-                    let device = crate::wire::device(&t.device_id);
-                    let to = crate::config::bus::is_subject(&t.from_node)
-                        .then(|| NodeId::new(&t.from_node));
-                    match (sessions, device, to) {
-                        (Some(s), Ok(d), Some(to)) => {
-                            let u = UserId::new(&t.user_id);
-                            let id = SessionId(t.session_id);
-                            match self.sent_before(id, &u, &d, &to) {
-                                Some(sent) => sent.to_vec(),
-                                None => match self.take_noting(&*s, id, &u, &d, &to) {
-                                    Ok(m) => {
-                                        self.keep_sent(id, &u, &d, &to, codec::encode_moved(&m))
-                                    }
-                                    Err(code) => vec![codec::encode_refusal(code)],
-                                },
-                            }
+    /// The answer to a take (`P.node.<id>.take`, heard on the command
+    /// link): the session's state in chunks, sent before if the same node
+    /// asked already, or a refusal.
+    pub(super) fn answer_take(&self, payload: bytes::Bytes) -> Vec<bytes::Bytes> {
+        match pb::TakeRequest::decode(payload) {
+            Ok(t) if !t.user_id.is_empty() && t.user_id.len() <= 128 => {
+                let sessions = self.sessions.get().and_then(std::sync::Weak::upgrade);
+                let device = crate::wire::device(&t.device_id);
+                let to =
+                    crate::config::bus::is_subject(&t.from_node).then(|| NodeId::new(&t.from_node));
+                match (sessions, device, to) {
+                    (Some(s), Ok(d), Some(to)) => {
+                        let u = UserId::new(&t.user_id);
+                        let id = SessionId(t.session_id);
+                        match self.sent_before(id, &u, &d, &to) {
+                            Some(sent) => sent.to_vec(),
+                            None => match self.take_noting(&*s, id, &u, &d, &to) {
+                                Ok(m) => self.keep_sent(id, &u, &d, &to, codec::encode_moved(&m)),
+                                Err(code) => vec![codec::encode_refusal(code)],
+                            },
                         }
-                        _ => vec![codec::encode_refusal(Code::ResumeExpired)],
                     }
+                    _ => vec![codec::encode_refusal(Code::ResumeExpired)],
                 }
-                _ => vec![codec::encode_refusal(Code::BadRequest)],
-            };
-            for b in out {
-                let _ = self.client.publish(reply.clone(), b).await;
             }
+            _ => vec![codec::encode_refusal(Code::BadRequest)],
         }
     }
 
@@ -153,8 +143,8 @@ impl Inner {
     /// Keeps `sent`, the encoded state of session `id` just taken for
     /// `to`, in its note until `to` says it is in place; returns it to be
     /// sent. Encoded outside the `moved` lock, which pushes take; takes run
-    /// one at a time (`serve_takes`), so no repeated take of it can come
-    /// in between.
+    /// one at a time (on the command link), so no repeated take of it can
+    /// come in between.
     fn keep_sent(
         &self,
         id: SessionId,
