@@ -70,6 +70,7 @@ pub const UPSTREAM_REPLY_WAITS: &str = "tether_upstream_reply_waits_total";
 pub const UPSTREAM_STALLS: &str = "tether_upstream_stalls_total";
 pub const UNDELIVERED: &str = "tether_undelivered_total";
 pub const BUS_CONNECTED: &str = "tether_bus_connected";
+pub const BUS_EXPIRED_PUSHES: &str = "tether_bus_expired_pushes_total";
 pub const BUS_COMMANDS_CONNECTED: &str = "tether_bus_commands_connected";
 pub const BUS_DISCONNECTS: &str = "tether_bus_disconnects_total";
 pub const BUS_REQUESTS: &str = "tether_bus_requests_total";
@@ -453,6 +454,13 @@ pub static METRICS: &[Def] = &[
         kind: Kind::Gauge,
         unit: None,
         help: "1 while the cluster bus (bus.kind = \"nats\") is connected to a NATS server, else 0 (always 0 with the local bus).",
+        label: none(),
+    },
+    Def {
+        name: BUS_EXPIRED_PUSHES,
+        kind: Kind::Counter,
+        unit: None,
+        help: "Pushes from other nodes not run because they came after their request's deadline (bus.request_timeout from when the upstream asked, plus 1 s for the nodes' clocks): the asking node had reported this node as not answering already.",
         label: none(),
     },
     Def {

@@ -515,9 +515,27 @@ async fn ask_node(
     node: &str,
     cmd: pb::node_command::Cmd,
 ) -> pb::NodePushOutcome {
+    match ask_node_until(nats, cluster, node, cmd, 0).await.outcome {
+        Some(pb::node_outcome::Outcome::Push(o)) => o,
+        o => panic!("not a push outcome: {o:?}"),
+    }
+}
+
+/// As [`ask_node`], with the request's deadline `not_after_ms` (ms since
+/// the Unix epoch; 0: none); the whole answer.
+async fn ask_node_until(
+    nats: &NatsServer,
+    cluster: &str,
+    node: &str,
+    cmd: pb::node_command::Cmd,
+    not_after_ms: u64,
+) -> pb::NodeOutcome {
     use prost::Message as _;
     let client = async_nats::connect(nats.url()).await.expect("nats");
-    let req = pb::NodeCommand { cmd: Some(cmd) };
+    let req = pb::NodeCommand {
+        cmd: Some(cmd),
+        not_after_ms,
+    };
     let msg = client
         .request(
             format!("{cluster}.node.{node}.cmd"),
@@ -525,13 +543,39 @@ async fn ask_node(
         )
         .await
         .expect("an answer");
-    match pb::NodeOutcome::decode(msg.payload)
-        .expect("an outcome")
-        .outcome
-    {
-        Some(pb::node_outcome::Outcome::Push(o)) => o,
-        o => panic!("not a push outcome: {o:?}"),
-    }
+    pb::NodeOutcome::decode(msg.payload).expect("an outcome")
+}
+
+/// A push that reaches a node after its request's deadline (plus 1 s for
+/// the clocks) is not run there: the node that asked has given up on it
+/// and told the upstream. One before its deadline runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_past_its_requests_deadline_is_not_run() {
+    let nats = NatsServer::start();
+    let a = node(&nats, "deadline", "a").await;
+    let (mut bob, _) = a.login("bob", "phone").await;
+    let now = tether::unix_ms();
+    let push_to_bob = |payload: &str| {
+        let shared = tether::wire::SharedPush::new(payload, payload.as_bytes(), "", "");
+        pb::node_command::Cmd::Push(pb::NodePush {
+            user_ids: vec!["bob".into()],
+            body: shared.body.clone(),
+            ..Default::default()
+        })
+    };
+    let late = ask_node_until(&nats, "deadline", "a", push_to_bob("late"), now - 1_500).await;
+    assert_eq!(late.code, pb::Code::BadRequest as i32, "{late:?}");
+    assert!(late.message.contains("deadline"), "{late:?}");
+    assert!(late.outcome.is_none(), "not run: {late:?}");
+    let on_time = ask_node_until(&nats, "deadline", "a", push_to_bob("on time"), now + 5_000).await;
+    let Some(pb::node_outcome::Outcome::Push(o)) = on_time.outcome else {
+        panic!("{on_time:?}")
+    };
+    assert_eq!(o.sessions, 1);
+    // Only the one on time arrives.
+    let p = push_within(&mut bob, Duration::from_secs(5), "on time").await;
+    assert_eq!(&p.payload[..], b"on time", "the late one came");
+    assert_eq!(p.seq, 1, "the late one took no seq");
 }
 
 /// The race a rolling restart showed (one broadcast in about a thousand

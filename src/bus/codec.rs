@@ -17,8 +17,9 @@ const MAX_USER_ID: usize = 128;
 /// so one node never gets more than the upstream request had.
 const MAX_USERS: usize = 10_000;
 
-/// Encodes a command for another node.
-pub fn encode_command(cmd: &Command) -> Bytes {
+/// Encodes a command for another node, part of an upstream request whose
+/// deadline is `not_after_ms` (ms since the Unix epoch; 0: none).
+pub fn encode_command(cmd: &Command, not_after_ms: u64) -> Bytes {
     use pb::node_command::Cmd;
     let strings = |us: &[UserId]| us.iter().map(ToString::to_string).collect::<Vec<_>>();
     let cmd = match cmd {
@@ -66,7 +67,12 @@ pub fn encode_command(cmd: &Command) -> Bytes {
             user_ids: strings(users),
         }),
     };
-    pb::NodeCommand { cmd: Some(cmd) }.encode_to_vec().into()
+    pb::NodeCommand {
+        cmd: Some(cmd),
+        not_after_ms,
+    }
+    .encode_to_vec()
+    .into()
 }
 
 fn user(u: String) -> Result<UserId, String> {
@@ -86,9 +92,10 @@ fn users(us: Vec<String>) -> Result<Vec<UserId>, String> {
 /// The most commands one batch may carry.
 pub const MAX_BATCH: usize = 1024;
 
-/// What another node sent: one command, or a batch of encoded commands.
+/// What another node sent: one command with its deadline (see
+/// [`encode_command`]), or a batch of encoded commands.
 pub enum Incoming {
-    One(Command),
+    One(Command, u64),
     Batch(Vec<Bytes>),
 }
 
@@ -96,6 +103,7 @@ pub enum Incoming {
 pub fn encode_batch(cmds: Vec<Bytes>) -> Bytes {
     pb::NodeCommand {
         cmd: Some(pb::node_command::Cmd::Batch(pb::NodeBatch { cmds })),
+        not_after_ms: 0,
     }
     .encode_to_vec()
     .into()
@@ -127,7 +135,7 @@ pub fn decode_incoming(b: Bytes) -> Result<Incoming, String> {
             }
             Ok(Incoming::Batch(batch.cmds))
         }
-        other => from_pb(other).map(Incoming::One),
+        other => from_pb(other).map(|c| Incoming::One(c, cmd.not_after_ms)),
     }
 }
 
@@ -144,13 +152,14 @@ pub fn decode_outcomes(b: Bytes) -> Result<Vec<Bytes>, String> {
     }
 }
 
-/// Decodes a command from another node.
+/// Decodes a command from another node, and its deadline (see
+/// [`encode_command`]).
 ///
 /// # Errors
 /// A message saying what is wrong with it.
-pub fn decode_command(b: Bytes) -> Result<Command, String> {
+pub fn decode_command(b: Bytes) -> Result<(Command, u64), String> {
     let cmd = pb::NodeCommand::decode(b).map_err(|e| format!("not a NodeCommand: {e}"))?;
-    from_pb(cmd.cmd)
+    from_pb(cmd.cmd).map(|c| (c, cmd.not_after_ms))
 }
 
 fn from_pb(cmd: Option<pb::node_command::Cmd>) -> Result<Command, String> {
@@ -439,7 +448,9 @@ mod tests {
     use crate::ids::{DeviceId, RoomId};
 
     fn roundtrip(cmd: &Command) -> Command {
-        decode_command(encode_command(cmd)).expect("decodes")
+        let (c, until) = decode_command(encode_command(cmd, 1_234)).expect("decodes");
+        assert_eq!(until, 1_234, "the deadline travels with the command");
+        c
     }
 
     #[test]
@@ -501,6 +512,7 @@ mod tests {
             cmd: Some(pb::node_command::Cmd::Presence(pb::NodePresence {
                 user_ids: vec!["x".repeat(129)],
             })),
+            not_after_ms: 0,
         };
         let e = decode_command(long.encode_to_vec().into()).unwrap_err();
         assert!(e.contains("user id"), "{e}");
@@ -510,6 +522,7 @@ mod tests {
                 device_id: "d".into(),
                 ..Default::default()
             })),
+            not_after_ms: 0,
         };
         assert!(decode_command(two_users_one_device.encode_to_vec().into()).is_err());
     }
@@ -599,18 +612,21 @@ mod tests {
             close: CloseCmd::new(Code::Kicked, ""),
             before_ms: 0,
         };
-        let b = encode_batch(vec![encode_command(&kick("a")), encode_command(&kick("b"))]);
+        let b = encode_batch(vec![
+            encode_command(&kick("a"), 0),
+            encode_command(&kick("b"), 7),
+        ]);
         let Ok(Incoming::Batch(cmds)) = decode_incoming(b.clone()) else {
             panic!("a batch")
         };
         let users: Vec<String> = cmds
             .into_iter()
             .map(|c| match decode_command(c) {
-                Ok(Command::Kick { user, .. }) => user.to_string(),
+                Ok((Command::Kick { user, .. }, until)) => format!("{user}{until}"),
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(users, ["a", "b"]);
+        assert_eq!(users, ["a0", "b7"]);
         let nested = encode_batch(vec![b]);
         let Ok(Incoming::Batch(inner)) = decode_incoming(nested) else {
             panic!("a batch")
@@ -619,7 +635,7 @@ mod tests {
             decode_command(inner[0].clone()).is_err(),
             "no batch in a batch"
         );
-        let too_many = encode_batch(vec![encode_command(&kick("a")); MAX_BATCH + 1]);
+        let too_many = encode_batch(vec![encode_command(&kick("a"), 0); MAX_BATCH + 1]);
         assert!(decode_incoming(too_many).is_err());
         let outs = encode_outcomes(vec![encode_outcome(Ok(Outcome::Count(3)))]);
         let back = decode_outcomes(outs).unwrap();

@@ -12,7 +12,10 @@
 //! 1.25-1.3× with many (docs/LOADTEST.md, "What crossing a node costs the
 //! node that delivers"). Here a read brings every whole message in the
 //! buffer; the small commands run at once, in order, and their replies
-//! leave together in one write, as a local upstream's do.
+//! leave together in one write, as a local upstream's do. With the link
+//! (and `PushBatch` waves), a cross-node push cost that node 1.01× a local
+//! one with batches or 32 connections, and 1.16× with 4 pushes in flight
+//! either way.
 //!
 //! The protocol spoken is the subset a subscriber needs (INFO, CONNECT,
 //! SUB, PUB, MSG, HMSG, PING, PONG, +OK, -ERR), parsed in place from the
@@ -20,9 +23,9 @@
 //! costs no copy and no allocation per message. The takes of sessions that
 //! resume on another node (`P.node.<id>.take`) come on the link too.
 //! Everything else (this node's own requests, events, the directory) stays
-//! on the library's client. TLS is
-//! spoken as the library speaks it: after the server's INFO, with the
-//! system's roots (`SSL_CERT_FILE` names others).
+//! on the library's client. TLS is spoken as the library speaks it: after
+//! the server's INFO, with the system's roots (`SSL_CERT_FILE` names
+//! others).
 //!
 //! The link reconnects by itself, as the client does (0, 100, 200 ms ...
 //! up to 2 s between tries, over `bus.urls` and the servers the NATS

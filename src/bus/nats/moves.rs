@@ -33,12 +33,17 @@ pub(super) fn forward_window(request_timeout: Duration) -> Duration {
 }
 
 /// How long the node a session moved to must remember the pushes it holds
-/// (`Router::remember_moved_for`, which the gateway calls with this),
-/// so that a push the old node sends on within [`forward_window`], taking
-/// up to `request_timeout` to arrive, is recognised if it came already.
+/// (`Router::remember_moved_for`, which the gateway calls with this), so
+/// that a copy of one sent on for the session is recognised if it came
+/// already. A copy is sent on for a push that reached the old node within
+/// [`MOVED_FOR`] of the move, and it runs here before its request's
+/// deadline, at most `request_timeout` after the push was first taken in,
+/// or not at all (`expired` in requests.rs, with
+/// [`CLOCK_MARGIN`](super::requests::CLOCK_MARGIN) for the clocks): this
+/// bound holds however slow the nodes are.
 #[must_use]
 pub fn moved_memory(request_timeout: Duration) -> Duration {
-    forward_window(request_timeout) + request_timeout + Duration::from_secs(1)
+    MOVED_FOR + request_timeout + super::requests::CLOCK_MARGIN
 }
 
 /// Where a session that left this node went.

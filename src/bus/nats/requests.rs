@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -141,22 +142,26 @@ pub(super) struct Plan {
 }
 
 impl Inner {
-    /// Decides where `cmd` goes.
-    pub(super) fn plan(&self, cmd: &Command) -> Plan {
+    /// Decides where `cmd` goes; its remote commands carry the request's
+    /// deadline `not_after_ms` (ms since the Unix epoch).
+    pub(super) fn plan(&self, cmd: &Command, not_after_ms: u64) -> Plan {
         let now = Instant::now().into_std();
         let dir = self.dir.read();
         let each_user = |users: &[UserId], make: &dyn Fn(Vec<UserId>) -> Command| {
             dir.route_users(users, now)
                 .nodes
                 .into_iter()
-                .map(|(n, us)| (n, codec::encode_command(&make(us.clone())), us))
+                .map(|(n, us)| {
+                    let c = codec::encode_command(&make(us.clone()), not_after_ms);
+                    (n, c, us)
+                })
                 .collect()
         };
         let shared = |nodes: Vec<NodeId>| {
             if nodes.is_empty() {
                 return Vec::new();
             }
-            let bytes = codec::encode_command(cmd);
+            let bytes = codec::encode_command(cmd, not_after_ms);
             nodes
                 .into_iter()
                 .map(|n| (n, bytes.clone(), Vec::new()))
@@ -365,7 +370,10 @@ impl Inner {
 
     pub(super) async fn request(self: Arc<Self>, cmd: Command) -> Reply {
         let deadline = Instant::now() + self.opts.request_timeout;
-        let plan = self.plan(&cmd);
+        // The same deadline for the nodes, on the wall clock: a push that
+        // reaches a node after it is not run there (see `expired`).
+        let not_after = crate::unix_ms() + ms(self.opts.request_timeout);
+        let plan = self.plan(&cmd, not_after);
         let local = async {
             match &cmd {
                 Command::Push { .. } => {
@@ -419,7 +427,7 @@ impl Inner {
                     asked.push((n, Bytes::new(), vec![u]));
                     continue;
                 }
-                sent_on.push((n, codec::encode_command(&c), vec![u]));
+                sent_on.push((n, codec::encode_command(&c, not_after), vec![u]));
             }
             // Within the request's own deadline: an upstream never waits
             // longer than bus.request_timeout for other nodes.
@@ -453,26 +461,26 @@ impl Inner {
     /// order).
     pub(super) fn answer(self: &Arc<Self>, payload: Bytes) -> Answer {
         match codec::decode_incoming(payload) {
-            Ok(codec::Incoming::One(cmd)) => {
+            Ok(codec::Incoming::One(cmd, until)) => {
                 if self.runs_inline(&cmd) {
-                    return Answer::Now(codec::encode_outcome(Ok(self.executor.execute(&cmd))));
+                    return Answer::Now(codec::encode_outcome(self.execute_until(&cmd, until)));
                 }
                 let me = self.clone();
                 Answer::Later(Box::pin(async move {
-                    codec::encode_outcome(Ok(me.run_command(&cmd).await))
+                    codec::encode_outcome(me.run_command(&cmd, until).await)
                 }))
             }
             Ok(codec::Incoming::Batch(cmds)) => {
-                let decoded: Vec<Result<Command, String>> =
+                let decoded: Vec<Result<(Command, u64), String>> =
                     cmds.into_iter().map(codec::decode_command).collect();
                 if decoded
                     .iter()
-                    .all(|c| c.as_ref().map_or(true, |c| self.runs_inline(c)))
+                    .all(|c| c.as_ref().map_or(true, |(c, _)| self.runs_inline(c)))
                 {
                     let outs = decoded
                         .iter()
                         .map(|c| match c {
-                            Ok(c) => codec::encode_outcome(Ok(self.executor.execute(c))),
+                            Ok((c, until)) => codec::encode_outcome(self.execute_until(c, *until)),
                             Err(e) => codec::encode_outcome(Err(e.clone())),
                         })
                         .collect();
@@ -483,7 +491,7 @@ impl Inner {
                     let mut outs = Vec::with_capacity(decoded.len());
                     for c in decoded {
                         let out = match c {
-                            Ok(cmd) => Ok(me.run_command(&cmd).await),
+                            Ok((cmd, until)) => me.run_command(&cmd, until).await,
                             Err(e) => Err(e),
                         };
                         outs.push(codec::encode_outcome(out));
@@ -498,12 +506,21 @@ impl Inner {
         }
     }
 
-    /// Runs a command from another node on this node's sessions.
-    async fn run_command(&self, cmd: &Command) -> Outcome {
-        match cmd {
+    /// Runs a small command from another node here and now, unless it is
+    /// a push past its deadline ([`expired`]).
+    fn execute_until(&self, cmd: &Command, until: u64) -> Result<Outcome, String> {
+        expired(cmd, until)?;
+        Ok(self.executor.execute(cmd))
+    }
+
+    /// Runs a command from another node on this node's sessions, unless
+    /// it is a push past its deadline `until` ([`expired`]).
+    async fn run_command(&self, cmd: &Command, until: u64) -> Result<Outcome, String> {
+        expired(cmd, until)?;
+        Ok(match cmd {
             Command::Push { .. } => {
                 if self.runs_inline(cmd) {
-                    return self.executor.execute(cmd);
+                    return Ok(self.executor.execute(cmd));
                 }
                 self.settle_takes().await;
                 let mut o = self.executor.run(cmd).await;
@@ -513,7 +530,7 @@ impl Inner {
                 o
             }
             other => self.executor.execute(other),
-        }
+        })
     }
 
     /// Whether a command from another node is small enough to run on the
@@ -536,6 +553,36 @@ impl Inner {
             Command::Kick { .. } => true,
         }
     }
+}
+
+/// How far apart the nodes' clocks may be for [`expired`] (NTP keeps
+/// them within milliseconds).
+pub const CLOCK_MARGIN: Duration = Duration::from_secs(1);
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Refuses a push from another node that comes after its request's
+/// deadline `until` (ms since the Unix epoch; 0: none) plus
+/// [`CLOCK_MARGIN`]: the node that asked has reported this node as not
+/// answering (`CODE_NODE_TIMEOUT`) already, and a push run that late
+/// would be one the upstream was told may not arrive, and could outlive
+/// what the nodes remember of a moved session (`moved_memory`). Kicks,
+/// room changes and presence run however late: they are safe to repeat.
+fn expired(cmd: &Command, until: u64) -> Result<(), String> {
+    if until == 0 || !matches!(cmd, Command::Push { .. }) {
+        return Ok(());
+    }
+    let now = crate::unix_ms();
+    if now <= until.saturating_add(ms(CLOCK_MARGIN)) {
+        return Ok(());
+    }
+    metrics::counter!(m::BUS_EXPIRED_PUSHES).increment(1);
+    Err(format!(
+        "the push came {} ms after its request's deadline: not run",
+        now - until
+    ))
 }
 
 /// Gathers the local outcome and the remote ones into one reply.
