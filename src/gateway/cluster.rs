@@ -151,7 +151,7 @@ impl Gateway {
         };
         self.takes.insert(conn.id(), Take::Pending);
         let conn = conn.clone();
-        let guard = cluster.begin_take();
+        let guard = cluster.begin_take(&user, &device);
         tokio::spawn(async move {
             let got = cluster.fetch_session(&node, id, &user, &device).await;
             let result = match got {

@@ -142,11 +142,13 @@ struct Inner {
     moved_count: AtomicUsize,
     /// Sessions this node is fetching from others and has not put in place
     /// yet, and the notice that one is done.
-    takes: Mutex<std::collections::BTreeSet<u64>>,
+    takes: Mutex<std::collections::BTreeMap<u64, (UserId, DeviceId)>>,
     take_seq: AtomicU64,
     takes_done: Notify,
     /// Commands waiting for a request to their node, by node.
     queues: Mutex<HashMap<NodeId, NodeQueue>>,
+    /// When this node last warned that another's clock is ahead, by node.
+    clock_warned: Mutex<HashMap<String, Instant>>,
 }
 
 /// A NATS connection made (or being made) for a bus not started yet.
@@ -240,10 +242,11 @@ impl NatsBus {
             sessions: std::sync::OnceLock::new(),
             moved: Mutex::new(HashMap::new()),
             moved_count: AtomicUsize::new(0),
-            takes: Mutex::new(std::collections::BTreeSet::new()),
+            takes: Mutex::new(std::collections::BTreeMap::new()),
             take_seq: AtomicU64::new(0),
             takes_done: Notify::new(),
             queues: Mutex::new(HashMap::new()),
+            clock_warned: Mutex::new(HashMap::new()),
         });
         *state.inner.lock() = Some(Arc::downgrade(&inner));
         metrics::gauge!(m::BUS_CONNECTED).set(if inner.is_up() { 1.0 } else { 0.0 });
@@ -311,14 +314,18 @@ impl NatsBus {
         let _ = self.inner.sessions.set(s);
     }
 
-    /// Counts a session this node starts to fetch from another; keep the
-    /// guard until the session is in place here (or the fetch failed).
-    /// Pushes that reach this node meanwhile wait for it (at most a quarter
-    /// of `bus.request_timeout`): the node it leaves may already have
-    /// missed them, and they would miss it here too.
-    pub fn begin_take(&self) -> TakeGuard {
+    /// Counts a session of `user`'s `device` this node starts to fetch
+    /// from another; keep the guard until the session is in place here (or
+    /// the fetch failed). Pushes that reach this node meanwhile wait for it
+    /// (at most a quarter of `bus.request_timeout`; a push sent on to that
+    /// device, until its request's deadline draws near): the node it leaves
+    /// may already have missed them, and they would miss it here too.
+    pub fn begin_take(&self, user: &UserId, device: &DeviceId) -> TakeGuard {
         let id = self.inner.take_seq.fetch_add(1, Ordering::AcqRel) + 1;
-        self.inner.takes.lock().insert(id);
+        self.inner
+            .takes
+            .lock()
+            .insert(id, (user.clone(), device.clone()));
         TakeGuard(self.inner.clone(), id)
     }
 

@@ -210,13 +210,54 @@ impl Inner {
     /// Only the fetches under way when the push arrived are waited for, so
     /// that a stream of moves (a rolling restart) never holds pushes back
     /// for longer than one fetch.
-    pub(super) async fn settle_takes(&self) {
-        let pending = |upto: u64| self.takes.lock().first().is_some_and(|&f| f <= upto);
+    ///
+    /// A push to one device whose session this node is fetching (the node
+    /// it left sent it on) waits for that fetch longer: until a quarter of
+    /// `bus.request_timeout` before its request's deadline `until` (ms
+    /// since the Unix epoch; 0: none). Under load a take can take seconds,
+    /// and the push would otherwise find no session here and be reported
+    /// undelivered while the device is on its way.
+    pub(super) async fn settle_takes(&self, cmd: &Command, until: u64) {
         let upto = self.take_seq.load(Ordering::Acquire);
+        let pending = |upto: u64| {
+            self.takes
+                .lock()
+                .first_key_value()
+                .is_some_and(|(&f, _)| f <= upto)
+        };
         if !pending(upto) {
             return;
         }
-        let patience = INSTALL_WAIT.min(self.opts.request_timeout / 4);
+        let quarter = self.opts.request_timeout / 4;
+        let mine = match cmd {
+            Command::Push {
+                target: PushTarget::Device(u, d),
+                ..
+            } => Some((u, d)),
+            _ => None,
+        };
+        let fetching = |u: &UserId, d: &DeviceId| {
+            self.takes
+                .lock()
+                .values()
+                .any(|(tu, td)| tu == u && td == d)
+        };
+        if let Some((u, d)) = mine.filter(|(u, d)| fetching(u, d)) {
+            let left_ms = until.saturating_sub(crate::unix_ms());
+            let patience = Duration::from_millis(left_ms).saturating_sub(quarter);
+            let _ = tokio::time::timeout(patience, async {
+                loop {
+                    let done = self.takes_done.notified();
+                    if !fetching(u, d) {
+                        return;
+                    }
+                    done.await;
+                }
+            })
+            .await;
+            return;
+        }
+        let patience = INSTALL_WAIT.min(quarter);
         let _ = tokio::time::timeout(patience, async {
             loop {
                 let done = self.takes_done.notified();

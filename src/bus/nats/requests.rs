@@ -377,7 +377,7 @@ impl Inner {
         let local = async {
             match &cmd {
                 Command::Push { .. } => {
-                    self.settle_takes().await;
+                    self.settle_takes(&cmd, not_after).await;
                     self.executor.run(&cmd).await
                 }
                 other => self.executor.execute(other),
@@ -423,6 +423,7 @@ impl Inner {
                 if n == self.node {
                     // It moved here while the push was on its way (this
                     // node ran its share before the session was in place).
+                    self.settle_takes(&c, not_after).await;
                     answers.push(Ok(self.executor.run(&c).await));
                     asked.push((n, Bytes::new(), vec![u]));
                     continue;
@@ -522,7 +523,7 @@ impl Inner {
                 if self.runs_inline(cmd) {
                     return Ok(self.executor.execute(cmd));
                 }
-                self.settle_takes().await;
+                self.settle_takes(cmd, until).await;
                 let mut o = self.executor.run(cmd).await;
                 if let Outcome::Push(p) = &mut o {
                     self.hints(cmd, p).await;

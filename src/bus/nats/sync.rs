@@ -62,6 +62,7 @@ impl Inner {
                 sessions: self.registry.len() as u64,
                 draining: self.draining.load(Ordering::Relaxed),
                 leaving,
+                sent_unix_ms: crate::unix_ms(),
             })),
         }
     }
@@ -182,6 +183,7 @@ impl Inner {
                 match m.body {
                     Some(pb::directory_message::Body::Delta(d)) => dir.on_delta(d, now),
                     Some(pb::directory_message::Body::Heartbeat(h)) => {
+                        self.check_clock(&h);
                         let before = dir.len();
                         let need = dir.on_heartbeat(&h, now);
                         if dir.len() > before {
@@ -196,6 +198,39 @@ impl Inner {
                 tokio::spawn(self.clone().fetch_snapshot(n));
             }
         }
+    }
+
+    /// Warns (at most once a minute per node) when another node's clock
+    /// is ahead of this one's by more than half of
+    /// [`CLOCK_MARGIN`](super::requests::CLOCK_MARGIN): this node then takes
+    /// its pushes for later than they are, and refuses them as past their
+    /// deadline once the difference passes the margin. (A clock behind
+    /// cannot be told from a heartbeat that took long: the node ahead warns.)
+    fn check_clock(&self, h: &pb::Heartbeat) {
+        if h.sent_unix_ms == 0 || h.node_id == self.node.as_str() {
+            return;
+        }
+        let margin = super::requests::CLOCK_MARGIN.as_millis() as u64;
+        let Some(ahead) = ahead_by(h.sent_unix_ms, crate::unix_ms(), margin / 2) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut warned = self.clock_warned.lock();
+        if warned.len() > 1024 {
+            warned.clear();
+        }
+        if let Some(last) = warned.get(&h.node_id) {
+            if now.duration_since(*last) < std::time::Duration::from_secs(60) {
+                return;
+            }
+        }
+        warned.insert(h.node_id.clone(), now);
+        tracing::warn!(
+            node = %h.node_id,
+            ahead_ms = ahead,
+            "cluster: that node's clock is ahead of this one's: keep the nodes' clocks within \
+             a second (NTP), or pushes between them are refused as past their deadline"
+        );
     }
 
     /// Asks `node` for its whole state and applies it (again while a gap
@@ -285,5 +320,27 @@ impl Inner {
                     .await;
             }
         }
+    }
+}
+
+/// How far a clock that read `sent_ms` when `now_ms` was read here is
+/// ahead of this one, if by more than `beyond_ms`.
+fn ahead_by(sent_ms: u64, now_ms: u64, beyond_ms: u64) -> Option<u64> {
+    sent_ms
+        .checked_sub(now_ms)
+        .filter(|ahead| *ahead > beyond_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ahead_by;
+
+    #[test]
+    fn only_a_clock_ahead_by_more_than_the_margin_is_reported() {
+        assert_eq!(ahead_by(10_000, 9_000, 500), Some(1_000));
+        assert_eq!(ahead_by(10_000, 9_600, 500), None, "within the margin");
+        // Behind, or a heartbeat that took long: indistinguishable, silent.
+        assert_eq!(ahead_by(9_000, 10_000, 500), None);
+        assert_eq!(ahead_by(0, u64::MAX, 500), None);
     }
 }
