@@ -115,7 +115,7 @@ pub struct MillionOpts {
     /// The gateways' `shutdown.drain_timeout`, in seconds: how long a
     /// restarting gateway waits for its sessions to be taken by the others
     /// before it ends the rest.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
     /// The gateways' `bus.request_timeout`, in milliseconds (which also
     /// sets how long a moved session's new node remembers the pushes it

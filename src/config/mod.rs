@@ -630,7 +630,10 @@ impl Default for MetricsConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
-            drain_timeout: Duration::from_secs(10),
+            // A cluster's rolling restart of 100,000 devices on 2 cores
+            // needed it (docs/LOADTEST.md); a drain ends as soon as every
+            // session is taken.
+            drain_timeout: Duration::from_secs(30),
             reconnect_after: Duration::from_secs(2),
             reconnect_to: String::new(),
         }
@@ -850,8 +853,9 @@ node_timeout = "5s"
 
 [shutdown]
 # On SIGTERM/SIGINT: stop accepting, send Close(SERVER_DRAINING), flush, and
-# exit after at most this long.
-drain_timeout = "10s"
+# exit after at most this long (in a cluster: once every session is taken by
+# the node its device resumed on, or this long).
+drain_timeout = "30s"
 # Sent in the draining Close: wait this long (plus jitter) before reconnecting,
 reconnect_after = "2s"
 # and reconnect here (empty: the same address).
