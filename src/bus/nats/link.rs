@@ -239,7 +239,7 @@ impl Inner {
             let server = servers[next % servers.len()].clone();
             next += 1;
             let why = match self.connect_link(&server).await {
-                Ok((stream, info)) => {
+                Ok((stream, info, read)) => {
                     for u in &info.connect_urls {
                         let s = Server::from_url(&format!(
                             "{}://{u}",
@@ -261,7 +261,7 @@ impl Inner {
                     );
                     metrics::gauge!(m::BUS_COMMANDS_CONNECTED).set(1.0);
                     let max = info.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD);
-                    let why = self.run_link(stream, max, &slots, &tx, &mut rx).await;
+                    let why = self.run_link(stream, read, max, &slots, &tx, &mut rx).await;
                     metrics::gauge!(m::BUS_COMMANDS_CONNECTED).set(0.0);
                     // A link that held a while is retried at once; one
                     // the server ends as soon as it is made backs off, so
@@ -290,7 +290,10 @@ impl Inner {
 
     /// Connects to `server`, speaks TLS if it or the server asks, logs in
     /// and subscribes to this node's commands.
-    async fn connect_link(&self, server: &Server) -> Result<(Box<dyn Stream>, Info), String> {
+    async fn connect_link(
+        &self,
+        server: &Server,
+    ) -> Result<(Box<dyn Stream>, Info, BytesMut), String> {
         let steps = async {
             let tcp = TcpStream::connect((server.host.as_str(), server.port))
                 .await
@@ -339,23 +342,17 @@ impl Inner {
             if let Some(t) = &self.opts.token {
                 connect["auth_token"] = t.as_str().into();
             }
-            let hello = format!(
-                "CONNECT {connect}\r\nPING\r\nSUB {} {SID_COMMANDS}\r\nSUB {} {SID_TAKES}\r\nPING\r\n",
-                self.subject(&self.node, "cmd"),
-                self.subject(&self.node, "take"),
-            );
             stream
-                .write_all(hello.as_bytes())
+                .write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
                 .await
                 .map_err(|e| format!("sending CONNECT: {e}"))?;
-            // Logged in and subscribed once the second PONG comes: the
-            // server answers in order, and an -ERR comes instead.
+            // Logged in once the PONG comes (the server answers in order;
+            // a refused login gets an -ERR instead).
             let mut buf = BytesMut::with_capacity(512);
-            let mut pongs = 0;
-            while pongs < 2 {
-                let max = info.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD);
+            let max = info.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD);
+            loop {
                 match parse(&mut buf, max)? {
-                    Some(Op::Pong) => pongs += 1,
+                    Some(Op::Pong) => break,
                     Some(Op::Err(e)) => return Err(format!("the server refused: {e}")),
                     Some(Op::Ping) => {
                         let _ = stream.write_all(b"PONG\r\n").await;
@@ -368,26 +365,39 @@ impl Inner {
                     }
                 }
             }
-            Ok((stream, info))
+            // Then the subscriptions: what comes for them from now on is
+            // the link's to read (a refused one is an -ERR there).
+            let subs = format!(
+                "SUB {} {SID_COMMANDS}\r\nSUB {} {SID_TAKES}\r\nPING\r\n",
+                self.subject(&self.node, "cmd"),
+                self.subject(&self.node, "take"),
+            );
+            stream
+                .write_all(subs.as_bytes())
+                .await
+                .map_err(|e| format!("subscribing: {e}"))?;
+            Ok((stream, info, buf))
         };
         tokio::time::timeout(CONNECT_TIMEOUT, steps)
             .await
             .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
     }
 
-    /// Runs the link until it fails: reads what came, runs it, writes the
-    /// replies at once; also sends the replies of commands that ran on
-    /// tasks of their own (`later`), and pings.
+    /// Runs the link until it fails: reads what came (after `buf`, read
+    /// already), runs it, writes the replies at once; also sends the
+    /// replies of commands that ran on tasks of their own (`later`), and
+    /// pings.
     async fn run_link(
         self: &Arc<Self>,
         stream: Box<dyn Stream>,
+        mut buf: BytesMut,
         max_payload: usize,
         slots: &Arc<Semaphore>,
         tx: &mpsc::Sender<(Bytes, Bytes)>,
         later: &mut mpsc::Receiver<(Bytes, Bytes)>,
     ) -> String {
         let (mut rd, mut wr) = tokio::io::split(stream);
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        buf.reserve(64 * 1024);
         let mut out = BytesMut::with_capacity(16 * 1024);
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -442,9 +452,13 @@ impl Inner {
                             Ok(Some(Op::Ping)) => out.extend_from_slice(b"PONG\r\n"),
                             Ok(Some(Op::Pong)) => unanswered = 0,
                             Ok(Some(Op::Err(e))) => {
-                                // Permission and parser errors end the
-                                // connection on the server's side; a
-                                // warning alone is logged.
+                                // A refused subscription leaves the link
+                                // deaf: redo it (with the backoff). Parser
+                                // and most other errors end the connection
+                                // on the server's side; others are logged.
+                                if e.contains("Permissions Violation for Subscription") {
+                                    return format!("the server refused a subscription: {e}");
+                                }
                                 tracing::warn!("cluster bus: command link: the server says: {e}");
                             }
                             Ok(Some(Op::Ok | Op::Info(_))) => {}

@@ -202,10 +202,11 @@ impl Inner {
 
     /// Warns (at most once a minute per node) when another node's clock
     /// is ahead of this one's by more than half of
-    /// [`CLOCK_MARGIN`](super::requests::CLOCK_MARGIN): this node then takes
-    /// its pushes for later than they are, and refuses them as past their
-    /// deadline once the difference passes the margin. (A clock behind
-    /// cannot be told from a heartbeat that took long: the node ahead warns.)
+    /// [`CLOCK_MARGIN`](super::requests::CLOCK_MARGIN): that node then
+    /// takes this one's pushes for later than they are, and refuses them as
+    /// past their deadline once the difference passes the margin. (A clock
+    /// behind cannot be told from a heartbeat that took long: the node
+    /// behind warns about the one ahead.)
     fn check_clock(&self, h: &pb::Heartbeat) {
         if h.sent_unix_ms == 0 || h.node_id == self.node.as_str() {
             return;
