@@ -49,6 +49,9 @@ use crate::metrics as m;
 const MAX_LINE: usize = 4096;
 /// The payload limit when the server names none (NATS's default).
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+/// The most the link believes a server's `max_payload` (NATS allows 64
+/// MiB): a message is buffered whole, so a server's word bounds memory.
+const MAX_PAYLOAD_CAP: usize = 64 << 20;
 /// A PING goes out this often; two without a PONG and the link is redone.
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// How long the connect, the TLS handshake and the server's first answers
@@ -260,7 +263,10 @@ impl Inner {
                         "cluster bus: command link connected"
                     );
                     metrics::gauge!(m::BUS_COMMANDS_CONNECTED).set(1.0);
-                    let max = info.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD);
+                    let max = info
+                        .max_payload
+                        .unwrap_or(DEFAULT_MAX_PAYLOAD)
+                        .min(MAX_PAYLOAD_CAP);
                     let why = self.run_link(stream, read, max, &slots, &tx, &mut rx).await;
                     metrics::gauge!(m::BUS_COMMANDS_CONNECTED).set(0.0);
                     // A link that held a while is retried at once; one
@@ -349,7 +355,10 @@ impl Inner {
             // Logged in once the PONG comes (the server answers in order;
             // a refused login gets an -ERR instead).
             let mut buf = BytesMut::with_capacity(512);
-            let max = info.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD);
+            let max = info
+                .max_payload
+                .unwrap_or(DEFAULT_MAX_PAYLOAD)
+                .min(MAX_PAYLOAD_CAP);
             loop {
                 match parse(&mut buf, max)? {
                     Some(Op::Pong) => break,
