@@ -765,14 +765,7 @@ async fn across_a_cluster_a_push_and_presence_reach_the_other_node() {
     exporter();
     let nats = NatsServer::start();
     let node = |name: &'static str| {
-        let mut cfg = test_config();
-        cfg.node_id = name.into();
-        cfg.bus.kind = tether::config::bus::BusKind::Nats;
-        cfg.bus.urls = vec![nats.url()];
-        cfg.bus.cluster = "api".into();
-        cfg.bus.heartbeat = Duration::from_millis(200);
-        cfg.bus.node_timeout = Duration::from_millis(1_000);
-        cfg.bus.request_timeout = Duration::from_millis(500);
+        let mut cfg = nats.node_config("api", name);
         cfg.bus.resume_secret = Some("a cluster-wide resume secret of 32+ bytes".into());
         start(cfg)
     };

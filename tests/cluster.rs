@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
 use common::*;
-use tether::config::bus::BusKind;
 use tether::wire::pb;
 
 /// A gateway of the cluster `cluster` on `nats`, named `node`.
@@ -33,16 +32,9 @@ async fn node_with(
     node: &str,
     f: impl FnOnce(&mut tether::config::Config),
 ) -> TestGateway {
-    let mut cfg = test_config();
+    let mut cfg = nats.node_config(cluster, node);
     cfg.bus.resume_secret = Some("a cluster-wide resume secret of 32+ bytes".into());
     f(&mut cfg);
-    cfg.node_id = node.into();
-    cfg.bus.kind = BusKind::Nats;
-    cfg.bus.urls = vec![nats.url()];
-    cfg.bus.cluster = cluster.into();
-    cfg.bus.heartbeat = Duration::from_millis(200);
-    cfg.bus.node_timeout = Duration::from_millis(1_000);
-    cfg.bus.request_timeout = Duration::from_millis(500);
     start(cfg).await
 }
 

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
 use common::*;
-use tether::config::bus::BusKind;
 use tether::wire::pb;
 
 mod common;
@@ -37,14 +36,7 @@ async fn a_killed_node_is_noticed_its_users_reported_and_its_devices_told() {
     .unwrap();
     let mut child = serve_binary(dir.path(), &cfg, Stdio::null());
     // The node that lives, in process.
-    let mut c = test_config();
-    c.node_id = "alive".into();
-    c.bus.kind = BusKind::Nats;
-    c.bus.urls = vec![nats.url()];
-    c.bus.cluster = "death".into();
-    c.bus.heartbeat = Duration::from_millis(200);
-    c.bus.node_timeout = Duration::from_secs(1);
-    c.bus.request_timeout = Duration::from_millis(500);
+    let mut c = nats.node_config("death", "alive");
     c.bus.resume_secret = Some(SECRET.into());
     let alive = start(c).await;
 

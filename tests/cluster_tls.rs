@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
 use common::*;
-use tether::config::bus::BusKind;
 use tether::wire::pb;
 
 /// Starts nodes a and b on `nats` (`login` sets their credentials), and
@@ -21,13 +20,7 @@ use tether::wire::pb;
 async fn a_push_crosses(nats: &NatsServer, login: impl Fn(&mut tether::config::Config)) {
     let mut nodes = Vec::new();
     for name in ["a", "b"] {
-        let mut cfg = test_config();
-        cfg.node_id = name.into();
-        cfg.bus.kind = BusKind::Nats;
-        cfg.bus.urls = vec![nats.url()];
-        cfg.bus.cluster = "tls".into();
-        cfg.bus.heartbeat = Duration::from_millis(200);
-        cfg.bus.node_timeout = Duration::from_millis(1_000);
+        let mut cfg = nats.node_config("tls", name);
         cfg.bus.request_timeout = Duration::from_millis(1_000);
         login(&mut cfg);
         nodes.push(start(cfg).await);

@@ -21,32 +21,36 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts one on a free port and waits until it accepts connections.
     pub fn start() -> Self {
-        Self::start_with(None)
+        Self::start_args(None, &[])
     }
 
     /// Starts one with these arguments more (`--user u --pass p`,
     /// `--auth token`), and TLS if `tls` names a certificate and key.
     pub fn start_args(tls: Option<(&str, &str)>, extra: &[&str]) -> Self {
-        let mut s = Self::unstarted(tls.map(|(c, k)| (c.to_string(), k.to_string())));
-        s.extra = extra.iter().map(|a| a.to_string()).collect();
-        s.restart();
-        s
-    }
-
-    fn start_with(tls: Option<(String, String)>) -> Self {
-        let mut s = Self::unstarted(tls);
-        s.restart();
-        s
-    }
-
-    fn unstarted(tls: Option<(String, String)>) -> Self {
-        Self {
+        let mut s = Self {
             port: super::free_port(),
             monitor: super::free_port(),
-            tls,
-            extra: Vec::new(),
+            tls: tls.map(|(c, k)| (c.to_string(), k.to_string())),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             child: None,
-        }
+        };
+        s.restart();
+        s
+    }
+
+    /// The config of node `node` of cluster `cluster` on this server, with
+    /// the tests' quick heartbeat (200 ms), node timeout (1 s) and request
+    /// timeout (500 ms).
+    pub fn node_config(&self, cluster: &str, node: &str) -> tether::config::Config {
+        let mut cfg = super::test_config();
+        cfg.node_id = node.into();
+        cfg.bus.kind = tether::config::bus::BusKind::Nats;
+        cfg.bus.urls = vec![self.url()];
+        cfg.bus.cluster = cluster.into();
+        cfg.bus.heartbeat = Duration::from_millis(200);
+        cfg.bus.node_timeout = Duration::from_millis(1_000);
+        cfg.bus.request_timeout = Duration::from_millis(500);
+        cfg
     }
 
     pub fn url(&self) -> String {
@@ -93,26 +97,26 @@ impl NatsServer {
 impl NatsServer {
     /// Messages the server has received from its clients so far (`/varz`).
     pub fn messages_in(&self) -> u64 {
-        let page = super::http_get(self.monitor, "/varz");
-        page.lines()
-            .find_map(|l| {
-                let l = l.trim();
-                l.strip_prefix("\"in_msgs\":")
-                    .map(|v| v.trim().trim_end_matches(',').parse().unwrap_or(0))
-            })
-            .unwrap_or_else(|| panic!("no in_msgs in {page}"))
+        self.monitored("/varz", "in_msgs")
     }
 
     /// Subscriptions the server holds now (from its `/subsz` page).
     pub fn subscriptions(&self) -> u64 {
-        let page = super::http_get(self.monitor, "/subsz");
+        self.monitored("/subsz", "num_subscriptions")
+    }
+
+    /// The number `key` on the monitoring page `path` (one per line, as
+    /// nats-server prints its JSON).
+    fn monitored(&self, path: &str, key: &str) -> u64 {
+        let page = super::http_get(self.monitor, path);
+        let prefix = format!("\"{key}\":");
         page.lines()
             .find_map(|l| {
-                let l = l.trim();
-                l.strip_prefix("\"num_subscriptions\":")
+                l.trim()
+                    .strip_prefix(prefix.as_str())
                     .map(|v| v.trim().trim_end_matches(',').parse().unwrap_or(0))
             })
-            .unwrap_or_else(|| panic!("no num_subscriptions in {page}"))
+            .unwrap_or_else(|| panic!("no {key} in {page}"))
     }
 }
 

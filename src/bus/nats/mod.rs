@@ -542,8 +542,7 @@ impl Bus for NatsBus {
         };
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let until = crate::unix_ms() + inner.opts.request_timeout.as_millis() as u64;
-            let plan = inner.plan(&cmd, until);
+            let plan = inner.plan(&cmd, inner.not_after());
             for (n, bytes, _) in plan.remote {
                 if let Err((code, m)) = inner.ask(&n, bytes).await {
                     tracing::debug!(node = %n, ?code, "replacing a session elsewhere: {m}");

@@ -245,26 +245,23 @@ impl Inner {
         if let Some((u, d)) = mine.filter(|(u, d)| fetching(u, d)) {
             let left_ms = until.saturating_sub(crate::unix_ms());
             let patience = Duration::from_millis(left_ms).saturating_sub(quarter);
-            let _ = tokio::time::timeout(patience, async {
-                loop {
-                    let done = self.takes_done.notified();
-                    if !fetching(u, d) {
-                        return;
-                    }
-                    done.await;
-                }
-            })
-            .await;
+            self.wait_takes(patience, || !fetching(u, d)).await;
             return;
         }
-        let patience = INSTALL_WAIT.min(quarter);
+        self.wait_takes(INSTALL_WAIT.min(quarter), || !pending(upto))
+            .await;
+    }
+
+    /// Waits (at most `patience`) until `done` holds, looking again each
+    /// time a fetch ends.
+    async fn wait_takes(&self, patience: Duration, done: impl Fn() -> bool) {
         let _ = tokio::time::timeout(patience, async {
             loop {
-                let done = self.takes_done.notified();
-                if !pending(upto) {
+                let ended = self.takes_done.notified();
+                if done() {
                     return;
                 }
-                done.await;
+                ended.await;
             }
         })
         .await;

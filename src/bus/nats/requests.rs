@@ -142,6 +142,13 @@ pub(super) struct Plan {
 }
 
 impl Inner {
+    /// The deadline of a request made now, for the nodes, on the wall clock
+    /// (ms since the Unix epoch): a push that reaches a node after it is
+    /// not run there (see [`expired`]).
+    pub(super) fn not_after(&self) -> u64 {
+        crate::unix_ms() + ms(self.opts.request_timeout)
+    }
+
     /// Decides where `cmd` goes; its remote commands carry the request's
     /// deadline `not_after_ms` (ms since the Unix epoch).
     pub(super) fn plan(&self, cmd: &Command, not_after_ms: u64) -> Plan {
@@ -370,9 +377,7 @@ impl Inner {
 
     pub(super) async fn request(self: Arc<Self>, cmd: Command) -> Reply {
         let deadline = Instant::now() + self.opts.request_timeout;
-        // The same deadline for the nodes, on the wall clock: a push that
-        // reaches a node after it is not run there (see `expired`).
-        let not_after = crate::unix_ms() + ms(self.opts.request_timeout);
+        let not_after = self.not_after();
         let plan = self.plan(&cmd, not_after);
         let local = async {
             match &cmd {
