@@ -39,7 +39,7 @@ pub struct Server {
     /// Handshake slots and the handshakes in progress, shared by every TLS
     /// and WebSocket-over-TLS listener (None without either).
     tls_admission: Option<Arc<TlsAdmission>>,
-    quic: Vec<quinn::Endpoint>,
+    quic: Vec<crate::quic::driver::Endpoint>,
     upstream: crate::upstream::UpstreamListeners,
     addrs: BoundAddrs,
 }
@@ -150,7 +150,7 @@ impl Server {
                 let server = crate::quic::server_config(&cfg, &tc)?;
                 for a in quic_addrs {
                     let ep = crate::quic::bind(a, &cfg, server.clone()).context(key)?;
-                    addrs.quic.push(ep.local_addr()?);
+                    addrs.quic.push(ep.local_addr());
                     quic.push(ep);
                 }
             }
@@ -279,7 +279,7 @@ impl Server {
         }
         for ep in &self.quic {
             // Whatever is left after the drain is closed with the endpoint.
-            ep.close(0u32.into(), b"server shutting down");
+            ep.close(0, b"server shutting down");
         }
         upstream_stop.cancel();
         if let Some(c) = gw.cluster() {

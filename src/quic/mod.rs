@@ -37,13 +37,13 @@
 //!   ([`Link::set_early`](crate::transport::Link::set_early)).
 
 pub mod cid;
+pub mod driver;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures_util::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -52,6 +52,8 @@ use crate::ids::TransportKind;
 use crate::metrics as m;
 use crate::transport::quic::QuicWire;
 use crate::transport::{ConnGuard, Connection, NodeRef};
+
+use driver::Admission;
 
 /// The ALPN protocol id of Tether's frames over QUIC.
 pub const ALPN: &[u8] = b"tether/1";
@@ -149,7 +151,7 @@ pub fn endpoint_config(cfg: &Config) -> anyhow::Result<quinn::EndpointConfig> {
     Ok(ep)
 }
 
-/// Binds a QUIC endpoint on `addr`.
+/// Binds a QUIC endpoint on `addr` (within a Tokio runtime).
 ///
 /// # Errors
 /// The address is in use or cannot be bound.
@@ -157,7 +159,7 @@ pub fn bind(
     addr: SocketAddr,
     cfg: &Config,
     server: quinn::ServerConfig,
-) -> anyhow::Result<quinn::Endpoint> {
+) -> anyhow::Result<driver::Endpoint> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     let want = cfg.quic.socket_buffer as usize;
@@ -192,13 +194,8 @@ pub fn bind(
     sock.bind(&addr.into())
         .with_context(|| format!("cannot bind UDP {addr}"))?;
     let socket: std::net::UdpSocket = sock.into();
-    quinn::Endpoint::new(
-        endpoint_config(cfg)?,
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .with_context(|| format!("cannot start QUIC on {addr}"))
+    driver::Endpoint::new(endpoint_config(cfg)?, server, socket)
+        .with_context(|| format!("cannot start QUIC on {addr}"))
 }
 
 /// A side of the QUIC socket's kernel buffer.
@@ -265,101 +262,79 @@ impl HandshakeRate {
     }
 }
 
-/// Accepts QUIC connections on `endpoint` until `stop`: address validation
-/// under load, the connection limits, then one task per connection.
+/// Runs the QUIC endpoint `endpoint`: accepts connections until `stop`
+/// (address validation under load, the connection limits, then one task
+/// per connection), and carries the accepted ones until the endpoint is
+/// closed ([`driver::Endpoint::close`]).
 ///
-/// There is no handshake slot as for TLS: quinn makes no `Incoming` before
-/// a client's first Initial packet, and no connection waits for a slot
-/// after it; past `quic.handshake_rate` a client must prove its address
-/// before any crypto runs. What a handshake that never finishes holds (its
-/// quinn state, its task, its place in the connection caps) is bounded in
-/// time by `session.login_timeout` (the wait for the client's stream) and
-/// in number by `handshakes`, a set of at most `tls.max_pending_handshakes`
-/// whose oldest is closed to make room: a flood of handshakes that never
-/// finish cannot keep a real device out (tests/quic_handshake_flood.rs).
+/// There is no handshake slot as for TLS: quinn-proto makes no `Incoming`
+/// before a client's first Initial packet, and no connection waits for a
+/// slot after it; past `quic.handshake_rate` a client must prove its
+/// address before any crypto runs. What a handshake that never finishes
+/// holds (its connection state, its task, its place in the connection
+/// caps) is bounded in time by `session.login_timeout` (the wait for the
+/// client's stream) and in number by `handshakes`, a set of at most
+/// `tls.max_pending_handshakes` whose oldest is closed to make room: a
+/// flood of handshakes that never finish cannot keep a real device out
+/// (tests/quic_handshake_flood.rs).
 pub async fn accept_loop(
     node: NodeRef,
-    endpoint: quinn::Endpoint,
+    endpoint: driver::Endpoint,
     handshakes: Arc<HandshakeSet>,
     stop: CancellationToken,
 ) {
+    // Draining: new connections are refused; the endpoint's connections
+    // keep running until they drain (the server closes the endpoint after).
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        ep.stop_accepting();
+    });
     let mut rate = HandshakeRate::new(node.config().quic.handshake_rate, Instant::now());
-    loop {
-        let incoming = tokio::select! {
-            _ = stop.cancelled() => break,
-            i = endpoint.accept() => match i {
-                Some(i) => i,
-                None => break,
-            },
-        };
-        let remote = incoming.remote_address();
+    let admit = move |incoming: &quinn_proto::Incoming| {
         if !incoming.remote_address_validated() && !rate.admit(Instant::now()) {
             // Over the rate: prove the address first. A retry keeps no state.
             metrics::counter!(m::QUIC_HANDSHAKES, "result" => "retry").increment(1);
-            if incoming.may_retry() {
-                let _ = incoming.retry();
+            return if incoming.may_retry() {
+                Admission::Retry
             } else {
-                incoming.refuse();
-            }
-            continue;
+                Admission::Refuse
+            };
         }
+        let remote = incoming.remote_address();
         let guard = if node.pending_full() {
             metrics::counter!(m::PENDING_LOGINS_REFUSED).increment(1);
             Err(crate::wire::Code::TooManyConnections)
         } else {
             ConnGuard::acquire(&node, remote, TransportKind::Quic)
         };
-        let guard = match guard {
-            Ok(g) => g,
+        match guard {
+            Ok(guard) => {
+                let (node, handshakes) = (node.clone(), handshakes.clone());
+                Admission::Accept(Box::new(move |conn| {
+                    handshakes.spawn(serve(node, conn, guard));
+                }))
+            }
             Err(code) => {
                 metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => code.as_str_name())
                     .increment(1);
                 metrics::counter!(m::QUIC_HANDSHAKES, "result" => "refused").increment(1);
                 // CONNECTION_REFUSED, before any state: what a storm costs.
-                incoming.refuse();
-                continue;
+                Admission::Refuse
             }
-        };
-        handshakes.spawn(serve(node.clone(), incoming, guard));
-    }
-    // Draining: new connections are refused; the connections of the
-    // endpoint keep running until they drain (the server closes it after).
-    endpoint.set_server_config(None);
+        }
+    };
+    endpoint.run(admit).await;
 }
 
-/// One connection: the handshake, the client's stream, then the driver.
-async fn serve(node: NodeRef, incoming: quinn::Incoming, guard: ConnGuard) {
-    let remote = incoming.remote_address();
-    let connecting = match incoming.accept() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(%remote, error = %e, "QUIC accept failed");
-            metrics::counter!(m::QUIC_HANDSHAKES, "result" => "failed").increment(1);
-            return;
-        }
-    };
-    // 0-RTT: on a server this succeeds at once, before the handshake ends;
-    // `confirmed` resolves when it completes, and until then the link runs
-    // only idempotent requests. A handshake that never completes is bounded
-    // by the wait for the client's stream below and by QUIC's idle timeout.
-    let (conn, confirmed) = match connecting.into_0rtt() {
-        Ok((conn, confirmed)) => (conn, Some(confirmed)),
-        Err(connecting) => {
-            let timeout = node.config().tls.handshake_timeout;
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(Ok(c)) => (c, None),
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "QUIC handshake failed");
-                    metrics::counter!(m::QUIC_HANDSHAKES, "result" => "failed").increment(1);
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!(m::QUIC_HANDSHAKES, "result" => "timeout").increment(1);
-                    return;
-                }
-            }
-        }
-    };
+/// One connection, from its first packet: the client's stream, then the
+/// session's task.
+async fn serve(node: NodeRef, conn: driver::Connection, guard: ConnGuard) {
+    // 0-RTT: a server reads early data at once, before the handshake ends;
+    // the wire tells the link when the handshake is confirmed, and until
+    // then the link runs only idempotent requests. A handshake that never
+    // completes is bounded by the wait for the client's stream below and by
+    // QUIC's idle timeout.
     metrics::counter!(m::QUIC_HANDSHAKES, "result" => "accepted").increment(1);
     // The client's stream comes with its first bytes (the Login): wait for
     // it as long as a login may take. The same login timeout goes on after
@@ -367,15 +342,15 @@ async fn serve(node: NodeRef, incoming: quinn::Incoming, guard: ConnGuard) {
     // `session.login_timeout` from here to its LoginOk, not one per step.
     let login = node.config().session.login_timeout;
     let since = node.now();
-    let (send, recv) = match tokio::time::timeout(login, conn.accept_bi()).await {
+    let stream = match tokio::time::timeout(login, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "QUIC connection ended before its stream");
+            tracing::debug!(remote = %conn.remote_address(), error = %e, "QUIC connection ended before its stream");
             return;
         }
         Err(_) => {
             conn.close(
-                (crate::wire::Code::LoginTimeout as u32).into(),
+                crate::wire::Code::LoginTimeout as u32,
                 b"no stream within the login timeout",
             );
             return;
@@ -384,22 +359,21 @@ async fn serve(node: NodeRef, incoming: quinn::Incoming, guard: ConnGuard) {
     // The bulk stream, if the client allows one: its transport parameters
     // are known by now, so the open succeeds at once or never will. Without
     // it, both lanes share the client's stream, as over TCP.
-    let bulk = match conn.open_uni().now_or_never() {
-        Some(Ok(b)) => Some(b),
-        Some(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "cannot open the bulk stream");
+    let bulk = match conn.open_uni() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(remote = %conn.remote_address(), error = %e, "cannot open the bulk stream");
             return;
         }
-        None => None,
     };
     // Interactive frames first when both streams have data to send.
-    let _ = send.set_priority(1);
-    if let Some(b) = &bulk {
-        let _ = b.set_priority(0);
+    conn.set_priority(stream, 1);
+    if let Some(b) = bulk {
+        conn.set_priority(b, 0);
     }
-    let wire = QuicWire::new(conn, send, recv, bulk, confirmed);
-    // A task of its own: this setup's future (handshake, timeouts) is about
-    // 1.7 KB, and a task keeps the size of its largest state for its life.
+    let wire = QuicWire::new(conn, stream, bulk);
+    // A task of its own: this setup's future (timeouts) is larger than the
+    // session needs, and a task keeps the size of its largest state for its life.
     tokio::spawn(Connection::since(
         node,
         wire,

@@ -9,36 +9,35 @@
 //! This wire also tells the link when a 0-RTT handshake is confirmed, and
 //! counts the client's address changes (connection migration).
 
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use std::sync::Arc;
+use quinn_proto::StreamId;
+use tokio::io::ReadBuf;
 
 use super::{Link, Outputs, Wire};
 use crate::ids::SessionId;
 use crate::metrics as m;
+use crate::quic::driver::{ConnRef, Connection};
 
 /// The QUIC connection a session is attached over, by session: one entry
 /// per QUIC session (TCP sessions pay nothing), read live so that presence
-/// sees a migration as soon as quinn does.
-pub type QuicPaths = dashmap::DashMap<SessionId, quinn::Connection>;
+/// sees a migration as soon as QUIC does.
+pub type QuicPaths = dashmap::DashMap<SessionId, ConnRef>;
 
 /// One QUIC connection carrying one session.
 pub struct QuicWire {
-    conn: quinn::Connection,
-    recv: quinn::RecvStream,
-    send: quinn::SendStream,
+    conn: Connection,
+    /// The client's bidirectional stream: input, and output 0.
+    stream: StreamId,
     /// The bulk lane's stream; `None` when the client allows no
-    /// unidirectional stream (both lanes then share `send`).
-    bulk: Option<quinn::SendStream>,
-    /// Until the handshake is confirmed: its outcome (the link runs only
-    /// idempotent requests before). Boxed: it is gone after the first RTT.
-    confirmed: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
+    /// unidirectional stream (both lanes then share `stream`).
+    bulk: Option<StreamId>,
+    /// Until the handshake is confirmed the link runs only idempotent
+    /// requests (0-RTT).
+    confirmed: bool,
     /// The client's address as last seen, and the one before: a path that
     /// flips back (a probe that failed validation) is not a new migration.
     remote: SocketAddr,
@@ -49,20 +48,13 @@ pub struct QuicWire {
 }
 
 impl QuicWire {
-    pub fn new(
-        conn: quinn::Connection,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-        bulk: Option<quinn::SendStream>,
-        confirmed: Option<quinn::ZeroRttAccepted>,
-    ) -> Self {
+    pub fn new(conn: Connection, stream: StreamId, bulk: Option<StreamId>) -> Self {
         let remote = conn.remote_address();
         Self {
             conn,
-            recv,
-            send,
+            stream,
             bulk,
-            confirmed: confirmed.map(Box::pin),
+            confirmed: false,
             remote,
             previous: remote,
             paths: None,
@@ -78,7 +70,7 @@ impl QuicWire {
         }
         self.untrack();
         let paths = link.node().quic_paths().clone();
-        paths.insert(h.id(), self.conn.clone());
+        paths.insert(h.id(), self.conn.reference());
         self.paths = Some((paths, h.id()));
     }
 
@@ -91,10 +83,10 @@ impl QuicWire {
         }
     }
 
-    fn out(&mut self, out: usize) -> Pin<&mut quinn::SendStream> {
-        match (out, self.bulk.as_mut()) {
-            (1, Some(b)) => Pin::new(b),
-            _ => Pin::new(&mut self.send),
+    fn out(&self, out: usize) -> StreamId {
+        match (out, self.bulk) {
+            (1, Some(b)) => b,
+            _ => self.stream,
         }
     }
 }
@@ -109,11 +101,11 @@ impl Wire for QuicWire {
     }
 
     fn early(&self) -> bool {
-        self.confirmed.is_some()
+        !self.confirmed
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.recv).poll_read(cx, buf)
+        self.conn.poll_read(self.stream, cx, buf)
     }
 
     fn poll_write(
@@ -122,7 +114,7 @@ impl Wire for QuicWire {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write(self.out(out), cx, buf)
+        self.conn.poll_write(self.out(out), cx, buf)
     }
 
     fn poll_write_vectored(
@@ -131,7 +123,13 @@ impl Wire for QuicWire {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write_vectored(self.out(out), cx, bufs)
+        // One slice at a time (`vectored` is false: the link hands over flat
+        // batches); an empty first slice writes nothing.
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        self.conn.poll_write(self.out(out), cx, first)
     }
 
     /// QUIC copies what it is given into its own send buffer, and a slice
@@ -141,11 +139,11 @@ impl Wire for QuicWire {
     }
 
     fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // FIN on both streams; the connection itself closes when the driver
-        // drops it (after the linger, or once the client hung up).
-        let _ = self.send.finish();
-        if let Some(b) = self.bulk.as_mut() {
-            let _ = b.finish();
+        // FIN on both streams; the connection itself closes when the wire
+        // is dropped (after the linger, or once the client hung up).
+        self.conn.finish(self.stream);
+        if let Some(b) = self.bulk {
+            self.conn.finish(b);
         }
         Poll::Ready(Ok(()))
     }
@@ -159,13 +157,14 @@ impl Wire for QuicWire {
     }
 
     fn poll_events(&mut self, cx: &mut Context<'_>, link: &mut Link) {
-        if let Some(c) = self.confirmed.as_mut() {
-            if let Poll::Ready(accepted) = c.as_mut().poll(cx) {
-                tracing::trace!(zero_rtt = accepted, "QUIC handshake confirmed");
-                self.confirmed = None;
-                let conn = &self.conn;
-                link.confirm(link.now(), &|| Some(conn.remote_address()));
-            }
+        if !self.confirmed && self.conn.poll_confirmed(cx).is_ready() {
+            tracing::trace!(
+                zero_rtt = self.conn.accepted_0rtt(),
+                "QUIC handshake confirmed"
+            );
+            self.confirmed = true;
+            let conn = &self.conn;
+            link.confirm(link.now(), &|| Some(conn.remote_address()));
         }
         let now = self.conn.remote_address();
         if now != self.remote {
@@ -185,6 +184,6 @@ impl Drop for QuicWire {
         self.untrack();
         // The session is over on this connection: close it now rather than
         // waiting for the idle timeout.
-        self.conn.close(0u32.into(), b"");
+        self.conn.close(0, b"");
     }
 }
