@@ -365,10 +365,10 @@ pub static METRICS: &[Def] = &[
         name: QUIC_HANDSHAKES,
         kind: Kind::Counter,
         unit: None,
-        help: "New QUIC clients, by result (accepted, retry, refused, failed, timeout, evicted).",
+        help: "New QUIC clients, by result (accepted, retry, refused, failed, evicted).",
         label: Some(Label {
             key: "result",
-            values: || vec!["accepted", "retry", "refused", "failed", "timeout", "evicted"],
+            values: || vec!["accepted", "retry", "refused", "failed", "evicted"],
         }),
     },
     Def {

@@ -570,6 +570,91 @@ async fn a_push_past_its_requests_deadline_is_not_run() {
     assert_eq!(p.seq, 1, "the late one took no seq");
 }
 
+/// A push sent on to a device whose session this node is still fetching
+/// (the device resumed here; its old node sent the push after it) waits
+/// for that fetch, until a quarter of `bus.request_timeout` before the
+/// push's deadline, and then finds the session: under a drain's load a
+/// fetch can take seconds, and the push would otherwise be reported
+/// undelivered while the device is on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_device_being_fetched_waits_for_the_fetch() {
+    let nats = NatsServer::start();
+    let b = node(&nats, "fetching", "b").await;
+    let quarter = b.gw.config().bus.request_timeout / 4;
+    let bus = b.gw.cluster().expect("a cluster node").clone();
+    // b answers commands (its command link has subscribed): a push to
+    // nobody.
+    let nobody = pb::node_command::Cmd::Push(pb::NodePush {
+        user_ids: vec!["nobody".into()],
+        ..Default::default()
+    });
+    let probe = {
+        use prost::Message as _;
+        pb::NodeCommand {
+            cmd: Some(nobody),
+            not_after_ms: 0,
+        }
+        .encode_to_vec()
+    };
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let t0 = Instant::now();
+    while client
+        .request("fetching.node.b.cmd", probe.clone().into())
+        .await
+        .is_err()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "b never answers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // b starts fetching ann's phone, as a resume does.
+    let fetch = bus.begin_take(
+        &tether::ids::UserId::new("ann"),
+        &tether::ids::DeviceId::new("phone"),
+    );
+    let body = tether::wire::SharedPush::new("sent-on", b"sent on", "", "")
+        .body
+        .clone();
+    let to_phone = pb::node_command::Cmd::Push(pb::NodePush {
+        user_ids: vec!["ann".into()],
+        device_id: "phone".into(),
+        body,
+        ..Default::default()
+    });
+    let deadline = tether::unix_ms() + 8 * quarter.as_millis() as u64;
+    let asked = tokio::spawn({
+        let nats_url = nats.url();
+        async move {
+            use prost::Message as _;
+            let client = async_nats::connect(nats_url).await.expect("nats");
+            let req = pb::NodeCommand {
+                cmd: Some(to_phone),
+                not_after_ms: deadline,
+            }
+            .encode_to_vec();
+            let msg = client
+                .request("fetching.node.b.cmd", req.into())
+                .await
+                .expect("an answer");
+            pb::NodeOutcome::decode(msg.payload).expect("an outcome")
+        }
+    });
+    // The fetch takes twice as long as a push used to wait for one.
+    tokio::time::sleep(quarter * 2).await;
+    assert!(!asked.is_finished(), "the push did not wait for the fetch");
+    // The session is in place (a login stands in for the fetched state),
+    // and the fetch ends.
+    let (mut phone, _) = b.login("ann", "phone").await;
+    drop(fetch);
+    let outcome = asked.await.expect("the request");
+    let Some(pb::node_outcome::Outcome::Push(o)) = outcome.outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(o.sessions, 1, "{o:?}");
+    assert!(o.missing_users.is_empty(), "{o:?}");
+    let p = push_within(&mut phone, Duration::from_secs(5), "the push").await;
+    assert_eq!(&p.payload[..], b"sent on");
+}
+
 /// The race a rolling restart showed (one broadcast in about a thousand
 /// missed one session): a broadcast reaches the node a session moves to
 /// before the session does, and the node it left after it left. The old

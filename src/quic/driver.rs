@@ -36,7 +36,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -49,18 +49,15 @@ use quinn_proto::{
     ConnectionError, ConnectionHandle, DatagramEvent, Dir, Event, ServerConfig, StreamEvent,
     StreamId, Transmit, VarInt,
 };
-use tokio::io::ReadBuf;
+use tokio::io::{Interest, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::metrics as m;
 
-/// The largest UDP datagram read: QUIC's are at most the path MTU, and a
-/// larger one is cut short by the kernel and then refused by quinn-proto.
-const RECV_BUF: usize = 65_536;
-
-/// Datagrams read in one go before the driver looks at its timers and its
-/// wake-ups again.
-const RECV_BURST: usize = 64;
+/// Batches of datagrams (`recvmmsg`, each up to `quinn_udp::BATCH_SIZE`)
+/// read in one go before the driver looks at its timers and its wake-ups
+/// again.
+const RECV_BURST: usize = 4;
 
 /// What the driver does with a client's first packet ([`Endpoint::run`]).
 pub enum Admission {
@@ -75,6 +72,9 @@ pub enum Admission {
 /// What the driver, the session tasks and the gateway share of one endpoint.
 struct Shared {
     socket: tokio::net::UdpSocket,
+    /// quinn-udp's view of the socket: GSO, GRO, ECN, the destination
+    /// address of what is received.
+    udp: quinn_udp::UdpSocketState,
     local: SocketAddr,
     /// Each connection's next deadline, by connection handle.
     timers: Mutex<BTreeSet<(Instant, usize)>>,
@@ -110,8 +110,11 @@ impl Endpoint {
     ) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;
+        let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
+        let max_udp = config.get_max_udp_payload_size().min(64 * 1024) as usize;
         let shared = Arc::new(Shared {
             socket: tokio::net::UdpSocket::from_std(socket)?,
+            udp,
             local,
             timers: Mutex::default(),
             stalled: Mutex::default(),
@@ -129,6 +132,7 @@ impl Endpoint {
             ),
             conns: HashMap::new(),
             out: Vec::with_capacity(1500),
+            max_udp,
             closed: false,
         };
         Ok(Self {
@@ -173,6 +177,8 @@ struct Driver {
     endpoint: quinn_proto::Endpoint,
     conns: HashMap<usize, Arc<Inner>>,
     out: Vec<u8>,
+    /// The largest datagram the endpoint takes.
+    max_udp: usize,
     /// Whether [`Endpoint::close`] has been carried out.
     closed: bool,
 }
@@ -180,7 +186,9 @@ struct Driver {
 impl Driver {
     async fn run(mut self, mut admit: impl FnMut(&quinn_proto::Incoming) -> Admission) {
         let shared = self.shared.clone();
-        let mut buf = vec![0u8; RECV_BUF];
+        // One buffer per datagram of a batch, each room for a GRO train.
+        let slot = self.max_udp * shared.udp.gro_segments().max(1);
+        let mut buf = vec![0u8; slot * quinn_udp::BATCH_SIZE];
         loop {
             DRIVING.with(|d| d.set(true));
             self.timeouts();
@@ -217,23 +225,42 @@ impl Driver {
         }
     }
 
-    /// Reads what the socket has, up to [`RECV_BURST`] datagrams.
+    /// Reads what the socket has, up to [`RECV_BURST`] batches.
     fn receive(
         &mut self,
         buf: &mut [u8],
         admit: &mut impl FnMut(&quinn_proto::Incoming) -> Admission,
     ) {
+        let shared = self.shared.clone();
+        let slot = buf.len() / quinn_udp::BATCH_SIZE;
         for _ in 0..RECV_BURST {
-            match self.shared.socket.try_recv_from(buf) {
-                Ok((n, remote)) => {
-                    let data = BytesMut::from(&buf[..n]);
-                    self.datagram(remote, data, admit);
-                }
+            let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+            let got = {
+                let mut chunks = buf.chunks_mut(slot);
+                let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                    std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+                shared.socket.try_io(Interest::READABLE, || {
+                    shared
+                        .udp
+                        .recv((&shared.socket).into(), &mut iovs, &mut metas)
+                })
+            };
+            let n = match got {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     // An ICMP error reported on the socket, for one peer:
                     // nothing to do for the others.
                     tracing::trace!(error = %e, "QUIC socket receive error");
+                    continue;
+                }
+            };
+            for (meta, chunk) in metas.iter().zip(buf.chunks(slot)).take(n) {
+                let mut data = BytesMut::from(&chunk[..meta.len.min(chunk.len())]);
+                while !data.is_empty() {
+                    let one = data.split_to(meta.stride.clamp(1, data.len()));
+                    let ecn = meta.ecn.map(proto_ecn);
+                    self.datagram(meta.addr, meta.dst_ip, ecn, one, admit);
                 }
             }
         }
@@ -242,15 +269,18 @@ impl Driver {
     fn datagram(
         &mut self,
         remote: SocketAddr,
+        dst_ip: Option<IpAddr>,
+        ecn: Option<quinn_proto::EcnCodepoint>,
         data: BytesMut,
         admit: &mut impl FnMut(&quinn_proto::Incoming) -> Admission,
     ) {
         let now = Instant::now();
-        let local_ip = Some(self.shared.local.ip()).filter(|ip| !ip.is_unspecified());
+        let local_ip =
+            dst_ip.or_else(|| Some(self.shared.local.ip()).filter(|ip| !ip.is_unspecified()));
         self.out.clear();
         match self
             .endpoint
-            .handle(now, remote, local_ip, None, data, &mut self.out)
+            .handle(now, remote, local_ip, ecn, data, &mut self.out)
         {
             Some(DatagramEvent::ConnectionEvent(h, ev)) => {
                 if let Some(conn) = self.conns.get(&h.0).cloned() {
@@ -260,7 +290,7 @@ impl Driver {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => self.incoming(incoming, now, admit),
-            Some(DatagramEvent::Response(t)) => send_or_drop(&self.shared.socket, &self.out, &t),
+            Some(DatagramEvent::Response(t)) => self.shared.send_or_drop(&self.out, &t),
             None => {}
         }
     }
@@ -310,7 +340,7 @@ impl Driver {
             }
         };
         if let Some(t) = transmit {
-            send_or_drop(&self.shared.socket, &self.out, &t);
+            self.shared.send_or_drop(&self.out, &t);
         }
     }
 
@@ -366,7 +396,14 @@ impl Driver {
             let mut st = conn.state.lock();
             st.queued = false;
             if let Some(s) = st.stalled.take() {
-                match self.shared.socket.try_send_to(&s.data, s.to) {
+                let t = quinn_udp::Transmit {
+                    destination: s.to,
+                    ecn: s.ecn,
+                    contents: &s.data,
+                    segment_size: s.segment_size,
+                    src_ip: s.src_ip,
+                };
+                match self.shared.send(&t) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         st.stalled = Some(s);
                         conn.queue_stalled(&mut st);
@@ -467,6 +504,9 @@ struct State {
 struct Stalled {
     data: Vec<u8>,
     to: SocketAddr,
+    ecn: Option<quinn_udp::EcnCodepoint>,
+    segment_size: Option<usize>,
+    src_ip: Option<IpAddr>,
 }
 
 impl State {
@@ -553,33 +593,38 @@ impl Inner {
     }
 
     /// Sends what the connection has to send, until it has nothing or the
-    /// socket is full (then the datagram waits on the connection).
+    /// socket is full (then the datagrams wait on the connection). Several
+    /// datagrams to the same address go in one system call where the
+    /// kernel can split them (GSO).
     fn transmit(self: &Arc<Self>, st: &mut State, now: Instant) {
         if st.gone || st.stalled.is_some() {
             return;
         }
+        let batch = self.shared.udp.max_gso_segments().clamp(1, MAX_GSO);
         OUT.with(|out| {
             let mut out = out.borrow_mut();
             loop {
                 out.clear();
-                let Some(t) = st.proto.poll_transmit(now, 1, &mut out) else {
+                let Some(t) = st.proto.poll_transmit(now, batch, &mut out) else {
                     return;
                 };
-                let data = &out[..t.size];
-                match self.shared.socket.try_send_to(data, t.destination) {
-                    Ok(_) => {}
+                let tx = udp_transmit(&t, &out[..t.size]);
+                match self.shared.send(&tx) {
+                    Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         st.stalled = Some(Box::new(Stalled {
-                            data: data.to_vec(),
-                            to: t.destination,
+                            data: tx.contents.to_vec(),
+                            to: tx.destination,
+                            ecn: tx.ecn,
+                            segment_size: tx.segment_size,
+                            src_ip: tx.src_ip,
                         }));
                         self.queue_stalled(st);
                         return;
                     }
-                    Err(e) => {
-                        // Lost, as on the network: QUIC resends what mattered.
-                        tracing::trace!(error = %e, to = %t.destination, "QUIC send error");
-                    }
+                    // Lost, as on the network: QUIC resends what mattered
+                    // (quinn-udp has logged it).
+                    Err(_) => {}
                 }
             }
         });
@@ -623,11 +668,48 @@ impl Inner {
     }
 }
 
-/// Sends a datagram the endpoint produced (a Retry, a refusal, a stateless
-/// reset); if the socket is full it is dropped, as the network may.
-fn send_or_drop(socket: &tokio::net::UdpSocket, out: &[u8], t: &Transmit) {
-    if let Err(e) = socket.try_send_to(&out[..t.size], t.destination) {
-        tracing::trace!(error = %e, to = %t.destination, "QUIC endpoint datagram not sent");
+impl Shared {
+    /// Sends one transmit (one datagram, or several of one size to one
+    /// address with GSO). `WouldBlock` when the socket is full; other errors
+    /// are the network's (quinn-udp logs them) and count as sent.
+    fn send(&self, t: &quinn_udp::Transmit<'_>) -> io::Result<()> {
+        self.socket.try_io(Interest::WRITABLE, || {
+            self.udp.send((&self.socket).into(), t)
+        })
+    }
+
+    /// Sends a datagram the endpoint produced (a Retry, a refusal, a
+    /// stateless reset); if the socket is full it is dropped, as the
+    /// network may.
+    fn send_or_drop(&self, out: &[u8], t: &Transmit) {
+        if let Err(e) = self.send(&udp_transmit(t, &out[..t.size])) {
+            tracing::trace!(error = %e, to = %t.destination, "QUIC endpoint datagram not sent");
+        }
+    }
+}
+
+/// Datagrams sent in one system call at most (GSO): what quinn sends too.
+const MAX_GSO: usize = 10;
+
+fn udp_transmit<'a>(t: &Transmit, contents: &'a [u8]) -> quinn_udp::Transmit<'a> {
+    quinn_udp::Transmit {
+        destination: t.destination,
+        ecn: t.ecn.map(|e| match e {
+            quinn_proto::EcnCodepoint::Ect0 => quinn_udp::EcnCodepoint::Ect0,
+            quinn_proto::EcnCodepoint::Ect1 => quinn_udp::EcnCodepoint::Ect1,
+            quinn_proto::EcnCodepoint::Ce => quinn_udp::EcnCodepoint::Ce,
+        }),
+        contents,
+        segment_size: t.segment_size,
+        src_ip: t.src_ip,
+    }
+}
+
+fn proto_ecn(e: quinn_udp::EcnCodepoint) -> quinn_proto::EcnCodepoint {
+    match e {
+        quinn_udp::EcnCodepoint::Ect0 => quinn_proto::EcnCodepoint::Ect0,
+        quinn_udp::EcnCodepoint::Ect1 => quinn_proto::EcnCodepoint::Ect1,
+        quinn_udp::EcnCodepoint::Ce => quinn_proto::EcnCodepoint::Ce,
     }
 }
 
