@@ -10,9 +10,19 @@
 //! first datagram, 13.2 KB from the 33rd) and a transmit buffer; this one
 //! keeps a connection as one allocation: quinn-proto's `Connection`, three
 //! waker slots and its timer. Hand-written because that is the point: the
-//! driver is what decides what an idle connection costs, measured at 22.5 KB
-//! against quinn's 31.4–39.4 KB for the same connection with no session in
-//! it (examples/quic_driver_memory.rs; docs/LOADTEST.md, "QUIC memory").
+//! driver is what decides what an idle connection costs. An idle session
+//! of the gateway measured 22.0 KB with this driver against 31.2 KB with
+//! quinn's, 41.2 KB once it had had a few dozen datagrams
+//! (docs/LOADTEST.md, "QUIC memory"; examples/quic_driver_memory.rs
+//! compares the two drivers alone).
+//!
+//! What it costs: every received datagram, handshakes included, is
+//! decrypted and processed on the endpoint's one task, so the receive side
+//! of one `listen.quic` address uses one core at most (quinn's did the same
+//! for the first flight of a handshake, under its endpoint lock, and spread
+//! the rest over the connections' tasks). Sends, the bulk of a push's cost,
+//! still run on the sessions' own tasks. Several `listen.quic` addresses
+//! spread the receive side.
 //!
 //! - The **driver task** ([`Endpoint::run`]) owns the receive side of the
 //!   socket, quinn-proto's `Endpoint`, the connections by handle, and the
@@ -38,7 +48,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -84,6 +94,8 @@ struct Shared {
     /// change of `accepting` or `closing`.
     wake: Notify,
     accepting: AtomicBool,
+    /// Connections the driver holds (from accept until drained).
+    open: AtomicUsize,
     /// The close every connection gets ([`Endpoint::close`]); once set, the
     /// driver ends when the last connection has finished closing.
     closing: Mutex<Option<(VarInt, Bytes)>>,
@@ -120,6 +132,7 @@ impl Endpoint {
             stalled: Mutex::default(),
             wake: Notify::new(),
             accepting: AtomicBool::new(true),
+            open: AtomicUsize::new(0),
             closing: Mutex::new(None),
         });
         let driver = Driver {
@@ -144,6 +157,12 @@ impl Endpoint {
     /// The socket's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local
+    }
+
+    /// Connections the endpoint holds: from accept until they have finished
+    /// closing (or timed out), whether or not a session still holds them.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Relaxed)
     }
 
     /// Refuses new connections from now on; the ones there carry on.
@@ -326,6 +345,7 @@ impl Driver {
                             state: Mutex::new(State::new(proto)),
                         });
                         self.conns.insert(h.0, conn.clone());
+                        self.shared.open.fetch_add(1, Relaxed);
                         let st = conn.state.lock();
                         self.drive(&conn, st, now);
                         then(Connection(conn));
@@ -453,7 +473,9 @@ impl Driver {
             st.gone = true;
             st.stalled = None;
             wake.all(&mut st);
-            self.conns.remove(&conn.handle);
+            if self.conns.remove(&conn.handle).is_some() {
+                self.shared.open.fetch_sub(1, Relaxed);
+            }
         }
         drop(st);
         wake.run();
@@ -646,7 +668,12 @@ impl Inner {
         let next = if st.gone {
             None
         } else {
-            st.proto.poll_timeout()
+            // A drained connection has no timer, but the driver must see it
+            // once, to give quinn-proto's endpoint its Drained event and
+            // let go of it: due at once.
+            st.proto
+                .poll_timeout()
+                .or_else(|| st.proto.is_drained().then(Instant::now))
         };
         if next == st.timer {
             return;
