@@ -1,12 +1,14 @@
-//! QUIC: the endpoint, its configuration, the accept loop, and connection IDs
-//! a load balancer can route.
+//! QUIC: the endpoint, its driver, its configuration, the accept loop, and
+//! connection IDs a load balancer can route.
 //!
 //! A QUIC connection carries one session, as a TCP connection does, with the
 //! same frames and length prefixes inside its streams (docs/PROTOCOL.md,
 //! section 20): the client opens one bidirectional stream for login, control
 //! frames, acks, uplinks and interactive pushes; the gateway opens one
-//! unidirectional stream for the bulk lane. [`crate::transport::quic`] is the
-//! wire that moves those bytes; everything else is the transport-neutral
+//! unidirectional stream for the bulk lane. [`driver`] moves quinn-proto's
+//! connections (the gateway's own driver, for memory: see there);
+//! [`crate::transport::quic`] is the wire that moves a session's bytes over
+//! them; everything else is the transport-neutral
 //! [`Link`](crate::transport::Link).
 //!
 //! What QUIC settings are chosen, and why:
@@ -30,7 +32,7 @@
 //! - **Address validation.** Past `quic.handshake_rate` new handshakes a
 //!   second, a client must answer a stateless Retry first, so a flood of
 //!   spoofed Initial packets costs no connection state. Path validation and
-//!   the anti-amplification limit are quinn's and stay on; migration is on.
+//!   the anti-amplification limit are quinn-proto's and stay on; migration is on.
 //! - **0-RTT.** The TLS session cache holds `quic.session_cache` sessions. A
 //!   returning client may log in or resume in 0-RTT data; only idempotent
 //!   requests run before the handshake is confirmed
