@@ -1481,6 +1481,10 @@ async fn session(
     mut generation: u32,
 ) -> End {
     let spec = &shared.spec;
+    if !d.slow {
+        // What the login left: nothing, mostly; no buffer until traffic.
+        release_idle(&mut rbuf, 0);
+    }
     let rooms = spec
         .room
         .iter()
@@ -1578,6 +1582,9 @@ async fn session(
                         if let Some(end) = handle_frames(shared, d, &mut rbuf) {
                             return end;
                         }
+                        if !d.slow {
+                            release_idle(&mut rbuf, n);
+                        }
                         if d.slow && !stalled_mode(spec) && spec.slow_bps > 0 {
                             // Reading slowly is the point: this device stalls here.
                             tokio::time::sleep(Duration::from_secs_f64(n as f64 / spec.slow_bps as f64)).await;
@@ -1664,9 +1671,30 @@ async fn read_some(
         rbuf.reserve(1024);
         let mut limited = (&mut *conn).take(1024);
         limited.read_buf(rbuf).await
+    } else if rbuf.capacity() == 0 {
+        // Idle (see `release_idle`): wait on a stack buffer, so that a
+        // device between heartbeats holds no read buffer. A heartbeat's
+        // answer fits; a full one means traffic, and the next read takes
+        // a buffer of `read_size`.
+        let mut small = [0u8; SMALL_READ];
+        let n = conn.read(&mut small).await?;
+        rbuf.extend_from_slice(&small[..n]);
+        Ok(n)
     } else {
         rbuf.reserve(read_size);
         conn.read_buf(rbuf).await
+    }
+}
+
+/// What a device reads into its stack while idle ([`read_some`]).
+const SMALL_READ: usize = 256;
+
+/// Gives back the read buffer once everything in it was handled and the
+/// last read was small: a device that is mostly idle (a million of them)
+/// then holds no buffer, and one that receives a flood keeps its buffer.
+fn release_idle(rbuf: &mut BytesMut, last_read: usize) {
+    if rbuf.is_empty() && last_read < SMALL_READ && rbuf.capacity() > 0 {
+        *rbuf = BytesMut::new();
     }
 }
 
@@ -1937,6 +1965,19 @@ fn parse_push(mut b: &[u8]) -> Option<PushInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_device_gives_its_read_buffer_back_and_a_busy_one_keeps_it() {
+        let mut rbuf = BytesMut::with_capacity(4096);
+        release_idle(&mut rbuf, SMALL_READ);
+        assert!(rbuf.capacity() >= 4096, "a full read: traffic, kept");
+        rbuf.extend_from_slice(b"half a frame");
+        release_idle(&mut rbuf, 12);
+        assert_eq!(&rbuf[..], b"half a frame", "unhandled bytes are kept");
+        rbuf.clear();
+        release_idle(&mut rbuf, 12);
+        assert_eq!(rbuf.capacity(), 0, "empty after a small read: given back");
+    }
 
     #[test]
     fn parse_push_reads_seq_lane_and_stamp() {
