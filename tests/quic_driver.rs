@@ -1,4 +1,4 @@
-//! The gateway's QUIC driver on its own (src/quic/driver.rs), over real UDP
+//! The gateway's QUIC driver on its own (src/transport/quic_driver.rs), over real UDP
 //! sockets with quinn clients: every connection it takes is let go once it
 //! has closed, from either side or by its idle timeout, and closing the
 //! endpoint closes them all and ends the driver.

@@ -21,6 +21,7 @@ mod node;
 #[cfg(parking)]
 mod park;
 pub mod quic;
+pub mod quic_driver;
 #[cfg(test)]
 mod testkit;
 pub mod tls;

@@ -17,10 +17,10 @@ use std::task::{Context, Poll};
 use quinn_proto::StreamId;
 use tokio::io::ReadBuf;
 
+use super::quic_driver::{ConnRef, Connection};
 use super::{Link, Outputs, Wire};
 use crate::ids::SessionId;
 use crate::metrics as m;
-use crate::quic::driver::{ConnRef, Connection};
 
 /// The QUIC connection a session is attached over, by session: one entry
 /// per QUIC session (TCP sessions pay nothing), read live so that presence
