@@ -32,7 +32,6 @@
 //! cargo run --release --example quic_driver_memory -- --conns 5000 --pings 40 --runs 3
 //! ```
 
-use std::future::poll_fn;
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,7 +41,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use tether::quic::driver::{Admission, Connection, Endpoint};
-use tokio::io::ReadBuf;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -164,24 +162,12 @@ async fn echo(conn: Connection) {
     // Held for the connection's life, as the gateway holds its bulk lane.
     let _bulk = conn.open_uni();
     let mut buf = [0u8; 64];
-    loop {
-        let n = poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut buf);
-            conn.poll_read(stream, cx, &mut rb)
-                .map_ok(|()| rb.filled().len())
-        })
-        .await;
-        let Ok(n @ 1..) = n else { return };
-        let mut sent = 0;
-        while sent < n {
-            match poll_fn(|cx| conn.poll_write(stream, cx, &buf[sent..n])).await {
-                Ok(k) => sent += k,
-                Err(_) => return,
-            }
+    while let Ok(n @ 1..) = conn.read(stream, &mut buf).await {
+        if conn.write_all(stream, &buf[..n]).await.is_err() {
+            return;
         }
     }
 }
-
 /// One measurement: the server's RSS growth per connection after the
 /// logins and after the pings.
 async fn measure(

@@ -621,31 +621,17 @@ async fn a_push_to_a_device_being_fetched_waits_for_the_fetch() {
         ..Default::default()
     });
     let deadline = tether::unix_ms() + 8 * quarter.as_millis() as u64;
-    let asked = tokio::spawn({
-        let nats_url = nats.url();
-        async move {
-            use prost::Message as _;
-            let client = async_nats::connect(nats_url).await.expect("nats");
-            let req = pb::NodeCommand {
-                cmd: Some(to_phone),
-                not_after_ms: deadline,
-            }
-            .encode_to_vec();
-            let msg = client
-                .request("fetching.node.b.cmd", req.into())
-                .await
-                .expect("an answer");
-            pb::NodeOutcome::decode(msg.payload).expect("an outcome")
-        }
-    });
+    let mut asked = std::pin::pin!(ask_node_until(&nats, "fetching", "b", to_phone, deadline));
     // The fetch takes twice as long as a push used to wait for one.
-    tokio::time::sleep(quarter * 2).await;
-    assert!(!asked.is_finished(), "the push did not wait for the fetch");
+    tokio::select! {
+        o = &mut asked => panic!("the push did not wait for the fetch: {o:?}"),
+        () = tokio::time::sleep(quarter * 2) => {}
+    }
     // The session is in place (a login stands in for the fetched state),
     // and the fetch ends.
     let (mut phone, _) = b.login("ann", "phone").await;
     drop(fetch);
-    let outcome = asked.await.expect("the request");
+    let outcome = asked.await;
     let Some(pb::node_outcome::Outcome::Push(o)) = outcome.outcome else {
         panic!("{outcome:?}")
     };

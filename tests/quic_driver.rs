@@ -3,12 +3,10 @@
 //! has closed, from either side or by its idle timeout, and closing the
 //! endpoint closes them all and ends the driver.
 
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether::quic::driver::{Admission, Connection, Endpoint};
-use tokio::io::ReadBuf;
 
 const MSG: &[u8] = b"tether!\n";
 
@@ -49,24 +47,12 @@ async fn echo(conn: Connection) {
         return;
     };
     let mut buf = [0u8; 64];
-    loop {
-        let n = poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut buf);
-            conn.poll_read(stream, cx, &mut rb)
-                .map_ok(|()| rb.filled().len())
-        })
-        .await;
-        let Ok(n @ 1..) = n else { return };
-        let mut sent = 0;
-        while sent < n {
-            match poll_fn(|cx| conn.poll_write(stream, cx, &buf[sent..n])).await {
-                Ok(k) => sent += k,
-                Err(_) => return,
-            }
+    while let Ok(n @ 1..) = conn.read(stream, &mut buf).await {
+        if conn.write_all(stream, &buf[..n]).await.is_err() {
+            return;
         }
     }
 }
-
 fn client(dir: &std::path::Path) -> quinn::Endpoint {
     let tls = tether::tls::client_config_pinned(&dir.join(tether::tls::DEV_CERT)).unwrap();
     let cfg = tether::quic::client_config(&tether::config::Config::default(), tls).unwrap();
@@ -90,6 +76,15 @@ async fn echoed(ep: &quinn::Endpoint, to: std::net::SocketAddr) -> Held {
     (conn, send, recv)
 }
 
+/// `n` connections, each with one message echoed.
+async fn echoed_many(ep: &quinn::Endpoint, to: std::net::SocketAddr, n: usize) -> Vec<Held> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(echoed(ep, to).await);
+    }
+    held
+}
+
 async fn until_open(ep: &Endpoint, n: usize, within: Duration) {
     let t0 = Instant::now();
     while ep.open_connections() != n {
@@ -107,10 +102,7 @@ async fn connections_closed_by_their_clients_are_let_go() {
     let dir = tempfile::tempdir().unwrap();
     let (ep, _driver) = echo_endpoint(dir.path(), Duration::from_secs(30)).await;
     let c = client(dir.path());
-    let mut conns = Vec::new();
-    for _ in 0..20 {
-        conns.push(echoed(&c, ep.local_addr()).await);
-    }
+    let conns = echoed_many(&c, ep.local_addr(), 20).await;
     assert_eq!(ep.open_connections(), 20);
     for (conn, _, _) in &conns {
         conn.close(7u32.into(), b"bye");
@@ -137,10 +129,7 @@ async fn closing_the_endpoint_closes_every_connection_and_ends_the_driver() {
     let dir = tempfile::tempdir().unwrap();
     let (ep, driver) = echo_endpoint(dir.path(), Duration::from_secs(30)).await;
     let c = client(dir.path());
-    let mut conns = Vec::new();
-    for _ in 0..5 {
-        conns.push(echoed(&c, ep.local_addr()).await);
-    }
+    let conns = echoed_many(&c, ep.local_addr(), 5).await;
     ep.close(42, b"shutting down");
     for (conn, _send, _recv) in conns {
         let err = tokio::time::timeout(Duration::from_secs(5), conn.closed())

@@ -891,6 +891,31 @@ impl Connection {
         })
     }
 
+    /// Reads into `buf` what has arrived on stream `id`: 0 at its end.
+    ///
+    /// # Errors
+    /// The stream was reset or the connection ended.
+    pub async fn read(&self, id: StreamId, buf: &mut [u8]) -> io::Result<usize> {
+        poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut *buf);
+            self.poll_read(id, cx, &mut rb)
+                .map_ok(|()| rb.filled().len())
+        })
+        .await
+    }
+
+    /// Writes all of `data` to stream `id`.
+    ///
+    /// # Errors
+    /// The stream was stopped or the connection ended.
+    pub async fn write_all(&self, id: StreamId, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = poll_fn(|cx| self.poll_write(id, cx, data)).await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
     /// Writes what stream `id` takes of `data`: at least one byte, or
     /// pending until flow control allows more.
     pub fn poll_write(
